@@ -1,0 +1,166 @@
+"""Tokens: verify a JWT into claims, bind claims and the query ``sid`` to a :class:`Principal`.
+
+Keys and the clock are passed in; nothing here reads globals or the environment.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from .errors import ConfigError, Unauthorized
+from .models import MAX_ID, Principal, Role
+
+MIN_HS256_SECRET = 32  # bytes, RFC 7518 section 3.2
+
+
+def parse_id(value: Any) -> int | None:
+    """A positive 64-bit id given as a JSON integer or a decimal string; else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        if not value.isascii() or not value.isdigit() or len(value) > 19:
+            return None
+        value = int(value)
+    if isinstance(value, int) and 1 <= value <= MAX_ID:
+        return value
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    role: Role
+    subject_id: int  # admin_id or request_id
+    participant_id: int | None  # from a numeric ``sid`` or ``sub`` claim
+    exp: float
+
+    @property
+    def subject(self) -> str:
+        return f"{'admin' if self.role is Role.STAFF else 'request'}:{self.subject_id}"
+
+
+class TokenVerifier:
+    """Checks signature, algorithm and lifetime of a token and reads its claims."""
+
+    def __init__(
+        self,
+        secret: bytes,
+        *,
+        clock: Callable[[], float] = time.time,
+        leeway: float = 0.0,
+    ) -> None:
+        if len(secret) < MIN_HS256_SECRET:
+            raise ConfigError(
+                f"the JWT secret is {len(secret)} bytes; HS256 needs at least "
+                f"{MIN_HS256_SECRET} (RFC 7518)"
+            )
+        self._secret = secret
+        self._clock = clock
+        self._leeway = leeway
+
+    def verify(self, token: str) -> Claims:
+        try:
+            payload = jwt.decode(
+                token,
+                self._secret,
+                algorithms=["HS256"],
+                # Lifetime is checked below with the injected clock; PyJWT would also
+                # refuse the original's ``"iat": null`` and non-string ``sub``.
+                options={
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "verify_sub": False,
+                    "verify_jti": False,
+                    "require": ["exp"],
+                },
+            )
+        except jwt.MissingRequiredClaimError:
+            raise Unauthorized("token has no exp claim") from None
+        except jwt.InvalidAlgorithmError:
+            raise Unauthorized("token algorithm is not allowed") from None
+        except jwt.InvalidSignatureError:
+            raise Unauthorized("token signature is invalid") from None
+        except jwt.InvalidTokenError:
+            raise Unauthorized("token is malformed") from None
+        return self._claims(payload)
+
+    def _claims(self, payload: dict[str, Any]) -> Claims:
+        now = self._clock()
+        exp = payload["exp"]
+        if isinstance(exp, bool) or not isinstance(exp, int | float):
+            raise Unauthorized("token exp must be a number")
+        if exp <= now - self._leeway:
+            raise Unauthorized("token has expired")
+        nbf = payload.get("nbf")
+        if nbf is not None:
+            if isinstance(nbf, bool) or not isinstance(nbf, int | float):
+                raise Unauthorized("token nbf must be a number")
+            if nbf > now + self._leeway:
+                raise Unauthorized("token is not valid yet")
+        iat = payload.get("iat")
+        if iat is not None and (isinstance(iat, bool) or not isinstance(iat, int | float)):
+            raise Unauthorized("token iat must be a number or null")
+
+        has_admin = payload.get("admin_id") is not None
+        has_request = payload.get("request_id") is not None
+        if has_admin and has_request:
+            raise Unauthorized("token carries both admin_id and request_id")
+        if not has_admin and not has_request:
+            raise Unauthorized("token carries neither admin_id nor request_id")
+        role = Role.STAFF if has_admin else Role.CUSTOMER
+        subject_id = parse_id(payload["admin_id" if has_admin else "request_id"])
+        if subject_id is None:
+            raise Unauthorized(f"token {'admin_id' if has_admin else 'request_id'} is not an id")
+
+        participant_id = None
+        for claim in ("sid", "sub"):
+            if payload.get(claim) not in (None, ""):
+                participant_id = parse_id(payload[claim])
+                if participant_id is not None:
+                    break
+        return Claims(role=role, subject_id=subject_id, participant_id=participant_id, exp=exp)
+
+
+def bind(claims: Claims, query_sid: int, *, trust_query_sid: bool = False) -> Principal:
+    """Decide who a connection is: the token names the participant, the query must agree."""
+    named = claims.participant_id
+    if named is None and claims.role is Role.STAFF and not trust_query_sid:
+        named = claims.subject_id
+    if named is not None and named != query_sid:
+        raise Unauthorized(f"sid {query_sid} does not match the token's participant {named}")
+    return Principal(
+        sid=query_sid,
+        role=claims.role,
+        application_id=claims.subject_id if claims.role is Role.CUSTOMER else None,
+        bound=named is not None,
+        exp=claims.exp,
+        subject=claims.subject,
+    )
+
+
+def mint(
+    secret: bytes,
+    *,
+    admin_id: int | None = None,
+    request_id: int | None = None,
+    sid: int | None = None,
+    ttl: float = 3600,
+    now: float | None = None,
+) -> str:
+    """Sign a token for trying the server out (and for tests)."""
+    if (admin_id is None) == (request_id is None):
+        raise ValueError("give exactly one of admin_id and request_id")
+    issued = time.time() if now is None else now
+    payload: dict[str, Any] = {"iat": int(issued), "exp": int(issued + ttl)}
+    if admin_id is not None:
+        payload["admin_id"] = admin_id
+    else:
+        payload["request_id"] = request_id
+    if sid is not None:
+        payload["sid"] = sid
+    return jwt.encode(payload, secret, algorithm="HS256")

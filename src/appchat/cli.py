@@ -1,0 +1,133 @@
+"""The command line: ``appchat serve | token | migrate``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+
+from . import __version__
+from .app import Node
+from .auth import mint
+from .config import (
+    OPTIONS,
+    add_flags,
+    add_options,
+    resolve_secret,
+    settings_from,
+)
+from .errors import ConfigError
+from .store import open_store
+
+SERVE_OPTIONS = list(OPTIONS)
+TOKEN_OPTIONS = ["database", "jwt_secret", "jwt_secret_file"]
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appchat", description="WebSocket chat server")
+    parser.add_argument("--version", action="version", version=f"appchat {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server")
+    add_options(serve, SERVE_OPTIONS, env)
+    add_flags(serve, ["dev", "trust_query_sid"], env)
+
+    token = sub.add_parser("token", help="print a signed token for trying the server out")
+    who = token.add_mutually_exclusive_group(required=True)
+    who.add_argument("--admin-id", type=int, help="a staff token")
+    who.add_argument("--request-id", type=int, help="a customer token for this application")
+    token.add_argument("--sid", type=int, help="the participant id the token names")
+    token.add_argument("--ttl", type=float, default=3600, help="lifetime in seconds [3600]")
+    add_options(token, TOKEN_OPTIONS, env)
+
+    migrate = sub.add_parser("migrate", help="apply pending schema migrations and exit")
+    add_options(migrate, ["database"], env)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser(os.environ)
+    ns = parser.parse_args(argv)
+    try:
+        if ns.command == "serve":
+            return serve(ns)
+        if ns.command == "token":
+            return token(ns)
+        return migrate(ns)
+    except ConfigError as exc:
+        print(f"appchat: {exc}", file=sys.stderr)
+        return 2
+
+
+def token(ns: argparse.Namespace) -> int:
+    secret = resolve_secret(settings_from(ns), use_dev_file=True)
+    print(mint(secret, admin_id=ns.admin_id, request_id=ns.request_id, sid=ns.sid, ttl=ns.ttl))
+    return 0
+
+
+def migrate(ns: argparse.Namespace) -> int:
+    async def run() -> None:
+        store = open_store(ns.database)
+        await store.open()
+        await store.close()
+
+    asyncio.run(run())
+    print(f"appchat: {ns.database} is up to date")
+    return 0
+
+
+def serve(ns: argparse.Namespace) -> int:
+    settings = settings_from(ns)
+    if settings.dev and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError("--dev listens on loopback only; drop --host or --dev")
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("yoyo").setLevel(logging.WARNING)
+    secret = resolve_secret(settings, use_dev_file=settings.dev, create_dev_file=settings.dev)
+    node = Node(settings, secret)  # checks the secret before anything listens
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.run(_serve(node, secret))
+    return 0
+
+
+async def _serve(node: Node, secret: bytes) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await node.start()
+    url = f"{node.scheme}://{node.settings.host}:{node.port}/ws"
+    print(f"appchat {__version__} listening on {url}", flush=True)
+    if node.settings.dev:
+        _print_dev_tokens(secret, url)
+    await stop.wait()
+    logging.getLogger("appchat").info("shutting down")
+    await node.stop()
+
+
+def _print_dev_tokens(secret: bytes, url: str) -> None:
+    staff = mint(secret, admin_id=1, ttl=86400)
+    customer = mint(secret, request_id=100, sid=2, ttl=86400)
+    print(
+        "\n--dev: tokens valid for 24 hours (more with `appchat token`):\n"
+        f"  staff 1:                      {staff}\n"
+        f"    connect: {url}?sid=1  subprotocols ['access_token', '<token>']\n"
+        f"  customer 2 of application 100: {customer}\n"
+        f"    connect: {url}?sid=2\n",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

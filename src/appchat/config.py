@@ -1,0 +1,129 @@
+"""Settings from flags and ``APPCHAT_<NAME>`` environment variables; URLs choose backends."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+from .store import sqlite_path
+
+DEFAULT_DATABASE = "sqlite:///appchat.db"
+DEV_SECRET_NAME = "appchat-dev.secret"
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8888
+    database: str = DEFAULT_DATABASE
+    broker: str = "memory://"
+    jwt_secret: str | None = field(default=None, repr=False)
+    jwt_secret_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    dev: bool = False
+    trust_query_sid: bool = False
+    max_frame: int = 64 * 1024
+    max_content: int = 4000
+    send_queue: int = 1024
+    heartbeat: float = 30.0
+    sqlite_synchronous: str = "FULL"
+    log_level: str = "INFO"
+
+
+# name -> (type, help); every option also reads APPCHAT_<NAME> from the environment.
+OPTIONS: dict[str, tuple[type, str]] = {
+    "host": (str, "address to listen on"),
+    "port": (int, "port to listen on (0 picks a free one)"),
+    "database": (str, "sqlite:///PATH"),
+    "broker": (str, "memory://"),
+    "jwt_secret": (str, "HS256 secret, at least 32 bytes (shows in ps: prefer the file)"),
+    "jwt_secret_file": (str, "file holding the HS256 secret"),
+    "tls_cert": (str, "PEM certificate chain: serve wss://"),
+    "tls_key": (str, "PEM private key for --tls-cert"),
+    "max_frame": (int, "largest incoming frame in bytes (bigger closes with 1009)"),
+    "max_content": (int, "longest message content in characters"),
+    "send_queue": (int, "frames queued per connection before it is dropped as slow (4008)"),
+    "heartbeat": (float, "seconds between pings; a peer silent for as long is dropped"),
+    "sqlite_synchronous": (str, "FULL (survives power loss) or NORMAL (survives a crash)"),
+    "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
+}
+FLAGS = {
+    "dev": "development mode: generate a secret beside the database, print tokens",
+    "trust_query_sid": (
+        "take the query sid as given for staff tokens naming no participant (weaker)"
+    ),
+}
+
+
+def env_name(name: str) -> str:
+    return "APPCHAT_" + name.upper()
+
+
+def add_options(parser: argparse.ArgumentParser, names: list[str], env: Mapping[str, str]) -> None:
+    defaults = Settings()
+    for name in names:
+        kind, text = OPTIONS[name]
+        default = env.get(env_name(name), getattr(defaults, name))
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=kind,
+            default=kind(default) if default is not None else None,
+            help=f"{text} [env {env_name(name)}]",
+        )
+
+
+def add_flags(parser: argparse.ArgumentParser, names: list[str], env: Mapping[str, str]) -> None:
+    for name in names:
+        on = env.get(env_name(name), "").lower() in ("1", "true", "yes", "on")
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            action="store_true",
+            default=on,
+            help=f"{FLAGS[name]} [env {env_name(name)}=1]",
+        )
+
+
+def settings_from(ns: argparse.Namespace) -> Settings:
+    known = {k: v for k, v in vars(ns).items() if k in Settings.__dataclass_fields__}
+    return Settings(**known)
+
+
+def dev_secret_path(database: str) -> Path | None:
+    if not database.startswith("sqlite://"):
+        return None
+    db = Path(sqlite_path(database))
+    return db.parent / DEV_SECRET_NAME
+
+
+def resolve_secret(
+    settings: Settings, *, use_dev_file: bool, create_dev_file: bool = False
+) -> bytes:
+    """The HS256 secret: flag/env, else the secret file, else the dev secret beside the database."""
+    if settings.jwt_secret:
+        return settings.jwt_secret.encode()
+    if settings.jwt_secret_file:
+        try:
+            return Path(settings.jwt_secret_file).read_text().strip().encode()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --jwt-secret-file: {exc}") from exc
+    path = dev_secret_path(settings.database)
+    if use_dev_file and path is not None:
+        if create_dev_file and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(48) + "\n")
+        if path.exists():
+            return path.read_text().strip().encode()
+    raise ConfigError(
+        "no JWT secret: set APPCHAT_JWT_SECRET (at least 32 bytes), pass --jwt-secret-file, "
+        "or try it out with `appchat serve --dev`"
+    )

@@ -1,0 +1,348 @@
+"""The wire protocol: parse request frames into typed events, serialise replies and pushes.
+
+Pure code: text in, typed values (or a precise :class:`FrameError`) out; no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .errors import AppError, BadRequest, UnknownEvent
+from .models import MAX_ID, TEXT, Conversation, Message, UnreadCount, format_ts
+
+ADD_CONVERSATION = "Event.AddConversation"
+GET_CONVERSATION_LIST = "Event.GetConversationList"
+GET_MESSAGE_LIST = "Event.GetMessageList"
+SEND_MESSAGE = "Event.SendMessage"
+RECEIVE_MESSAGE = "Event.ReceiveMessage"
+READ_MESSAGE = "Event.ReadMessage"
+MESSAGE_READ = "Event.MessageRead"
+GET_UNREAD_INFO = "Event.GetUnreadInfo"
+REFRESH_TOKEN = "Event.RefreshToken"
+RESYNC = "Event.Resync"
+
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
+MAX_CHANNEL_LEN = 64
+MAX_CLIENT_MSG_ID_LEN = 64
+MAX_TOKEN_LEN = 8192
+
+RequestId = str | int | float
+
+
+class FrameError(Exception):
+    """A frame that cannot be served; carries what the error reply needs."""
+
+    def __init__(self, error: AppError, name: str | None, request_id: RequestId | None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.name = name
+        self.request_id = request_id
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    name: str
+    args: dict[str, Any]
+    id: RequestId | None
+
+
+@dataclass(frozen=True, slots=True)
+class AddConversationArgs:
+    application_id: int
+    user_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class GetConversationListArgs:
+    user_id: int | None
+    all: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GetMessageListArgs:
+    session_channel: str
+    executor_id: int | None
+    before_id: int | None
+    after_id: int | None
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendMessageArgs:
+    session_channel: str
+    sender_id: int | None
+    content: str
+    content_type: int
+    client_msg_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadMessageArgs:
+    session_channel: str
+    executor_id: int | None
+    message_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetUnreadInfoArgs:
+    user_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshTokenArgs:
+    token: str
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+def parse_request(frame: str | bytes) -> Request:
+    """Read one text frame into a :class:`Request`; ``args`` may be a JSON string or object."""
+    try:
+        doc = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        raise FrameError(BadRequest("frame is not valid JSON"), None, None) from None
+    if not isinstance(doc, dict):
+        raise FrameError(BadRequest("frame must be a JSON object"), None, None)
+    request_id = doc.get("id")
+    if request_id is not None and (
+        isinstance(request_id, bool) or not isinstance(request_id, str | int | float)
+    ):
+        raise FrameError(BadRequest('"id" must be a string or a number'), None, None)
+    name = doc.get("name")
+    if not isinstance(name, str):
+        raise FrameError(BadRequest('"name" must be a string'), None, request_id)
+    raw = doc.get("args")
+    if raw is None:
+        args: Any = {}
+    elif isinstance(raw, str):
+        try:
+            args = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise FrameError(BadRequest('"args" is not valid JSON'), name, request_id) from None
+    else:
+        args = raw
+    if not isinstance(args, dict):
+        raise FrameError(BadRequest('"args" must be a JSON object'), name, request_id)
+    return Request(name=name, args=args, id=request_id)
+
+
+def _int(args: dict[str, Any], key: str, *, minimum: int = 1) -> int | None:
+    value = args.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{key} must be an integer")
+    if value < minimum or value > MAX_ID:
+        raise BadRequest(f"{key} must be between {minimum} and {MAX_ID}")
+    return value
+
+
+def _required_int(args: dict[str, Any], key: str, *, minimum: int = 1) -> int:
+    value = _int(args, key, minimum=minimum)
+    if value is None:
+        raise BadRequest(f"{key} is required")
+    return value
+
+
+def _channel(args: dict[str, Any]) -> str:
+    value = args.get("session_channel")
+    if value is None:
+        raise BadRequest("session_channel is required")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise BadRequest("session_channel must be a string")
+    if not value or len(value) > MAX_CHANNEL_LEN:
+        raise BadRequest(f"session_channel must be 1 to {MAX_CHANNEL_LEN} characters")
+    return value
+
+
+def _content(args: dict[str, Any], max_len: int) -> str:
+    value = args.get("content")
+    if value is None:
+        raise BadRequest("content is required")
+    if not isinstance(value, str):
+        raise BadRequest("content must be a string")
+    if not value:
+        raise BadRequest("content must not be empty")
+    if len(value) > max_len:
+        raise BadRequest(f"content is longer than {max_len} characters")
+    if "\x00" in value:
+        raise BadRequest("content must not contain U+0000")
+    return value
+
+
+def _content_type(args: dict[str, Any]) -> int:
+    # The original: absent, or anything other than 1 or 2, means text.
+    value = args.get("content_type")
+    if isinstance(value, int) and not isinstance(value, bool) and value in (1, 2):
+        return value
+    return TEXT
+
+
+def _client_msg_id(args: dict[str, Any]) -> str | None:
+    value = args.get("client_msg_id")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_CLIENT_MSG_ID_LEN:
+        raise BadRequest(
+            f"client_msg_id must be a string of 1 to {MAX_CLIENT_MSG_ID_LEN} characters"
+        )
+    return value
+
+
+def parse_add_conversation(args: dict[str, Any]) -> AddConversationArgs:
+    return AddConversationArgs(
+        application_id=_required_int(args, "application_id"), user_id=_int(args, "user_id")
+    )
+
+
+def parse_get_conversation_list(args: dict[str, Any]) -> GetConversationListArgs:
+    everything = args.get("all", False)
+    if everything is None:
+        everything = False
+    if not isinstance(everything, bool):
+        raise BadRequest("all must be a boolean")
+    return GetConversationListArgs(user_id=_int(args, "user_id"), all=everything)
+
+
+def parse_get_message_list(args: dict[str, Any]) -> GetMessageListArgs:
+    before_id = _int(args, "before_id", minimum=0)
+    after_id = _int(args, "after_id", minimum=0)
+    if before_id is not None and after_id is not None:
+        raise BadRequest("give at most one of before_id and after_id")
+    limit = _int(args, "limit")
+    if limit is None:
+        limit = DEFAULT_PAGE
+    elif limit > MAX_PAGE:
+        raise BadRequest(f"limit must be between 1 and {MAX_PAGE}")
+    return GetMessageListArgs(
+        session_channel=_channel(args),
+        executor_id=_int(args, "executor_id"),
+        before_id=before_id,
+        after_id=after_id,
+        limit=limit,
+    )
+
+
+def parse_send_message(args: dict[str, Any], max_content: int) -> SendMessageArgs:
+    return SendMessageArgs(
+        session_channel=_channel(args),
+        sender_id=_int(args, "sender_id"),
+        content=_content(args, max_content),
+        content_type=_content_type(args),
+        client_msg_id=_client_msg_id(args),
+    )
+
+
+def parse_read_message(args: dict[str, Any]) -> ReadMessageArgs:
+    return ReadMessageArgs(
+        session_channel=_channel(args),
+        executor_id=_int(args, "executor_id"),
+        message_id=_required_int(args, "message_id"),
+    )
+
+
+def parse_get_unread_info(args: dict[str, Any]) -> GetUnreadInfoArgs:
+    return GetUnreadInfoArgs(user_id=_int(args, "user_id"))
+
+
+def parse_refresh_token(args: dict[str, Any]) -> RefreshTokenArgs:
+    token = args.get("token")
+    if not isinstance(token, str) or not token:
+        raise BadRequest("token must be a non-empty string")
+    if len(token) > MAX_TOKEN_LEN:
+        raise BadRequest(f"token is longer than {MAX_TOKEN_LEN} characters")
+    return RefreshTokenArgs(token=token)
+
+
+def unknown_event(name: str) -> UnknownEvent:
+    shown = name if len(name) <= 64 else name[:64] + "..."
+    return UnknownEvent(f"unknown event {shown!r}")
+
+
+# --- serialising ---------------------------------------------------------------------------
+
+
+def conversation_obj(c: Conversation) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "session_channel": c.session_channel,
+        "application_id": c.application_id,
+        "create_at": format_ts(c.create_at),
+        "update_at": format_ts(c.update_at),
+    }
+
+
+def message_obj(m: Message) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "id": m.id,
+        "session_channel": m.session_channel,
+        "content": m.content,
+        "sender_id": m.sender_id,
+        "status": m.status,
+        "create_at": format_ts(m.create_at),
+        "update_at": format_ts(m.update_at),
+        "content_type": m.content_type,
+    }
+    if m.client_msg_id is not None:
+        obj["client_msg_id"] = m.client_msg_id
+    return obj
+
+
+def conversation_list(conversations: list[Conversation]) -> dict[str, Any]:
+    return {"conversations": [conversation_obj(c) for c in conversations]}
+
+
+def message_list(messages: list[Message], has_more: bool) -> dict[str, Any]:
+    return {"Messages": [message_obj(m) for m in messages], "has_more": has_more}
+
+
+def unread_info(counts: list[UnreadCount]) -> dict[str, Any]:
+    return {
+        "total": sum(c.unread for c in counts),
+        "conversations": [
+            {
+                "session_channel": str(c.application_id),
+                "application_id": c.application_id,
+                "unread": c.unread,
+            }
+            for c in counts
+        ],
+    }
+
+
+def message_read(application_id: int, reader_id: int, message_id: int) -> dict[str, Any]:
+    return {
+        "session_channel": str(application_id),
+        "reader_id": reader_id,
+        "message_id": message_id,
+    }
+
+
+def reply(name: str, result: Any, request_id: RequestId | None = None) -> bytes:
+    doc: dict[str, Any] = {"name": name, "ok": True, "result": result}
+    if request_id is not None:
+        doc["id"] = request_id
+    return orjson.dumps(doc)
+
+
+def error_reply(name: str | None, error: AppError, request_id: RequestId | None = None) -> bytes:
+    doc: dict[str, Any] = {
+        "name": name,
+        "ok": False,
+        "result": None,
+        "error": {"code": error.code, "message": error.message},
+    }
+    if request_id is not None:
+        doc["id"] = request_id
+    return orjson.dumps(doc)
+
+
+def push(name: str, result: Any) -> bytes:
+    return orjson.dumps({"name": name, "ok": True, "result": result})

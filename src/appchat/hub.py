@@ -1,0 +1,133 @@
+"""This node's connections per participant, their bounded send queues, and fan-out.
+
+A push goes through the broker on a channel per participant, so it reaches that
+participant's connections on every node; each node then hands it to the connections
+that may read the conversation, except the one that caused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+from .broker import Broker
+from .events import RESYNC, push
+from .models import Principal
+
+log = logging.getLogger(__name__)
+
+CLOSE_SLOW_CONSUMER = 4008
+
+
+class Connection:
+    """One WebSocket as the hub sees it: who it is and a bounded queue of frames to write."""
+
+    def __init__(
+        self,
+        conn_id: str,
+        principal: Principal,
+        *,
+        max_queue: int,
+        on_overflow: Callable[[Connection], None],
+    ) -> None:
+        self.id = conn_id
+        self.principal = principal
+        self.outbox: asyncio.Queue[bytes] = asyncio.Queue(max_queue)
+        self._on_overflow = on_overflow
+        self.overflowed = False
+
+    def send(self, frame: bytes) -> None:
+        """Queue a frame; a client too slow to keep its queue short is disconnected."""
+        if self.overflowed:
+            return
+        try:
+            self.outbox.put_nowait(frame)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            self._on_overflow(self)
+
+
+def _channel(user_id: int) -> str:
+    return f"appchat:user:{user_id}"
+
+
+def _envelope(origin: str | None, application_id: int, frame: bytes) -> bytes:
+    return f"{origin or ''}\t{application_id}\n".encode() + frame
+
+
+def _open_envelope(data: bytes) -> tuple[str, int, bytes]:
+    head, _, frame = data.partition(b"\n")
+    origin, _, app = head.decode().partition("\t")
+    return origin, int(app), frame
+
+
+class Hub:
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self.node_id = secrets.token_hex(4)
+        self._ids = itertools.count(1)
+        self._by_user: defaultdict[int, set[Connection]] = defaultdict(set)
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        await self._broker.start(self._on_broker_message, self.resync)
+
+    def new_connection_id(self) -> str:
+        return f"{self.node_id}-{next(self._ids)}"
+
+    @property
+    def connections(self) -> list[Connection]:
+        return [c for conns in self._by_user.values() for c in conns]
+
+    def connection_count(self, user_id: int | None = None) -> int:
+        if user_id is not None:
+            return len(self._by_user.get(user_id, ()))
+        return sum(len(conns) for conns in self._by_user.values())
+
+    async def register(self, conn: Connection) -> None:
+        user_id = conn.principal.sid
+        async with self._lock:
+            first = user_id not in self._by_user
+            self._by_user[user_id].add(conn)
+            if first:
+                await self._broker.subscribe(_channel(user_id))
+
+    async def unregister(self, conn: Connection) -> None:
+        user_id = conn.principal.sid
+        async with self._lock:
+            conns = self._by_user.get(user_id)
+            if conns is None or conn not in conns:
+                return
+            conns.discard(conn)
+            if not conns:
+                del self._by_user[user_id]
+                await self._broker.unsubscribe(_channel(user_id))
+
+    async def deliver(
+        self, user_ids: Iterable[int], application_id: int, frame: bytes, origin: str | None
+    ) -> None:
+        """Send ``frame`` to every connection of each user, on any node, but ``origin``."""
+        data = _envelope(origin, application_id, frame)
+        for user_id in set(user_ids):
+            await self._broker.publish(_channel(user_id), data)
+
+    def _on_broker_message(self, channel: str, data: bytes) -> None:
+        try:
+            user_id = int(channel.rsplit(":", 1)[1])
+            origin, application_id, frame = _open_envelope(data)
+        except (ValueError, IndexError, UnicodeDecodeError):
+            log.warning("dropping a malformed broker message on %s", channel)
+            return
+        for conn in list(self._by_user.get(user_id, ())):
+            if conn.id != origin and conn.principal.may_read_application(application_id):
+                conn.send(frame)
+
+    async def resync(self) -> None:
+        """Tell every local connection it may have missed pushes and should refetch."""
+        frame = push(RESYNC, None)
+        for conn in self.connections:
+            conn.send(frame)

@@ -1,0 +1,105 @@
+"""Plain values shared by every layer: conversations, messages, principals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+
+MAX_ID = 2**63 - 1
+
+TEXT = 1
+IMAGE = 2
+CONTENT_TYPES = frozenset({TEXT, IMAGE})
+
+UNREAD = 0
+READ = 1
+
+
+def now_us() -> int:
+    """Wall-clock time in microseconds since the epoch (UTC)."""
+    return int(datetime.now(UTC).timestamp() * 1_000_000)
+
+
+def format_ts(us: int) -> str:
+    """RFC 3339 in UTC with microseconds, e.g. ``2020-03-06T03:29:29.321142Z``."""
+    secs, frac = divmod(us, 1_000_000)
+    return datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:06d}Z"
+
+
+class Role(StrEnum):
+    STAFF = "staff"
+    CUSTOMER = "customer"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a connection is: the acting participant id and what the token allows."""
+
+    sid: int
+    role: Role
+    application_id: int | None  # the one application of a customer
+    bound: bool  # the token itself names the participant id
+    exp: float
+    subject: str  # "admin:N" or "request:N": the identity a refreshed token must keep
+
+    @property
+    def is_staff(self) -> bool:
+        return self.role is Role.STAFF
+
+    def may_read_application(self, application_id: int) -> bool:
+        return self.is_staff or self.application_id == application_id
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    id: int
+    application_id: int
+    create_at: int  # microseconds since the epoch, UTC
+    update_at: int
+
+    @property
+    def session_channel(self) -> str:
+        return str(self.application_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: int
+    application_id: int
+    sender_id: int
+    content: str
+    content_type: int
+    status: int
+    create_at: int
+    update_at: int
+    client_msg_id: str | None = None
+
+    @property
+    def session_channel(self) -> str:
+        return str(self.application_id)
+
+
+@dataclass(frozen=True, slots=True)
+class UnreadCount:
+    application_id: int
+    unread: int
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePage:
+    messages: list[Message]
+    has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    message: Message
+    created: bool  # False when client_msg_id matched an earlier message
+    participants: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadOutcome:
+    moved: bool  # the reader's position advanced
+    participants: list[int]

@@ -1,0 +1,224 @@
+"""The rules: conversations, messages, reads, unread counts, and who may do what."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from . import events as ev
+from .auth import TokenVerifier, bind, parse_id
+from .errors import AppError, Forbidden, Internal, NotFound, Unauthorized
+from .models import Conversation, Principal, now_us
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_CONTENT = 4000
+
+
+class Fanout(Protocol):
+    async def deliver(
+        self, user_ids: Iterable[int], application_id: int, frame: bytes, origin: str | None
+    ) -> None: ...
+
+
+class Session(Protocol):
+    """The connection an event came in on (the hub's ``Connection`` is one)."""
+
+    id: str
+    principal: Principal
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_content: int = DEFAULT_MAX_CONTENT
+
+
+class ChatService:
+    def __init__(
+        self,
+        store: Store,
+        fanout: Fanout,
+        verifier: TokenVerifier,
+        *,
+        limits: Limits | None = None,
+        trust_query_sid: bool = False,
+        clock_us: Callable[[], int] = now_us,
+    ) -> None:
+        self._store = store
+        self._fanout = fanout
+        self._verifier = verifier
+        self._limits = limits or Limits()
+        self._trust_query_sid = trust_query_sid
+        self._now = clock_us
+        self._handlers: dict[str, Callable[[Session, dict[str, Any]], Awaitable[Any]]] = {
+            ev.ADD_CONVERSATION: self._add_conversation,
+            ev.GET_CONVERSATION_LIST: self._get_conversation_list,
+            ev.GET_MESSAGE_LIST: self._get_message_list,
+            ev.SEND_MESSAGE: self._send_message,
+            ev.READ_MESSAGE: self._read_message,
+            ev.GET_UNREAD_INFO: self._get_unread_info,
+            ev.REFRESH_TOKEN: self._refresh_token,
+        }
+
+    # --- the entry point of every frame ---------------------------------------------------------
+
+    async def handle(self, session: Session, frame: str | bytes) -> bytes:
+        """Serve one request frame; always returns the reply frame, never raises."""
+        try:
+            request = ev.parse_request(frame)
+        except ev.FrameError as exc:
+            return ev.error_reply(exc.name, exc.error, exc.request_id)
+        handler = self._handlers.get(request.name)
+        if handler is None:
+            return ev.error_reply(request.name, ev.unknown_event(request.name), request.id)
+        try:
+            result = await handler(session, request.args)
+        except AppError as exc:
+            return ev.error_reply(request.name, exc, request.id)
+        except Exception:
+            log.exception("internal error serving %s", request.name)
+            return ev.error_reply(request.name, Internal(), request.id)
+        return ev.reply(request.name, result, request.id)
+
+    # --- who may do what ------------------------------------------------------------------------
+
+    @staticmethod
+    def _actor(principal: Principal, given: int | None, field: str) -> int:
+        """Ids naming the acting user default to the connection's sid and must equal it."""
+        if given is None:
+            return principal.sid
+        if given != principal.sid:
+            raise Forbidden(f"{field} must be your own id ({principal.sid})")
+        return given
+
+    @staticmethod
+    def _check_application(principal: Principal, application_id: int) -> None:
+        if not principal.may_read_application(application_id):
+            raise Forbidden("you may not access this conversation")
+
+    async def _not_impersonating_staff(
+        self, principal: Principal, conversation_id: int, user_id: int
+    ) -> None:
+        # A customer whose token names no participant may not act as a staff participant.
+        if principal.is_staff or principal.bound:
+            return
+        if await self._store.is_staff_participant(conversation_id, user_id):
+            raise Forbidden("you may not act as this participant")
+
+    async def _open(self, principal: Principal, channel: str, actor: int) -> Conversation:
+        """The conversation behind ``channel`` if the caller may use it; never reveals others."""
+        application_id = parse_id(channel)
+        if application_id is None or str(application_id) != channel:
+            if not principal.is_staff:
+                raise Forbidden("you may not access this conversation")
+            raise NotFound("no such conversation")
+        self._check_application(principal, application_id)
+        conversation = await self._store.get_conversation(application_id)
+        if conversation is None:
+            raise NotFound("no such conversation")
+        await self._not_impersonating_staff(principal, conversation.id, actor)
+        return conversation
+
+    # --- events ---------------------------------------------------------------------------------
+
+    async def _add_conversation(self, session: Session, raw: dict[str, Any]) -> Any:
+        p = session.principal
+        args = ev.parse_add_conversation(raw)
+        user_id = p.sid if args.user_id is None else args.user_id
+        self._check_application(p, args.application_id)
+        if not p.is_staff and user_id != p.sid:
+            raise Forbidden("a customer may only add themselves")
+        if not p.is_staff and not p.bound:
+            existing = await self._store.get_conversation(args.application_id)
+            if existing is not None:
+                await self._not_impersonating_staff(p, existing.id, user_id)
+        conversation = await self._store.add_conversation(
+            args.application_id, user_id, staff=p.is_staff and user_id == p.sid, now=self._now()
+        )
+        return ev.conversation_obj(conversation)
+
+    async def _get_conversation_list(self, session: Session, raw: dict[str, Any]) -> Any:
+        p = session.principal
+        args = ev.parse_get_conversation_list(raw)
+        user_id = self._actor(p, args.user_id, "user_id")
+        if args.all and p.is_staff:
+            conversations = await self._store.list_all_conversations()
+        else:
+            conversations = await self._store.list_conversations(
+                user_id, application_id=p.application_id
+            )
+        return ev.conversation_list(conversations)
+
+    async def _get_message_list(self, session: Session, raw: dict[str, Any]) -> Any:
+        p = session.principal
+        args = ev.parse_get_message_list(raw)
+        executor = self._actor(p, args.executor_id, "executor_id")
+        conversation = await self._open(p, args.session_channel, executor)
+        page = await self._store.list_messages(
+            conversation, before_id=args.before_id, after_id=args.after_id, limit=args.limit
+        )
+        return ev.message_list(page.messages, page.has_more)
+
+    async def _send_message(self, session: Session, raw: dict[str, Any]) -> Any:
+        p = session.principal
+        args = ev.parse_send_message(raw, self._limits.max_content)
+        sender = self._actor(p, args.sender_id, "sender_id")
+        conversation = await self._open(p, args.session_channel, sender)
+        outcome = await self._store.add_message(
+            conversation,
+            sender_id=sender,
+            staff=p.is_staff,
+            content=args.content,
+            content_type=args.content_type,
+            client_msg_id=args.client_msg_id,
+            now=self._now(),
+        )
+        body = {"message": ev.message_obj(outcome.message)}
+        if outcome.created:
+            frame = ev.push(ev.RECEIVE_MESSAGE, body)
+            await self._fanout.deliver(
+                outcome.participants, conversation.application_id, frame, session.id
+            )
+        return body
+
+    async def _read_message(self, session: Session, raw: dict[str, Any]) -> Any:
+        p = session.principal
+        args = ev.parse_read_message(raw)
+        reader = self._actor(p, args.executor_id, "executor_id")
+        conversation = await self._open(p, args.session_channel, reader)
+        outcome = await self._store.read_messages(
+            conversation,
+            reader_id=reader,
+            staff=p.is_staff,
+            message_id=args.message_id,
+            now=self._now(),
+        )
+        if outcome.moved:
+            frame = ev.push(
+                ev.MESSAGE_READ,
+                ev.message_read(conversation.application_id, reader, args.message_id),
+            )
+            await self._fanout.deliver(
+                outcome.participants, conversation.application_id, frame, session.id
+            )
+        return None
+
+    async def _get_unread_info(self, session: Session, raw: dict[str, Any]) -> Any:
+        p = session.principal
+        args = ev.parse_get_unread_info(raw)
+        user_id = self._actor(p, args.user_id, "user_id")
+        counts = await self._store.unread_counts(user_id, application_id=p.application_id)
+        return ev.unread_info(counts)
+
+    async def _refresh_token(self, session: Session, raw: dict[str, Any]) -> Any:
+        p = session.principal
+        args = ev.parse_refresh_token(raw)
+        claims = self._verifier.verify(args.token)
+        renewed = bind(claims, p.sid, trust_query_sid=self._trust_query_sid)
+        if renewed.subject != p.subject:
+            raise Unauthorized("the new token names a different identity")
+        session.principal = renewed
+        return {"exp": claims.exp}

@@ -1,0 +1,89 @@
+"""Storage: one interface, implementations chosen by URL (``sqlite:///…`` by default)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..errors import ConfigError
+from ..models import Conversation, MessagePage, ReadOutcome, SendOutcome, UnreadCount
+
+
+class Store(Protocol):
+    """Durable conversations, messages and read positions.
+
+    Every write returns only after its transaction committed. Faults of the database are
+    raised as :class:`appchat.errors.Unavailable`.
+    """
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise ``Unavailable`` when the database cannot serve."""
+
+    async def get_conversation(self, application_id: int) -> Conversation | None: ...
+
+    async def is_staff_participant(self, conversation_id: int, user_id: int) -> bool: ...
+
+    async def add_conversation(
+        self, application_id: int, user_id: int, *, staff: bool, now: int
+    ) -> Conversation:
+        """Create the conversation of an application once; add ``user_id`` as a participant."""
+
+    async def list_conversations(
+        self, user_id: int, *, application_id: int | None = None
+    ) -> list[Conversation]:
+        """Conversations ``user_id`` takes part in, newest activity first."""
+
+    async def list_all_conversations(self) -> list[Conversation]: ...
+
+    async def list_messages(
+        self,
+        conversation: Conversation,
+        *,
+        before_id: int | None = None,
+        after_id: int | None = None,
+        limit: int,
+    ) -> MessagePage:
+        """A page of messages, oldest first."""
+
+    async def add_message(
+        self,
+        conversation: Conversation,
+        *,
+        sender_id: int,
+        staff: bool,
+        content: str,
+        content_type: int,
+        client_msg_id: str | None,
+        now: int,
+    ) -> SendOutcome: ...
+
+    async def read_messages(
+        self, conversation: Conversation, *, reader_id: int, staff: bool, message_id: int, now: int
+    ) -> ReadOutcome:
+        """Move the reader's position to ``message_id``; ``NotFound`` if not in the conversation."""
+
+    async def unread_counts(
+        self, user_id: int, *, application_id: int | None = None
+    ) -> list[UnreadCount]: ...
+
+
+def open_store(url: str, *, synchronous: str = "FULL") -> Store:
+    """Pick the storage implementation for ``url``."""
+    if url.startswith("sqlite://"):
+        from .sqlite import SqliteStore
+
+        return SqliteStore(sqlite_path(url), synchronous=synchronous)
+    raise ConfigError(f"unsupported database URL {url!r} (expected sqlite:///PATH)")
+
+
+def sqlite_path(url: str) -> str:
+    """``sqlite:///appchat.db`` is relative, ``sqlite:////var/lib/appchat.db`` absolute."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or len(url) == len(prefix):
+        raise ConfigError(
+            f"bad SQLite URL {url!r}: expected sqlite:///relative/path or sqlite:////abs"
+        )
+    return url[len(prefix) :]

@@ -1,0 +1,1 @@
+"""The network edge: the WebSocket endpoint and the small HTTP surface."""

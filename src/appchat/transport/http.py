@@ -1,0 +1,36 @@
+"""The small HTTP surface beside the WebSocket: liveness and readiness."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..broker import Broker
+from ..errors import AppError
+from ..store import Store
+
+
+class HealthEndpoints:
+    def __init__(self, store: Store, broker: Broker) -> None:
+        self._store = store
+        self._broker = broker
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        """The process is up and serving HTTP."""
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """The storage and the broker answer: this node can take traffic."""
+        checks: dict[str, str] = {}
+        for name, ping in (("database", self._store.ping), ("broker", self._broker.ping)):
+            try:
+                await ping()
+                checks[name] = "ok"
+            except AppError as exc:
+                checks[name] = exc.message
+            except Exception:
+                checks[name] = "unreachable"
+        ready = all(v == "ok" for v in checks.values())
+        return web.json_response(
+            {"status": "ok" if ready else "unavailable", "checks": checks},
+            status=200 if ready else 503,
+        )

@@ -1,0 +1,169 @@
+"""The WebSocket endpoint: handshake (refused with 400/401 before the upgrade), read loop,
+one writer task per connection, and the token-expiry timer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from ..auth import TokenVerifier, bind
+from ..errors import BadRequest, Unauthorized
+from ..events import error_reply
+from ..hub import CLOSE_SLOW_CONSUMER, Connection, Hub
+from ..models import MAX_ID
+from ..service import ChatService
+
+log = logging.getLogger(__name__)
+
+SUBPROTOCOL = "access_token"
+CLOSE_TOKEN_EXPIRED = 4001
+
+
+@dataclass(frozen=True, slots=True)
+class WsOptions:
+    max_frame: int = 64 * 1024
+    send_queue: int = 1024
+    heartbeat: float | None = 30.0
+    trust_query_sid: bool = False
+
+
+class HandshakeError(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def parse_sid(raw: str | None) -> int:
+    if raw is None or raw == "":
+        raise HandshakeError(400, "missing sid query parameter")
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or not 1 <= int(raw) <= MAX_ID:
+        raise HandshakeError(400, "sid must be a positive 64-bit integer")
+    return int(raw)
+
+
+def token_from_protocols(values: list[str]) -> str:
+    """The JWT is the value after ``access_token`` in ``Sec-WebSocket-Protocol``."""
+    items = [item.strip() for value in values for item in value.split(",")]
+    try:
+        token = items[items.index(SUBPROTOCOL) + 1]
+    except (ValueError, IndexError):
+        raise HandshakeError(
+            401, "missing token: send ['access_token', '<jwt>'] as subprotocols"
+        ) from None
+    if not token:
+        raise HandshakeError(401, "missing token")
+    return token
+
+
+class WebSocketEndpoint:
+    def __init__(
+        self,
+        service: ChatService,
+        hub: Hub,
+        verifier: TokenVerifier,
+        options: WsOptions,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._service = service
+        self._hub = hub
+        self._verifier = verifier
+        self._options = options
+        self._clock = clock
+        self.sockets: set[web.WebSocketResponse] = set()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            sid = parse_sid(request.query.get("sid"))
+            token = token_from_protocols(request.headers.getall("Sec-WebSocket-Protocol", []))
+            principal = bind(
+                self._verifier.verify(token), sid, trust_query_sid=self._options.trust_query_sid
+            )
+        except HandshakeError as exc:
+            return web.Response(status=exc.status, text=exc.reason + "\n")
+        except Unauthorized as exc:
+            return web.Response(status=401, text=exc.message + "\n")
+
+        ws = web.WebSocketResponse(
+            protocols=(SUBPROTOCOL,),
+            max_msg_size=self._options.max_frame,
+            heartbeat=self._options.heartbeat,
+        )
+        if not ws.can_prepare(request).ok:
+            return web.Response(status=400, text="expected a WebSocket upgrade\n")
+        await ws.prepare(request)
+
+        conn = Connection(
+            self._hub.new_connection_id(),
+            principal,
+            max_queue=self._options.send_queue,
+            on_overflow=lambda c: self._close_soon(ws, CLOSE_SLOW_CONSUMER, "slow consumer"),
+        )
+        self.sockets.add(ws)
+        await self._hub.register(conn)
+        writer = asyncio.create_task(self._write_loop(ws, conn))
+        expiry = asyncio.create_task(self._expire(ws, conn))
+        try:
+            await self._read_loop(ws, conn)
+        finally:
+            expiry.cancel()
+            await self._hub.unregister(conn)
+            await self._drain(writer, conn)
+            self.sockets.discard(ws)
+        return ws
+
+    async def _read_loop(self, ws: web.WebSocketResponse, conn: Connection) -> None:
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT:
+                conn.send(await self._service.handle(conn, msg.data))
+            elif msg.type is WSMsgType.BINARY:
+                conn.send(error_reply(None, BadRequest("binary frames are not supported")))
+            elif msg.type is WSMsgType.ERROR:
+                log.debug("websocket error on %s: %s", conn.id, ws.exception())
+                break
+
+    async def _write_loop(self, ws: web.WebSocketResponse, conn: Connection) -> None:
+        while True:
+            frame = await conn.outbox.get()
+            try:
+                await ws.send_frame(frame, WSMsgType.TEXT)
+            except (ConnectionError, RuntimeError):
+                return
+            finally:
+                conn.outbox.task_done()
+
+    async def _drain(self, writer: asyncio.Task[None], conn: Connection) -> None:
+        """Let the writer flush what is queued if the socket still takes it, then stop it."""
+        if not writer.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(conn.outbox.join(), timeout=1.0)
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+
+    async def _expire(self, ws: web.WebSocketResponse, conn: Connection) -> None:
+        while True:
+            delay = conn.principal.exp - self._clock()
+            if delay <= 0:
+                await ws.close(code=CLOSE_TOKEN_EXPIRED, message=b"token expired")
+                return
+            await asyncio.sleep(min(delay, 3600.0))
+
+    def _close_soon(self, ws: web.WebSocketResponse, code: int, reason: str) -> None:
+        task = asyncio.get_running_loop().create_task(ws.close(code=code, message=reason.encode()))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def close_all(
+        self, code: int = WSCloseCode.GOING_AWAY, reason: str = "server shutdown"
+    ) -> None:
+        await asyncio.gather(
+            *(ws.close(code=code, message=reason.encode()) for ws in list(self.sockets)),
+            return_exceptions=True,
+        )
