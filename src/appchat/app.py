@@ -32,7 +32,11 @@ class Node:
     ) -> None:
         self.settings = settings
         self.verifier = TokenVerifier(secret)
-        self.store = store or open_store(settings.database, synchronous=settings.sqlite_synchronous)
+        self.store = store or open_store(
+            settings.database,
+            synchronous=settings.sqlite_synchronous,
+            busy_timeout=settings.sqlite_busy_timeout,
+        )
         self.broker = broker or open_broker(settings.broker)
         self.hub = Hub(self.broker)
         self.service = ChatService(
@@ -51,6 +55,8 @@ class Node:
                 send_queue=settings.send_queue,
                 heartbeat=settings.heartbeat or None,
                 trust_query_sid=settings.trust_query_sid,
+                rate=settings.rate,
+                burst=settings.burst,
             ),
         )
         self._runner: web.AppRunner | None = None
@@ -77,14 +83,15 @@ class Node:
     async def start(self) -> None:
         await self.store.open()
         await self.hub.start()
-        self._runner = web.AppRunner(self.web_app(), handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(
+            self.web_app(), handle_signals=False, access_log=None, shutdown_timeout=10.0
+        )
         await self._runner.setup()
         self._site = web.TCPSite(
             self._runner,
             self.settings.host,
             self.settings.port,
             ssl_context=self._ssl_context(),
-            shutdown_timeout=10.0,
         )
         await self._site.start()
         addresses = self._runner.addresses

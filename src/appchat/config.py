@@ -32,6 +32,9 @@ class Settings:
     max_content: int = 4000
     send_queue: int = 1024
     heartbeat: float = 30.0
+    rate: float = 50.0
+    burst: float = 100.0
+    sqlite_busy_timeout: float = 30.0
     sqlite_synchronous: str = "FULL"
     log_level: str = "INFO"
 
@@ -50,6 +53,9 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "max_content": (int, "longest message content in characters"),
     "send_queue": (int, "frames queued per connection before it is dropped as slow (4008)"),
     "heartbeat": (float, "seconds between pings; a peer silent for as long is dropped"),
+    "rate": (float, "events a second per connection before rate_limited (0: no limit)"),
+    "burst": (float, "events a connection may send at once above the rate"),
+    "sqlite_busy_timeout": (float, "seconds a write waits for a lock held elsewhere"),
     "sqlite_synchronous": (str, "FULL (survives power loss) or NORMAL (survives a crash)"),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
 }

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from .errors import AppError, BadRequest, UnknownEvent
+from .errors import AppError, BadRequest, RateLimited, UnknownEvent
 from .models import MAX_ID, TEXT, Conversation, Message, UnreadCount, format_ts
 
 ADD_CONVERSATION = "Event.AddConversation"
@@ -342,6 +342,19 @@ def error_reply(name: str | None, error: AppError, request_id: RequestId | None 
     if request_id is not None:
         doc["id"] = request_id
     return orjson.dumps(doc)
+
+
+def rate_limited_reply(frame: str | None) -> bytes:
+    """The reply to a frame refused unread: echo its name and id when cheaply readable."""
+    name: str | None = None
+    request_id: RequestId | None = None
+    if frame is not None:
+        try:
+            request = parse_request(frame)
+            name, request_id = request.name, request.id
+        except FrameError as exc:
+            name, request_id = exc.name, exc.request_id
+    return error_reply(name, RateLimited(), request_id)
 
 
 def push(name: str, result: Any) -> bytes:

@@ -70,12 +70,12 @@ class Store(Protocol):
     ) -> list[UnreadCount]: ...
 
 
-def open_store(url: str, *, synchronous: str = "FULL") -> Store:
+def open_store(url: str, *, synchronous: str = "FULL", busy_timeout: float = 30.0) -> Store:
     """Pick the storage implementation for ``url``."""
     if url.startswith("sqlite://"):
         from .sqlite import SqliteStore
 
-        return SqliteStore(sqlite_path(url), synchronous=synchronous)
+        return SqliteStore(sqlite_path(url), synchronous=synchronous, busy_timeout=busy_timeout)
     raise ConfigError(f"unsupported database URL {url!r} (expected sqlite:///PATH)")
 
 

@@ -18,7 +18,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import AppError, Internal, NotFound, Unavailable
+from ..errors import AppError, ConfigError, Internal, NotFound, Unavailable
 from ..models import (
     Conversation,
     Message,
@@ -53,8 +53,18 @@ def _message(row: Any) -> Message:
 
 
 class SqliteStore:
-    def __init__(self, path: str, *, synchronous: str = "FULL", readers: int = READERS) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: str = "FULL",
+        busy_timeout: float = 30.0,
+        readers: int = READERS,
+    ) -> None:
+        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise ConfigError("sqlite synchronous must be FULL, NORMAL or EXTRA")
         self.path = path
+        self._busy_timeout = busy_timeout
         self._synchronous = synchronous
         self._readers_count = readers
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -88,7 +98,7 @@ class SqliteStore:
             await asyncio.to_thread(readers.shutdown, True)
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")

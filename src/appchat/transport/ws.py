@@ -14,9 +14,10 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..auth import TokenVerifier, bind
 from ..errors import BadRequest, Unauthorized
-from ..events import error_reply
+from ..events import error_reply, rate_limited_reply
 from ..hub import CLOSE_SLOW_CONSUMER, Connection, Hub
 from ..models import MAX_ID
+from ..ratelimit import TokenBucket
 from ..service import ChatService
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class WsOptions:
     send_queue: int = 1024
     heartbeat: float | None = 30.0
     trust_query_sid: bool = False
+    rate: float = 50.0  # events a second per connection; 0 switches limiting off
+    burst: float = 100.0
 
 
 class HandshakeError(Exception):
@@ -120,8 +123,11 @@ class WebSocketEndpoint:
         return ws
 
     async def _read_loop(self, ws: web.WebSocketResponse, conn: Connection) -> None:
+        bucket = TokenBucket(self._options.rate, self._options.burst)
         async for msg in ws:
-            if msg.type is WSMsgType.TEXT:
+            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY) and not bucket.allow():
+                conn.send(rate_limited_reply(msg.data if msg.type is WSMsgType.TEXT else None))
+            elif msg.type is WSMsgType.TEXT:
                 conn.send(await self._service.handle(conn, msg.data))
             elif msg.type is WSMsgType.BINARY:
                 conn.send(error_reply(None, BadRequest("binary frames are not supported")))

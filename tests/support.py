@@ -1,0 +1,222 @@
+"""Test support: real server processes, real WebSocket clients, tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+
+from appchat.auth import mint
+
+SECRET = "test-secret-" + "0123456789abcdef" * 4
+LISTENING = re.compile(r"listening on (wss?)://([^:/]+):(\d+)/ws")
+
+
+def token(
+    *,
+    admin_id: int | None = None,
+    request_id: int | None = None,
+    sid: int | None = None,
+    ttl: float = 3600,
+    secret: str = SECRET,
+) -> str:
+    return mint(secret.encode(), admin_id=admin_id, request_id=request_id, sid=sid, ttl=ttl)
+
+
+def raw_token(payload: dict[str, Any], secret: str = SECRET, algorithm: str = "HS256") -> str:
+    return jwt.encode(payload, secret, algorithm=algorithm)
+
+
+class ServerProcess:
+    """``appchat serve`` in a child process, on a port of its own choosing."""
+
+    def __init__(
+        self,
+        database: Path | str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        secret: str | None = SECRET,
+    ) -> None:
+        self.database = Path(database)
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
+        if secret is not None:
+            self.env["APPCHAT_JWT_SECRET"] = secret
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+        self.scheme = "ws"
+        self.lines: list[str] = []
+        self._listening = threading.Event()
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "appchat",
+            "serve",
+            "--port",
+            "0",
+            "--database",
+            f"sqlite:///{self.database}",
+            *self.args,
+        ]
+
+    def start(self, timeout: float = 20) -> ServerProcess:
+        self.lines = []
+        self._listening.clear()
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
+        )
+        self._pump_thread = threading.Thread(target=self._pump, args=(self.proc,), daemon=True)
+        self._pump_thread.start()
+        if not self._listening.wait(timeout):
+            self.stop()
+            raise RuntimeError("server did not start:\n" + "".join(self.lines))
+        return self
+
+    def _pump(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.lines.append(line)
+            m = LISTENING.search(line)
+            if m:
+                self.scheme, self.port = m.group(1), int(m.group(3))
+                self._listening.set()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def url(self, sid: int | str | None = None, path: str = "/ws") -> str:
+        query = "" if sid is None else f"?sid={sid}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}{query}"
+
+    def http(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._pump_thread.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.proc = None
+        return code
+
+
+class Client:
+    """A WebSocket client that pairs replies with requests by ``id`` and keeps pushes aside."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.pushes: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._waiting: dict[Any, asyncio.Future[dict[str, Any]]] = {}
+        self._unmatched: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        with contextlib.suppress(Exception):
+            async for raw in self.ws:
+                frame = orjson.loads(raw)
+                fut = self._waiting.pop(frame.get("id"), None) if "id" in frame else None
+                if fut is not None and not fut.done():
+                    fut.set_result(frame)
+                elif "error" in frame or "id" in frame:
+                    self._unmatched.put_nowait(frame)
+                else:
+                    self.pushes.put_nowait(frame)
+
+    async def call(self, name: str, args: Any = None, *, timeout: float = 10) -> dict[str, Any]:
+        """Send ``name`` with ``args`` double-encoded as the original does; await its reply."""
+        request_id = f"r{next(self._ids)}"
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = fut
+        frame: dict[str, Any] = {"name": name, "id": request_id}
+        if args is not None:
+            frame["args"] = json.dumps(args)  # stdlib json: it can write any integer
+        await self.ws.send(json.dumps(frame))
+        return await asyncio.wait_for(fut, timeout)
+
+    async def ok(self, name: str, args: Any = None) -> Any:
+        reply = await self.call(name, args)
+        assert reply["ok"] is True, reply
+        assert reply["name"] == name
+        return reply["result"]
+
+    async def error(self, name: str, args: Any = None) -> str:
+        reply = await self.call(name, args)
+        assert reply["ok"] is False, reply
+        assert reply["result"] is None
+        assert isinstance(reply["error"]["message"], str) and reply["error"]["message"]
+        code: str = reply["error"]["code"]
+        return code
+
+    async def send_raw(self, data: str | bytes, *, text: bool | None = None) -> None:
+        await self.ws.send(data, text=text)
+
+    async def unmatched(self, timeout: float = 5) -> dict[str, Any]:
+        """The next reply that carried no id of ours (replies to raw frames)."""
+        return await asyncio.wait_for(self._unmatched.get(), timeout)
+
+    async def push(self, name: str | None = None, timeout: float = 5) -> dict[str, Any]:
+        frame = await asyncio.wait_for(self.pushes.get(), timeout)
+        if name is not None:
+            assert frame["name"] == name, frame
+        assert frame["ok"] is True and "id" not in frame
+        return frame
+
+    async def no_push(self, within: float = 0.3) -> None:
+        await asyncio.sleep(within)
+        assert self.pushes.empty(), f"unexpected push: {self.pushes.get_nowait()}"
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+@contextlib.asynccontextmanager
+async def client(server: ServerProcess, sid: int, tok: str, **kwargs: Any) -> AsyncIterator[Client]:
+    ws = await connect(server.url(sid), subprotocols=["access_token", tok], **kwargs)  # type: ignore[list-item]
+    c = Client(ws)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+def wait_until(predicate: Any, timeout: float = 10, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(interval)

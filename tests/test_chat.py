@@ -1,0 +1,259 @@
+"""Every event of the protocol over real sockets against one real server process."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+from .support import Client, ServerProcess, client, token
+
+RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+_apps = itertools.count(1000)
+
+
+def new_app() -> int:
+    """Each test uses applications of its own: the server is shared by the module."""
+    return next(_apps)
+
+
+def staff(server: ServerProcess, admin_id: int = 1):  # type: ignore[no-untyped-def]
+    return client(server, admin_id, token(admin_id=admin_id))
+
+
+def customer(server: ServerProcess, app: int, sid: int):  # type: ignore[no-untyped-def]
+    return client(server, sid, token(request_id=app, sid=sid))
+
+
+def check_message(m: dict[str, object], app: int, sender: int, content: str) -> None:
+    assert set(m) >= {
+        "id",
+        "session_channel",
+        "content",
+        "sender_id",
+        "status",
+        "create_at",
+        "update_at",
+        "content_type",
+    }
+    assert m["session_channel"] == str(app)
+    assert m["sender_id"] == sender and m["content"] == content
+    assert isinstance(m["id"], int)
+    assert RFC3339_UTC.match(str(m["create_at"])) and RFC3339_UTC.match(str(m["update_at"]))
+
+
+async def test_add_conversation_once_per_application(server: ServerProcess) -> None:
+    app = new_app()
+    async with staff(server) as s, customer(server, app, 500) as c:
+        first = await c.ok("Event.AddConversation", {"user_id": 500, "application_id": app})
+        assert set(first) == {"id", "session_channel", "application_id", "create_at", "update_at"}
+        assert first["session_channel"] == str(app) and first["application_id"] == app
+        assert RFC3339_UTC.match(first["create_at"])
+        again = await s.ok("Event.AddConversation", {"user_id": 1, "application_id": app})
+        assert again == first
+        # staff may add any user; the added user then lists it
+        await s.ok("Event.AddConversation", {"user_id": 42, "application_id": app})
+    async with staff(server, 42) as other:
+        listed = await other.ok("Event.GetConversationList", {"user_id": 42})
+        assert [c["application_id"] for c in listed["conversations"]] == [app]
+
+
+async def test_conversation_list_newest_activity_first(server: ServerProcess) -> None:
+    a, b = new_app(), new_app()
+    async with staff(server, 3) as s:
+        await s.ok("Event.AddConversation", {"user_id": 3, "application_id": a})
+        await s.ok("Event.AddConversation", {"user_id": 3, "application_id": b})
+        await s.ok("Event.SendMessage", {"session_channel": str(a), "sender_id": 3, "content": "x"})
+        listed = await s.ok("Event.GetConversationList", {"user_id": 3})
+        assert [c["application_id"] for c in listed["conversations"]][:2] == [a, b]
+        await s.ok("Event.SendMessage", {"session_channel": str(b), "content": "y"})
+        listed = await s.ok("Event.GetConversationList", {})
+        assert [c["application_id"] for c in listed["conversations"]][:2] == [b, a]
+        inbox = await s.ok("Event.GetConversationList", {"all": True})
+        apps = [c["application_id"] for c in inbox["conversations"]]
+        assert apps.index(b) < apps.index(a)
+
+
+async def test_send_receive_and_devices(server: ServerProcess) -> None:
+    app = new_app()
+    async with (
+        staff(server) as s,
+        customer(server, app, 600) as phone,
+        customer(server, app, 600) as laptop,
+    ):
+        await phone.ok("Event.AddConversation", {"user_id": 600, "application_id": app})
+        await s.ok("Event.AddConversation", {"user_id": 1, "application_id": app})
+        sent = await phone.ok(
+            "Event.SendMessage", {"session_channel": str(app), "sender_id": 600, "content": "Hey"}
+        )
+        msg = sent["message"]
+        check_message(msg, app, 600, "Hey")
+        assert msg["status"] == 0 and msg["content_type"] == 1
+        for other in (s, laptop):
+            pushed = await other.push("Event.ReceiveMessage")
+            assert pushed["result"] == {"message": msg}
+        await phone.no_push()
+
+
+async def test_content_type_and_client_msg_id(server: ServerProcess) -> None:
+    app = new_app()
+    async with staff(server) as s, customer(server, app, 601) as c:
+        await c.ok("Event.AddConversation", {"application_id": app})
+        await s.ok("Event.AddConversation", {"application_id": app})
+        image = await c.ok(
+            "Event.SendMessage",
+            {"session_channel": str(app), "content": "https://x/1.png", "content_type": 2},
+        )
+        assert image["message"]["content_type"] == 2
+        await s.push("Event.ReceiveMessage")
+        odd = await c.ok(
+            "Event.SendMessage", {"session_channel": str(app), "content": "t", "content_type": 7}
+        )
+        assert odd["message"]["content_type"] == 1
+        await s.push("Event.ReceiveMessage")
+        args = {"session_channel": str(app), "content": "once", "client_msg_id": "abc-1"}
+        first = await c.ok("Event.SendMessage", args)
+        await s.push("Event.ReceiveMessage")
+        retry = await c.ok("Event.SendMessage", args)
+        assert retry["message"] == first["message"]
+        assert first["message"]["client_msg_id"] == "abc-1"
+        await s.no_push()
+        page = await s.ok("Event.GetMessageList", {"session_channel": str(app)})
+        assert [m["content"] for m in page["Messages"]].count("once") == 1
+
+
+async def test_message_list_paging(server: ServerProcess) -> None:
+    app = new_app()
+    async with staff(server, 4) as s:
+        await s.ok("Event.AddConversation", {"application_id": app})
+        ids = []
+        for i in range(60):
+            r = await s.ok("Event.SendMessage", {"session_channel": str(app), "content": f"m{i}"})
+            ids.append(r["message"]["id"])
+        assert ids == sorted(ids)
+        page = await s.ok("Event.GetMessageList", {"session_channel": str(app), "executor_id": 4})
+        assert [m["id"] for m in page["Messages"]] == ids[-50:]
+        assert page["has_more"] is True
+        older = await s.ok(
+            "Event.GetMessageList", {"session_channel": str(app), "before_id": ids[10], "limit": 5}
+        )
+        assert [m["id"] for m in older["Messages"]] == ids[5:10] and older["has_more"] is True
+        first = await s.ok(
+            "Event.GetMessageList", {"session_channel": str(app), "before_id": ids[3]}
+        )
+        assert [m["id"] for m in first["Messages"]] == ids[:3] and first["has_more"] is False
+        newer = await s.ok(
+            "Event.GetMessageList", {"session_channel": str(app), "after_id": ids[50], "limit": 500}
+        )
+        assert [m["id"] for m in newer["Messages"]] == ids[51:] and newer["has_more"] is False
+        resume = await s.ok(
+            "Event.GetMessageList", {"session_channel": str(app), "after_id": 0, "limit": 20}
+        )
+        assert [m["id"] for m in resume["Messages"]] == ids[:20] and resume["has_more"] is True
+        for bad in ({"limit": 0}, {"limit": 501}, {"before_id": 5, "after_id": 1}, {"limit": "5"}):
+            code = await s.error("Event.GetMessageList", {"session_channel": str(app), **bad})
+            assert code == "bad_request"
+
+
+async def test_read_message_status_unread_and_push(server: ServerProcess) -> None:
+    app = new_app()
+    async with (
+        staff(server, 5) as s,
+        customer(server, app, 602) as c,
+        customer(server, app, 602) as c2,
+    ):
+        await c.ok("Event.AddConversation", {"application_id": app})
+        await s.ok("Event.AddConversation", {"application_id": app})
+        ids = []
+        for text in ("a", "b", "c"):
+            r = await c.ok("Event.SendMessage", {"session_channel": str(app), "content": text})
+            ids.append(r["message"]["id"])
+        mine = await s.ok("Event.SendMessage", {"session_channel": str(app), "content": "staff"})
+        for _ in range(4):
+            await c2.push("Event.ReceiveMessage")
+        await c.push("Event.ReceiveMessage")  # the staff message
+        info = await s.ok("Event.GetUnreadInfo", {"user_id": 5})
+        entry = next(x for x in info["conversations"] if x["application_id"] == app)
+        assert entry == {"session_channel": str(app), "application_id": app, "unread": 3}
+        cust = await c.ok("Event.GetUnreadInfo", {})
+        assert cust["total"] == 1 and cust["conversations"][0]["unread"] == 1
+
+        assert (
+            await s.ok(
+                "Event.ReadMessage",
+                {"session_channel": str(app), "executor_id": 5, "message_id": ids[1]},
+            )
+            is None
+        )
+        read = await c.push("Event.MessageRead")
+        assert read["result"] == {"session_channel": str(app), "reader_id": 5, "message_id": ids[1]}
+        await c2.push("Event.MessageRead")
+        page = await c.ok("Event.GetMessageList", {"session_channel": str(app)})
+        status = {m["id"]: m["status"] for m in page["Messages"]}
+        assert status == {ids[0]: 1, ids[1]: 1, ids[2]: 0, mine["message"]["id"]: 0}
+        info = await s.ok("Event.GetUnreadInfo", {})
+        assert next(x for x in info["conversations"] if x["application_id"] == app)["unread"] == 1
+
+        # a repeat or older read is ok and pushes nothing
+        await s.ok("Event.ReadMessage", {"session_channel": str(app), "message_id": ids[0]})
+        await c.no_push()
+        # the reader's own message never counts or changes by their own read
+        await s.ok(
+            "Event.ReadMessage", {"session_channel": str(app), "message_id": mine["message"]["id"]}
+        )
+        page = await c.ok("Event.GetMessageList", {"session_channel": str(app)})
+        assert [m["status"] for m in page["Messages"]] == [1, 1, 1, 0]
+        total = (await s.ok("Event.GetUnreadInfo", {}))["conversations"]
+        assert next(x for x in total if x["application_id"] == app)["unread"] == 0
+        assert (
+            await c.error("Event.ReadMessage", {"session_channel": str(app), "message_id": 10**12})
+            == "not_found"
+        )
+
+
+async def test_message_read_reaches_the_readers_other_device(server: ServerProcess) -> None:
+    app = new_app()
+    async with staff(server, 6) as s, customer(server, app, 603) as c, staff(server, 6) as s2:
+        await c.ok("Event.AddConversation", {"application_id": app})
+        r = await c.ok("Event.SendMessage", {"session_channel": str(app), "content": "hi"})
+        await s.ok(
+            "Event.ReadMessage", {"session_channel": str(app), "message_id": r["message"]["id"]}
+        )
+        pushed = await s2.push("Event.MessageRead")
+        assert pushed["result"]["reader_id"] == 6
+        await c.push("Event.MessageRead")
+        await s.no_push()
+
+
+async def test_unread_info_lists_every_conversation(server: ServerProcess) -> None:
+    a, b = new_app(), new_app()
+    async with staff(server, 7) as s:
+        await s.ok("Event.AddConversation", {"application_id": a})
+        await s.ok("Event.AddConversation", {"application_id": b})
+        info = await s.ok("Event.GetUnreadInfo", {"user_id": 7})
+        assert info["total"] == 0
+        assert {x["application_id"]: x["unread"] for x in info["conversations"]} == {a: 0, b: 0}
+
+
+async def test_refresh_token(server: ServerProcess) -> None:
+    async with staff(server, 8) as s:
+        new = token(admin_id=8, ttl=7200)
+        result = await s.ok("Event.RefreshToken", {"token": new})
+        assert isinstance(result["exp"], int | float) and result["exp"] > 0
+        assert await s.error("Event.RefreshToken", {"token": token(admin_id=9)}) == "unauthorized"
+        assert await s.error("Event.RefreshToken", {"token": "garbage"}) == "unauthorized"
+        assert await s.error("Event.RefreshToken", {}) == "bad_request"
+
+
+async def test_request_id_echo_and_pipelining(server: ServerProcess) -> None:
+    async with staff(server, 9) as s:
+        raw: Client = s
+        frames = [
+            '{"name":"Event.GetUnreadInfo","args":"{}","id":1}',
+            '{"name":"Event.GetUnreadInfo","args":{},"id":"two"}',
+            '{"name":"Event.GetUnreadInfo","id":3.5}',
+        ]
+        for f in frames:
+            await raw.send_raw(f)
+        got = [await raw.unmatched() for _ in frames]
+        assert [g["id"] for g in got] == [1, "two", 3.5]
+        assert all(g["ok"] for g in got)

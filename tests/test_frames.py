@@ -1,0 +1,212 @@
+"""Bad frames get a clear error reply and the connection stays up; the WebSocket layer
+itself refuses only oversize frames (1009) and invalid UTF-8 (1007)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from appchat.app import Node
+from appchat.config import Settings
+from appchat.store.sqlite import SqliteStore
+
+from .support import SECRET, Client, ServerProcess, client, token
+
+APP = 3000
+
+
+def staff(server: ServerProcess, admin_id: int = 1):  # type: ignore[no-untyped-def]
+    return client(server, admin_id, token(admin_id=admin_id))
+
+
+BAD_FRAMES: list[tuple[str, str | None, str]] = [
+    ("not json", None, "bad_request"),
+    ("[1,2]", None, "bad_request"),
+    ('"Event.GetUnreadInfo"', None, "bad_request"),
+    ("42", None, "bad_request"),
+    ("{}", None, "bad_request"),
+    ('{"name": 5}', None, "bad_request"),
+    ('{"name": "Event.SendMessage", "args": "{not json"}', "Event.SendMessage", "bad_request"),
+    ('{"name": "Event.SendMessage", "args": "[1]"}', "Event.SendMessage", "bad_request"),
+    ('{"name": "Event.SendMessage", "args": 7}', "Event.SendMessage", "bad_request"),
+    ('{"name": "Event.GetUnreadInfo", "id": true}', None, "bad_request"),
+    ('{"name": "Event.GetUnreadInfo", "id": {"a": 1}}', None, "bad_request"),
+    ("[" * 5000 + "]" * 5000, None, "bad_request"),
+    ('{"name": "Event.Nope"}', "Event.Nope", "unknown_event"),
+    ('{"name": "Event.ReceiveMessage"}', "Event.ReceiveMessage", "unknown_event"),
+    (
+        '{"name": "Event.GetMessageList", "args": {"session_channel": "1", "limit": 1e400}}',
+        None,
+        "bad_request",
+    ),
+]
+
+
+@pytest.mark.parametrize(("frame", "name", "code"), BAD_FRAMES)
+async def test_bad_frame_gets_error_and_connection_stays(
+    server: ServerProcess, frame: str, name: str | None, code: str
+) -> None:
+    async with staff(server) as s:
+        await s.send_raw(frame)
+        reply = await s.unmatched()
+        assert reply["ok"] is False and reply["result"] is None
+        assert reply["name"] == name
+        assert reply["error"]["code"] == code and reply["error"]["message"]
+        assert (await s.ok("Event.GetUnreadInfo", {}))["total"] >= 0
+
+
+BAD_ARGS: list[tuple[str, dict[str, Any]]] = [
+    ("Event.AddConversation", {}),
+    ("Event.AddConversation", {"application_id": "100"}),
+    ("Event.AddConversation", {"application_id": 1.0}),
+    ("Event.AddConversation", {"application_id": True}),
+    ("Event.AddConversation", {"application_id": 2**63}),
+    ("Event.AddConversation", {"application_id": -3}),
+    ("Event.AddConversation", {"application_id": 10**30}),
+    ("Event.GetConversationList", {"all": "yes"}),
+    ("Event.GetConversationList", {"user_id": "1"}),
+    ("Event.GetMessageList", {}),
+    ("Event.GetMessageList", {"session_channel": ["1"]}),
+    ("Event.GetMessageList", {"session_channel": "x" * 65}),
+    ("Event.GetMessageList", {"session_channel": str(APP), "after_id": -1}),
+    ("Event.SendMessage", {"session_channel": str(APP)}),
+    ("Event.SendMessage", {"session_channel": str(APP), "content": ""}),
+    ("Event.SendMessage", {"session_channel": str(APP), "content": 5}),
+    ("Event.SendMessage", {"session_channel": str(APP), "content": "a\u0000b"}),
+    ("Event.SendMessage", {"session_channel": str(APP), "content": "é" * 4001}),
+    ("Event.SendMessage", {"session_channel": str(APP), "content": "x", "client_msg_id": ""}),
+    ("Event.SendMessage", {"session_channel": str(APP), "content": "x", "client_msg_id": 5}),
+    ("Event.SendMessage", {"session_channel": str(APP), "content": "x", "sender_id": "1"}),
+    ("Event.ReadMessage", {"session_channel": str(APP)}),
+    ("Event.ReadMessage", {"session_channel": str(APP), "message_id": "1"}),
+    ("Event.GetUnreadInfo", {"user_id": 1.5}),
+    ("Event.RefreshToken", {"token": 5}),
+]
+
+
+async def test_bad_arguments_are_bad_request_and_store_nothing(server: ServerProcess) -> None:
+    async with staff(server) as s:
+        await s.ok("Event.AddConversation", {"application_id": APP})
+        for name, args in BAD_ARGS:
+            assert await s.error(name, args) == "bad_request", (name, args)
+        page = await s.ok("Event.GetMessageList", {"session_channel": str(APP)})
+        assert page["Messages"] == []
+        # 4000 code points is the limit, whatever their UTF-8 size
+        await s.ok("Event.SendMessage", {"session_channel": str(APP), "content": "é" * 4000})
+
+
+async def test_hostile_content_is_stored_verbatim(server: ServerProcess) -> None:
+    async with staff(server) as s:
+        await s.ok("Event.AddConversation", {"application_id": APP + 1})
+        texts = [
+            "'; DROP TABLE messages; --",
+            'Robert"); DELETE FROM conversations WHERE ("1"="1',
+            "Привет, мир 👋 — 你好 \u202e",
+            "<script>alert(1)</script>",
+        ]
+        for t in texts:
+            await s.ok("Event.SendMessage", {"session_channel": str(APP + 1), "content": t})
+        page = await s.ok("Event.GetMessageList", {"session_channel": str(APP + 1)})
+        assert [m["content"] for m in page["Messages"]] == texts
+
+
+async def test_binary_frame_is_bad_request(server: ServerProcess) -> None:
+    async with staff(server) as s:
+        await s.send_raw(b'{"name": "Event.GetUnreadInfo"}')
+        reply = await s.unmatched()
+        assert reply["name"] is None and reply["error"]["code"] == "bad_request"
+        assert "binary" in reply["error"]["message"]
+        await s.ok("Event.GetUnreadInfo", {})
+
+
+async def closed_with(c: Client) -> int:
+    with pytest.raises(ConnectionClosed) as info:
+        for _ in range(50):
+            await c.ws.send('{"name": "Event.GetUnreadInfo"}')
+            await asyncio.sleep(0.1)
+    assert info.value.rcvd is not None
+    return info.value.rcvd.code
+
+
+async def test_oversize_frame_closes_1009(server: ServerProcess) -> None:
+    async with staff(server) as s:
+        await s.send_raw("x" * (64 * 1024 + 1))
+        assert await closed_with(s) == 1009
+    async with staff(server) as s:
+        await s.ok("Event.GetUnreadInfo", {})  # the server goes on
+
+
+async def test_invalid_utf8_closes_1007(server: ServerProcess) -> None:
+    async with staff(server) as s:
+        await s.send_raw(b'{"name": "\xff\xfe"}', text=True)
+        assert await closed_with(s) == 1007
+
+
+async def test_rate_limited(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path / "r.db", "--rate", "5", "--burst", "5").start()
+    try:
+        async with client(srv, 1, token(admin_id=1)) as s:
+            for i in range(12):
+                await s.send_raw(f'{{"name": "Event.GetUnreadInfo", "id": {i}}}')
+            replies = [await s.unmatched() for _ in range(12)]
+            limited = [r for r in replies if not r["ok"]]
+            assert limited, "some frames are over the rate"
+            assert all(r["error"]["code"] == "rate_limited" for r in limited)
+            assert all(r["name"] == "Event.GetUnreadInfo" for r in limited)
+            assert sorted(r["id"] for r in replies) == list(range(12))
+            await asyncio.sleep(1.2)
+            await s.ok("Event.GetUnreadInfo", {})  # the bucket refilled
+    finally:
+        srv.stop()
+
+
+async def test_storage_locked_is_unavailable_and_stores_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "u.db"
+    srv = ServerProcess(db, "--sqlite-busy-timeout", "0.3").start()
+    try:
+        async with client(srv, 1, token(admin_id=1)) as s:
+            await s.ok("Event.AddConversation", {"application_id": 5})
+            holder = sqlite3.connect(db, isolation_level=None)
+            holder.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+            try:
+                args = {"session_channel": "5", "content": "not acked", "client_msg_id": "k1"}
+                reply = await s.call("Event.SendMessage", args)
+                assert reply["ok"] is False
+                assert reply["error"]["code"] == "unavailable"
+            finally:
+                holder.execute("ROLLBACK")
+                holder.close()
+            page = await s.ok("Event.GetMessageList", {"session_channel": "5"})
+            assert page["Messages"] == []
+            retried = await s.ok("Event.SendMessage", args)
+            assert retried["message"]["content"] == "not acked"
+    finally:
+        srv.stop()
+
+
+class BrokenStore(SqliteStore):
+    async def get_conversation(self, application_id: int) -> Any:
+        raise RuntimeError("secret detail: /var/lib/db password=hunter2")
+
+
+async def test_server_fault_is_internal_and_leaks_nothing(tmp_path: Path) -> None:
+    settings = Settings(port=0, database=f"sqlite:///{tmp_path / 'i.db'}", heartbeat=0)
+    store = BrokenStore(str(tmp_path / "i.db"))
+    node = Node(settings, SECRET.encode(), store=store)
+    await node.start()
+    srv = ServerProcess(tmp_path / "unused.db")
+    srv.port = node.port
+    try:
+        async with client(srv, 1, token(admin_id=1)) as s:
+            reply = await s.call("Event.GetMessageList", {"session_channel": "5"})
+            assert reply["error"]["code"] == "internal"
+            assert "secret" not in reply["error"]["message"]
+            assert "hunter2" not in str(reply)
+            await s.ok("Event.GetUnreadInfo", {})
+    finally:
+        await node.stop()
