@@ -197,6 +197,11 @@ class Client:
         await asyncio.sleep(within)
         assert self.pushes.empty(), f"unexpected push: {self.pushes.get_nowait()}"
 
+    async def close_code(self, timeout: float = 10) -> int | None:
+        """Wait for the server to close the connection; the code it sent."""
+        await asyncio.wait_for(self.ws.wait_closed(), timeout)
+        return self.ws.close_code
+
     async def close(self) -> None:
         await self.ws.close()
         self._reader.cancel()

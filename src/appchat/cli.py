@@ -108,9 +108,9 @@ async def _serve(node: Node, secret: bytes) -> None:
         loop.add_signal_handler(sig, stop.set)
     await node.start()
     url = f"{node.scheme}://{node.settings.host}:{node.port}/ws"
-    print(f"appchat {__version__} listening on {url}", flush=True)
     if node.settings.dev:
         _print_dev_tokens(secret, url)
+    print(f"appchat {__version__} listening on {url}", flush=True)
     await stop.wait()
     logging.getLogger("appchat").info("shutting down")
     await node.stop()

@@ -1,0 +1,115 @@
+"""The command line as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import jwt
+
+from appchat.auth import TokenVerifier
+
+from .support import SECRET, ServerProcess, client
+
+
+def appchat(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("APPCHAT_")}
+    return subprocess.run(
+        [sys.executable, "-m", "appchat", *args],
+        cwd=cwd,
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_token_is_signed_with_the_configured_secret(tmp_path: Path) -> None:
+    out = appchat(
+        "token",
+        "--request-id",
+        "100",
+        "--sid",
+        "2",
+        "--ttl",
+        "60",
+        cwd=tmp_path,
+        env={"APPCHAT_JWT_SECRET": SECRET},
+    )
+    assert out.returncode == 0, out.stderr
+    claims = TokenVerifier(SECRET.encode()).verify(out.stdout.strip())
+    assert claims.subject == "request:100" and claims.participant_id == 2
+    payload = jwt.decode(out.stdout.strip(), SECRET, algorithms=["HS256"])
+    assert payload["exp"] - payload["iat"] == 60
+
+
+def test_serve_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
+    out = appchat("serve", "--port", "0", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "no JWT secret" in out.stderr and "--dev" in out.stderr
+    assert not (tmp_path / "appchat.db").exists()
+
+
+def test_serve_refuses_a_short_secret(tmp_path: Path) -> None:
+    out = appchat("serve", "--port", "0", cwd=tmp_path, env={"APPCHAT_JWT_SECRET": "short"})
+    assert out.returncode == 2 and "at least 32" in out.stderr
+
+
+def test_secret_file_and_token_without_secret(tmp_path: Path) -> None:
+    (tmp_path / "s").write_text(SECRET + "\n")
+    out = appchat(
+        "token", "--admin-id", "1", "--jwt-secret-file", str(tmp_path / "s"), cwd=tmp_path
+    )
+    assert out.returncode == 0
+    TokenVerifier(SECRET.encode()).verify(out.stdout.strip())
+    out = appchat("token", "--admin-id", "1", cwd=tmp_path)
+    assert out.returncode == 2 and "no JWT secret" in out.stderr
+
+
+def test_migrate(tmp_path: Path) -> None:
+    out = appchat("migrate", "--database", "sqlite:///data/x.db", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "data" / "x.db").exists()
+    again = appchat("migrate", "--database", "sqlite:///data/x.db", cwd=tmp_path)
+    assert again.returncode == 0 and "up to date" in again.stdout
+
+
+async def test_dev_mode_generates_a_secret_prints_tokens_and_token_uses_it(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path / "dev.db", "--dev", secret=None)
+    srv.env = {k: v for k, v in srv.env.items() if not k.startswith("APPCHAT_")}
+    srv.start()
+    try:
+        secret_file = tmp_path / "appchat-dev.secret"
+        assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+        printed = [
+            line.split()[-1] for line in srv.lines if line.strip().startswith(("staff", "customer"))
+        ]
+        assert len(printed) == 2
+        async with client(srv, 1, printed[0]) as s:
+            await s.ok("Event.AddConversation", {"application_id": 100})
+        async with client(srv, 2, printed[1]) as c:
+            await c.ok("Event.SendMessage", {"session_channel": "100", "content": "hi"})
+        out = appchat(
+            "token",
+            "--admin-id",
+            "3",
+            "--database",
+            f"sqlite:///{tmp_path / 'dev.db'}",
+            cwd=tmp_path,
+        )
+        assert out.returncode == 0, out.stderr
+        async with client(srv, 3, out.stdout.strip()) as s3:
+            page = await s3.ok("Event.GetMessageList", {"session_channel": "100"})
+            assert [m["content"] for m in page["Messages"]] == ["hi"]
+    finally:
+        assert srv.stop() == 0
+
+
+def test_dev_refuses_a_public_host(tmp_path: Path) -> None:
+    out = appchat("serve", "--dev", "--host", "0.0.0.0", "--port", "0", cwd=tmp_path)
+    assert out.returncode == 2 and "loopback" in out.stderr

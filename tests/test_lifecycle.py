@@ -1,0 +1,98 @@
+"""The server as a process: restarts on the same file, token expiry, shutdown, health."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from .support import ServerProcess, client, token
+
+
+async def test_restart_on_the_same_database_file(tmp_path: Path) -> None:
+    db = tmp_path / "restart.db"
+    srv = ServerProcess(db).start()
+    try:
+        async with client(srv, 1, token(admin_id=1)) as s:
+            conv = await s.ok("Event.AddConversation", {"application_id": 77})
+            first = await s.ok(
+                "Event.SendMessage",
+                {"session_channel": "77", "content": "before", "client_msg_id": "a"},
+            )
+    finally:
+        assert srv.stop() == 0
+    srv.start()
+    try:
+        async with client(srv, 1, token(admin_id=1)) as s:
+            again = await s.ok("Event.AddConversation", {"application_id": 77})
+            assert again["id"] == conv["id"] and again["create_at"] == conv["create_at"]
+            retry = await s.ok(
+                "Event.SendMessage",
+                {"session_channel": "77", "content": "before", "client_msg_id": "a"},
+            )
+            assert retry == first  # idempotency survives the restart
+            second = await s.ok("Event.SendMessage", {"session_channel": "77", "content": "after"})
+            assert second["message"]["id"] > first["message"]["id"]
+            page = await s.ok("Event.GetMessageList", {"session_channel": "77"})
+            assert [m["content"] for m in page["Messages"]] == ["before", "after"]
+            listed = await s.ok("Event.GetConversationList", {})
+            assert [c["id"] for c in listed["conversations"]] == [conv["id"]]
+    finally:
+        assert srv.stop() == 0
+
+
+async def test_expired_token_closes_4001_unless_refreshed(server: ServerProcess) -> None:
+    async with (
+        client(server, 1, token(admin_id=1, ttl=2)) as lapsing,
+        client(server, 1, token(admin_id=1, ttl=2)) as refreshed,
+    ):
+        result = await refreshed.ok("Event.RefreshToken", {"token": token(admin_id=1, ttl=60)})
+        assert result["exp"] > 0
+        with pytest.raises(ConnectionClosed) as info:
+            for _ in range(60):
+                await lapsing.ws.send('{"name": "Event.GetUnreadInfo"}')
+                await asyncio.sleep(0.1)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 4001
+        await refreshed.ok("Event.GetUnreadInfo", {})  # still up past the first exp
+
+
+def get(url: str) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_health_and_readiness(server: ServerProcess) -> None:
+    assert get(server.http("/healthz")) == (200, {"status": "ok"})
+    status, body = get(server.http("/readyz"))
+    assert status == 200 and body["checks"] == {"database": "ok", "broker": "ok"}
+
+
+async def test_sigterm_closes_1001_keeps_acked_messages_and_exits_0(tmp_path: Path) -> None:
+    db = tmp_path / "term.db"
+    srv = ServerProcess(db).start()
+    acked: list[int] = []
+    async with client(srv, 1, token(admin_id=1)) as s:
+        await s.ok("Event.AddConversation", {"application_id": 9})
+        for i in range(20):
+            r = await s.ok("Event.SendMessage", {"session_channel": "9", "content": f"m{i}"})
+            acked.append(r["message"]["id"])
+        assert srv.proc is not None
+        srv.proc.send_signal(signal.SIGTERM)
+        assert await s.close_code() == 1001
+    assert srv.stop() == 0
+    srv.start()
+    try:
+        async with client(srv, 1, token(admin_id=1)) as s:
+            page = await s.ok("Event.GetMessageList", {"session_channel": "9", "limit": 500})
+            assert [m["id"] for m in page["Messages"]] == acked
+    finally:
+        srv.stop()
