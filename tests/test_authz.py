@@ -126,6 +126,8 @@ async def test_unbound_customer_cannot_act_as_a_staff_participant(
             ("Event.SendMessage", {"session_channel": ch, "content": "I am staff"}),
             ("Event.ReadMessage", {"session_channel": ch, "message_id": 1}),
             ("Event.AddConversation", {"application_id": app}),
+            ("Event.GetConversationList", {}),
+            ("Event.GetUnreadInfo", {}),
         ):
             assert await c.error(name, args) == "forbidden", name
     # while an id that is not staff in this conversation may act

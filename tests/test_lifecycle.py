@@ -62,6 +62,12 @@ async def test_expired_token_closes_4001_unless_refreshed(server: ServerProcess)
         await refreshed.ok("Event.GetUnreadInfo", {})  # still up past the first exp
 
 
+async def test_refresh_to_an_earlier_expiry_closes_then(server: ServerProcess) -> None:
+    async with client(server, 1, token(admin_id=1, ttl=600)) as c:
+        await c.ok("Event.RefreshToken", {"token": token(admin_id=1, ttl=2)})
+        assert await c.close_code(timeout=10) == 4001
+
+
 def get(url: str) -> tuple[int, dict[str, object]]:
     try:
         with urllib.request.urlopen(url, timeout=5) as r:

@@ -85,6 +85,8 @@ class TokenVerifier:
             raise Unauthorized("token algorithm is not allowed") from None
         except jwt.InvalidSignatureError:
             raise Unauthorized("token signature is invalid") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthorized("token audience is not accepted") from None
         except jwt.InvalidTokenError:
             raise Unauthorized("token is malformed") from None
         return self._claims(payload)

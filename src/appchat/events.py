@@ -216,11 +216,11 @@ def parse_get_message_list(args: dict[str, Any]) -> GetMessageListArgs:
     after_id = _int(args, "after_id", minimum=0)
     if before_id is not None and after_id is not None:
         raise BadRequest("give at most one of before_id and after_id")
-    limit = _int(args, "limit")
+    limit = args.get("limit")
     if limit is None:
         limit = DEFAULT_PAGE
-    elif limit > MAX_PAGE:
-        raise BadRequest(f"limit must be between 1 and {MAX_PAGE}")
+    elif isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+        raise BadRequest(f"limit must be an integer between 1 and {MAX_PAGE}")
     return GetMessageListArgs(
         session_channel=_channel(args),
         executor_id=_int(args, "executor_id"),

@@ -35,10 +35,20 @@ class Connection:
         on_overflow: Callable[[Connection], None],
     ) -> None:
         self.id = conn_id
-        self.principal = principal
+        self._principal = principal
+        self.renewed = asyncio.Event()  # set when RefreshToken replaced the principal
         self.outbox: asyncio.Queue[bytes] = asyncio.Queue(max_queue)
         self._on_overflow = on_overflow
         self.overflowed = False
+
+    @property
+    def principal(self) -> Principal:
+        return self._principal
+
+    @principal.setter
+    def principal(self, value: Principal) -> None:
+        self._principal = value
+        self.renewed.set()
 
     def send(self, frame: bytes) -> None:
         """Queue a frame; a client too slow to keep its queue short is disconnected."""

@@ -108,6 +108,14 @@ class ChatService:
         if await self._store.is_staff_participant(conversation_id, user_id):
             raise Forbidden("you may not act as this participant")
 
+    async def _not_impersonating_staff_in_own(self, principal: Principal, user_id: int) -> None:
+        """The same rule for events that span conversations: a customer has just one."""
+        if principal.is_staff or principal.bound or principal.application_id is None:
+            return
+        conversation = await self._store.get_conversation(principal.application_id)
+        if conversation is not None:
+            await self._not_impersonating_staff(principal, conversation.id, user_id)
+
     async def _open(self, principal: Principal, channel: str, actor: int) -> Conversation:
         """The conversation behind ``channel`` if the caller may use it; never reveals others."""
         application_id = parse_id(channel)
@@ -131,10 +139,7 @@ class ChatService:
         self._check_application(p, args.application_id)
         if not p.is_staff and user_id != p.sid:
             raise Forbidden("a customer may only add themselves")
-        if not p.is_staff and not p.bound:
-            existing = await self._store.get_conversation(args.application_id)
-            if existing is not None:
-                await self._not_impersonating_staff(p, existing.id, user_id)
+        await self._not_impersonating_staff_in_own(p, user_id)
         conversation = await self._store.add_conversation(
             args.application_id, user_id, staff=p.is_staff and user_id == p.sid, now=self._now()
         )
@@ -144,6 +149,7 @@ class ChatService:
         p = session.principal
         args = ev.parse_get_conversation_list(raw)
         user_id = self._actor(p, args.user_id, "user_id")
+        await self._not_impersonating_staff_in_own(p, user_id)
         if args.all and p.is_staff:
             conversations = await self._store.list_all_conversations()
         else:
@@ -210,6 +216,7 @@ class ChatService:
         p = session.principal
         args = ev.parse_get_unread_info(raw)
         user_id = self._actor(p, args.user_id, "user_id")
+        await self._not_impersonating_staff_in_own(p, user_id)
         counts = await self._store.unread_counts(user_id, application_id=p.application_id)
         return ev.unread_info(counts)
 

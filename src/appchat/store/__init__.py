@@ -76,7 +76,13 @@ def open_store(url: str, *, synchronous: str = "FULL", busy_timeout: float = 30.
         from .sqlite import SqliteStore
 
         return SqliteStore(sqlite_path(url), synchronous=synchronous, busy_timeout=busy_timeout)
-    raise ConfigError(f"unsupported database URL {url!r} (expected sqlite:///PATH)")
+    if url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise ConfigError(
+        f"unsupported database URL {url!r} (expected sqlite:///PATH or postgresql://…)"
+    )
 
 
 def sqlite_path(url: str) -> str:

@@ -383,7 +383,7 @@ def _join(
     conn.execute(
         "INSERT INTO participants (conversation_id, user_id, is_staff, read_position, joined_at) "
         "VALUES (?, ?, ?, 0, ?) ON CONFLICT (conversation_id, user_id) "
-        "DO UPDATE SET is_staff = MAX(is_staff, excluded.is_staff)",
+        "DO UPDATE SET is_staff = 1 WHERE excluded.is_staff AND NOT participants.is_staff",
         (conversation_id, user_id, int(staff), now),
     )
 

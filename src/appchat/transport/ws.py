@@ -160,7 +160,9 @@ class WebSocketEndpoint:
             if delay <= 0:
                 await ws.close(code=CLOSE_TOKEN_EXPIRED, message=b"token expired")
                 return
-            await asyncio.sleep(min(delay, 3600.0))
+            conn.renewed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(conn.renewed.wait(), min(delay, 3600.0))
 
     def _close_soon(self, ws: web.WebSocketResponse, code: int, reason: str) -> None:
         task = asyncio.get_running_loop().create_task(ws.close(code=code, message=reason.encode()))

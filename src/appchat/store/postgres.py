@@ -1,0 +1,366 @@
+"""PostgreSQL storage on an asyncpg pool.
+
+Gap-free history: a new message first locks its conversation's row (the ``UPDATE`` of
+``update_at``), and only then draws its id from the sequence. Two nodes writing to one
+conversation therefore take turns, and a message id is drawn only after every smaller id
+of that conversation committed: a reader resuming with ``after_id`` never skips one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+
+from ..errors import AppError, Internal, NotFound, Unavailable
+from ..models import Conversation, Message, MessagePage, ReadOutcome, SendOutcome, UnreadCount
+from .migrate import apply_migrations
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_CONV = "c.id, c.application_id, c.create_at, c.update_at"
+_MSG = (
+    "m.id, c.application_id, m.sender_id, m.content, m.content_type, m.status, "
+    "m.create_at, m.update_at, m.client_msg_id"
+)
+# Connection trouble, a server shutting down or out of resources: try again later.
+_UNAVAILABLE_CLASSES = ("08", "53", "57")
+
+
+def _conversation(row: Any) -> Conversation:
+    return Conversation(id=row[0], application_id=row[1], create_at=row[2], update_at=row[3])
+
+
+def _message(row: Any) -> Message:
+    return Message(*row)
+
+
+def translate(exc: BaseException) -> AppError:
+    if isinstance(exc, AppError):
+        return exc
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", "") or ""
+        if state[:2] in _UNAVAILABLE_CLASSES:
+            return Unavailable("the database is unavailable, try again")
+        return Internal()
+    if isinstance(exc, OSError | asyncpg.InterfaceError | TimeoutError):
+        return Unavailable("the database is unreachable, try again")
+    return Internal()
+
+
+class PostgresStore:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 5.0,
+        command_timeout: float = 10.0,
+    ) -> None:
+        self.dsn = dsn
+        self._min = min_size
+        self._max = max_size
+        self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        yoyo_url = "postgresql+psycopg://" + self.dsn.split("://", 1)[1]
+        await asyncio.to_thread(apply_migrations, yoyo_url, "postgresql")
+        self._pool = await asyncpg.create_pool(
+            self.dsn,
+            min_size=self._min,
+            max_size=self._max,
+            timeout=self._connect_timeout,
+            command_timeout=self._command_timeout,
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, tx: bool) -> T:
+        if self._pool is None:
+            raise Unavailable("storage is closed")
+        try:
+            async with self._pool.acquire(timeout=self._connect_timeout) as conn:
+                if not tx:
+                    return await fn(conn)
+                async with conn.transaction():
+                    return await fn(conn)
+        except AppError:
+            raise
+        except Exception as exc:
+            error = translate(exc)
+            if isinstance(error, Internal):
+                log.exception("database error")
+            else:
+                log.warning("database unavailable: %s", exc)
+            raise error from exc
+
+    async def ping(self) -> None:
+        async def run(conn: asyncpg.Connection) -> None:
+            await conn.fetchval("SELECT 1")
+
+        await self._run(run, tx=False)
+
+    async def get_conversation(self, application_id: int) -> Conversation | None:
+        async def run(conn: asyncpg.Connection) -> Conversation | None:
+            row = await conn.fetchrow(
+                f"SELECT {_CONV} FROM conversations c WHERE c.application_id = $1",
+                application_id,
+            )
+            return _conversation(row) if row else None
+
+        return await self._run(run, tx=False)
+
+    async def is_staff_participant(self, conversation_id: int, user_id: int) -> bool:
+        async def run(conn: asyncpg.Connection) -> bool:
+            staff = await conn.fetchval(
+                "SELECT is_staff FROM participants WHERE conversation_id = $1 AND user_id = $2",
+                conversation_id,
+                user_id,
+            )
+            return bool(staff)
+
+        return await self._run(run, tx=False)
+
+    async def add_conversation(
+        self, application_id: int, user_id: int, *, staff: bool, now: int
+    ) -> Conversation:
+        async def run(conn: asyncpg.Connection) -> Conversation:
+            await conn.execute(
+                "INSERT INTO conversations (application_id, create_at, update_at) "
+                "VALUES ($1, $2, $2) ON CONFLICT (application_id) DO NOTHING",
+                application_id,
+                now,
+            )
+            row = await conn.fetchrow(
+                f"SELECT {_CONV} FROM conversations c WHERE c.application_id = $1",
+                application_id,
+            )
+            conversation = _conversation(row)
+            await _join(conn, conversation.id, user_id, staff, now)
+            return conversation
+
+        return await self._run(run, tx=True)
+
+    async def list_conversations(
+        self, user_id: int, *, application_id: int | None = None
+    ) -> list[Conversation]:
+        async def run(conn: asyncpg.Connection) -> list[Conversation]:
+            rows = await conn.fetch(
+                f"SELECT {_CONV} FROM participants p JOIN conversations c "
+                "ON c.id = p.conversation_id WHERE p.user_id = $1 "
+                "AND ($2::bigint IS NULL OR c.application_id = $2) "
+                "ORDER BY c.update_at DESC, c.id DESC",
+                user_id,
+                application_id,
+            )
+            return [_conversation(r) for r in rows]
+
+        return await self._run(run, tx=False)
+
+    async def list_all_conversations(self) -> list[Conversation]:
+        async def run(conn: asyncpg.Connection) -> list[Conversation]:
+            rows = await conn.fetch(
+                f"SELECT {_CONV} FROM conversations c ORDER BY c.update_at DESC, c.id DESC"
+            )
+            return [_conversation(r) for r in rows]
+
+        return await self._run(run, tx=False)
+
+    async def list_messages(
+        self,
+        conversation: Conversation,
+        *,
+        before_id: int | None = None,
+        after_id: int | None = None,
+        limit: int,
+    ) -> MessagePage:
+        async def run(conn: asyncpg.Connection) -> MessagePage:
+            base = (
+                f"SELECT {_MSG} FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+                "WHERE m.conversation_id = $1"
+            )
+            if after_id is not None:
+                rows = await conn.fetch(
+                    base + " AND m.id > $2 ORDER BY m.id ASC LIMIT $3",
+                    conversation.id,
+                    after_id,
+                    limit + 1,
+                )
+            else:
+                cursor = before_id if before_id is not None else 2**63 - 1
+                rows = await conn.fetch(
+                    base + " AND m.id < $2 ORDER BY m.id DESC LIMIT $3",
+                    conversation.id,
+                    cursor,
+                    limit + 1,
+                )
+            has_more = len(rows) > limit
+            rows = rows[:limit]
+            if after_id is None:
+                rows.reverse()
+            return MessagePage(messages=[_message(r) for r in rows], has_more=has_more)
+
+        return await self._run(run, tx=False)
+
+    async def add_message(
+        self,
+        conversation: Conversation,
+        *,
+        sender_id: int,
+        staff: bool,
+        content: str,
+        content_type: int,
+        client_msg_id: str | None,
+        now: int,
+    ) -> SendOutcome:
+        async def run(conn: asyncpg.Connection) -> SendOutcome:
+            # The row lock that orders this conversation's ids: taken before nextval.
+            await conn.execute(
+                "UPDATE conversations SET update_at = GREATEST(update_at, $2) WHERE id = $1",
+                conversation.id,
+                now,
+            )
+            if client_msg_id is not None:
+                row = await conn.fetchrow(
+                    f"SELECT {_MSG} FROM messages m JOIN conversations c "
+                    "ON c.id = m.conversation_id WHERE m.conversation_id = $1 "
+                    "AND m.sender_id = $2 AND m.client_msg_id = $3",
+                    conversation.id,
+                    sender_id,
+                    client_msg_id,
+                )
+                if row:
+                    # A retry: raise to undo the update_at bump, answer with the first one.
+                    raise _Duplicate(_message(row))
+            message_id = await conn.fetchval(
+                "INSERT INTO messages (conversation_id, sender_id, content, content_type, "
+                "status, client_msg_id, create_at, update_at) "
+                "VALUES ($1, $2, $3, $4, 0, $5, $6, $6) RETURNING id",
+                conversation.id,
+                sender_id,
+                content,
+                content_type,
+                client_msg_id,
+                now,
+            )
+            await _join(conn, conversation.id, sender_id, staff, now)
+            message = Message(
+                id=message_id,
+                application_id=conversation.application_id,
+                sender_id=sender_id,
+                content=content,
+                content_type=content_type,
+                status=0,
+                create_at=now,
+                update_at=now,
+                client_msg_id=client_msg_id,
+            )
+            return SendOutcome(message, True, await _participants(conn, conversation.id))
+
+        try:
+            return await self._run(run, tx=True)
+        except _Duplicate as dup:
+
+            async def participants(conn: asyncpg.Connection) -> list[int]:
+                return await _participants(conn, conversation.id)
+
+            return SendOutcome(dup.found, False, await self._run(participants, tx=False))
+
+    async def read_messages(
+        self, conversation: Conversation, *, reader_id: int, staff: bool, message_id: int, now: int
+    ) -> ReadOutcome:
+        async def run(conn: asyncpg.Connection) -> ReadOutcome:
+            found = await conn.fetchval(
+                "SELECT 1 FROM messages WHERE id = $1 AND conversation_id = $2",
+                message_id,
+                conversation.id,
+            )
+            if not found:
+                raise NotFound(f"message {message_id} is not in this conversation")
+            await _join(conn, conversation.id, reader_id, staff, now)
+            position = await conn.fetchval(
+                "SELECT read_position FROM participants "
+                "WHERE conversation_id = $1 AND user_id = $2 FOR UPDATE",
+                conversation.id,
+                reader_id,
+            )
+            if message_id <= position:
+                return ReadOutcome(False, await _participants(conn, conversation.id))
+            await conn.execute(
+                "UPDATE participants SET read_position = $3 "
+                "WHERE conversation_id = $1 AND user_id = $2",
+                conversation.id,
+                reader_id,
+                message_id,
+            )
+            # Messages up to the old position were marked when it was reached.
+            await conn.execute(
+                "UPDATE messages SET status = 1, update_at = $5 WHERE conversation_id = $1 "
+                "AND id > $2 AND id <= $3 AND sender_id <> $4 AND status = 0",
+                conversation.id,
+                position,
+                message_id,
+                reader_id,
+                now,
+            )
+            return ReadOutcome(True, await _participants(conn, conversation.id))
+
+        return await self._run(run, tx=True)
+
+    async def unread_counts(
+        self, user_id: int, *, application_id: int | None = None
+    ) -> list[UnreadCount]:
+        async def run(conn: asyncpg.Connection) -> list[UnreadCount]:
+            rows = await conn.fetch(
+                "SELECT c.application_id, (SELECT count(*) FROM messages m "
+                "WHERE m.conversation_id = p.conversation_id AND m.id > p.read_position "
+                "AND m.sender_id <> p.user_id) FROM participants p "
+                "JOIN conversations c ON c.id = p.conversation_id WHERE p.user_id = $1 "
+                "AND ($2::bigint IS NULL OR c.application_id = $2) "
+                "ORDER BY c.update_at DESC, c.id DESC",
+                user_id,
+                application_id,
+            )
+            return [UnreadCount(r[0], r[1]) for r in rows]
+
+        return await self._run(run, tx=False)
+
+
+class _Duplicate(AppError):
+    """Internal signal: a ``client_msg_id`` retry (never reaches a client)."""
+
+    def __init__(self, message: Message) -> None:
+        super().__init__("duplicate")
+        self.found = message
+
+
+async def _join(
+    conn: asyncpg.Connection, conversation_id: int, user_id: int, staff: bool, now: int
+) -> None:
+    await conn.execute(
+        "INSERT INTO participants (conversation_id, user_id, is_staff, read_position, joined_at) "
+        "VALUES ($1, $2, $3, 0, $4) ON CONFLICT (conversation_id, user_id) "
+        "DO UPDATE SET is_staff = TRUE WHERE EXCLUDED.is_staff AND NOT participants.is_staff",
+        conversation_id,
+        user_id,
+        staff,
+        now,
+    )
+
+
+async def _participants(conn: asyncpg.Connection, conversation_id: int) -> list[int]:
+    rows = await conn.fetch(
+        "SELECT user_id FROM participants WHERE conversation_id = $1", conversation_id
+    )
+    return [r[0] for r in rows]
