@@ -38,7 +38,7 @@ class Node:
             busy_timeout=settings.sqlite_busy_timeout,
         )
         self.broker = broker or open_broker(settings.broker)
-        self.hub = Hub(self.broker)
+        self.hub = Hub(self.broker, prefix=settings.channel_prefix)
         self.service = ChatService(
             self.store,
             self.hub,

@@ -37,14 +37,15 @@ class Settings:
     sqlite_busy_timeout: float = 30.0
     sqlite_synchronous: str = "FULL"
     log_level: str = "INFO"
+    channel_prefix: str = "appchat"
 
 
 # name -> (type, help); every option also reads APPCHAT_<NAME> from the environment.
 OPTIONS: dict[str, tuple[type, str]] = {
     "host": (str, "address to listen on"),
     "port": (int, "port to listen on (0 picks a free one)"),
-    "database": (str, "sqlite:///PATH"),
-    "broker": (str, "memory://"),
+    "database": (str, "sqlite:///PATH or postgresql://USER@HOST:PORT/DB"),
+    "broker": (str, "memory:// (one node), redis://HOST:PORT or nats://HOST:PORT"),
     "jwt_secret": (str, "HS256 secret, at least 32 bytes (shows in ps: prefer the file)"),
     "jwt_secret_file": (str, "file holding the HS256 secret"),
     "tls_cert": (str, "PEM certificate chain: serve wss://"),
@@ -58,6 +59,7 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "sqlite_busy_timeout": (float, "seconds a write waits for a lock held elsewhere"),
     "sqlite_synchronous": (str, "FULL (survives power loss) or NORMAL (survives a crash)"),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
+    "channel_prefix": (str, "prefix of broker channels: nodes that talk share one"),
 }
 FLAGS = {
     "dev": "development mode: generate a secret beside the database, print tokens",

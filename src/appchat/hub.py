@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 from .broker import Broker
+from .errors import AppError
 from .events import RESYNC, push
 from .models import Principal
 
@@ -61,10 +62,6 @@ class Connection:
             self._on_overflow(self)
 
 
-def _channel(user_id: int) -> str:
-    return f"appchat:user:{user_id}"
-
-
 def _envelope(origin: str | None, application_id: int, frame: bytes) -> bytes:
     return f"{origin or ''}\t{application_id}\n".encode() + frame
 
@@ -76,8 +73,9 @@ def _open_envelope(data: bytes) -> tuple[str, int, bytes]:
 
 
 class Hub:
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, *, prefix: str = "appchat") -> None:
         self._broker = broker
+        self._prefix = prefix
         self.node_id = secrets.token_hex(4)
         self._ids = itertools.count(1)
         self._by_user: defaultdict[int, set[Connection]] = defaultdict(set)
@@ -85,6 +83,9 @@ class Hub:
 
     async def start(self) -> None:
         await self._broker.start(self._on_broker_message, self.resync)
+
+    def _channel(self, user_id: int) -> str:
+        return f"{self._prefix}:user:{user_id}"
 
     def new_connection_id(self) -> str:
         return f"{self.node_id}-{next(self._ids)}"
@@ -104,7 +105,7 @@ class Hub:
             first = user_id not in self._by_user
             self._by_user[user_id].add(conn)
             if first:
-                await self._broker.subscribe(_channel(user_id))
+                await self._broker.subscribe(self._channel(user_id))
 
     async def unregister(self, conn: Connection) -> None:
         user_id = conn.principal.sid
@@ -115,7 +116,7 @@ class Hub:
             conns.discard(conn)
             if not conns:
                 del self._by_user[user_id]
-                await self._broker.unsubscribe(_channel(user_id))
+                await self._broker.unsubscribe(self._channel(user_id))
 
     async def deliver(
         self, user_ids: Iterable[int], application_id: int, frame: bytes, origin: str | None
@@ -123,7 +124,11 @@ class Hub:
         """Send ``frame`` to every connection of each user, on any node, but ``origin``."""
         data = _envelope(origin, application_id, frame)
         for user_id in set(user_ids):
-            await self._broker.publish(_channel(user_id), data)
+            try:
+                await self._broker.publish(self._channel(user_id), data)
+            except AppError as exc:
+                # The message is committed; clients catch up with after_id (see Resync).
+                log.warning("push to user %s not published: %s", user_id, exc.message)
 
     def _on_broker_message(self, channel: str, data: bytes) -> None:
         try:

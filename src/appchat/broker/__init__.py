@@ -35,4 +35,12 @@ def open_broker(url: str) -> Broker:
         from .memory import MemoryBroker
 
         return MemoryBroker()
-    raise ConfigError(f"unsupported broker URL {url!r} (expected memory://)")
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from .redis import RedisBroker
+
+        return RedisBroker(url)
+    if url.startswith(("nats://", "tls://")):
+        from .nats import NatsBroker
+
+        return NatsBroker(url)
+    raise ConfigError(f"unsupported broker URL {url!r} (expected memory://, redis://… or nats://…)")

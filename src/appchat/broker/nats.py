@@ -1,0 +1,81 @@
+"""NATS broker (nats-py): a subject per participant; the client reconnects on its own."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import nats
+from nats.errors import Error as NatsError
+
+from ..errors import Unavailable
+from . import Handler, ResyncHandler
+
+log = logging.getLogger(__name__)
+
+
+class NatsBroker:
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._nc: Any = None
+        self._subs: dict[str, Any] = {}
+        self._handler: Handler | None = None
+        self._on_resync: ResyncHandler | None = None
+
+    async def start(self, handler: Handler, on_resync: ResyncHandler | None = None) -> None:
+        self._handler = handler
+        self._on_resync = on_resync
+        try:
+            self._nc = await nats.connect(
+                self._url,
+                reconnected_cb=self._reconnected,
+                disconnected_cb=self._disconnected,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                connect_timeout=2,
+                allow_reconnect=True,
+            )
+        except (TimeoutError, NatsError, OSError) as exc:
+            raise Unavailable(f"cannot reach the broker: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._nc is not None:
+            await self._nc.drain()
+            self._nc = None
+
+    async def ping(self) -> None:
+        if self._nc is None or not self._nc.is_connected:
+            raise Unavailable("the broker connection is down, reconnecting")
+        try:
+            await self._nc.flush(timeout=2)
+        except (TimeoutError, NatsError, OSError) as exc:
+            raise Unavailable("the broker is unreachable") from exc
+
+    async def publish(self, channel: str, data: bytes) -> None:
+        try:
+            await self._nc.publish(channel, data)
+        except (NatsError, OSError) as exc:
+            raise Unavailable("the broker is unreachable") from exc
+
+    async def subscribe(self, channel: str) -> None:
+        if channel not in self._subs:
+            self._subs[channel] = await self._nc.subscribe(channel, cb=self._on_message)
+
+    async def unsubscribe(self, channel: str) -> None:
+        sub = self._subs.pop(channel, None)
+        if sub is not None:
+            await sub.unsubscribe()
+
+    async def _on_message(self, msg: Any) -> None:
+        if self._handler is not None:
+            self._handler(msg.subject, msg.data)
+
+    async def _disconnected(self) -> None:
+        log.warning("broker connection lost; reconnecting")
+
+    async def _reconnected(self) -> None:
+        log.info("broker connection back")
+        if self._on_resync is not None:
+            result = self._on_resync()
+            if result is not None:
+                await result

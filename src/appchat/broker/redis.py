@@ -1,0 +1,137 @@
+"""Redis pub/sub broker (redis-py asyncio): a channel per participant.
+
+One pub/sub connection per node reads every subscribed channel; publishing goes through
+the client's pool. When the pub/sub connection drops, the node reconnects with backoff,
+subscribes to every channel again and calls ``on_resync``: pushes published meanwhile
+are lost, and clients are told to refetch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ..errors import Unavailable
+from . import Handler, ResyncHandler
+
+log = logging.getLogger(__name__)
+
+_FAULTS = (RedisError, OSError, TimeoutError)
+
+
+class RedisBroker:
+    def __init__(self, url: str, *, max_backoff: float = 2.0) -> None:
+        self._client = aioredis.from_url(url, socket_connect_timeout=2.0)
+        self._max_backoff = max_backoff
+        # Keeps the pub/sub connection open (and its loss noticed) with no participant on.
+        self._own = f"appchat:node:{secrets.token_hex(8)}"
+        self._channels: set[str] = {self._own}
+        self._pubsub: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._handler: Handler | None = None
+        self._on_resync: ResyncHandler | None = None
+        self._healthy = False
+
+    async def start(self, handler: Handler, on_resync: ResyncHandler | None = None) -> None:
+        self._handler = handler
+        self._on_resync = on_resync
+        try:
+            self._pubsub = await self._subscribe_all()
+        except _FAULTS as exc:
+            raise Unavailable(f"cannot reach the broker: {exc}") from exc
+        self._healthy = True
+        self._reader = asyncio.create_task(self._read_loop(), name="appchat-redis-reader")
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        if self._pubsub is not None:
+            with contextlib.suppress(*_FAULTS):
+                await self._pubsub.aclose()
+            self._pubsub = None
+        await self._client.aclose()
+
+    async def ping(self) -> None:
+        if not self._healthy:
+            raise Unavailable("the broker connection is down, reconnecting")
+        try:
+            await self._client.ping()
+        except _FAULTS as exc:
+            raise Unavailable("the broker is unreachable") from exc
+
+    async def publish(self, channel: str, data: bytes) -> None:
+        try:
+            await self._client.publish(channel, data)
+        except _FAULTS as exc:
+            raise Unavailable("the broker is unreachable") from exc
+
+    async def subscribe(self, channel: str) -> None:
+        self._channels.add(channel)
+        if self._healthy:
+            with contextlib.suppress(*_FAULTS):  # the reader reconnects and resubscribes
+                await self._pubsub.subscribe(channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._channels.discard(channel)
+        if self._healthy:
+            with contextlib.suppress(*_FAULTS):
+                await self._pubsub.unsubscribe(channel)
+
+    async def _subscribe_all(self) -> Any:
+        pubsub: Any = self._client.pubsub()
+        try:
+            await pubsub.subscribe(*self._channels)
+        except BaseException:
+            with contextlib.suppress(*_FAULTS):
+                await pubsub.aclose()
+            raise
+        return pubsub
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                message = await self._pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=None
+                )
+            except _FAULTS as exc:
+                log.warning("broker connection lost (%s); reconnecting", exc)
+                await self._reconnect()
+                continue
+            if message is None or message.get("type") != "message":
+                continue
+            channel = message["channel"]
+            if isinstance(channel, bytes):
+                channel = channel.decode()
+            if self._handler is not None and channel != self._own:
+                try:
+                    self._handler(channel, message["data"])
+                except Exception:
+                    log.exception("push handler failed")
+
+    async def _reconnect(self) -> None:
+        self._healthy = False
+        with contextlib.suppress(*_FAULTS):
+            await self._pubsub.aclose()
+        delay = 0.05
+        while True:
+            try:
+                self._pubsub = await self._subscribe_all()
+                break
+            except _FAULTS:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_backoff)
+        self._healthy = True
+        log.info("broker connection back; %d channels resubscribed", len(self._channels))
+        if self._on_resync is not None:
+            result = self._on_resync()
+            if result is not None:
+                await result

@@ -1,0 +1,62 @@
+"""Real backing services for tests: a fresh PostgreSQL database per use, Redis, NATS.
+
+Under ``CI`` a service that cannot be reached fails the test; elsewhere the test is
+skipped with a loud reason.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+import pytest
+
+PG_ADMIN = os.environ.get("APPCHAT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("APPCHAT_TEST_REDIS", "redis://127.0.0.1:6379/0")
+NATS_URL = os.environ.get("APPCHAT_TEST_NATS", "nats://127.0.0.1:4222")
+
+
+def reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def require(service: str, host: str, port: int) -> None:
+    if reachable(host, port):
+        return
+    message = f"{service} is not reachable at {host}:{port}"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} (CI requires it)")
+    pytest.skip(f"SKIPPED LOUDLY: {message}; start it to run these tests")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A uniquely named database, dropped afterwards; yields its URL."""
+    require("PostgreSQL", "127.0.0.1", 5432)
+    name = f"appchat_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def unique_prefix() -> str:
+    """Broker channels of their own, so runs sharing one Redis or NATS never cross."""
+    return f"appchat-test-{uuid.uuid4().hex[:10]}"

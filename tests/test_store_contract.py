@@ -1,0 +1,179 @@
+"""One contract for every Store implementation: SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from appchat.errors import NotFound
+from appchat.models import Conversation
+from appchat.store import Store, open_store
+
+from .backends import postgres_database
+
+NOW = 1_700_000_000_000_000
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "sqlite":
+        s = open_store(f"sqlite:///{tmp_path / 'c.db'}")
+        await s.open()
+        yield s
+        await s.close()
+        return
+    with postgres_database() as url:
+        s = open_store(url)
+        await s.open()
+        try:
+            yield s
+        finally:
+            await s.close()
+
+
+async def conversation(store: Store, app: int = 100, user: int = 1) -> Conversation:
+    return await store.add_conversation(app, user, staff=True, now=NOW)
+
+
+async def send(store: Store, conv: Conversation, sender: int, text: str, **kw: object) -> int:
+    outcome = await store.add_message(
+        conv,
+        sender_id=sender,
+        staff=bool(kw.get("staff", False)),
+        content=text,
+        content_type=int(kw.get("content_type", 1)),  # type: ignore[call-overload]
+        client_msg_id=kw.get("client_msg_id"),  # type: ignore[arg-type]
+        now=NOW + 1,
+    )
+    return outcome.message.id
+
+
+async def test_conversation_is_created_once(store: Store) -> None:
+    first = await store.add_conversation(100, 1, staff=True, now=NOW)
+    again = await store.add_conversation(100, 2, staff=False, now=NOW + 5)
+    assert again == first
+    assert first.application_id == 100 and first.create_at == NOW
+    assert await store.get_conversation(100) == first
+    assert await store.get_conversation(101) is None
+    assert [c.id for c in await store.list_conversations(2)] == [first.id]
+    assert await store.list_conversations(3) == []
+
+
+async def test_staff_participation_only_grows(store: Store) -> None:
+    conv = await conversation(store, user=1)
+    assert await store.is_staff_participant(conv.id, 1)
+    await store.add_conversation(100, 5, staff=False, now=NOW)
+    assert not await store.is_staff_participant(conv.id, 5)
+    await store.add_conversation(100, 1, staff=False, now=NOW)
+    assert await store.is_staff_participant(conv.id, 1)
+    await send(store, conv, 5, "now as staff", staff=True)
+    assert await store.is_staff_participant(conv.id, 5)
+
+
+async def test_add_message_and_participants(store: Store) -> None:
+    conv = await conversation(store)
+    outcome = await store.add_message(
+        conv, sender_id=7, staff=False, content="hi", content_type=2, client_msg_id=None, now=NOW
+    )
+    m = outcome.message
+    assert outcome.created and sorted(outcome.participants) == [1, 7]
+    assert (m.application_id, m.sender_id, m.content, m.content_type, m.status) == (
+        100,
+        7,
+        "hi",
+        2,
+        0,
+    )
+    page = await store.list_messages(conv, limit=50)
+    assert page.messages == [m] and not page.has_more
+
+
+async def test_client_msg_id_is_idempotent_per_sender_and_conversation(store: Store) -> None:
+    conv = await conversation(store)
+    other = await conversation(store, app=200)
+    a = await send(store, conv, 7, "x", client_msg_id="k")
+    retry = await store.add_message(
+        conv, sender_id=7, staff=False, content="x", content_type=1, client_msg_id="k", now=NOW
+    )
+    assert not retry.created and retry.message.id == a
+    assert await send(store, conv, 8, "x", client_msg_id="k") != a
+    assert await send(store, other, 7, "x", client_msg_id="k") != a
+    assert len((await store.list_messages(conv, limit=50)).messages) == 2
+
+
+async def test_paging(store: Store) -> None:
+    conv = await conversation(store)
+    ids = [await send(store, conv, 1, f"m{i}") for i in range(12)]
+    page = await store.list_messages(conv, limit=5)
+    assert [m.id for m in page.messages] == ids[-5:] and page.has_more
+    page = await store.list_messages(conv, before_id=ids[5], limit=5)
+    assert [m.id for m in page.messages] == ids[:5] and not page.has_more
+    page = await store.list_messages(conv, after_id=ids[5], limit=3)
+    assert [m.id for m in page.messages] == ids[6:9] and page.has_more
+    page = await store.list_messages(conv, after_id=ids[8], limit=3)
+    assert [m.id for m in page.messages] == ids[9:] and not page.has_more
+    page = await store.list_messages(conv, after_id=0, limit=12)
+    assert [m.id for m in page.messages] == ids and not page.has_more
+
+
+async def test_read_positions_status_and_unread(store: Store) -> None:
+    conv = await conversation(store, user=1)
+    await store.add_conversation(100, 2, staff=False, now=NOW)
+    a = await send(store, conv, 2, "a")
+    b = await send(store, conv, 1, "b")
+    c = await send(store, conv, 2, "c")
+    counts = {u.application_id: u.unread for u in await store.unread_counts(1)}
+    assert counts == {100: 2}
+    assert {u.application_id: u.unread for u in await store.unread_counts(2)} == {100: 1}
+
+    moved = await store.read_messages(conv, reader_id=1, staff=True, message_id=b, now=NOW + 9)
+    assert moved.moved and sorted(moved.participants) == [1, 2]
+    status = {m.id: m.status for m in (await store.list_messages(conv, limit=9)).messages}
+    assert status == {a: 1, b: 0, c: 0}  # b is the reader's own
+    assert {u.application_id: u.unread for u in await store.unread_counts(1)} == {100: 1}
+
+    back = await store.read_messages(conv, reader_id=1, staff=True, message_id=a, now=NOW)
+    assert not back.moved
+    await store.read_messages(conv, reader_id=1, staff=True, message_id=c, now=NOW)
+    status = {m.id: m.status for m in (await store.list_messages(conv, limit=9)).messages}
+    assert status == {a: 1, b: 0, c: 1}
+    assert (await store.unread_counts(1))[0].unread == 0
+    with pytest.raises(NotFound):
+        await store.read_messages(conv, reader_id=1, staff=True, message_id=c + 1000, now=NOW)
+
+
+async def test_read_of_another_conversations_message_is_not_found(store: Store) -> None:
+    conv = await conversation(store)
+    other = await conversation(store, app=200)
+    m = await send(store, other, 1, "elsewhere")
+    with pytest.raises(NotFound):
+        await store.read_messages(conv, reader_id=1, staff=True, message_id=m, now=NOW)
+
+
+async def test_lists_order_by_activity_and_filter_by_application(store: Store) -> None:
+    a = await conversation(store, app=100)
+    b = await conversation(store, app=200)
+    await store.add_message(
+        a, sender_id=1, staff=True, content="x", content_type=1, client_msg_id=None, now=NOW + 50
+    )
+    assert [c.application_id for c in await store.list_conversations(1)] == [100, 200]
+    assert [c.application_id for c in await store.list_all_conversations()] == [100, 200]
+    only = await store.list_conversations(1, application_id=200)
+    assert [c.id for c in only] == [b.id]
+    counts = await store.unread_counts(1, application_id=100)
+    assert [(u.application_id, u.unread) for u in counts] == [(100, 0)]
+
+
+async def test_concurrent_sends_to_one_conversation_get_increasing_ids(store: Store) -> None:
+    conv = await conversation(store)
+    ids = await asyncio.gather(*(send(store, conv, 1 + i % 3, f"c{i}") for i in range(40)))
+    assert len(set(ids)) == 40
+    page = await store.list_messages(conv, after_id=0, limit=100)
+    assert sorted(m.id for m in page.messages) == sorted(ids)
+
+
+async def test_ping(store: Store) -> None:
+    await store.ping()
