@@ -52,7 +52,7 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         secret: str | None = SECRET,
     ) -> None:
-        self.database = Path(database)
+        self.database = database if isinstance(database, str) else f"sqlite:///{database}"
         self.args = args
         self.env = {**os.environ, **(env or {})}
         if secret is not None:
@@ -72,7 +72,7 @@ class ServerProcess:
             "--port",
             "0",
             "--database",
-            f"sqlite:///{self.database}",
+            self.database,
             *self.args,
         ]
 
@@ -225,3 +225,50 @@ def wait_until(predicate: Any, timeout: float = 10, interval: float = 0.05) -> N
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(interval)
+
+
+class TcpProxy:
+    """A TCP proxy on loopback whose plug the test can pull (and put back, same port)."""
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> TcpProxy:
+        self._server = await asyncio.start_server(
+            self._handle, "127.0.0.1", self.port, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        """Refuse new connections and cut every open one."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for w in list(self._writers):
+            w.transport.abort()
+        self._writers.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+        await asyncio.gather(
+            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+        )
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            self._writers.discard(writer)
+            writer.transport.abort()

@@ -64,7 +64,7 @@ async def test_originals_sid_beside_admin_id_is_refused_without_trust(
 
 
 @pytest.mark.parametrize(
-    "sid", ["", "abc", "0", "-1", "1.5", "18446744073709551616", "9223372036854775808", "１"]
+    "sid", ["", "abc", "0", "-1", "1.5", "18446744073709551616", "9223372036854775808", "\uff11"]
 )
 async def test_bad_sid_is_400(server: ServerProcess, sid: str) -> None:
     exc = await refused(server, f"?sid={sid}", ["access_token", token(admin_id=1)])

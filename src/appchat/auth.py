@@ -5,6 +5,7 @@ Keys and the clock are passed in; nothing here reads globals or the environment.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +59,10 @@ class TokenVerifier:
                 f"the JWT secret is {len(secret)} bytes; HS256 needs at least "
                 f"{MIN_HS256_SECRET} (RFC 7518)"
             )
+        try:
+            jwt.encode({}, secret, algorithm="HS256")
+        except jwt.InvalidKeyError as exc:
+            raise ConfigError(f"the JWT secret cannot be an HS256 key: {exc}") from exc
         self._secret = secret
         self._clock = clock
         self._leeway = leeway
@@ -94,18 +99,18 @@ class TokenVerifier:
     def _claims(self, payload: dict[str, Any]) -> Claims:
         now = self._clock()
         exp = payload["exp"]
-        if isinstance(exp, bool) or not isinstance(exp, int | float):
+        if not _is_number(exp):
             raise Unauthorized("token exp must be a number")
         if exp <= now - self._leeway:
             raise Unauthorized("token has expired")
         nbf = payload.get("nbf")
         if nbf is not None:
-            if isinstance(nbf, bool) or not isinstance(nbf, int | float):
+            if not _is_number(nbf):
                 raise Unauthorized("token nbf must be a number")
             if nbf > now + self._leeway:
                 raise Unauthorized("token is not valid yet")
         iat = payload.get("iat")
-        if iat is not None and (isinstance(iat, bool) or not isinstance(iat, int | float)):
+        if iat is not None and not _is_number(iat):
             raise Unauthorized("token iat must be a number or null")
 
         has_admin = payload.get("admin_id") is not None
@@ -126,6 +131,13 @@ class TokenVerifier:
                 if participant_id is not None:
                     break
         return Claims(role=role, subject_id=subject_id, participant_id=participant_id, exp=exp)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite JSON number (PyJWT's decoder also lets NaN and Infinity through)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value)
 
 
 def bind(claims: Claims, query_sid: int, *, trust_query_sid: bool = False) -> Principal:

@@ -1,0 +1,310 @@
+"""Several nodes on PostgreSQL and Redis: cross-node delivery, gap-free history, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .backends import REDIS_URL, free_port, postgres_database, require, unique_prefix
+from .support import ServerProcess, TcpProxy, client, token
+
+
+def start_nodes(count: int, database: str, broker: str, prefix: str) -> list[ServerProcess]:
+    """Start ``count`` nodes at once (they race to migrate the same database)."""
+    return _start_all(
+        [
+            ServerProcess(database, "--broker", broker, "--channel-prefix", prefix, "--rate", "0")
+            for _ in range(count)
+        ]
+    )
+
+
+def _start_all(nodes: list[ServerProcess]) -> list[ServerProcess]:
+    with concurrent.futures.ThreadPoolExecutor(len(nodes)) as pool:
+        list(pool.map(lambda n: n.start(), nodes))
+    return nodes
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[list[ServerProcess]]:
+    require("Redis", "127.0.0.1", 6379)
+    with postgres_database() as url:
+        nodes = start_nodes(2, url, REDIS_URL, unique_prefix())
+        try:
+            yield nodes
+        finally:
+            for n in nodes:
+                n.stop()
+
+
+def staff(node: ServerProcess, admin_id: int):  # type: ignore[no-untyped-def]
+    return client(node, admin_id, token(admin_id=admin_id))
+
+
+def customer(node: ServerProcess, app: int, sid: int):  # type: ignore[no-untyped-def]
+    return client(node, sid, token(request_id=app, sid=sid))
+
+
+async def test_chat_across_nodes_both_ways(cluster: list[ServerProcess]) -> None:
+    a, b = cluster
+    async with customer(a, 100, 900) as c, staff(b, 1) as s:
+        await c.ok("Event.AddConversation", {"application_id": 100})
+        await s.ok("Event.AddConversation", {"application_id": 100})
+        sent = await c.ok("Event.SendMessage", {"session_channel": "100", "content": "from A"})
+        assert (await s.push("Event.ReceiveMessage"))["result"] == sent
+        back = await s.ok("Event.SendMessage", {"session_channel": "100", "content": "from B"})
+        assert (await c.push("Event.ReceiveMessage"))["result"] == back
+        await s.ok(
+            "Event.ReadMessage", {"session_channel": "100", "message_id": sent["message"]["id"]}
+        )
+        read = await c.push("Event.MessageRead")
+        assert read["result"]["reader_id"] == 1
+        await c.no_push()
+        await s.no_push()
+
+
+async def test_second_device_on_the_other_node(cluster: list[ServerProcess]) -> None:
+    a, b = cluster
+    async with (
+        customer(a, 101, 901) as c,
+        staff(a, 2) as desk,
+        staff(b, 2) as phone,
+    ):
+        await c.ok("Event.AddConversation", {"application_id": 101})
+        await desk.ok("Event.AddConversation", {"application_id": 101})
+        sent = await c.ok("Event.SendMessage", {"session_channel": "101", "content": "hello"})
+        for device in (desk, phone):
+            assert (await device.push("Event.ReceiveMessage"))["result"] == sent
+        mine = await desk.ok("Event.SendMessage", {"session_channel": "101", "content": "hi"})
+        assert (await phone.push("Event.ReceiveMessage"))["result"] == mine
+        assert (await c.push("Event.ReceiveMessage"))["result"] == mine
+        await desk.ok(
+            "Event.ReadMessage", {"session_channel": "101", "message_id": sent["message"]["id"]}
+        )
+        assert (await phone.push("Event.MessageRead"))["result"]["reader_id"] == 2
+        await desk.no_push()
+
+
+async def test_racing_nodes_leave_no_gap_for_after_id(cluster: list[ServerProcess]) -> None:
+    """Writers on both nodes race into one conversation while readers page with after_id;
+    every reader must collect every message, never skipping an id it passed."""
+    a, b = cluster
+    app, writers_per_node, per_writer = 102, 6, 25
+    async with staff(a, 3) as s:
+        await s.ok("Event.AddConversation", {"application_id": app})
+    done = asyncio.Event()
+
+    async def writer(node: ServerProcess, sid: int) -> None:
+        async with staff(node, sid) as w:
+            for i in range(per_writer):
+                await w.ok(
+                    "Event.SendMessage", {"session_channel": str(app), "content": f"{sid}-{i}"}
+                )
+
+    async def reader(node: ServerProcess, sid: int) -> list[int]:
+        seen: list[int] = []
+        async with staff(node, sid) as r:
+            cursor = 0
+            while True:
+                finished = done.is_set()
+                page = await r.ok(
+                    "Event.GetMessageList",
+                    {"session_channel": str(app), "after_id": cursor, "limit": 500},
+                )
+                ids = [m["id"] for m in page["Messages"]]
+                seen += ids
+                if ids:
+                    cursor = ids[-1]
+                if finished and not ids:
+                    return seen
+
+    readers = [asyncio.create_task(reader(n, 50 + i)) for i, n in enumerate((a, b))]
+    await asyncio.gather(
+        *(writer(n, 10 + i * 10 + j) for i, n in enumerate((a, b)) for j in range(writers_per_node))
+    )
+    done.set()
+    collected = await asyncio.gather(*readers)
+    async with staff(b, 3) as s:
+        everything: list[int] = []
+        cursor = 0
+        while True:
+            page = await s.ok(
+                "Event.GetMessageList",
+                {"session_channel": str(app), "after_id": cursor, "limit": 500},
+            )
+            everything += [m["id"] for m in page["Messages"]]
+            if not page["has_more"]:
+                break
+            cursor = everything[-1]
+    assert len(everything) == 2 * writers_per_node * per_writer
+    for seen in collected:
+        assert seen == everything
+
+
+def _readyz(node: ServerProcess) -> int:
+    try:
+        with urllib.request.urlopen(node.http("/readyz"), timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+async def test_postgres_down_is_unavailable_never_a_false_ack(tmp_path: Path) -> None:
+    with postgres_database() as url:
+        proxy = await TcpProxy(5432).start()
+        proxied = url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+        # the proxy runs on this event loop: start the node without blocking it
+        node = await asyncio.to_thread(ServerProcess(proxied, "--rate", "0").start)
+        try:
+            async with staff(node, 1) as s:
+                await s.ok("Event.AddConversation", {"application_id": 5})
+                await s.ok("Event.SendMessage", {"session_channel": "5", "content": "before"})
+                assert await asyncio.to_thread(_readyz, node) == 200
+                await proxy.stop()
+                for attempt in range(3):
+                    reply = await s.call(
+                        "Event.SendMessage",
+                        {"session_channel": "5", "content": f"lost {attempt}"},
+                        timeout=30,
+                    )
+                    assert reply["ok"] is False, reply
+                    assert reply["error"]["code"] == "unavailable"
+                assert await asyncio.to_thread(_readyz, node) == 503
+                await proxy.start()
+                deadline = time.monotonic() + 20
+                while True:
+                    reply = await s.call(
+                        "Event.SendMessage", {"session_channel": "5", "content": "after"}
+                    )
+                    if reply["ok"] or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.2)
+                assert reply["ok"], reply
+                page = await s.ok("Event.GetMessageList", {"session_channel": "5"})
+                assert [m["content"] for m in page["Messages"]] == ["before", "after"]
+                assert await asyncio.to_thread(_readyz, node) == 200
+        finally:
+            await asyncio.to_thread(node.stop)
+            await proxy.stop()
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, on a port of its own, that the test may kill."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is needed for the Redis fault test"
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+async def test_redis_restart_mid_traffic(tmp_path: Path) -> None:
+    require("Redis", "127.0.0.1", 6379)  # the binary is what matters; the service proves it
+    redis = PrivateRedis(tmp_path)
+    redis.start()
+    try:
+        with postgres_database() as url:
+            a, b = _start_all(
+                [ServerProcess(url, "--broker", redis.url, "--rate", "0") for _ in range(2)]
+            )
+            try:
+                async with customer(a, 300, 950) as c, staff(b, 1) as s:
+                    await c.ok("Event.AddConversation", {"application_id": 300})
+                    await s.ok("Event.AddConversation", {"application_id": 300})
+                    sent: list[int] = []
+                    first = await c.ok(
+                        "Event.SendMessage", {"session_channel": "300", "content": "0"}
+                    )
+                    sent.append(first["message"]["id"])
+                    await s.push("Event.ReceiveMessage")
+
+                    redis.kill()
+                    for i in range(1, 6):  # committed while the broker is gone: still acked
+                        r = await c.ok(
+                            "Event.SendMessage", {"session_channel": "300", "content": str(i)}
+                        )
+                        sent.append(r["message"]["id"])
+                    redis.start()
+
+                    # both nodes come back and tell their clients to refetch
+                    for who in (c, s):
+                        frame = await who.push(timeout=20)
+                        while frame["name"] != "Event.Resync":
+                            frame = await who.push(timeout=20)
+                        assert frame["result"] is None
+                    page = await s.ok("Event.GetMessageList", {"session_channel": "300"})
+                    assert [m["id"] for m in page["Messages"]] == sent
+
+                    # and pushes flow across nodes again
+                    deadline = time.monotonic() + 10
+                    while True:
+                        r = await c.ok(
+                            "Event.SendMessage", {"session_channel": "300", "content": "again"}
+                        )
+                        try:
+                            got = await s.push("Event.ReceiveMessage", timeout=1)
+                            assert got["result"] == r
+                            break
+                        except TimeoutError:
+                            assert time.monotonic() < deadline, "pushes did not resume"
+            finally:
+                for n in (a, b):
+                    n.stop()
+    finally:
+        redis.kill()
+
+
+def test_nodes_report_ready(cluster: list[ServerProcess]) -> None:
+    for node in cluster:
+        with urllib.request.urlopen(node.http("/readyz"), timeout=5) as r:
+            body = json.loads(r.read())
+        assert body["checks"] == {"database": "ok", "broker": "ok"}
