@@ -113,3 +113,23 @@ async def test_dev_mode_generates_a_secret_prints_tokens_and_token_uses_it(tmp_p
 def test_dev_refuses_a_public_host(tmp_path: Path) -> None:
     out = appchat("serve", "--dev", "--host", "0.0.0.0", "--port", "0", cwd=tmp_path)
     assert out.returncode == 2 and "loopback" in out.stderr
+
+
+def test_migrate_postgres_and_unreachable_database(tmp_path: Path) -> None:
+    from .backends import postgres_database
+
+    with postgres_database() as url:
+        out = appchat("migrate", "--database", url, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert "up to date" in out.stdout
+    out = appchat(
+        "serve",
+        "--port",
+        "0",
+        "--database",
+        "postgresql://postgres@127.0.0.1:1/nope",
+        cwd=tmp_path,
+        env={"APPCHAT_JWT_SECRET": SECRET},
+    )
+    assert out.returncode == 1
+    assert "cannot start" in out.stderr and "Traceback" not in out.stderr

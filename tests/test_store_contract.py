@@ -177,3 +177,14 @@ async def test_concurrent_sends_to_one_conversation_get_increasing_ids(store: St
 
 async def test_ping(store: Store) -> None:
     await store.ping()
+
+
+def test_nodes_starting_at_once_migrate_postgres_once() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from appchat.store.migrate import apply_postgres_migrations
+
+    with postgres_database() as url, ThreadPoolExecutor(4) as pool:
+        applied = list(pool.map(lambda _: apply_postgres_migrations(url), range(4)))
+        assert sorted(applied) == [0, 0, 0, 1]
+        assert apply_postgres_migrations(url) == 0

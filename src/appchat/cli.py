@@ -21,7 +21,7 @@ from .config import (
     resolve_secret,
     settings_from,
 )
-from .errors import ConfigError
+from .errors import AppError, ConfigError
 from .store import open_store
 
 SERVE_OPTIONS = list(OPTIONS)
@@ -62,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"appchat: {exc}", file=sys.stderr)
         return 2
+    except AppError as exc:
+        print(f"appchat: cannot start: {exc.message}", file=sys.stderr)
+        return 1
 
 
 def token(ns: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ import asyncpg
 
 from ..errors import AppError, Internal, NotFound, Unavailable
 from ..models import Conversation, Message, MessagePage, ReadOutcome, SendOutcome, UnreadCount
-from .migrate import apply_migrations
+from .migrate import apply_postgres_migrations
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +71,20 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
 
     async def open(self) -> None:
-        yoyo_url = "postgresql+psycopg://" + self.dsn.split("://", 1)[1]
-        await asyncio.to_thread(apply_migrations, yoyo_url, "postgresql")
-        self._pool = await asyncpg.create_pool(
-            self.dsn,
-            min_size=self._min,
-            max_size=self._max,
-            timeout=self._connect_timeout,
-            command_timeout=self._command_timeout,
-        )
+        try:
+            await asyncio.to_thread(apply_postgres_migrations, self.dsn)
+        except Exception as exc:
+            raise Unavailable(f"cannot migrate the database: {exc}") from exc
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=self._min,
+                max_size=self._max,
+                timeout=self._connect_timeout,
+                command_timeout=self._command_timeout,
+            )
+        except Exception as exc:
+            raise translate(exc) from exc
 
     async def close(self) -> None:
         if self._pool is not None:

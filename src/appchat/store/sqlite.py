@@ -27,7 +27,7 @@ from ..models import (
     SendOutcome,
     UnreadCount,
 )
-from .migrate import apply_migrations
+from .migrate import apply_sqlite_migrations
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class SqliteStore:
     async def open(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(apply_migrations, f"sqlite:///{self.path}", "sqlite")
+        await asyncio.to_thread(apply_sqlite_migrations, self.path)
         ready = threading.Event()
         self._writer = threading.Thread(
             target=self._write_loop, args=(ready,), name="appchat-sqlite-writer", daemon=True
