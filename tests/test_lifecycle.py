@@ -102,3 +102,20 @@ async def test_sigterm_closes_1001_keeps_acked_messages_and_exits_0(tmp_path: Pa
             assert [m["id"] for m in page["Messages"]] == acked
     finally:
         srv.stop()
+
+
+async def test_metrics_count_connections_and_events(server: ServerProcess) -> None:
+    def scrape() -> str:
+        with urllib.request.urlopen(server.http("/metrics"), timeout=5) as r:
+            assert r.headers["Content-Type"].startswith("text/plain")
+            return str(r.read().decode())
+
+    async with client(server, 1, token(admin_id=1)) as c:
+        await c.ok("Event.GetUnreadInfo", {})
+        await c.error("Event.GetMessageList", {})
+        text = scrape()
+        assert "appchat_connections 1.0" in text
+        assert 'appchat_events_total{event="Event.GetUnreadInfo",outcome="ok"}' in text
+        assert 'appchat_events_total{event="Event.GetMessageList",outcome="bad_request"}' in text
+    await asyncio.sleep(0.2)
+    assert "appchat_connections 0.0" in scrape()

@@ -11,6 +11,7 @@ from .auth import TokenVerifier
 from .broker import Broker, open_broker
 from .config import Settings
 from .hub import Hub
+from .observability import Metrics
 from .service import ChatService, Limits
 from .store import Store, open_store
 from .transport.http import HealthEndpoints
@@ -38,6 +39,7 @@ class Node:
             busy_timeout=settings.sqlite_busy_timeout,
         )
         self.broker = broker or open_broker(settings.broker)
+        self.metrics = Metrics()
         self.hub = Hub(self.broker, prefix=settings.channel_prefix)
         self.service = ChatService(
             self.store,
@@ -45,6 +47,7 @@ class Node:
             self.verifier,
             limits=Limits(max_content=settings.max_content),
             trust_query_sid=settings.trust_query_sid,
+            metrics=self.metrics,
         )
         self.ws = WebSocketEndpoint(
             self.service,
@@ -58,6 +61,7 @@ class Node:
                 rate=settings.rate,
                 burst=settings.burst,
             ),
+            metrics=self.metrics,
         )
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -65,10 +69,11 @@ class Node:
 
     def web_app(self) -> web.Application:
         app = web.Application()
-        health = HealthEndpoints(self.store, self.broker)
+        health = HealthEndpoints(self.store, self.broker, self.metrics)
         app.router.add_get("/ws", self.ws.handle)
         app.router.add_get("/healthz", health.healthz)
         app.router.add_get("/readyz", health.readyz)
+        app.router.add_get("/metrics", health.metrics)
         app.on_shutdown.append(self._on_shutdown)
         return app
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -11,6 +12,7 @@ from . import events as ev
 from .auth import TokenVerifier, bind, parse_id
 from .errors import AppError, Forbidden, Internal, NotFound, Unauthorized
 from .models import Conversation, Principal, now_us
+from .observability import Metrics
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ class ChatService:
         *,
         limits: Limits | None = None,
         trust_query_sid: bool = False,
+        metrics: Metrics | None = None,
         clock_us: Callable[[], int] = now_us,
     ) -> None:
         self._store = store
@@ -52,6 +55,7 @@ class ChatService:
         self._verifier = verifier
         self._limits = limits or Limits()
         self._trust_query_sid = trust_query_sid
+        self._metrics = metrics or Metrics()
         self._now = clock_us
         self._handlers: dict[str, Callable[[Session, dict[str, Any]], Awaitable[Any]]] = {
             ev.ADD_CONVERSATION: self._add_conversation,
@@ -73,15 +77,24 @@ class ChatService:
             return ev.error_reply(exc.name, exc.error, exc.request_id)
         handler = self._handlers.get(request.name)
         if handler is None:
+            self._metrics.events.labels("unknown", "unknown_event").inc()
             return ev.error_reply(request.name, ev.unknown_event(request.name), request.id)
+        started = time.perf_counter()
         try:
             result = await handler(session, request.args)
         except AppError as exc:
+            self._count(request.name, exc.code, started)
             return ev.error_reply(request.name, exc, request.id)
         except Exception:
             log.exception("internal error serving %s", request.name)
+            self._count(request.name, Internal.code, started)
             return ev.error_reply(request.name, Internal(), request.id)
+        self._count(request.name, "ok", started)
         return ev.reply(request.name, result, request.id)
+
+    def _count(self, name: str, outcome: str, started: float) -> None:
+        self._metrics.events.labels(name, outcome).inc()
+        self._metrics.event_seconds.labels(name).observe(time.perf_counter() - started)
 
     # --- who may do what ------------------------------------------------------------------------
 

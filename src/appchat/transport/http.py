@@ -6,13 +6,19 @@ from aiohttp import web
 
 from ..broker import Broker
 from ..errors import AppError
+from ..observability import CONTENT_TYPE, Metrics
 from ..store import Store
 
 
 class HealthEndpoints:
-    def __init__(self, store: Store, broker: Broker) -> None:
+    def __init__(self, store: Store, broker: Broker, metrics: Metrics) -> None:
         self._store = store
         self._broker = broker
+        self._metrics = metrics
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text format."""
+        return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def healthz(self, request: web.Request) -> web.Response:
         """The process is up and serving HTTP."""

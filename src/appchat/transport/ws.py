@@ -17,6 +17,7 @@ from ..errors import BadRequest, Unauthorized
 from ..events import error_reply, rate_limited_reply
 from ..hub import CLOSE_SLOW_CONSUMER, Connection, Hub
 from ..models import MAX_ID
+from ..observability import Metrics
 from ..ratelimit import TokenBucket
 from ..service import ChatService
 
@@ -73,8 +74,10 @@ class WebSocketEndpoint:
         verifier: TokenVerifier,
         options: WsOptions,
         *,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._service = service
         self._hub = hub
         self._verifier = verifier
@@ -90,9 +93,9 @@ class WebSocketEndpoint:
                 self._verifier.verify(token), sid, trust_query_sid=self._options.trust_query_sid
             )
         except HandshakeError as exc:
-            return web.Response(status=exc.status, text=exc.reason + "\n")
+            return self._refuse(exc.status, exc.reason)
         except Unauthorized as exc:
-            return web.Response(status=401, text=exc.message + "\n")
+            return self._refuse(401, exc.message)
 
         ws = web.WebSocketResponse(
             protocols=(SUBPROTOCOL,),
@@ -100,7 +103,7 @@ class WebSocketEndpoint:
             heartbeat=self._options.heartbeat,
         )
         if not ws.can_prepare(request).ok:
-            return web.Response(status=400, text="expected a WebSocket upgrade\n")
+            return self._refuse(400, "expected a WebSocket upgrade")
         await ws.prepare(request)
 
         conn = Connection(
@@ -110,6 +113,7 @@ class WebSocketEndpoint:
             on_overflow=lambda c: self._close_soon(ws, CLOSE_SLOW_CONSUMER, "slow consumer"),
         )
         self.sockets.add(ws)
+        self._metrics.connections.inc()
         await self._hub.register(conn)
         writer = asyncio.create_task(self._write_loop(ws, conn))
         expiry = asyncio.create_task(self._expire(ws, conn))
@@ -120,7 +124,12 @@ class WebSocketEndpoint:
             await self._hub.unregister(conn)
             await self._drain(writer, conn)
             self.sockets.discard(ws)
+            self._metrics.connections.dec()
         return ws
+
+    def _refuse(self, status: int, reason: str) -> web.Response:
+        self._metrics.handshakes_refused.labels(str(status)).inc()
+        return web.Response(status=status, text=reason + "\n")
 
     async def _read_loop(self, ws: web.WebSocketResponse, conn: Connection) -> None:
         bucket = TokenBucket(self._options.rate, self._options.burst)
@@ -158,6 +167,7 @@ class WebSocketEndpoint:
         while True:
             delay = conn.principal.exp - self._clock()
             if delay <= 0:
+                self._metrics.disconnects.labels("token expired").inc()
                 await ws.close(code=CLOSE_TOKEN_EXPIRED, message=b"token expired")
                 return
             conn.renewed.clear()
@@ -165,6 +175,7 @@ class WebSocketEndpoint:
                 await asyncio.wait_for(conn.renewed.wait(), min(delay, 3600.0))
 
     def _close_soon(self, ws: web.WebSocketResponse, code: int, reason: str) -> None:
+        self._metrics.disconnects.labels(reason).inc()
         task = asyncio.get_running_loop().create_task(ws.close(code=code, message=reason.encode()))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
