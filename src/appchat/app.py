@@ -7,7 +7,7 @@ import ssl
 
 from aiohttp import web
 
-from .auth import TokenVerifier
+from .auth import TokenVerifier, public_key
 from .broker import Broker, open_broker
 from .config import Settings
 from .hub import Hub
@@ -26,13 +26,15 @@ class Node:
     def __init__(
         self,
         settings: Settings,
-        secret: bytes,
+        secret: bytes | None,
         *,
         store: Store | None = None,
         broker: Broker | None = None,
     ) -> None:
         self.settings = settings
-        self.verifier = TokenVerifier(secret)
+        self.verifier = TokenVerifier(
+            secret, keys=[public_key(spec) for spec in settings.jwt_public_key]
+        )
         self.store = store or open_store(
             settings.database,
             synchronous=settings.sqlite_synchronous,
@@ -60,6 +62,9 @@ class Node:
                 trust_query_sid=settings.trust_query_sid,
                 rate=settings.rate,
                 burst=settings.burst,
+                max_connections=settings.max_connections,
+                max_connections_per_user=settings.max_connections_per_user,
+                allowed_origins=frozenset(settings.allowed_origins),
             ),
             metrics=self.metrics,
         )

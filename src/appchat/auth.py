@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from .errors import ConfigError, Unauthorized
 from .models import MAX_ID, Principal, Role
@@ -44,35 +47,104 @@ class Claims:
         return f"{'admin' if self.role is Role.STAFF else 'request'}:{self.subject_id}"
 
 
+@dataclass(frozen=True, slots=True)
+class VerificationKey:
+    """One key a token may be signed with, bound to exactly one algorithm."""
+
+    kid: str | None
+    algorithm: str  # "HS256", "RS256" or "ES256"
+    key: Any  # bytes for HS256, a public key object for RS256/ES256
+
+
+def hs256_key(secret: bytes, kid: str | None = None) -> VerificationKey:
+    if len(secret) < MIN_HS256_SECRET:
+        raise ConfigError(
+            f"the JWT secret is {len(secret)} bytes; HS256 needs at least "
+            f"{MIN_HS256_SECRET} (RFC 7518)"
+        )
+    try:
+        jwt.encode({}, secret, algorithm="HS256")
+    except jwt.InvalidKeyError as exc:
+        raise ConfigError(f"the JWT secret cannot be an HS256 key: {exc}") from exc
+    return VerificationKey(kid, "HS256", secret)
+
+
+def public_key(spec: str) -> VerificationKey:
+    """``[KID=]PATH`` of a PEM public key: RSA (2048 bits or more) -> RS256, P-256 -> ES256."""
+    kid, sep, path = spec.partition("=")
+    if not sep:
+        kid, path = "", spec
+    try:
+        loaded = serialization.load_pem_public_key(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the public key {path!r}: {exc}") from exc
+    if isinstance(loaded, rsa.RSAPublicKey):
+        if loaded.key_size < 2048:
+            raise ConfigError(f"{path}: RSA keys need at least 2048 bits")
+        algorithm = "RS256"
+    elif isinstance(loaded, ec.EllipticCurvePublicKey) and loaded.curve.name == "secp256r1":
+        algorithm = "ES256"
+    else:
+        raise ConfigError(f"{path}: expected an RSA or P-256 public key")
+    return VerificationKey(kid or None, algorithm, loaded)
+
+
 class TokenVerifier:
-    """Checks signature, algorithm and lifetime of a token and reads its claims."""
+    """Checks signature, algorithm and lifetime of a token and reads its claims.
+
+    Several keys may be configured at once (rotation): a token's ``kid`` header picks
+    its key; a token without one is tried against the keys configured without a kid.
+    Each key verifies only its own algorithm, so no HS/RS confusion is possible.
+    """
 
     def __init__(
         self,
-        secret: bytes,
+        secret: bytes | None = None,
         *,
+        keys: Sequence[VerificationKey] = (),
         clock: Callable[[], float] = time.time,
         leeway: float = 0.0,
     ) -> None:
-        if len(secret) < MIN_HS256_SECRET:
-            raise ConfigError(
-                f"the JWT secret is {len(secret)} bytes; HS256 needs at least "
-                f"{MIN_HS256_SECRET} (RFC 7518)"
-            )
-        try:
-            jwt.encode({}, secret, algorithm="HS256")
-        except jwt.InvalidKeyError as exc:
-            raise ConfigError(f"the JWT secret cannot be an HS256 key: {exc}") from exc
-        self._secret = secret
+        self._keys = list(keys)
+        if secret is not None:
+            self._keys.insert(0, hs256_key(secret))
+        if not self._keys:
+            raise ConfigError("no key to verify tokens with")
         self._clock = clock
         self._leeway = leeway
 
-    def verify(self, token: str) -> Claims:
+    def _candidates(self, token: str) -> list[VerificationKey]:
         try:
-            payload = jwt.decode(
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise Unauthorized("token is malformed") from None
+        kid = header.get("kid")
+        if kid is not None:
+            keys = [k for k in self._keys if k.kid == kid]
+            if not keys:
+                raise Unauthorized("token key id is not known")
+        else:
+            keys = [k for k in self._keys if k.kid is None] or self._keys
+        keys = [k for k in keys if k.algorithm == header.get("alg")]
+        if not keys:
+            raise Unauthorized("token algorithm is not allowed")
+        return keys
+
+    def verify(self, token: str) -> Claims:
+        for key in self._candidates(token):
+            try:
+                return self._claims(self._decode(token, key))
+            except jwt.InvalidSignatureError:
+                continue
+        raise Unauthorized("token signature is invalid")
+
+    @staticmethod
+    def _decode(token: str, key: VerificationKey) -> dict[str, Any]:
+        try:
+            payload: dict[str, Any] = jwt.decode(
                 token,
-                self._secret,
-                algorithms=["HS256"],
+                key.key,
+                algorithms=[key.algorithm],
                 # Lifetime is checked below with the injected clock; PyJWT would also
                 # refuse the original's ``"iat": null`` and non-string ``sub``.
                 options={
@@ -84,17 +156,17 @@ class TokenVerifier:
                     "require": ["exp"],
                 },
             )
+        except jwt.InvalidSignatureError:
+            raise
         except jwt.MissingRequiredClaimError:
             raise Unauthorized("token has no exp claim") from None
         except jwt.InvalidAlgorithmError:
             raise Unauthorized("token algorithm is not allowed") from None
-        except jwt.InvalidSignatureError:
-            raise Unauthorized("token signature is invalid") from None
         except jwt.InvalidAudienceError:
             raise Unauthorized("token audience is not accepted") from None
         except jwt.InvalidTokenError:
             raise Unauthorized("token is malformed") from None
-        return self._claims(payload)
+        return payload
 
     def _claims(self, payload: dict[str, Any]) -> Claims:
         now = self._clock()

@@ -94,7 +94,13 @@ def serve(ns: argparse.Namespace) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("yoyo").setLevel(logging.WARNING)
-    secret = resolve_secret(settings, use_dev_file=settings.dev, create_dev_file=settings.dev)
+    secret: bytes | None
+    try:
+        secret = resolve_secret(settings, use_dev_file=settings.dev, create_dev_file=settings.dev)
+    except ConfigError:
+        if not settings.jwt_public_key:
+            raise
+        secret = None  # public keys alone verify tokens
     node = Node(settings, secret)  # checks the secret before anything listens
     with contextlib.suppress(ImportError):
         import uvloop
@@ -104,14 +110,14 @@ def serve(ns: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(node: Node, secret: bytes) -> None:
+async def _serve(node: Node, secret: bytes | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await node.start()
     url = f"{node.scheme}://{node.settings.host}:{node.port}/ws"
-    if node.settings.dev:
+    if node.settings.dev and secret is not None:
         _print_dev_tokens(secret, url)
     print(f"appchat {__version__} listening on {url}", flush=True)
     await stop.wait()

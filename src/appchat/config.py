@@ -24,6 +24,7 @@ class Settings:
     broker: str = "memory://"
     jwt_secret: str | None = field(default=None, repr=False)
     jwt_secret_file: str | None = None
+    jwt_public_key: tuple[str, ...] = ()
     tls_cert: str | None = None
     tls_key: str | None = None
     dev: bool = False
@@ -38,6 +39,9 @@ class Settings:
     sqlite_synchronous: str = "FULL"
     log_level: str = "INFO"
     channel_prefix: str = "appchat"
+    max_connections: int = 10000
+    max_connections_per_user: int = 32
+    allowed_origins: tuple[str, ...] = ()
 
 
 # name -> (type, help); every option also reads APPCHAT_<NAME> from the environment.
@@ -48,6 +52,10 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "broker": (str, "memory:// (one node), redis://HOST:PORT or nats://HOST:PORT"),
     "jwt_secret": (str, "HS256 secret, at least 32 bytes (shows in ps: prefer the file)"),
     "jwt_secret_file": (str, "file holding the HS256 secret"),
+    "jwt_public_key": (
+        str,
+        "[KID=]PATH of a PEM public key (RSA: RS256, P-256: ES256); repeat for rotation",
+    ),
     "tls_cert": (str, "PEM certificate chain: serve wss://"),
     "tls_key": (str, "PEM private key for --tls-cert"),
     "max_frame": (int, "largest incoming frame in bytes (bigger closes with 1009)"),
@@ -60,7 +68,15 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "sqlite_synchronous": (str, "FULL (survives power loss) or NORMAL (survives a crash)"),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
     "channel_prefix": (str, "prefix of broker channels: nodes that talk share one"),
+    "max_connections": (int, "connections this node accepts; more are refused with 503"),
+    "max_connections_per_user": (
+        int,
+        "connections one participant may hold on this node; more are refused with 429",
+    ),
+    "allowed_origins": (str, "browser Origins allowed to connect, repeatable (default: any)"),
 }
+# Options that may be given several times; their environment variable is comma-separated.
+LISTS = {"jwt_public_key", "allowed_origins"}
 FLAGS = {
     "dev": "development mode: generate a secret beside the database, print tokens",
     "trust_query_sid": (
@@ -77,6 +93,16 @@ def add_options(parser: argparse.ArgumentParser, names: list[str], env: Mapping[
     defaults = Settings()
     for name in names:
         kind, text = OPTIONS[name]
+        if name in LISTS:
+            raw = env.get(env_name(name), "")
+            parser.add_argument(
+                "--" + name.replace("_", "-"),
+                dest=name,
+                action="append",
+                default=[item.strip() for item in raw.split(",") if item.strip()],
+                help=f"{text} [env {env_name(name)}, comma-separated]",
+            )
+            continue
         default = env.get(env_name(name), getattr(defaults, name))
         parser.add_argument(
             "--" + name.replace("_", "-"),
@@ -101,6 +127,8 @@ def add_flags(parser: argparse.ArgumentParser, names: list[str], env: Mapping[st
 
 def settings_from(ns: argparse.Namespace) -> Settings:
     known = {k: v for k, v in vars(ns).items() if k in Settings.__dataclass_fields__}
+    for name in LISTS & known.keys():
+        known[name] = tuple(known[name])
     return Settings(**known)
 
 

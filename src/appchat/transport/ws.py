@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 SUBPROTOCOL = "access_token"
 CLOSE_TOKEN_EXPIRED = 4001
+SLOW_CLOSE_TIMEOUT = 2.0  # seconds a slow consumer gets to take its close frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,9 @@ class WsOptions:
     trust_query_sid: bool = False
     rate: float = 50.0  # events a second per connection; 0 switches limiting off
     burst: float = 100.0
+    max_connections: int = 10000
+    max_connections_per_user: int = 32
+    allowed_origins: frozenset[str] = frozenset()  # empty: any
 
 
 class HandshakeError(Exception):
@@ -84,14 +88,17 @@ class WebSocketEndpoint:
         self._options = options
         self._clock = clock
         self.sockets: set[web.WebSocketResponse] = set()
+        self._background: set[asyncio.Task[None]] = set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
+            self._check_origin(request.headers.get("Origin"))
             sid = parse_sid(request.query.get("sid"))
             token = token_from_protocols(request.headers.getall("Sec-WebSocket-Protocol", []))
             principal = bind(
                 self._verifier.verify(token), sid, trust_query_sid=self._options.trust_query_sid
             )
+            self._check_capacity(sid)
         except HandshakeError as exc:
             return self._refuse(exc.status, exc.reason)
         except Unauthorized as exc:
@@ -110,7 +117,7 @@ class WebSocketEndpoint:
             self._hub.new_connection_id(),
             principal,
             max_queue=self._options.send_queue,
-            on_overflow=lambda c: self._close_soon(ws, CLOSE_SLOW_CONSUMER, "slow consumer"),
+            on_overflow=lambda c: self._drop_slow(ws, request),
         )
         self.sockets.add(ws)
         self._metrics.connections.inc()
@@ -126,6 +133,18 @@ class WebSocketEndpoint:
             self.sockets.discard(ws)
             self._metrics.connections.dec()
         return ws
+
+    def _check_origin(self, origin: str | None) -> None:
+        # Browsers always send Origin; other clients may not, and are not what this guards.
+        allowed = self._options.allowed_origins
+        if allowed and origin is not None and origin not in allowed:
+            raise HandshakeError(403, f"origin {origin[:200]} is not allowed")
+
+    def _check_capacity(self, sid: int) -> None:
+        if len(self.sockets) >= self._options.max_connections:
+            raise HandshakeError(503, "the server is at its connection limit, try again later")
+        if self._hub.connection_count(sid) >= self._options.max_connections_per_user:
+            raise HandshakeError(429, "too many connections for this participant")
 
     def _refuse(self, status: int, reason: str) -> web.Response:
         self._metrics.handshakes_refused.labels(str(status)).inc()
@@ -174,10 +193,25 @@ class WebSocketEndpoint:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(conn.renewed.wait(), min(delay, 3600.0))
 
-    def _close_soon(self, ws: web.WebSocketResponse, code: int, reason: str) -> None:
-        self._metrics.disconnects.labels(reason).inc()
-        task = asyncio.get_running_loop().create_task(ws.close(code=code, message=reason.encode()))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    def _drop_slow(self, ws: web.WebSocketResponse, request: web.Request) -> None:
+        """Close a client that stopped reading: 4008 if the frame still gets through,
+        else cut the TCP connection (its buffers are full, so a close frame may never)."""
+        self._metrics.disconnects.labels("slow consumer").inc()
+        transport = request.transport
+
+        async def close() -> None:
+            with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
+                await asyncio.wait_for(
+                    ws.close(code=CLOSE_SLOW_CONSUMER, message=b"slow consumer"),
+                    SLOW_CLOSE_TIMEOUT,
+                )
+            if transport is not None:
+                # close() waits for the buffer to flush, which this client never allows
+                transport.abort()
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def close_all(
         self, code: int = WSCloseCode.GOING_AWAY, reason: str = "server shutdown"
