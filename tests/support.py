@@ -143,6 +143,15 @@ class Client:
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
+        try:
+            await self._read_frames()
+        finally:
+            for fut in self._waiting.values():  # no reply will come on a closed connection
+                if not fut.done():
+                    fut.set_exception(ConnectionError("connection closed"))
+            self._waiting.clear()
+
+    async def _read_frames(self) -> None:
         with contextlib.suppress(Exception):
             async for raw in self.ws:
                 frame = orjson.loads(raw)
