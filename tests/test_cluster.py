@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import os
+import re
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
@@ -308,3 +312,96 @@ def test_nodes_report_ready(cluster: list[ServerProcess]) -> None:
         with urllib.request.urlopen(node.http("/readyz"), timeout=5) as r:
             body = json.loads(r.read())
         assert body["checks"] == {"database": "ok", "broker": "ok"}
+
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def nginx_in_front(
+    nodes: list[ServerProcess], workdir: Path
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Run nginx with deploy/nginx/appchat.conf (as shipped), pointed at these nodes."""
+    from .test_hardening import self_signed
+
+    cert, key = self_signed(workdir)
+    port = free_port()
+    site = (Path(__file__).parent.parent / "deploy" / "nginx" / "appchat.conf").read_text()
+    upstreams = "".join(f"    server 127.0.0.1:{n.port};\n" for n in nodes)
+    site = re.sub(r"(upstream appchat_nodes \{\n)(?:    server .*\n)+", r"\g<1>" + upstreams, site)
+    site = site.replace("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;")
+    site = site.replace("/etc/ssl/appchat/fullchain.pem", str(cert))
+    site = site.replace("/etc/ssl/appchat/privkey.pem", str(key))
+    (workdir / "appchat.conf").write_text(site)
+    (workdir / "nginx.conf").write_text(
+        f"daemon off;\nuser root;\nworker_processes 1;\npid {workdir}/nginx.pid;\n"
+        f"error_log {workdir}/error.log warn;\nevents {{}}\n"
+        f"http {{\n  access_log off;\n  client_body_temp_path {workdir}/body;\n"
+        f"  proxy_temp_path {workdir}/proxy;\n  fastcgi_temp_path {workdir}/fcgi;\n"
+        f"  uwsgi_temp_path {workdir}/uwsgi;\n  scgi_temp_path {workdir}/scgi;\n"
+        f"  include {workdir}/appchat.conf;\n}}\n"
+    )
+    proc = subprocess.Popen(
+        [NGINX, "-c", str(workdir / "nginx.conf"), "-e", str(workdir / "error.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, port
+        except OSError:
+            assert proc.poll() is None, (workdir / "error.log").read_text()
+            assert time.monotonic() < deadline, "nginx did not start"
+            time.sleep(0.05)
+
+
+def require_nginx() -> None:
+    if not os.path.exists(NGINX):
+        if os.environ.get("CI"):
+            pytest.fail("nginx is missing (CI requires it: apt-get install nginx-light)")
+        pytest.skip("SKIPPED LOUDLY: nginx is not installed")
+
+
+def _connections(node: ServerProcess) -> float:
+    with urllib.request.urlopen(node.http("/metrics"), timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("appchat_connections "):
+                return float(line.split()[1])
+    return 0.0
+
+
+async def test_behind_nginx_with_tls_no_sticky_sessions(
+    cluster: list[ServerProcess], tmp_path: Path
+) -> None:
+    require_nginx()
+    proc, port = nginx_in_front(cluster, tmp_path)
+    try:
+        front = ServerProcess(tmp_path / "unused.db")
+        front.port, front.scheme = port, "wss"
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+        async with AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(
+                    client(front, 700 + i, token(request_id=400, sid=700 + i), ssl=ctx)
+                )
+                for i in range(4)
+            ]
+            staff_c = await stack.enter_async_context(client(front, 1, token(admin_id=1), ssl=ctx))
+            # round robin spread the five sockets over both nodes
+            counts = [await asyncio.to_thread(_connections, n) for n in cluster]
+            assert all(count >= 1 for count in counts), counts
+            await staff_c.ok("Event.AddConversation", {"application_id": 400})
+            for c in clients:
+                await c.ok("Event.AddConversation", {"application_id": 400})
+            sent = await clients[0].ok(
+                "Event.SendMessage", {"session_channel": "400", "content": "via nginx"}
+            )
+            for other in [*clients[1:], staff_c]:
+                assert (await other.push("Event.ReceiveMessage"))["result"] == sent
+        ready = f"https://127.0.0.1:{port}/readyz"
+        status = await asyncio.to_thread(lambda: urllib.request.urlopen(ready, context=ctx).status)
+        assert status == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
