@@ -11,33 +11,29 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import asyncpg
 
 from ..errors import AppError, Internal, NotFound, Unavailable
 from ..models import Conversation, Message, MessagePage, ReadOutcome, SendOutcome, UnreadCount
 from .migrate import apply_postgres_migrations
+from .rows import (
+    CONVERSATION_COLUMNS,
+    NEWEST,
+    SELECT_ALL_CONVERSATIONS,
+    SELECT_MESSAGES,
+    conversation_of,
+    message_of,
+    page_of,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_CONV = "c.id, c.application_id, c.create_at, c.update_at"
-_MSG = (
-    "m.id, c.application_id, m.sender_id, m.content, m.content_type, m.status, "
-    "m.create_at, m.update_at, m.client_msg_id"
-)
 # Connection trouble, a server shutting down or out of resources: try again later.
 _UNAVAILABLE_CLASSES = ("08", "53", "57")
-
-
-def _conversation(row: Any) -> Conversation:
-    return Conversation(id=row[0], application_id=row[1], create_at=row[2], update_at=row[3])
-
-
-def _message(row: Any) -> Message:
-    return Message(*row)
 
 
 def translate(exc: BaseException) -> AppError:
@@ -119,10 +115,10 @@ class PostgresStore:
     async def get_conversation(self, application_id: int) -> Conversation | None:
         async def run(conn: asyncpg.Connection) -> Conversation | None:
             row = await conn.fetchrow(
-                f"SELECT {_CONV} FROM conversations c WHERE c.application_id = $1",
+                f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.application_id = $1",
                 application_id,
             )
-            return _conversation(row) if row else None
+            return conversation_of(row) if row else None
 
         return await self._run(run, tx=False)
 
@@ -148,10 +144,10 @@ class PostgresStore:
                 now,
             )
             row = await conn.fetchrow(
-                f"SELECT {_CONV} FROM conversations c WHERE c.application_id = $1",
+                f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.application_id = $1",
                 application_id,
             )
-            conversation = _conversation(row)
+            conversation = conversation_of(row)
             await _join(conn, conversation.id, user_id, staff, now)
             return conversation
 
@@ -162,23 +158,21 @@ class PostgresStore:
     ) -> list[Conversation]:
         async def run(conn: asyncpg.Connection) -> list[Conversation]:
             rows = await conn.fetch(
-                f"SELECT {_CONV} FROM participants p JOIN conversations c "
+                f"SELECT {CONVERSATION_COLUMNS} FROM participants p JOIN conversations c "
                 "ON c.id = p.conversation_id WHERE p.user_id = $1 "
                 "AND ($2::bigint IS NULL OR c.application_id = $2) "
                 "ORDER BY c.update_at DESC, c.id DESC",
                 user_id,
                 application_id,
             )
-            return [_conversation(r) for r in rows]
+            return [conversation_of(r) for r in rows]
 
         return await self._run(run, tx=False)
 
     async def list_all_conversations(self) -> list[Conversation]:
         async def run(conn: asyncpg.Connection) -> list[Conversation]:
-            rows = await conn.fetch(
-                f"SELECT {_CONV} FROM conversations c ORDER BY c.update_at DESC, c.id DESC"
-            )
-            return [_conversation(r) for r in rows]
+            rows = await conn.fetch(SELECT_ALL_CONVERSATIONS)
+            return [conversation_of(r) for r in rows]
 
         return await self._run(run, tx=False)
 
@@ -191,10 +185,7 @@ class PostgresStore:
         limit: int,
     ) -> MessagePage:
         async def run(conn: asyncpg.Connection) -> MessagePage:
-            base = (
-                f"SELECT {_MSG} FROM messages m JOIN conversations c ON c.id = m.conversation_id "
-                "WHERE m.conversation_id = $1"
-            )
+            base = SELECT_MESSAGES + "WHERE m.conversation_id = $1"
             if after_id is not None:
                 rows = await conn.fetch(
                     base + " AND m.id > $2 ORDER BY m.id ASC LIMIT $3",
@@ -203,18 +194,14 @@ class PostgresStore:
                     limit + 1,
                 )
             else:
-                cursor = before_id if before_id is not None else 2**63 - 1
+                cursor = before_id if before_id is not None else NEWEST
                 rows = await conn.fetch(
                     base + " AND m.id < $2 ORDER BY m.id DESC LIMIT $3",
                     conversation.id,
                     cursor,
                     limit + 1,
                 )
-            has_more = len(rows) > limit
-            rows = rows[:limit]
-            if after_id is None:
-                rows.reverse()
-            return MessagePage(messages=[_message(r) for r in rows], has_more=has_more)
+            return page_of(rows, limit, newest_first=after_id is None)
 
         return await self._run(run, tx=False)
 
@@ -238,8 +225,7 @@ class PostgresStore:
             )
             if client_msg_id is not None:
                 row = await conn.fetchrow(
-                    f"SELECT {_MSG} FROM messages m JOIN conversations c "
-                    "ON c.id = m.conversation_id WHERE m.conversation_id = $1 "
+                    SELECT_MESSAGES + "WHERE m.conversation_id = $1 "
                     "AND m.sender_id = $2 AND m.client_msg_id = $3",
                     conversation.id,
                     sender_id,
@@ -247,7 +233,7 @@ class PostgresStore:
                 )
                 if row:
                     # A retry: raise to undo the update_at bump, answer with the first one.
-                    raise _Duplicate(_message(row))
+                    raise _Duplicate(message_of(row))
             message_id = await conn.fetchval(
                 "INSERT INTO messages (conversation_id, sender_id, content, content_type, "
                 "status, client_msg_id, create_at, update_at) "

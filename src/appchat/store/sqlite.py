@@ -28,6 +28,15 @@ from ..models import (
     UnreadCount,
 )
 from .migrate import apply_sqlite_migrations
+from .rows import (
+    CONVERSATION_COLUMNS,
+    NEWEST,
+    SELECT_ALL_CONVERSATIONS,
+    SELECT_MESSAGES,
+    conversation_of,
+    message_of,
+    page_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +45,6 @@ Job = tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any], asyncio.Ab
 
 MAX_BATCH = 256
 READERS = 2
-
-_CONV = "c.id, c.application_id, c.create_at, c.update_at"
-_MSG = (
-    "m.id, c.application_id, m.sender_id, m.content, m.content_type, m.status, "
-    "m.create_at, m.update_at, m.client_msg_id"
-)
-
-
-def _conversation(row: Any) -> Conversation:
-    return Conversation(id=row[0], application_id=row[1], create_at=row[2], update_at=row[3])
-
-
-def _message(row: Any) -> Message:
-    return Message(*row)
 
 
 class SqliteStore:
@@ -186,10 +181,10 @@ class SqliteStore:
     async def get_conversation(self, application_id: int) -> Conversation | None:
         def run(conn: sqlite3.Connection) -> Conversation | None:
             row = conn.execute(
-                f"SELECT {_CONV} FROM conversations c WHERE c.application_id = ?",
+                f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.application_id = ?",
                 (application_id,),
             ).fetchone()
-            return _conversation(row) if row else None
+            return conversation_of(row) if row else None
 
         return await self._read(run)
 
@@ -213,10 +208,10 @@ class SqliteStore:
                 (application_id, now, now),
             )
             row = conn.execute(
-                f"SELECT {_CONV} FROM conversations c WHERE c.application_id = ?",
+                f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.application_id = ?",
                 (application_id,),
             ).fetchone()
-            conversation = _conversation(row)
+            conversation = conversation_of(row)
             _join(conn, conversation.id, user_id, staff, now)
             return conversation
 
@@ -227,7 +222,7 @@ class SqliteStore:
     ) -> list[Conversation]:
         def run(conn: sqlite3.Connection) -> list[Conversation]:
             sql = (
-                f"SELECT {_CONV} FROM participants p JOIN conversations c "
+                f"SELECT {CONVERSATION_COLUMNS} FROM participants p JOIN conversations c "
                 "ON c.id = p.conversation_id WHERE p.user_id = ?"
             )
             params: tuple[int, ...] = (user_id,)
@@ -235,14 +230,14 @@ class SqliteStore:
                 sql += " AND c.application_id = ?"
                 params += (application_id,)
             sql += " ORDER BY c.update_at DESC, c.id DESC"
-            return [_conversation(r) for r in conn.execute(sql, params)]
+            return [conversation_of(r) for r in conn.execute(sql, params)]
 
         return await self._read(run)
 
     async def list_all_conversations(self) -> list[Conversation]:
         def run(conn: sqlite3.Connection) -> list[Conversation]:
-            sql = f"SELECT {_CONV} FROM conversations c ORDER BY c.update_at DESC, c.id DESC"
-            return [_conversation(r) for r in conn.execute(sql)]
+            sql = SELECT_ALL_CONVERSATIONS
+            return [conversation_of(r) for r in conn.execute(sql)]
 
         return await self._read(run)
 
@@ -255,26 +250,19 @@ class SqliteStore:
         limit: int,
     ) -> MessagePage:
         def run(conn: sqlite3.Connection) -> MessagePage:
-            base = (
-                f"SELECT {_MSG} FROM messages m JOIN conversations c ON c.id = m.conversation_id "
-                "WHERE m.conversation_id = ?"
-            )
+            base = SELECT_MESSAGES + "WHERE m.conversation_id = ?"
             if after_id is not None:
                 rows = conn.execute(
                     base + " AND m.id > ? ORDER BY m.id ASC LIMIT ?",
                     (conversation.id, after_id, limit + 1),
                 ).fetchall()
             else:
-                cursor = before_id if before_id is not None else 2**63 - 1
+                cursor = before_id if before_id is not None else NEWEST
                 rows = conn.execute(
                     base + " AND m.id < ? ORDER BY m.id DESC LIMIT ?",
                     (conversation.id, cursor, limit + 1),
                 ).fetchall()
-            has_more = len(rows) > limit
-            rows = rows[:limit]
-            if after_id is None:
-                rows.reverse()
-            return MessagePage(messages=[_message(r) for r in rows], has_more=has_more)
+            return page_of(rows, limit, newest_first=after_id is None)
 
         return await self._read(run)
 
@@ -290,9 +278,7 @@ class SqliteStore:
         now: int,
     ) -> SendOutcome:
         def run(conn: sqlite3.Connection) -> SendOutcome:
-            select = (
-                f"SELECT {_MSG} FROM messages m JOIN conversations c ON c.id = m.conversation_id "
-            )
+            select = SELECT_MESSAGES
             if client_msg_id is not None:
                 row = conn.execute(
                     select + "WHERE m.conversation_id = ? AND m.sender_id = ? "
@@ -300,7 +286,7 @@ class SqliteStore:
                     (conversation.id, sender_id, client_msg_id),
                 ).fetchone()
                 if row:
-                    return SendOutcome(_message(row), False, _participants(conn, conversation.id))
+                    return SendOutcome(message_of(row), False, _participants(conn, conversation.id))
             (message_id,) = conn.execute(
                 "INSERT INTO messages (conversation_id, sender_id, content, content_type, status, "
                 "client_msg_id, create_at, update_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?) RETURNING id",
