@@ -75,8 +75,9 @@ def test_migrate(tmp_path: Path) -> None:
     out = appchat("migrate", "--database", "sqlite:///data/x.db", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "data" / "x.db").exists()
+    assert "applied 1 migration(s)" in out.stdout
     again = appchat("migrate", "--database", "sqlite:///data/x.db", cwd=tmp_path)
-    assert again.returncode == 0 and "up to date" in again.stdout
+    assert again.returncode == 0 and "applied 0 migration(s)" in again.stdout
 
 
 async def test_dev_mode_generates_a_secret_prints_tokens_and_token_uses_it(tmp_path: Path) -> None:
@@ -133,3 +134,19 @@ def test_migrate_postgres_and_unreachable_database(tmp_path: Path) -> None:
     )
     assert out.returncode == 1
     assert "cannot start" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_busy_port_and_bad_log_level_are_one_line_errors(tmp_path: Path) -> None:
+    import socket
+
+    env = {"APPCHAT_JWT_SECRET": SECRET}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        out = appchat("serve", "--port", port, cwd=tmp_path, env=env)
+    assert out.returncode == 2, out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = appchat("serve", "--port", "0", "--log-level", "verbose", cwd=tmp_path, env=env)
+    assert out.returncode == 2 and "--log-level" in out.stderr and "Traceback" not in out.stderr

@@ -22,7 +22,7 @@ from .config import (
     settings_from,
 )
 from .errors import AppError, ConfigError
-from .store import open_store
+from .store import apply_migrations
 
 SERVE_OPTIONS = list(OPTIONS)
 TOKEN_OPTIONS = ["database", "jwt_secret", "jwt_secret_file"]
@@ -74,13 +74,8 @@ def token(ns: argparse.Namespace) -> int:
 
 
 def migrate(ns: argparse.Namespace) -> int:
-    async def run() -> None:
-        store = open_store(ns.database)
-        await store.open()
-        await store.close()
-
-    asyncio.run(run())
-    print(f"appchat: {ns.database} is up to date")
+    applied = apply_migrations(ns.database)
+    print(f"appchat: applied {applied} migration(s); {ns.database} is up to date")
     return 0
 
 
@@ -90,6 +85,8 @@ def serve(ns: argparse.Namespace) -> int:
         raise ConfigError("--dev listens on loopback only; drop --host or --dev")
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
+    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"--log-level {settings.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -115,7 +112,13 @@ async def _serve(node: Node, secret: bytes | None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await node.start()
+    try:
+        await node.start()
+    except OSError as exc:
+        await node.stop()
+        raise ConfigError(
+            f"cannot listen on {node.settings.host}:{node.settings.port}: {exc.strerror or exc}"
+        ) from exc
     url = f"{node.scheme}://{node.settings.host}:{node.port}/ws"
     if node.settings.dev and secret is not None:
         _print_dev_tokens(secret, url)
@@ -133,7 +136,7 @@ def _print_dev_tokens(secret: bytes, url: str) -> None:
         f"  staff 1:                      {staff}\n"
         f"    connect: {url}?sid=1  subprotocols ['access_token', '<token>']\n"
         f"  customer 2 of application 100: {customer}\n"
-        f"    connect: {url}?sid=2\n",
+        f"    connect: {url}?sid=2  subprotocols ['access_token', '<token>']\n",
         flush=True,
     )
 

@@ -61,11 +61,18 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "max_frame": (int, "largest incoming frame in bytes (bigger closes with 1009)"),
     "max_content": (int, "longest message content in characters"),
     "send_queue": (int, "frames queued per connection before it is dropped as slow (4008)"),
-    "heartbeat": (float, "seconds between pings; a peer silent for as long is dropped"),
+    "heartbeat": (
+        float,
+        "seconds of silence before the server pings; no pong within half of it drops "
+        "the connection (0: off)",
+    ),
     "rate": (float, "events a second per connection before rate_limited (0: no limit)"),
     "burst": (float, "events a connection may send at once above the rate"),
     "sqlite_busy_timeout": (float, "seconds a write waits for a lock held elsewhere"),
-    "sqlite_synchronous": (str, "FULL (survives power loss) or NORMAL (survives a crash)"),
+    "sqlite_synchronous": (
+        str,
+        "FULL or EXTRA (an ack survives power loss) or NORMAL (survives a process crash)",
+    ),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
     "channel_prefix": (str, "prefix of broker channels: nodes that talk share one"),
     "max_connections": (int, "connections this node accepts; more are refused with 503"),
@@ -109,7 +116,7 @@ def add_options(parser: argparse.ArgumentParser, names: list[str], env: Mapping[
             dest=name,
             type=kind,
             default=kind(default) if default is not None else None,
-            help=f"{text} [env {env_name(name)}]",
+            help=f"{text} [default: %(default)s; env {env_name(name)}]",
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 from ..errors import ConfigError
@@ -80,6 +81,26 @@ def open_store(url: str, *, synchronous: str = "FULL", busy_timeout: float = 30.
         from .postgres import PostgresStore
 
         return PostgresStore(url)
+    raise ConfigError(
+        f"unsupported database URL {url!r} (expected sqlite:///PATH or postgresql://…)"
+    )
+
+
+def apply_migrations(url: str) -> int:
+    """Apply pending schema migrations to the database at ``url``; returns how many."""
+    from .migrate import apply_postgres_migrations, apply_sqlite_migrations
+
+    try:
+        if url.startswith("sqlite://"):
+            path = sqlite_path(url)
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return apply_sqlite_migrations(path)
+        if url.startswith(("postgresql://", "postgres://")):
+            return apply_postgres_migrations(url)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"cannot migrate {url}: {exc}") from exc
     raise ConfigError(
         f"unsupported database URL {url!r} (expected sqlite:///PATH or postgresql://…)"
     )
