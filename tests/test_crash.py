@@ -68,9 +68,29 @@ async def _load_then(srv: ServerProcess, app: int, sig: int, after: int) -> dict
     return acked
 
 
-async def _verify_after_restart(srv: ServerProcess, app: int, acked: dict[str, int]) -> None:
+async def _stored(c: Client, app: int) -> list[dict[str, object]]:
+    stored: list[dict[str, object]] = []
+    cursor = 0
+    while True:
+        page = await c.ok(
+            "Event.GetMessageList", {"session_channel": str(app), "after_id": cursor, "limit": 500}
+        )
+        stored += page["Messages"]
+        if not page["has_more"]:
+            return stored
+        cursor = stored[-1]["id"]  # type: ignore[assignment]
+
+
+async def _verify_after_restart(
+    srv: ServerProcess, app: int, acked: dict[str, int], *, all_stored_acked: bool = False
+) -> None:
     srv.start()
     try:
+        if all_stored_acked:
+            # a graceful stop finished what it was doing and sent every reply first
+            async with client(srv, 1, token(admin_id=1)) as s:
+                before = {str(m["content"]): m["id"] for m in await _stored(s, app)}
+            assert before == acked
         # every client reconnects and retries everything it sent, same client_msg_id
         for k in range(CLIENTS):
             async with client(srv, 10 + k, token(admin_id=10 + k)) as c:
@@ -83,17 +103,7 @@ async def _verify_after_restart(srv: ServerProcess, app: int, acked: dict[str, i
                     if cmid in acked:
                         assert retry["message"]["id"] == acked[cmid], cmid
         async with client(srv, 1, token(admin_id=1)) as s:
-            stored: list[dict[str, object]] = []
-            cursor = 0
-            while True:
-                page = await s.ok(
-                    "Event.GetMessageList",
-                    {"session_channel": str(app), "after_id": cursor, "limit": 500},
-                )
-                stored += page["Messages"]
-                if not page["has_more"]:
-                    break
-                cursor = stored[-1]["id"]  # type: ignore[assignment]
+            stored = await _stored(s, app)
             contents = [m["content"] for m in stored]
             assert len(contents) == len(set(contents)) == CLIENTS * PER_CLIENT
             by_content = {m["content"]: m["id"] for m in stored}
@@ -116,4 +126,4 @@ async def test_sigterm_mid_load_drains_and_exits_0(tmp_path: Path) -> None:
     acked = await _load_then(srv, 2, signal.SIGTERM, after=200)
     assert srv.stop() == 0
     assert len(acked) >= 200
-    await _verify_after_restart(srv, 2, acked)
+    await _verify_after_restart(srv, 2, acked, all_stored_acked=True)

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import datetime
 import os
+import signal
 import socket
 import ssl
 import time
@@ -272,5 +273,85 @@ async def test_dead_connections_are_reaped_other_devices_unaffected(tmp_path: Pa
                 assert metric(srv, "appchat_connections") == 2
             finally:
                 dead.close()
+    finally:
+        srv.stop()
+
+
+def events_served(srv: ServerProcess, event: str) -> float:
+    return metric(srv, f'appchat_events_total{{event="{event}",outcome="ok"}}')
+
+
+async def test_a_client_that_reads_no_replies_is_not_read_either(tmp_path: Path) -> None:
+    """Replies wait in a bounded buffer; while it is full the server takes no new request,
+    so a client pipelining big requests without reading cannot grow the server's memory."""
+    srv = ServerProcess(
+        tmp_path / "b.db",
+        "--rate",
+        "0",
+        "--send-buffer",
+        "262144",
+        "--sqlite-synchronous",
+        "NORMAL",
+    ).start()
+    try:
+        async with client(srv, 1, token(admin_id=1)) as s:
+            await s.ok("Event.AddConversation", {"application_id": 3})
+            for _ in range(100):
+                big = base64.b64encode(os.urandom(2900)).decode()
+                await s.ok("Event.SendMessage", {"session_channel": "3", "content": big})
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        greedy = await connect(
+            srv.url(2),
+            subprotocols=["access_token", token(admin_id=2)],  # type: ignore[list-item]
+            sock=sock,
+            max_queue=1,
+            ping_interval=None,
+            compression=None,
+        )
+        try:
+            request = '{"name":"Event.GetMessageList","args":{"session_channel":"3","limit":100}}'
+            for _ in range(200):  # about 80 MB of replies if all were produced
+                await greedy.send(request)
+            await asyncio.sleep(3)
+            served = await asyncio.to_thread(events_served, srv, "Event.GetMessageList")
+            assert served < 60, served  # what the socket buffers took, then no more
+            async with client(srv, 1, token(admin_id=1)) as other:  # others are served
+                await other.ok("Event.GetUnreadInfo", {})
+        finally:
+            greedy.transport.abort()
+    finally:
+        srv.stop()
+
+
+async def test_sigterm_finishes_although_a_client_reads_nothing(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path / "q.db", "--rate", "0").start()
+    try:
+        async with client(srv, 1, token(admin_id=1)) as s:
+            await s.ok("Event.AddConversation", {"application_id": 4})
+            for _ in range(50):
+                big = base64.b64encode(os.urandom(2900)).decode()
+                await s.ok("Event.SendMessage", {"session_channel": "4", "content": big})
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck = await connect(
+            srv.url(2),
+            subprotocols=["access_token", token(admin_id=2)],  # type: ignore[list-item]
+            sock=sock,
+            max_queue=1,
+            ping_interval=None,
+            compression=None,
+        )
+        request = '{"name":"Event.GetMessageList","args":{"session_channel":"4","limit":50}}'
+        for _ in range(60):
+            await stuck.send(request)
+        await asyncio.sleep(1)
+        assert srv.proc is not None
+        started = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(srv.proc.wait, 30)
+        assert code == 0
+        assert time.monotonic() - started < 15
+        stuck.transport.abort()
     finally:
         srv.stop()

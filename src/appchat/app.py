@@ -58,6 +58,7 @@ class Node:
             WsOptions(
                 max_frame=settings.max_frame,
                 send_queue=settings.send_queue,
+                send_buffer=settings.send_buffer,
                 heartbeat=settings.heartbeat or None,
                 trust_query_sid=settings.trust_query_sid,
                 rate=settings.rate,

@@ -93,7 +93,8 @@ class TokenVerifier:
     """Checks signature, algorithm and lifetime of a token and reads its claims.
 
     Several keys may be configured at once (rotation): a token's ``kid`` header picks
-    its key; a token without one is tried against the keys configured without a kid.
+    its key; a token without one (or with a kid no key has) is tried against the keys
+    configured without a kid.
     Each key verifies only its own algorithm, so no HS/RS confusion is possible.
     """
 
@@ -118,13 +119,14 @@ class TokenVerifier:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
             raise Unauthorized("token is malformed") from None
+        # A kid picks its keys; an unknown or absent kid falls back to the keys configured
+        # without one (issuers often add a kid the server was not told about).
         kid = header.get("kid")
-        if kid is not None:
-            keys = [k for k in self._keys if k.kid == kid]
-            if not keys:
-                raise Unauthorized("token key id is not known")
-        else:
-            keys = [k for k in self._keys if k.kid is None] or self._keys
+        keys = [k for k in self._keys if kid is not None and k.kid == kid]
+        if not keys:
+            keys = [k for k in self._keys if k.kid is None]
+        if not keys:
+            raise Unauthorized("token key id is not known")
         keys = [k for k in keys if k.algorithm == header.get("alg")]
         if not keys:
             raise Unauthorized("token algorithm is not allowed")

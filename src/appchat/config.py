@@ -32,6 +32,7 @@ class Settings:
     max_frame: int = 64 * 1024
     max_content: int = 4000
     send_queue: int = 1024
+    send_buffer: int = 4 * 1024 * 1024
     heartbeat: float = 30.0
     rate: float = 50.0
     burst: float = 100.0
@@ -61,6 +62,7 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "max_frame": (int, "largest incoming frame in bytes (bigger closes with 1009)"),
     "max_content": (int, "longest message content in characters"),
     "send_queue": (int, "frames queued per connection before it is dropped as slow (4008)"),
+    "send_buffer": (int, "bytes queued per connection before it is dropped as slow (4008)"),
     "heartbeat": (
         float,
         "seconds of silence before the server pings; no pong within half of it drops "

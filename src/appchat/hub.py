@@ -25,7 +25,12 @@ CLOSE_SLOW_CONSUMER = 4008
 
 
 class Connection:
-    """One WebSocket as the hub sees it: who it is and a bounded queue of frames to write."""
+    """One WebSocket as the hub sees it: who it is, and the frames waiting to be written.
+
+    What waits is bounded in frames and in bytes. A push that does not fit marks the
+    client as too slow (it is then disconnected); a reply always fits, because the
+    reader takes no new request while there is no room (``room()``).
+    """
 
     def __init__(
         self,
@@ -33,14 +38,22 @@ class Connection:
         principal: Principal,
         *,
         max_queue: int,
+        max_bytes: int,
         on_overflow: Callable[[Connection], None],
     ) -> None:
         self.id = conn_id
         self._principal = principal
         self.renewed = asyncio.Event()  # set when RefreshToken replaced the principal
-        self.outbox: asyncio.Queue[bytes] = asyncio.Queue(max_queue)
+        self.outbox: asyncio.Queue[bytes] = asyncio.Queue()  # bounded by the accounting
+        self.queued_bytes = 0
+        self._max_queue = max_queue
+        self._max_bytes = max_bytes
+        self._room = asyncio.Event()
+        self._room.set()
         self._on_overflow = on_overflow
         self.overflowed = False
+        self.busy = False  # serving a request right now
+        self.draining = False  # the node is shutting down: finish, then close
 
     @property
     def principal(self) -> Principal:
@@ -51,15 +64,36 @@ class Connection:
         self._principal = value
         self.renewed.set()
 
-    def send(self, frame: bytes) -> None:
-        """Queue a frame; a client too slow to keep its queue short is disconnected."""
+    def push(self, frame: bytes) -> None:
+        """Queue a push; a client too slow to take its pushes is disconnected."""
         if self.overflowed:
             return
-        try:
-            self.outbox.put_nowait(frame)
-        except asyncio.QueueFull:
+        full = self.outbox.qsize() >= self._max_queue
+        if full or self.queued_bytes + len(frame) > self._max_bytes:
             self.overflowed = True
             self._on_overflow(self)
+            return
+        self._enqueue(frame)
+
+    def reply(self, frame: bytes) -> None:
+        """Queue the reply to a request (the reader waited for room before reading it)."""
+        self._enqueue(frame)
+
+    def _enqueue(self, frame: bytes) -> None:
+        self.outbox.put_nowait(frame)
+        self.queued_bytes += len(frame)
+        if self.queued_bytes > self._max_bytes or self.outbox.qsize() >= self._max_queue:
+            self._room.clear()
+
+    def written(self, frame: bytes) -> None:
+        """The writer handed ``frame`` to the socket."""
+        self.queued_bytes -= len(frame)
+        if self.queued_bytes <= self._max_bytes and self.outbox.qsize() < self._max_queue:
+            self._room.set()
+        self.outbox.task_done()
+
+    async def room(self) -> None:
+        await self._room.wait()
 
 
 def _envelope(origin: str | None, application_id: int, frame: bytes) -> bytes:
@@ -100,12 +134,12 @@ class Hub:
         return sum(len(conns) for conns in self._by_user.values())
 
     async def register(self, conn: Connection) -> None:
+        """Route the participant's pushes to ``conn``; raises if the broker refuses."""
         user_id = conn.principal.sid
         async with self._lock:
-            first = user_id not in self._by_user
-            self._by_user[user_id].add(conn)
-            if first:
+            if user_id not in self._by_user:
                 await self._broker.subscribe(self._channel(user_id))
+            self._by_user[user_id].add(conn)
 
     async def unregister(self, conn: Connection) -> None:
         user_id = conn.principal.sid
@@ -139,10 +173,10 @@ class Hub:
             return
         for conn in list(self._by_user.get(user_id, ())):
             if conn.id != origin and conn.principal.may_read_application(application_id):
-                conn.send(frame)
+                conn.push(frame)
 
     async def resync(self) -> None:
         """Tell every local connection it may have missed pushes and should refetch."""
         frame = push(RESYNC, None)
         for conn in self.connections:
-            conn.send(frame)
+            conn.push(frame)

@@ -8,12 +8,7 @@ from enum import StrEnum
 
 MAX_ID = 2**63 - 1
 
-TEXT = 1
-IMAGE = 2
-CONTENT_TYPES = frozenset({TEXT, IMAGE})
-
-UNREAD = 0
-READ = 1
+TEXT = 1  # content_type; 2 is an image
 
 
 def now_us() -> int:

@@ -18,6 +18,7 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONTENT = 4000
+MAX_INBOX = 1000  # conversations in a staff inbox (GetConversationList "all": true)
 
 
 class Fanout(Protocol):
@@ -164,7 +165,7 @@ class ChatService:
         user_id = self._actor(p, args.user_id, "user_id")
         await self._not_impersonating_staff_in_own(p, user_id)
         if args.all and p.is_staff:
-            conversations = await self._store.list_all_conversations()
+            conversations = await self._store.list_all_conversations(limit=MAX_INBOX)
         else:
             conversations = await self._store.list_conversations(
                 user_id, application_id=p.application_id

@@ -15,7 +15,11 @@ import secrets
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import Unavailable
 from . import Handler, ResyncHandler
@@ -27,7 +31,17 @@ _FAULTS = (RedisError, OSError, TimeoutError)
 
 class RedisBroker:
     def __init__(self, url: str, *, max_backoff: float = 2.0) -> None:
-        self._client = aioredis.from_url(url, socket_connect_timeout=2.0)
+        # Publishing retries once its pooled connection turns out stale (a Redis restart)
+        # and never hangs on a Redis that stopped answering.
+        self._client = aioredis.from_url(
+            url,
+            socket_connect_timeout=2.0,
+            socket_timeout=5.0,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
+        # The pub/sub connection waits for messages indefinitely: no socket timeout.
+        self._subscriber = aioredis.from_url(url, socket_connect_timeout=2.0)
         self._max_backoff = max_backoff
         # Keeps the pub/sub connection open (and its loss noticed) with no participant on.
         self._own = f"appchat:node:{secrets.token_hex(8)}"
@@ -59,6 +73,7 @@ class RedisBroker:
                 await self._pubsub.aclose()
             self._pubsub = None
         await self._client.aclose()
+        await self._subscriber.aclose()
 
     async def ping(self) -> None:
         if not self._healthy:
@@ -87,7 +102,7 @@ class RedisBroker:
                 await self._pubsub.unsubscribe(channel)
 
     async def _subscribe_all(self) -> Any:
-        pubsub: Any = self._client.pubsub()
+        pubsub: Any = self._subscriber.pubsub()
         try:
             await pubsub.subscribe(*self._channels)
         except BaseException:
@@ -124,12 +139,22 @@ class RedisBroker:
         delay = 0.05
         while True:
             try:
+                wanted = set(self._channels)
                 self._pubsub = await self._subscribe_all()
+                self._healthy = True
+                # (un)subscriptions made while reconnecting found no connection to use
+                while self._channels != wanted:
+                    added, removed = self._channels - wanted, wanted - self._channels
+                    wanted = set(self._channels)
+                    if added:
+                        await self._pubsub.subscribe(*added)
+                    if removed:
+                        await self._pubsub.unsubscribe(*removed)
                 break
             except _FAULTS:
+                self._healthy = False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._max_backoff)
-        self._healthy = True
         log.info("broker connection back; %d channels resubscribed", len(self._channels))
         if self._on_resync is not None:
             result = self._on_resync()

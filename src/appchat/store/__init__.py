@@ -37,7 +37,8 @@ class Store(Protocol):
     ) -> list[Conversation]:
         """Conversations ``user_id`` takes part in, newest activity first."""
 
-    async def list_all_conversations(self) -> list[Conversation]: ...
+    async def list_all_conversations(self, *, limit: int) -> list[Conversation]:
+        """Every conversation, newest activity first, at most ``limit``."""
 
     async def list_messages(
         self,

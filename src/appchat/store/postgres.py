@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Connection trouble, a server shutting down or out of resources: try again later.
-_UNAVAILABLE_CLASSES = ("08", "53", "57")
+# Connection trouble, a transaction rolled back by a deadlock or serialization failure,
+# a server out of resources or shutting down: try again later.
+_UNAVAILABLE_CLASSES = ("08", "40", "53", "57")
 
 
 def translate(exc: BaseException) -> AppError:
@@ -169,9 +170,9 @@ class PostgresStore:
 
         return await self._run(run, tx=False)
 
-    async def list_all_conversations(self) -> list[Conversation]:
+    async def list_all_conversations(self, *, limit: int) -> list[Conversation]:
         async def run(conn: asyncpg.Connection) -> list[Conversation]:
-            rows = await conn.fetch(SELECT_ALL_CONVERSATIONS)
+            rows = await conn.fetch(SELECT_ALL_CONVERSATIONS + "$1", limit)
             return [conversation_of(r) for r in rows]
 
         return await self._run(run, tx=False)

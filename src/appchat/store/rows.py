@@ -16,7 +16,8 @@ SELECT_MESSAGES = (
     f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN conversations c ON c.id = m.conversation_id "
 )
 SELECT_ALL_CONVERSATIONS = (
-    f"SELECT {CONVERSATION_COLUMNS} FROM conversations c ORDER BY c.update_at DESC, c.id DESC"
+    f"SELECT {CONVERSATION_COLUMNS} FROM conversations c ORDER BY c.update_at DESC, c.id DESC "
+    "LIMIT "
 )
 NEWEST = 2**63 - 1  # the ``before_id`` cursor of the default page
 

@@ -234,10 +234,10 @@ class SqliteStore:
 
         return await self._read(run)
 
-    async def list_all_conversations(self) -> list[Conversation]:
+    async def list_all_conversations(self, *, limit: int) -> list[Conversation]:
         def run(conn: sqlite3.Connection) -> list[Conversation]:
-            sql = SELECT_ALL_CONVERSATIONS
-            return [conversation_of(r) for r in conn.execute(sql)]
+            rows = conn.execute(SELECT_ALL_CONVERSATIONS + "?", (limit,))
+            return [conversation_of(r) for r in rows]
 
         return await self._read(run)
 

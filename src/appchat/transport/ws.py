@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..auth import TokenVerifier, bind
-from ..errors import BadRequest, Unauthorized
+from ..auth import TokenVerifier, bind, parse_id
+from ..errors import AppError, BadRequest, Unauthorized
 from ..events import error_reply, rate_limited_reply
 from ..hub import CLOSE_SLOW_CONSUMER, Connection, Hub
-from ..models import MAX_ID
 from ..observability import Metrics
 from ..ratelimit import TokenBucket
 from ..service import ChatService
@@ -25,13 +24,14 @@ log = logging.getLogger(__name__)
 
 SUBPROTOCOL = "access_token"
 CLOSE_TOKEN_EXPIRED = 4001
-SLOW_CLOSE_TIMEOUT = 2.0  # seconds a slow consumer gets to take its close frame
+CLOSE_TIMEOUT = 2.0  # seconds a client gets to take its last frames and the close frame
 
 
 @dataclass(frozen=True, slots=True)
 class WsOptions:
     max_frame: int = 64 * 1024
     send_queue: int = 1024
+    send_buffer: int = 4 * 1024 * 1024  # bytes waiting to be written, per connection
     heartbeat: float | None = 30.0
     trust_query_sid: bool = False
     rate: float = 50.0  # events a second per connection; 0 switches limiting off
@@ -51,9 +51,10 @@ class HandshakeError(Exception):
 def parse_sid(raw: str | None) -> int:
     if raw is None or raw == "":
         raise HandshakeError(400, "missing sid query parameter")
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or not 1 <= int(raw) <= MAX_ID:
+    sid = parse_id(raw)
+    if sid is None:
         raise HandshakeError(400, "sid must be a positive 64-bit integer")
-    return int(raw)
+    return sid
 
 
 def token_from_protocols(values: list[str]) -> str:
@@ -87,8 +88,13 @@ class WebSocketEndpoint:
         self._verifier = verifier
         self._options = options
         self._clock = clock
-        self.sockets: set[web.WebSocketResponse] = set()
+        self._live: dict[Connection, asyncio.Task[None]] = {}  # connection -> its reader
+        self._handlers: set[asyncio.Task[object]] = set()
         self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._live)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -111,27 +117,45 @@ class WebSocketEndpoint:
         )
         if not ws.can_prepare(request).ok:
             return self._refuse(400, "expected a WebSocket upgrade")
-        await ws.prepare(request)
-
+        transport = request.transport
         conn = Connection(
             self._hub.new_connection_id(),
             principal,
             max_queue=self._options.send_queue,
-            on_overflow=lambda c: self._drop_slow(ws, request),
+            max_bytes=self._options.send_buffer,
+            on_overflow=lambda c: self._drop_slow(ws, transport),
         )
-        self.sockets.add(ws)
-        self._metrics.connections.inc()
-        await self._hub.register(conn)
-        writer = asyncio.create_task(self._write_loop(ws, conn))
-        expiry = asyncio.create_task(self._expire(ws, conn))
         try:
-            await self._read_loop(ws, conn)
+            await self._hub.register(conn)
+        except AppError as exc:
+            return self._refuse(503, exc.message)
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
+        self._metrics.connections.inc()
+        writer = expiry = None
+        try:
+            await ws.prepare(request)
+            writer = asyncio.create_task(self._write_loop(ws, conn))
+            expiry = asyncio.create_task(self._expire(ws, transport, conn))
+            reader = asyncio.create_task(self._read_loop(ws, conn))
+            self._live[conn] = reader
+            try:
+                await asyncio.wait([reader])
+            finally:
+                reader.cancel()
         finally:
-            expiry.cancel()
+            self._live.pop(conn, None)
+            if expiry is not None:
+                expiry.cancel()
             await self._hub.unregister(conn)
-            await self._drain(writer, conn)
-            self.sockets.discard(ws)
+            if writer is not None:
+                await self._flush(writer, conn)
+            if conn.draining:
+                await self._close(ws, transport, WSCloseCode.GOING_AWAY, "server shutdown")
             self._metrics.connections.dec()
+            if handler is not None:
+                self._handlers.discard(handler)
         return ws
 
     def _check_origin(self, origin: str | None) -> None:
@@ -141,7 +165,7 @@ class WebSocketEndpoint:
             raise HandshakeError(403, f"origin {origin[:200]} is not allowed")
 
     def _check_capacity(self, sid: int) -> None:
-        if len(self.sockets) >= self._options.max_connections:
+        if len(self._handlers) >= self._options.max_connections:
             raise HandshakeError(503, "the server is at its connection limit, try again later")
         if self._hub.connection_count(sid) >= self._options.max_connections_per_user:
             raise HandshakeError(429, "too many connections for this participant")
@@ -152,16 +176,24 @@ class WebSocketEndpoint:
 
     async def _read_loop(self, ws: web.WebSocketResponse, conn: Connection) -> None:
         bucket = TokenBucket(self._options.rate, self._options.burst)
-        async for msg in ws:
+        while not conn.draining:
+            await conn.room()  # a client that does not read its replies is not read either
+            msg = await ws.receive()
             if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY) and not bucket.allow():
-                conn.send(rate_limited_reply(msg.data if msg.type is WSMsgType.TEXT else None))
+                conn.reply(rate_limited_reply(msg.data if msg.type is WSMsgType.TEXT else None))
             elif msg.type is WSMsgType.TEXT:
-                conn.send(await self._service.handle(conn, msg.data))
+                conn.busy = True
+                try:
+                    conn.reply(await self._service.handle(conn, msg.data))
+                finally:
+                    conn.busy = False
             elif msg.type is WSMsgType.BINARY:
-                conn.send(error_reply(None, BadRequest("binary frames are not supported")))
+                conn.reply(error_reply(None, BadRequest("binary frames are not supported")))
             elif msg.type is WSMsgType.ERROR:
                 log.debug("websocket error on %s: %s", conn.id, ws.exception())
-                break
+                return
+            elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
 
     async def _write_loop(self, ws: web.WebSocketResponse, conn: Connection) -> None:
         while True:
@@ -171,52 +203,59 @@ class WebSocketEndpoint:
             except (ConnectionError, RuntimeError):
                 return
             finally:
-                conn.outbox.task_done()
+                conn.written(frame)
 
-    async def _drain(self, writer: asyncio.Task[None], conn: Connection) -> None:
-        """Let the writer flush what is queued if the socket still takes it, then stop it."""
+    async def _flush(self, writer: asyncio.Task[None], conn: Connection) -> None:
+        """Let the writer hand over what is queued if the socket still takes it, then stop."""
         if not writer.done():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(conn.outbox.join(), timeout=1.0)
+                await asyncio.wait_for(conn.outbox.join(), timeout=CLOSE_TIMEOUT)
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await writer
 
-    async def _expire(self, ws: web.WebSocketResponse, conn: Connection) -> None:
+    async def _expire(
+        self, ws: web.WebSocketResponse, transport: asyncio.Transport | None, conn: Connection
+    ) -> None:
         while True:
             delay = conn.principal.exp - self._clock()
             if delay <= 0:
                 self._metrics.disconnects.labels("token expired").inc()
-                await ws.close(code=CLOSE_TOKEN_EXPIRED, message=b"token expired")
+                await self._close(ws, transport, CLOSE_TOKEN_EXPIRED, "token expired")
                 return
             conn.renewed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(conn.renewed.wait(), min(delay, 3600.0))
 
-    def _drop_slow(self, ws: web.WebSocketResponse, request: web.Request) -> None:
-        """Close a client that stopped reading: 4008 if the frame still gets through,
-        else cut the TCP connection (its buffers are full, so a close frame may never)."""
+    def _drop_slow(self, ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
         self._metrics.disconnects.labels("slow consumer").inc()
-        transport = request.transport
-
-        async def close() -> None:
-            with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
-                await asyncio.wait_for(
-                    ws.close(code=CLOSE_SLOW_CONSUMER, message=b"slow consumer"),
-                    SLOW_CLOSE_TIMEOUT,
-                )
-            if transport is not None:
-                # close() waits for the buffer to flush, which this client never allows
-                transport.abort()
-
-        task = asyncio.get_running_loop().create_task(close())
+        task = asyncio.get_running_loop().create_task(
+            self._close(ws, transport, CLOSE_SLOW_CONSUMER, "slow consumer")
+        )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def close_all(
-        self, code: int = WSCloseCode.GOING_AWAY, reason: str = "server shutdown"
+    @staticmethod
+    async def _close(
+        ws: web.WebSocketResponse, transport: asyncio.Transport | None, code: int, reason: str
     ) -> None:
-        await asyncio.gather(
-            *(ws.close(code=code, message=reason.encode()) for ws in list(self.sockets)),
-            return_exceptions=True,
-        )
+        """Close with ``code``; if the close frame cannot get through in time (a client
+        that reads nothing), cut the TCP connection instead."""
+        with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
+            await asyncio.wait_for(ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT)
+            return
+        if transport is not None:
+            # ws.close() gave up with a graceful transport close, which waits for buffers
+            # this client never empties.
+            transport.abort()
+
+    async def close_all(self, grace: float = 10.0) -> None:
+        """Shutdown: take no new requests, let the ones in flight finish and their replies
+        go out, then close every connection with 1001."""
+        for conn, reader in list(self._live.items()):
+            conn.draining = True
+            if not conn.busy:
+                reader.cancel()  # waiting for a frame: nothing in flight
+        handlers = [h for h in self._handlers if h is not asyncio.current_task()]
+        if handlers:
+            await asyncio.wait(handlers, timeout=grace)
