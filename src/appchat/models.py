@@ -91,7 +91,7 @@ class MessagePage:
 class SendOutcome:
     message: Message
     created: bool  # False when client_msg_id matched an earlier message
-    participants: list[int]
+    participants: list[int]  # who gets the push (empty for a retry: nothing is pushed)
 
 
 @dataclass(frozen=True, slots=True)

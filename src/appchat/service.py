@@ -18,6 +18,7 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONTENT = 4000
+MAX_KNOWN_CONVERSATIONS = 100_000  # application -> conversation, remembered per node
 MAX_INBOX = 1000  # conversations in a staff inbox (GetConversationList "all": true)
 
 
@@ -56,6 +57,7 @@ class ChatService:
         self._verifier = verifier
         self._limits = limits or Limits()
         self._trust_query_sid = trust_query_sid
+        self._known: dict[int, Conversation] = {}
         self._metrics = metrics or Metrics()
         self._now = clock_us
         self._handlers: dict[str, Callable[[Session, dict[str, Any]], Awaitable[Any]]] = {
@@ -126,7 +128,7 @@ class ChatService:
         """The same rule for events that span conversations: a customer has just one."""
         if principal.is_staff or principal.bound or principal.application_id is None:
             return
-        conversation = await self._store.get_conversation(principal.application_id)
+        conversation = await self._conversation(principal.application_id)
         if conversation is not None:
             await self._not_impersonating_staff(principal, conversation.id, user_id)
 
@@ -138,10 +140,23 @@ class ChatService:
                 raise Forbidden("you may not access this conversation")
             raise NotFound("no such conversation")
         self._check_application(principal, application_id)
-        conversation = await self._store.get_conversation(application_id)
+        conversation = await self._conversation(application_id)
         if conversation is None:
             raise NotFound("no such conversation")
         await self._not_impersonating_staff(principal, conversation.id, actor)
+        return conversation
+
+    async def _conversation(self, application_id: int) -> Conversation | None:
+        """Which conversation belongs to an application never changes once created, so this
+        node remembers it (only ``id`` and ``application_id`` of the result are used)."""
+        known = self._known.get(application_id)
+        if known is not None:
+            return known
+        conversation = await self._store.get_conversation(application_id)
+        if conversation is not None:
+            if len(self._known) >= MAX_KNOWN_CONVERSATIONS:
+                self._known.clear()
+            self._known[application_id] = conversation
         return conversation
 
     # --- events ---------------------------------------------------------------------------------

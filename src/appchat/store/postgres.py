@@ -79,6 +79,7 @@ class PostgresStore:
                 max_size=self._max,
                 timeout=self._connect_timeout,
                 command_timeout=self._command_timeout,
+                reset=_keep_session,
             )
         except Exception as exc:
             raise translate(exc) from exc
@@ -235,18 +236,26 @@ class PostgresStore:
                 if row:
                     # A retry: raise to undo the update_at bump, answer with the first one.
                     raise _Duplicate(message_of(row))
-            message_id = await conn.fetchval(
-                "INSERT INTO messages (conversation_id, sender_id, content, content_type, "
-                "status, client_msg_id, create_at, update_at) "
-                "VALUES ($1, $2, $3, $4, 0, $5, $6, $6) RETURNING id",
+            # One round trip: store the message, make the sender a participant, and list
+            # the participants (the sender among them: the CTE's insert is not visible).
+            message_id, participants = await conn.fetchrow(
+                "WITH m AS (INSERT INTO messages (conversation_id, sender_id, content, "
+                "content_type, status, client_msg_id, create_at, update_at) "
+                "VALUES ($1, $2, $3, $4, 0, $5, $6, $6) RETURNING id), "
+                "j AS (INSERT INTO participants (conversation_id, user_id, is_staff, "
+                "read_position, joined_at) VALUES ($1, $2, $7, 0, $6) "
+                "ON CONFLICT (conversation_id, user_id) DO UPDATE SET is_staff = TRUE "
+                "WHERE EXCLUDED.is_staff AND NOT participants.is_staff) "
+                "SELECT (SELECT id FROM m), ARRAY(SELECT user_id FROM participants "
+                "WHERE conversation_id = $1 UNION SELECT $2::bigint)",
                 conversation.id,
                 sender_id,
                 content,
                 content_type,
                 client_msg_id,
                 now,
+                staff,
             )
-            await _join(conn, conversation.id, sender_id, staff, now)
             message = Message(
                 id=message_id,
                 application_id=conversation.application_id,
@@ -258,16 +267,12 @@ class PostgresStore:
                 update_at=now,
                 client_msg_id=client_msg_id,
             )
-            return SendOutcome(message, True, await _participants(conn, conversation.id))
+            return SendOutcome(message, True, list(participants))
 
         try:
             return await self._run(run, tx=True)
         except _Duplicate as dup:
-
-            async def participants(conn: asyncpg.Connection) -> list[int]:
-                return await _participants(conn, conversation.id)
-
-            return SendOutcome(dup.found, False, await self._run(participants, tx=False))
+            return SendOutcome(dup.found, False, [])  # nothing is pushed again
 
     async def read_messages(
         self, conversation: Conversation, *, reader_id: int, staff: bool, message_id: int, now: int
@@ -288,7 +293,7 @@ class PostgresStore:
                 reader_id,
             )
             if message_id <= position:
-                return ReadOutcome(False, await _participants(conn, conversation.id))
+                return ReadOutcome(False, [])  # nothing moved: nothing is pushed
             await conn.execute(
                 "UPDATE participants SET read_position = $3 "
                 "WHERE conversation_id = $1 AND user_id = $2",
@@ -327,6 +332,12 @@ class PostgresStore:
             return [UnreadCount(r[0], r[1]) for r in rows]
 
         return await self._run(run, tx=False)
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Nothing to reset when a connection returns to the pool: appchat changes no session
+    state (every transaction is closed by its context manager), so this saves asyncpg's
+    reset query, a round trip per use."""
 
 
 class _Duplicate(AppError):

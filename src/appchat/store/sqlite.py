@@ -286,7 +286,7 @@ class SqliteStore:
                     (conversation.id, sender_id, client_msg_id),
                 ).fetchone()
                 if row:
-                    return SendOutcome(message_of(row), False, _participants(conn, conversation.id))
+                    return SendOutcome(message_of(row), False, [])  # nothing is pushed again
             (message_id,) = conn.execute(
                 "INSERT INTO messages (conversation_id, sender_id, content, content_type, status, "
                 "client_msg_id, create_at, update_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?) RETURNING id",
@@ -327,7 +327,7 @@ class SqliteStore:
                 (conversation.id, reader_id),
             ).fetchone()
             if message_id <= position:
-                return ReadOutcome(False, _participants(conn, conversation.id))
+                return ReadOutcome(False, [])  # nothing moved: nothing is pushed
             conn.execute(
                 "UPDATE participants SET read_position = ? "
                 "WHERE conversation_id = ? AND user_id = ?",
