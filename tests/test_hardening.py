@@ -12,6 +12,7 @@ import ssl
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -19,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from .support import SECRET, ServerProcess, client, token
@@ -186,21 +187,40 @@ def metric(srv: ServerProcess, name: str) -> float:
     return 0.0
 
 
+def incompressible() -> str:
+    """About 3.9 KB that permessage-deflate cannot shrink."""
+    return base64.b64encode(os.urandom(2900)).decode()
+
+
+async def store_messages(srv: ServerProcess, app: int, count: int) -> None:
+    async with client(srv, 1, token(admin_id=1)) as s:
+        await s.ok("Event.AddConversation", {"application_id": app})
+        for _ in range(count):
+            await s.ok(
+                "Event.SendMessage", {"session_channel": str(app), "content": incompressible()}
+            )
+
+
+async def non_reader(srv: ServerProcess, sid: int, **kwargs: Any) -> ClientConnection:
+    """A client that stops reading: a tiny receive buffer and nobody calling recv."""
+    sock = socket.create_connection(("127.0.0.1", srv.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return await connect(
+        srv.url(sid),
+        subprotocols=["access_token", token(admin_id=sid)],  # type: ignore[list-item]
+        sock=sock,
+        max_queue=1,
+        ping_interval=None,
+        **kwargs,
+    )
+
+
 async def test_slow_consumer_is_dropped_and_never_delays_others(tmp_path: Path) -> None:
     srv = ServerProcess(
         tmp_path / "s.db", "--send-queue", "16", "--rate", "0", "--sqlite-synchronous", "NORMAL"
     ).start()
     try:
-        # a client that stops reading: a tiny receive buffer and nobody calling recv
-        sock = socket.create_connection(("127.0.0.1", srv.port))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        slow = await connect(
-            srv.url(7),
-            subprotocols=["access_token", token(admin_id=7)],  # type: ignore[list-item]
-            sock=sock,
-            max_queue=1,
-            ping_interval=None,
-        )
+        slow = await non_reader(srv, 7)
         async with (
             client(srv, 1, token(admin_id=1)) as sender,
             client(srv, 8, token(admin_id=8)) as fast,
@@ -210,9 +230,9 @@ async def test_slow_consumer_is_dropped_and_never_delays_others(tmp_path: Path) 
                 await sender.ok("Event.AddConversation", {"application_id": 42, "user_id": sid})
             count = 1500
             for _ in range(count):
-                # incompressible, so permessage-deflate cannot shrink it
-                big = base64.b64encode(os.urandom(2900)).decode()
-                await sender.ok("Event.SendMessage", {"session_channel": "42", "content": big})
+                await sender.ok(
+                    "Event.SendMessage", {"session_channel": "42", "content": incompressible()}
+                )
             for _ in range(count):
                 await fast.push("Event.ReceiveMessage")
             deadline = time.monotonic() + 20
@@ -294,21 +314,8 @@ async def test_a_client_that_reads_no_replies_is_not_read_either(tmp_path: Path)
         "NORMAL",
     ).start()
     try:
-        async with client(srv, 1, token(admin_id=1)) as s:
-            await s.ok("Event.AddConversation", {"application_id": 3})
-            for _ in range(100):
-                big = base64.b64encode(os.urandom(2900)).decode()
-                await s.ok("Event.SendMessage", {"session_channel": "3", "content": big})
-        sock = socket.create_connection(("127.0.0.1", srv.port))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        greedy = await connect(
-            srv.url(2),
-            subprotocols=["access_token", token(admin_id=2)],  # type: ignore[list-item]
-            sock=sock,
-            max_queue=1,
-            ping_interval=None,
-            compression=None,
-        )
+        await store_messages(srv, 3, 100)
+        greedy = await non_reader(srv, 2, compression=None)
         try:
             request = '{"name":"Event.GetMessageList","args":{"session_channel":"3","limit":100}}'
             for _ in range(200):  # about 80 MB of replies if all were produced
@@ -327,21 +334,8 @@ async def test_a_client_that_reads_no_replies_is_not_read_either(tmp_path: Path)
 async def test_sigterm_finishes_although_a_client_reads_nothing(tmp_path: Path) -> None:
     srv = ServerProcess(tmp_path / "q.db", "--rate", "0").start()
     try:
-        async with client(srv, 1, token(admin_id=1)) as s:
-            await s.ok("Event.AddConversation", {"application_id": 4})
-            for _ in range(50):
-                big = base64.b64encode(os.urandom(2900)).decode()
-                await s.ok("Event.SendMessage", {"session_channel": "4", "content": big})
-        sock = socket.create_connection(("127.0.0.1", srv.port))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stuck = await connect(
-            srv.url(2),
-            subprotocols=["access_token", token(admin_id=2)],  # type: ignore[list-item]
-            sock=sock,
-            max_queue=1,
-            ping_interval=None,
-            compression=None,
-        )
+        await store_messages(srv, 4, 50)
+        stuck = await non_reader(srv, 2, compression=None)
         request = '{"name":"Event.GetMessageList","args":{"session_channel":"4","limit":50}}'
         for _ in range(60):
             await stuck.send(request)
