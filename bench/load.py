@@ -28,15 +28,11 @@ import contextlib
 import math
 import os
 import platform
-import re
 import resource
 import shlex
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -44,128 +40,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from common import Server, percentile, setup_signals_and_loop, source_version  # bench/common.py
 from websockets.asyncio.client import ClientConnection, connect
 
 from appchat.auth import mint
 
-LISTENING = re.compile(r"listening on (wss?)://([^:/\s]+):(\d+)/ws")
 SECRET = "bench-secret-" + uuid.uuid4().hex + uuid.uuid4().hex
-TICKS = os.sysconf("SC_CLK_TCK")
 SCENARIOS = ("sqlite", "postgres-redis")
 
 
-def source_version() -> str:
-    """appchat's version and the git commit of this checkout (``-dirty``: edited files)."""
-    from appchat import __version__
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        commit = subprocess.run(
-            ["git", "-C", root, "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return f"appchat {__version__}, commit {commit}"
-
-
 # --- server processes ---------------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the benchmark dies, so no server outlives it."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class Server:
-    """One ``appchat serve --port 0`` child process; its output is kept and scanned."""
-
-    def __init__(self, name: str, args: list[str]) -> None:
-        self.name = name
-        self.cmd = [sys.executable, "-m", "appchat", "serve", "--port", "0", "--rate", "0", *args]
-        self.env = {**os.environ, "APPCHAT_JWT_SECRET": SECRET}
-        self.proc: subprocess.Popen[str] | None = None
-        self.port = 0
-        self.lines: collections.deque[str] = collections.deque(maxlen=500)
-        self.warnings = 0  # log lines at WARNING or above
-        self._listening = threading.Event()
-        self._pump: threading.Thread | None = None
-
-    def start(self, timeout: float = 60.0) -> Server:
-        self.proc = subprocess.Popen(
-            self.cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=self.env,
-            preexec_fn=_die_with_parent,  # only calls prctl
-        )
-        self._pump = threading.Thread(target=self._read, daemon=True)
-        self._pump.start()
-        if not self._listening.wait(timeout):
-            self.stop()
-            raise RuntimeError(f"{self.name} did not start:\n" + "".join(self.lines))
-        return self
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if " WARNING " in line or " ERROR " in line or " CRITICAL " in line:
-                self.warnings += 1
-            m = LISTENING.search(line)
-            if m and not self._listening.is_set():
-                self.port = int(m.group(3))
-                self._listening.set()
-
-    def url(self, sid: int) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws?sid={sid}"
-
-    def cpu_seconds(self) -> float:
-        """User plus system CPU time of the server process (all its threads)."""
-        if self.proc is None:
-            return 0.0
-        try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / TICKS
-        except (OSError, IndexError, ValueError):
-            return 0.0
-
-    def rss_mib(self) -> float:
-        if self.proc is None:
-            return 0.0
-        try:
-            with open(f"/proc/{self.proc.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) / 1024
-        except (OSError, ValueError):
-            pass
-        return 0.0
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait(10)
-        if self._pump is not None:
-            self._pump.join(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self.proc = None
-        return code
 
 
 @contextlib.contextmanager
@@ -380,13 +264,6 @@ async def setup_pair(
     return customer_ws, staff_ws
 
 
-def percentile(sorted_values: list[float], p: float) -> float:
-    if not sorted_values:
-        return math.nan
-    k = max(0, math.ceil(p / 100 * len(sorted_values)) - 1)
-    return sorted_values[k]
-
-
 async def one_run(
     args: argparse.Namespace, customer_node: Server, staff_node: Server, servers: list[Server]
 ) -> dict[str, Any]:
@@ -514,7 +391,6 @@ def scenario_servers(args: argparse.Namespace) -> Iterator[tuple[Server, Server,
         with tempfile.TemporaryDirectory(prefix="appchat-bench-") as tmp:
             db = f"sqlite:///{os.path.join(tmp, 'bench.db')}"
             server = Server(
-                "node",
                 [
                     "--database",
                     db,
@@ -524,6 +400,8 @@ def scenario_servers(args: argparse.Namespace) -> Iterator[tuple[Server, Server,
                     args.sqlite_synchronous,
                     *common,
                 ],
+                SECRET,
+                name="node",
             )
             server.start()
             try:
@@ -534,9 +412,9 @@ def scenario_servers(args: argparse.Namespace) -> Iterator[tuple[Server, Server,
     with postgres_database(args.pg_admin) as db:
         prefix = f"appchat-bench-{uuid.uuid4().hex[:10]}"
         node_args = ["--database", db, "--broker", args.redis, "--channel-prefix", prefix, *common]
-        a = Server("node A", node_args).start()
+        a = Server(node_args, SECRET, name="node A").start()
         try:
-            b = Server("node B", node_args).start()
+            b = Server(node_args, SECRET, name="node B").start()
             try:
                 yield a, b, [a, b]
             finally:
@@ -667,18 +545,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
-    def terminate(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, terminate)
-    loop_name = "asyncio"
-    try:
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        loop_name = f"uvloop {uvloop.__version__}"
-    except ImportError:
-        pass
+    loop_name = setup_signals_and_loop()
     print("appchat load benchmark")
     print(f"command             {shlex.join(sys.orig_argv)}")
     print(f"python              {platform.python_version()} ({sys.executable})")

@@ -31,128 +31,24 @@ import os
 import platform
 import re
 import shlex
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from common import Server, percentile, setup_signals_and_loop, source_version  # bench/common.py
 from websockets.asyncio.client import ClientConnection, connect
 
 from appchat.auth import mint
 
-LISTENING = re.compile(r"listening on (wss?)://([^:/\s]+):(\d+)/ws")
 GAUGE = re.compile(rb"^appchat_connections (\S+)$", re.MULTILINE)
 SECRET = "soak-secret-" + uuid.uuid4().hex + uuid.uuid4().hex
 
 
-def source_version() -> str:
-    """appchat's version and the git commit of this checkout (``-dirty``: edited files)."""
-    from appchat import __version__
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        commit = subprocess.run(
-            ["git", "-C", root, "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return f"appchat {__version__}, commit {commit}"
-
-
 # --- the server ---------------------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the soak test dies, so the server never outlives it."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class Server:
-    def __init__(self, args: list[str]) -> None:
-        self.cmd = [sys.executable, "-m", "appchat", "serve", "--port", "0", "--rate", "0", *args]
-        self.env = {**os.environ, "APPCHAT_JWT_SECRET": SECRET}
-        self.proc: subprocess.Popen[str] | None = None
-        self.pid = 0
-        self.port = 0
-        self.lines: collections.deque[str] = collections.deque(maxlen=500)
-        self.warnings = 0
-        self._listening = threading.Event()
-        self._pump: threading.Thread | None = None
-
-    def start(self, timeout: float = 60.0) -> None:
-        self.proc = subprocess.Popen(
-            self.cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=self.env,
-            preexec_fn=_die_with_parent,  # only calls prctl
-        )
-        self.pid = self.proc.pid
-        self._pump = threading.Thread(target=self._read, daemon=True)
-        self._pump.start()
-        if not self._listening.wait(timeout):
-            self.stop()
-            raise RuntimeError("the server did not start:\n" + "".join(self.lines))
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if " WARNING " in line or " ERROR " in line or " CRITICAL " in line:
-                self.warnings += 1
-            m = LISTENING.search(line)
-            if m and not self._listening.is_set():
-                self.port = int(m.group(3))
-                self._listening.set()
-
-    def url(self, sid: int) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws?sid={sid}"
-
-    def status(self) -> dict[str, float]:
-        """VmRSS (MiB) and thread count from /proc/PID/status, open fds from /proc/PID/fd."""
-        out = {"rss": math.nan, "threads": math.nan, "fds": math.nan}
-        try:
-            with open(f"/proc/{self.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        out["rss"] = int(line.split()[1]) / 1024
-                    elif line.startswith("Threads:"):
-                        out["threads"] = int(line.split()[1])
-            out["fds"] = len(os.listdir(f"/proc/{self.pid}/fd"))
-        except (OSError, ValueError):
-            pass
-        return out
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait(10)
-        if self._pump is not None:
-            self._pump.join(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self.proc = None
-        return code
 
 
 async def connections_gauge(port: int) -> float | None:
@@ -338,13 +234,6 @@ class SoakClient:
 
 
 # --- the soak -----------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
 COLUMNS = [
@@ -604,7 +493,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def main_async(args: argparse.Namespace, server_args: list[str]) -> int:
-    server = Server(server_args)
+    server = Server(server_args, SECRET, stop_timeout=30.0)
     server.start()
     code: int | None = None
     try:
@@ -619,18 +508,7 @@ async def main_async(args: argparse.Namespace, server_args: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
-    def terminate(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, terminate)
-    loop_name = "asyncio"
-    try:
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        loop_name = f"uvloop {uvloop.__version__}"
-    except ImportError:
-        pass
+    loop_name = setup_signals_and_loop()
     with tempfile.TemporaryDirectory(prefix="appchat-soak-") as tmp:
         database = args.database or f"sqlite:///{os.path.join(tmp, 'soak.db')}"
         server_args = ["--database", database, "--broker", args.broker]
