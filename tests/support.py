@@ -24,6 +24,19 @@ from websockets.asyncio.client import ClientConnection, connect
 from appchat.auth import mint
 
 SECRET = "test-secret-" + "0123456789abcdef" * 4
+# The wire shapes SPEC fixes: RFC 3339 UTC with microseconds; the objects' field names.
+RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
+CONVERSATION_KEYS = {"id", "session_channel", "application_id", "create_at", "update_at"}
+MESSAGE_KEYS = {
+    "id",
+    "session_channel",
+    "content",
+    "sender_id",
+    "status",
+    "create_at",
+    "update_at",
+    "content_type",
+}
 LISTENING = re.compile(r"listening on (wss?)://([^:/]+):(\d+)/ws")
 
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import itertools
-import re
 
-from .support import Client, ServerProcess, client, token
+from .support import MESSAGE_KEYS, RFC3339_UTC, Client, ServerProcess, client, token
 
-RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 _apps = itertools.count(1000)
 
 
@@ -25,16 +23,7 @@ def customer(server: ServerProcess, app: int, sid: int):  # type: ignore[no-unty
 
 
 def check_message(m: dict[str, object], app: int, sender: int, content: str) -> None:
-    assert set(m) >= {
-        "id",
-        "session_channel",
-        "content",
-        "sender_id",
-        "status",
-        "create_at",
-        "update_at",
-        "content_type",
-    }
+    assert set(m) >= MESSAGE_KEYS
     assert m["session_channel"] == str(app)
     assert m["sender_id"] == sender and m["content"] == content
     assert isinstance(m["id"], int)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +16,8 @@ from appchat import events as ev
 from appchat.errors import AppError, BadRequest, Internal, NotFound, UnknownEvent
 from appchat.models import MAX_ID, Conversation, Message, UnreadCount, format_ts
 
+from .support import RFC3339_UTC
+
 SPEC_CODES = {
     "bad_request",
     "unauthorized",
@@ -27,7 +28,6 @@ SPEC_CODES = {
     "unavailable",
     "internal",
 }
-TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 MAX_CONTENT = 4000
 
 
@@ -442,7 +442,7 @@ def test_format_ts_is_rfc3339_utc_with_six_fraction_digits() -> None:
     assert format_ts(1_000_000) == "1970-01-01T00:00:01.000000Z"
     for us in (0, 1, 999_999, 1583465369321142, 4102444799999999):
         text = format_ts(us)
-        assert TS_RE.match(text), text
+        assert RFC3339_UTC.match(text), text
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
         assert parsed.tzinfo is not None
         assert parsed.utcoffset().total_seconds() == 0  # type: ignore[union-attr]

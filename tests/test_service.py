@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,20 +17,10 @@ from appchat.models import Principal
 from appchat.service import ChatService, Limits
 from appchat.store.sqlite import SqliteStore
 
+from .support import CONVERSATION_KEYS, MESSAGE_KEYS, RFC3339_UTC
+
 SECRET = b"service-tests-secret-0123456789abcdef"
 NOW = 1_700_000_000.0
-TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
-CONVERSATION_KEYS = {"id", "session_channel", "application_id", "create_at", "update_at"}
-MESSAGE_KEYS = {
-    "id",
-    "session_channel",
-    "content",
-    "sender_id",
-    "status",
-    "create_at",
-    "update_at",
-    "content_type",
-}
 
 
 @dataclass
@@ -182,8 +171,8 @@ async def test_add_conversation_created_once_per_application(chat: Chat) -> None
     assert first["session_channel"] == "100"
     assert first["application_id"] == 100
     assert isinstance(first["id"], int)
-    assert TS_RE.match(first["create_at"])
-    assert TS_RE.match(first["update_at"])
+    assert RFC3339_UTC.match(first["create_at"])
+    assert RFC3339_UTC.match(first["update_at"])
     again = await chat.add(staff, 100, user_id=2)
     assert again == first
     other = await chat.add(staff, 200, user_id=1)
@@ -237,8 +226,8 @@ async def test_send_message_result_and_storage(chat: Chat) -> None:
     assert message["sender_id"] == 1
     assert message["status"] == 0
     assert message["content_type"] == 1
-    assert TS_RE.match(message["create_at"])
-    assert TS_RE.match(message["update_at"])
+    assert RFC3339_UTC.match(message["create_at"])
+    assert RFC3339_UTC.match(message["update_at"])
     page = await chat.messages(staff, 100)
     assert page == {"Messages": [message], "has_more": False}
 
