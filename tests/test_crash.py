@@ -6,6 +6,8 @@ import asyncio
 import signal
 from pathlib import Path
 
+from websockets.exceptions import ConnectionClosed
+
 from .support import Client, ServerProcess, client, token
 
 CLIENTS, PER_CLIENT, WINDOW = 4, 150, 8
@@ -37,7 +39,7 @@ async def _send_all(c: Client, app: int, prefix: str, acked: dict[str, int]) -> 
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 reap(done)
         await asyncio.gather(*pending)
-    except (ConnectionError, TimeoutError):
+    except (ConnectionError, ConnectionClosed, TimeoutError):
         for t in pending:
             t.cancel()
         # the connection died: the rest fail the same way; collect them quietly
@@ -59,7 +61,7 @@ async def _load_then(srv: ServerProcess, app: int, sig: int, after: int) -> dict
         try:
             async with client(srv, 10 + k, token(admin_id=10 + k)) as c:
                 await _send_all(c, app, f"c{k}", acked)
-        except (ConnectionError, OSError):
+        except (ConnectionError, ConnectionClosed, OSError):
             pass
 
     stopper = asyncio.create_task(stop_when_loaded())
