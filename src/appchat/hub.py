@@ -128,10 +128,9 @@ class Hub:
     def connections(self) -> list[Connection]:
         return [c for conns in self._by_user.values() for c in conns]
 
-    def connection_count(self, user_id: int | None = None) -> int:
-        if user_id is not None:
-            return len(self._by_user.get(user_id, ()))
-        return sum(len(conns) for conns in self._by_user.values())
+    def connection_count(self, user_id: int) -> int:
+        """This node's connections of one participant."""
+        return len(self._by_user.get(user_id, ()))
 
     async def register(self, conn: Connection) -> None:
         """Route the participant's pushes to ``conn``; raises if the broker refuses."""

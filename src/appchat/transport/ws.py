@@ -92,10 +92,6 @@ class WebSocketEndpoint:
         self._handlers: set[asyncio.Task[object]] = set()
         self._background: set[asyncio.Task[None]] = set()
 
-    @property
-    def open_connections(self) -> int:
-        return len(self._live)
-
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
             self._check_origin(request.headers.get("Origin"))
