@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import urllib.error
@@ -102,6 +103,26 @@ async def test_sigterm_closes_1001_keeps_acked_messages_and_exits_0(tmp_path: Pa
             assert [m["id"] for m in page["Messages"]] == acked
     finally:
         srv.stop()
+
+
+async def test_repeated_sigterm_during_shutdown_still_exits_0(tmp_path: Path) -> None:
+    """A supervisor that keeps signalling while the server drains (and after its event loop
+    has closed) must not turn a clean exit into death by signal."""
+    srv = ServerProcess(tmp_path / "again.db").start()
+    proc = srv.proc
+    assert proc is not None
+    async with client(srv, 1, token(admin_id=1)) as s:
+        await s.ok("Event.AddConversation", {"application_id": 9})
+        signals = 0
+        while proc.poll() is None:  # every phase of the shutdown, up to the process's exit
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+                signals += 1
+            await asyncio.sleep(0.002)
+        assert signals > 1
+    assert proc.wait() == 0
+    assert "Traceback" not in srv.output
+    srv.stop()
 
 
 async def test_metrics_count_connections_and_events(server: ServerProcess) -> None:

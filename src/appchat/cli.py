@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 
 from . import __version__
@@ -25,6 +26,8 @@ from .errors import AppError, ConfigError
 from .store import apply_migrations
 
 SERVE_OPTIONS = list(OPTIONS)
+log = logging.getLogger("appchat")
+
 TOKEN_OPTIONS = ["database", "jwt_secret", "jwt_secret_file"]
 
 
@@ -103,15 +106,53 @@ def serve(ns: argparse.Namespace) -> int:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run(_serve(node, secret))
+    signals = ShutdownSignals()
+    asyncio.run(_serve(node, secret, signals))
     return 0
 
 
-async def _serve(node: Node, secret: bytes | None) -> None:
+class ShutdownSignals:
+    """SIGTERM and SIGINT, taken by one thread with ``sigwait`` instead of a handler.
+
+    Both are blocked in every thread before any thread starts, so no signal ever meets its
+    default action: the first asks for shutdown, later ones (an impatient supervisor, a
+    second Ctrl-C) are logged and ignored, even after the event loop has closed. A handler
+    installed by the loop would be reset to the default when the loop closes, and a second
+    SIGTERM landing in that window killed the process while it was exiting cleanly.
+    """
+
+    SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+    def __init__(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._received = 0
+        threading.Thread(target=self._wait, name="appchat-signals", daemon=True).start()
+
+    def attach(self, stop: asyncio.Event) -> None:
+        """Set ``stop`` (from the running loop) on the first signal."""
+        self._loop = asyncio.get_running_loop()
+        self._stop = stop
+        if self._received:
+            stop.set()
+
+    def _wait(self) -> None:
+        while True:
+            sig = signal.sigwait(self.SIGNALS)
+            self._received += 1
+            if self._received > 1:
+                log.info("%s while shutting down: ignored", signal.Signals(sig).name)
+                continue
+            loop, stop = self._loop, self._stop
+            if loop is not None and stop is not None:
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(stop.set)
+
+
+async def _serve(node: Node, secret: bytes | None, signals: ShutdownSignals) -> None:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    signals.attach(stop)
     try:
         await node.start()
     except OSError as exc:
@@ -124,7 +165,7 @@ async def _serve(node: Node, secret: bytes | None) -> None:
         _print_dev_tokens(secret, url)
     print(f"appchat {__version__} listening on {url}", flush=True)
     await stop.wait()
-    logging.getLogger("appchat").info("shutting down")
+    log.info("shutting down")
     await node.stop()
 
 
