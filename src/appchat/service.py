@@ -23,9 +23,10 @@ MAX_INBOX = 1000  # conversations in a staff inbox (GetConversationList "all": t
 
 
 class Fanout(Protocol):
-    async def deliver(
+    def deliver(
         self, user_ids: Iterable[int], application_id: int, frame: bytes, origin: str | None
-    ) -> None: ...
+    ) -> None:
+        """Hand ``frame`` to every connection of these users but ``origin``; never waits."""
 
 
 class Session(Protocol):
@@ -214,7 +215,7 @@ class ChatService:
         body = {"message": ev.message_obj(outcome.message)}
         if outcome.created:
             frame = ev.push(ev.RECEIVE_MESSAGE, body)
-            await self._fanout.deliver(
+            self._fanout.deliver(
                 outcome.participants, conversation.application_id, frame, session.id
             )
         return body
@@ -236,7 +237,7 @@ class ChatService:
                 ev.MESSAGE_READ,
                 ev.message_read(conversation.application_id, reader, args.message_id),
             )
-            await self._fanout.deliver(
+            self._fanout.deliver(
                 outcome.participants, conversation.application_id, frame, session.id
             )
         return None
