@@ -94,6 +94,7 @@ class Server:
         name: str = "the server",
         stop_timeout: float = 20.0,
         command: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.stop_timeout = stop_timeout
@@ -101,7 +102,7 @@ class Server:
             *[sys.executable, "-m", "appchat", "serve", "--port", "0", "--rate", "0"],
             *args,
         ]
-        self.env = {**os.environ, "APPCHAT_JWT_SECRET": secret}
+        self.env = {**os.environ, **(env or {}), "APPCHAT_JWT_SECRET": secret}
         self.proc: subprocess.Popen[str] | None = None
         self.pid = 0
         self.port = 0

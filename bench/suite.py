@@ -46,7 +46,8 @@ from appchat.auth import mint
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-" + uuid.uuid4().hex + uuid.uuid4().hex
-SERVERS = ("appchat", "relay", "socketio")
+SERVERS = ("appchat", "relay", "socketio", "baseline")
+BASELINE_TREE = Path(tempfile.gettempdir()) / "appchat-bench-baseline"
 PARTS = ("throughput", "latency", "memory", "unread")
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
 
@@ -61,7 +62,10 @@ def pinned(cpu: int) -> list[str]:
 @contextlib.contextmanager
 def server(kind: str, workdir: Path, extra: list[str] | None = None) -> Iterator[Server]:
     py = sys.executable
-    if kind == "appchat":
+    env = None
+    if kind == "baseline":  # appchat as of --baseline REV, checked out beside this one
+        env = {"PYTHONPATH": str(BASELINE_TREE / "src")}
+    if kind in ("appchat", "baseline"):
         db = workdir / f"bench-{uuid.uuid4().hex[:8]}.db"
         cmd = [py, "-m", "appchat", "serve", "--port", "0", "--rate", "0"]
         cmd += ["--database", f"sqlite:///{db}", "--log-level", "WARNING", *(extra or [])]
@@ -69,7 +73,7 @@ def server(kind: str, workdir: Path, extra: list[str] | None = None) -> Iterator
         cmd = [py, str(ROOT / "bench/reference/relay_aiohttp.py")]
     else:
         cmd = [py, str(ROOT / "bench/reference/relay_socketio.py")]
-    srv = Server([], SECRET, name=kind, command=pinned(0) + cmd).start()
+    srv = Server([], SECRET, name=kind, command=pinned(0) + cmd, env=env).start()
     try:
         yield srv
     finally:
@@ -602,6 +606,19 @@ def write_doc(doc: Path, text: str) -> None:
     doc.write_text(body)
 
 
+def checkout_baseline(rev: str) -> None:
+    """Put the tree of ``rev`` at BASELINE_TREE (its ``src`` goes first on PYTHONPATH)."""
+    import shutil
+    import subprocess
+
+    shutil.rmtree(BASELINE_TREE, ignore_errors=True)
+    BASELINE_TREE.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "src"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(BASELINE_TREE)], input=archive, check=True)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
@@ -611,7 +628,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=list(PARTS),
         help="what to measure [all]",
     )
-    p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS[:3]))
+    p.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run appchat as of git REV ('baseline'), for before/after figures",
+    )
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--pairs", type=int, default=100)
     p.add_argument("--window", type=int, default=16)
@@ -634,6 +656,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.baseline:
+        checkout_baseline(args.baseline)
+        if "baseline" not in args.servers:
+            args.servers.insert(0, "baseline")
     with contextlib.suppress(OSError):
         if (os.cpu_count() or 1) >= 2:
             os.sched_setaffinity(0, {1})
