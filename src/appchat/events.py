@@ -280,14 +280,15 @@ def conversation_obj(c: Conversation) -> dict[str, Any]:
 
 
 def message_obj(m: Message) -> dict[str, Any]:
+    created = format_ts(m.create_at)
     obj: dict[str, Any] = {
         "id": m.id,
         "session_channel": m.session_channel,
         "content": m.content,
         "sender_id": m.sender_id,
         "status": m.status,
-        "create_at": format_ts(m.create_at),
-        "update_at": format_ts(m.update_at),
+        "create_at": created,
+        "update_at": created if m.update_at == m.create_at else format_ts(m.update_at),
         "content_type": m.content_type,
     }
     if m.client_msg_id is not None:
