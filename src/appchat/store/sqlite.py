@@ -27,6 +27,7 @@ from ..models import (
     SendOutcome,
     UnreadCount,
 )
+from ..ratelog import RateLimitedLog
 from .migrate import apply_sqlite_migrations
 from .rows import (
     CONVERSATION_COLUMNS,
@@ -39,6 +40,7 @@ from .rows import (
 )
 
 log = logging.getLogger(__name__)
+_failure_log = RateLimitedLog(log)  # a failing disk fails every batch: log a few
 
 T = TypeVar("T")
 Job = tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any], asyncio.AbstractEventLoop]
@@ -164,7 +166,7 @@ class SqliteStore:
                     outcomes.append((False, exc))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            log.warning("sqlite write batch failed: %s", exc)
+            _failure_log.warning("write batch failed", "sqlite write batch failed: %s", exc)
             with suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             outcomes = [(False, _translate(exc)) for _ in batch]
