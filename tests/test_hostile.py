@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -264,7 +265,10 @@ async def test_nul_in_client_msg_id_is_bad_request_on_postgres() -> None:
 def appchat(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "appchat", *args],
-        env={"PATH": "/usr/bin:/bin", "APPCHAT_JWT_SECRET": SECRET},
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("APPCHAT_")},
+            "APPCHAT_JWT_SECRET": SECRET,
+        },
         capture_output=True,
         text=True,
         timeout=timeout,
