@@ -181,7 +181,8 @@ class QuietHttpErrors(logging.Filter):
         if not isinstance(exc, HttpProcessingError):
             return True
         remote = record.args[0] if isinstance(record.args, tuple) and record.args else "unknown"
-        self._limited.info(
+        self._limited.log(
+            min(record.levelno, logging.INFO),  # a client's mistake, not the server's error
             ("malformed", remote),
             "refused a malformed HTTP request from %s: %s %s",
             remote,
