@@ -151,6 +151,7 @@ class WebSocketEndpoint:
             finally:
                 reader.cancel()
         finally:
+            self._quota.give_back(quota)  # first: nothing below may keep it if cancelled
             self._live.pop(conn, None)
             if expiry is not None:
                 expiry.cancel()
@@ -159,7 +160,6 @@ class WebSocketEndpoint:
                 await self._flush(writer, conn)
             if conn.draining:
                 await self._close(ws, transport, WSCloseCode.GOING_AWAY, "server shutdown")
-            self._quota.give_back(quota)
             self._metrics.connections.dec()
             if handler is not None:
                 self._handlers.discard(handler)
