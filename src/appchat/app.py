@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 
@@ -14,6 +15,7 @@ from .hub import Hub
 from .observability import Metrics
 from .service import ChatService, Limits
 from .store import Store, open_store
+from .transport.guard import HandshakeGuard, handler_args
 from .transport.http import HealthEndpoints
 from .transport.ws import WebSocketEndpoint, WsOptions
 
@@ -70,11 +72,14 @@ class Node:
             metrics=self.metrics,
         )
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._listener: asyncio.Server | None = None
+        self.guard = HandshakeGuard(
+            timeout=settings.handshake_timeout, max_pending=settings.max_pending_handshakes
+        )
         self.port: int = settings.port
 
     def web_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self.guard.middleware()])
         health = HealthEndpoints(self.store, self.broker, self.metrics)
         app.router.add_get("/ws", self.ws.handle)
         app.router.add_get("/healthz", health.healthz)
@@ -94,20 +99,28 @@ class Node:
     async def start(self) -> None:
         await self.store.open()
         await self.hub.start()
+        timeout = self.settings.handshake_timeout
         self._runner = web.AppRunner(
-            self.web_app(), handle_signals=False, access_log=None, shutdown_timeout=10.0
+            self.web_app(),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=10.0,
+            **handler_args(timeout),
         )
         await self._runner.setup()
-        self._site = web.TCPSite(
-            self._runner,
+        assert self._runner.server is not None
+        self.guard.serve(self._runner.server)
+        # Listening through the guard (instead of web.TCPSite): every accepted socket gets
+        # a deadline for its request and counts against --max-pending-handshakes.
+        self._listener = await asyncio.get_running_loop().create_server(
+            self.guard,
             self.settings.host,
             self.settings.port,
-            ssl_context=self._ssl_context(),
+            ssl=self._ssl_context(),
+            backlog=128,
+            ssl_handshake_timeout=timeout if self.settings.tls_cert else None,
         )
-        await self._site.start()
-        addresses = self._runner.addresses
-        if addresses:
-            self.port = addresses[0][1]
+        self.port = self._listener.sockets[0].getsockname()[1]
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         if not self.settings.tls_cert:
@@ -118,6 +131,9 @@ class Node:
 
     async def stop(self) -> None:
         """Stop accepting, close every WebSocket with 1001, finish writes in flight, close."""
+        if self._listener is not None:
+            self._listener.close()  # what web.TCPSite.stop does before the runner cleans up
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
         await self.hub.stop()

@@ -19,11 +19,12 @@ from .config import (
     OPTIONS,
     add_flags,
     add_options,
+    check_limits,
     resolve_secret,
     settings_from,
 )
 from .errors import AppError, ConfigError
-from .store import apply_migrations
+from .store import apply_migrations, redact_url
 
 SERVE_OPTIONS = list(OPTIONS)
 log = logging.getLogger("appchat")
@@ -78,7 +79,7 @@ def token(ns: argparse.Namespace) -> int:
 
 def migrate(ns: argparse.Namespace) -> int:
     applied = apply_migrations(ns.database)
-    print(f"appchat: applied {applied} migration(s); {ns.database} is up to date")
+    print(f"appchat: applied {applied} migration(s); {redact_url(ns.database)} is up to date")
     return 0
 
 
@@ -88,6 +89,7 @@ def serve(ns: argparse.Namespace) -> int:
         raise ConfigError("--dev listens on loopback only; drop --host or --dev")
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
+    check_limits(settings)
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"--log-level {settings.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
     logging.basicConfig(

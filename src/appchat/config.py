@@ -43,6 +43,8 @@ class Settings:
     max_connections: int = 10000
     max_connections_per_user: int = 32
     allowed_origins: tuple[str, ...] = ()
+    handshake_timeout: float = 5.0
+    max_pending_handshakes: int = 1000
 
 
 # name -> (type, help); every option also reads APPCHAT_<NAME> from the environment.
@@ -83,6 +85,14 @@ OPTIONS: dict[str, tuple[type, str]] = {
         "connections one participant may hold on this node; more are refused with 429",
     ),
     "allowed_origins": (str, "browser Origins allowed to connect, repeatable (default: any)"),
+    "handshake_timeout": (
+        float,
+        "seconds a new connection gets to send a complete HTTP request; slower ones are closed",
+    ),
+    "max_pending_handshakes": (
+        int,
+        "connections still sending their HTTP request; one more closes the oldest of them",
+    ),
 }
 # Options that may be given several times; their environment variable is comma-separated.
 LISTS = {"jwt_public_key", "allowed_origins"}
@@ -139,6 +149,18 @@ def settings_from(ns: argparse.Namespace) -> Settings:
     for name in LISTS & known.keys():
         known[name] = tuple(known[name])
     return Settings(**known)
+
+
+def check_limits(settings: Settings) -> None:
+    """Refuse values the server could only misread (a port above 65535 wraps around)."""
+    if not 0 <= settings.port <= 65535:
+        raise ConfigError(f"--port {settings.port}: use 0 to 65535 (0 picks a free port)")
+    if not settings.handshake_timeout > 0:
+        raise ConfigError(f"--handshake-timeout {settings.handshake_timeout}: must be above 0")
+    if settings.max_pending_handshakes < 1:
+        raise ConfigError(
+            f"--max-pending-handshakes {settings.max_pending_handshakes}: must be at least 1"
+        )
 
 
 def dev_secret_path(database: str) -> Path | None:

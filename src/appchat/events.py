@@ -193,6 +193,8 @@ def _client_msg_id(args: dict[str, Any]) -> str | None:
         raise BadRequest(
             f"client_msg_id must be a string of 1 to {MAX_CLIENT_MSG_ID_LEN} characters"
         )
+    if "\x00" in value:  # PostgreSQL text cannot hold it; refused alike on every store
+        raise BadRequest("client_msg_id must not contain U+0000")
     return value
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -89,7 +90,7 @@ def open_store(url: str, *, synchronous: str = "FULL", busy_timeout: float = 30.
 
         return PostgresStore(url)
     raise ConfigError(
-        f"unsupported database URL {url!r} (expected sqlite:///PATH or postgresql://…)"
+        f"unsupported database URL {redact_url(url)!r} (expected sqlite:///PATH or postgresql://…)"
     )
 
 
@@ -107,9 +108,9 @@ def apply_migrations(url: str) -> int:
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"cannot migrate {url}: {exc}") from exc
+        raise ConfigError(f"cannot migrate {redact_url(url)}: {exc}") from exc
     raise ConfigError(
-        f"unsupported database URL {url!r} (expected sqlite:///PATH or postgresql://…)"
+        f"unsupported database URL {redact_url(url)!r} (expected sqlite:///PATH or postgresql://…)"
     )
 
 
@@ -121,3 +122,18 @@ def sqlite_path(url: str) -> str:
             f"bad SQLite URL {url!r}: expected sqlite:///relative/path or sqlite:////abs"
         )
     return url[len(prefix) :]
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit for a message or a log line: its password (in the user part or a
+    ``password=`` parameter) replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if at:
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}{':***' if colon else ''}@{host}"
+    tail = re.sub(r"(?i)(\bpassword=)[^&]*", r"\1***", tail)
+    return f"{scheme}://{netloc}{slash}{tail}"

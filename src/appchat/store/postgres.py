@@ -17,6 +17,7 @@ import asyncpg
 
 from ..errors import AppError, Forbidden, Internal, NotFound, Unavailable
 from ..models import Conversation, Message, MessagePage, ReadOutcome, SendOutcome, UnreadCount
+from ..ratelog import RateLimitedLog
 from .migrate import apply_postgres_migrations
 from .rows import (
     CONVERSATION_COLUMNS,
@@ -29,6 +30,7 @@ from .rows import (
 )
 
 log = logging.getLogger(__name__)
+_outage_log = RateLimitedLog(log)  # an outage fails every request: log a few
 
 T = TypeVar("T")
 
@@ -105,7 +107,7 @@ class PostgresStore:
             if isinstance(error, Internal):
                 log.exception("database error")
             else:
-                log.warning("database unavailable: %s", exc)
+                _outage_log.warning("database unavailable", "database unavailable: %s", exc)
             raise error from exc
 
     async def ping(self) -> None:

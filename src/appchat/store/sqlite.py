@@ -33,6 +33,7 @@ from ..models import (
     SendOutcome,
     UnreadCount,
 )
+from ..ratelog import RateLimitedLog
 from .migrate import apply_sqlite_migrations
 from .rows import (
     CONVERSATION_COLUMNS,
@@ -45,6 +46,7 @@ from .rows import (
 )
 
 log = logging.getLogger(__name__)
+_failure_log = RateLimitedLog(log)  # a failing disk fails every batch: log a few
 
 T = TypeVar("T")
 Job = tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any], asyncio.AbstractEventLoop]
@@ -185,7 +187,9 @@ class SqliteStore:
             self._members.forget()
             if len(batch) == 1 or not in_job:
                 if isinstance(exc, sqlite3.Error):
-                    log.warning("sqlite write batch failed: %s", exc)
+                    _failure_log.warning(
+                        "write batch failed", "sqlite write batch failed: %s", exc
+                    )
                 else:
                     log.exception("sqlite write failed")
                 return [(False, _translate(exc))] * len(batch)
