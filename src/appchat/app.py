@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 
 from aiohttp import web
@@ -30,8 +31,12 @@ class Node:
         *,
         store: Store | None = None,
         broker: Broker | None = None,
+        worker: int | None = None,
     ) -> None:
+        """``worker``: this node is worker number ``worker`` of ``serve --workers`` (its port
+        is shared through SO_REUSEPORT, the parent migrated the database)."""
         self.settings = settings
+        self.worker = worker
         self.verifier = TokenVerifier(
             secret, keys=[public_key(spec) for spec in settings.jwt_public_key]
         )
@@ -39,6 +44,7 @@ class Node:
             settings.database,
             synchronous=settings.sqlite_synchronous,
             busy_timeout=settings.sqlite_busy_timeout,
+            migrate=worker is None,
         )
         self.broker = broker or open_broker(settings.broker)
         self.metrics = Metrics()
@@ -81,7 +87,13 @@ class Node:
         app.router.add_get("/readyz", health.readyz)
         app.router.add_get("/metrics", health.metrics)
         app.on_shutdown.append(self._on_shutdown)
+        if self.worker is not None:
+            app.on_response_prepare.append(self._name_worker)
         return app
+
+    async def _name_worker(self, request: web.Request, response: web.StreamResponse) -> None:
+        # Which process answered: for operators and tests of ``serve --workers``.
+        response.headers["Appchat-Worker"] = f"{self.worker} pid={os.getpid()}"
 
     async def _on_shutdown(self, app: web.Application) -> None:
         # Listening sockets are closed already; in-flight handlers finish after this.
@@ -103,6 +115,7 @@ class Node:
             self.settings.host,
             self.settings.port,
             ssl_context=self._ssl_context(),
+            reuse_port=self.worker is not None or None,
         )
         await self._site.start()
         addresses = self._runner.addresses

@@ -72,16 +72,20 @@ class Store(Protocol):
     ) -> list[UnreadCount]: ...
 
 
-def open_store(url: str, *, synchronous: str = "FULL", busy_timeout: float = 30.0) -> Store:
-    """Pick the storage implementation for ``url``."""
+def open_store(
+    url: str, *, synchronous: str = "FULL", busy_timeout: float = 30.0, migrate: bool = True
+) -> Store:
+    """Pick the storage implementation for ``url``; ``migrate``: apply migrations on open."""
     if url.startswith("sqlite://"):
         from .sqlite import SqliteStore
 
-        return SqliteStore(sqlite_path(url), synchronous=synchronous, busy_timeout=busy_timeout)
+        return SqliteStore(
+            sqlite_path(url), synchronous=synchronous, busy_timeout=busy_timeout, migrate=migrate
+        )
     if url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, migrate=migrate)
     raise ConfigError(
         f"unsupported database URL {url!r} (expected sqlite:///PATH or postgresql://…)"
     )

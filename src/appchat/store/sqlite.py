@@ -55,6 +55,7 @@ class SqliteStore:
         synchronous: str = "FULL",
         busy_timeout: float = 30.0,
         readers: int = READERS,
+        migrate: bool = True,
     ) -> None:
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ConfigError("sqlite synchronous must be FULL, NORMAL or EXTRA")
@@ -62,6 +63,7 @@ class SqliteStore:
         self._busy_timeout = busy_timeout
         self._synchronous = synchronous
         self._readers_count = readers
+        self._migrate = migrate
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._readers: ThreadPoolExecutor | None = None
@@ -72,7 +74,8 @@ class SqliteStore:
     async def open(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(apply_sqlite_migrations, self.path)
+        if self._migrate:
+            await asyncio.to_thread(apply_sqlite_migrations, self.path)
         ready = threading.Event()
         self._writer = threading.Thread(
             target=self._write_loop, args=(ready,), name="appchat-sqlite-writer", daemon=True
