@@ -137,6 +137,8 @@ async def test_sqlite_writers_in_both_workers_leave_no_gap(server: ServerProcess
     stored = [m["id"] for m in page["Messages"]]
     assert sorted(ids_a + ids_b) == stored
     assert stored == list(range(stored[0], stored[0] + 2 * per_writer))
+    # the writers took turns through the lock file beside the database (docs/decisions.md)
+    assert Path(server.database.removeprefix("sqlite:///") + "-writer.lock").exists()
 
 
 async def test_postgres_workers_share_one_database() -> None:
@@ -216,6 +218,23 @@ def test_several_workers_need_a_shared_broker(tmp_path: Path) -> None:
     assert "--workers 2 needs a shared broker" in out.stderr and "redis://" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "appchat.db").exists()
+
+
+def test_several_workers_need_a_database_file(tmp_path: Path) -> None:
+    out = appchat(
+        "serve",
+        "--port",
+        "0",
+        "--workers",
+        "2",
+        "--broker",
+        REDIS_URL,
+        "--database",
+        "sqlite:///:memory:",
+        cwd=tmp_path,
+        env={"APPCHAT_JWT_SECRET": SECRET},
+    )
+    assert out.returncode == 2 and "needs a database file, not :memory:" in out.stderr
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "many"])

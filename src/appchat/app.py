@@ -45,6 +45,7 @@ class Node:
             synchronous=settings.sqlite_synchronous,
             busy_timeout=settings.sqlite_busy_timeout,
             migrate=worker is None,
+            shared=worker is not None,
         )
         self.broker = broker or open_broker(settings.broker)
         self.metrics = Metrics()

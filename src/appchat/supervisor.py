@@ -87,6 +87,8 @@ def check_workers(settings: Settings, workers: int) -> None:
             f"--workers {workers} needs a shared broker: pass --broker redis://HOST:PORT or "
             "nats://HOST:PORT (memory:// cannot carry pushes between processes)"
         )
+    if workers > 1 and settings.database.rstrip("/").endswith(":memory:"):
+        raise ConfigError(f"--workers {workers} needs a database file, not :memory:")
 
 
 # --- open files ----------------------------------------------------------------------------------

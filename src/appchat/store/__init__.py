@@ -73,14 +73,27 @@ class Store(Protocol):
 
 
 def open_store(
-    url: str, *, synchronous: str = "FULL", busy_timeout: float = 30.0, migrate: bool = True
+    url: str,
+    *,
+    synchronous: str = "FULL",
+    busy_timeout: float = 30.0,
+    migrate: bool = True,
+    shared: bool = False,
 ) -> Store:
-    """Pick the storage implementation for ``url``; ``migrate``: apply migrations on open."""
+    """Pick the storage implementation for ``url``.
+
+    ``migrate``: apply pending migrations on open; ``shared``: other processes of this
+    deployment write the same database (``serve --workers``).
+    """
     if url.startswith("sqlite://"):
         from .sqlite import SqliteStore
 
         return SqliteStore(
-            sqlite_path(url), synchronous=synchronous, busy_timeout=busy_timeout, migrate=migrate
+            sqlite_path(url),
+            synchronous=synchronous,
+            busy_timeout=busy_timeout,
+            migrate=migrate,
+            shared=shared,
         )
     if url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresStore

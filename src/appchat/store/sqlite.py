@@ -14,7 +14,7 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +37,7 @@ from .rows import (
     message_of,
     page_of,
 )
+from .writelock import WriterLock
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,9 @@ class SqliteStore:
         busy_timeout: float = 30.0,
         readers: int = READERS,
         migrate: bool = True,
+        shared: bool = False,
     ) -> None:
+        """``shared``: other processes write this file too (``serve --workers``)."""
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ConfigError("sqlite synchronous must be FULL, NORMAL or EXTRA")
         self.path = path
@@ -64,6 +67,8 @@ class SqliteStore:
         self._synchronous = synchronous
         self._readers_count = readers
         self._migrate = migrate
+        self._shared = shared and path != ":memory:"
+        self._turn: WriterLock | None = None
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._readers: ThreadPoolExecutor | None = None
@@ -76,6 +81,11 @@ class SqliteStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         if self._migrate:
             await asyncio.to_thread(apply_sqlite_migrations, self.path)
+        if self._shared:
+            try:
+                self._turn = WriterLock(self.path)
+            except OSError as exc:
+                raise ConfigError(f"cannot open {self.path}-writer.lock: {exc}") from exc
         ready = threading.Event()
         self._writer = threading.Thread(
             target=self._write_loop, args=(ready,), name="appchat-sqlite-writer", daemon=True
@@ -129,6 +139,7 @@ class SqliteStore:
 
     def _write_loop(self, ready: threading.Event) -> None:
         conn = self._connect()
+        turn = self._turn
         ready.set()
         try:
             while True:
@@ -146,11 +157,15 @@ class SqliteStore:
                         stop = True
                         break
                     batch.append(job)
-                self._commit_batch(conn, batch)
+                with turn or nullcontext():
+                    self._commit_batch(conn, batch)
                 if stop:
                     return
         finally:
             conn.close()
+            if turn is not None:
+                turn.close()
+                self._turn = None
 
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[Job]) -> None:
         outcomes: list[tuple[bool, Any]] = []
