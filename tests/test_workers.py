@@ -138,7 +138,7 @@ async def test_sqlite_writers_in_both_workers_leave_no_gap(server: ServerProcess
     assert sorted(ids_a + ids_b) == stored
     assert stored == list(range(stored[0], stored[0] + 2 * per_writer))
     # the writers took turns through the lock file beside the database (docs/decisions.md)
-    assert Path(server.database.removeprefix("sqlite:///") + "-writer.lock").exists()
+    assert os.path.exists(server.database.removeprefix("sqlite:///") + "-writer.lock")  # noqa: ASYNC240
 
 
 async def test_postgres_workers_share_one_database() -> None:
@@ -286,3 +286,26 @@ def test_open_file_limit_short_of_the_hard_limit_warns() -> None:
     out = _open_files(256, 512, 1000)
     assert int(out.stdout) == 512  # raised as far as the hard limit allows
     assert "WARNING open-file limit 512" in out.stderr and "--max-connections 1000" in out.stderr
+
+
+DEFAULT_CONNECTIONS = """
+import resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, {hard}))
+from appchat.config import Settings
+print(Settings().max_connections)
+"""
+
+
+@pytest.mark.parametrize(("hard", "default"), [(20_000, 19_000), (4096, 3096), (1500, 750)])
+def test_max_connections_default_fits_the_open_file_limit(hard: int, default: int) -> None:
+    current = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if current != resource.RLIM_INFINITY and current < hard:
+        pytest.skip(f"SKIPPED LOUDLY: hard open-file limit {current} is below {hard}")
+    out = subprocess.run(
+        [sys.executable, "-c", DEFAULT_CONNECTIONS.format(hard=hard)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert int(out.stdout) == default
