@@ -20,6 +20,10 @@ from .transport.ws import WebSocketEndpoint, WsOptions
 
 log = logging.getLogger(__name__)
 
+# Connections the kernel may hold for accept(): many clients reconnecting at once after a
+# restart would overflow aiohttp's 128 and be dropped. Linux caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+
 
 class Node:
     """One appchat server process (or one of several in a test): everything it owns."""
@@ -117,6 +121,7 @@ class Node:
             self.settings.port,
             ssl_context=self._ssl_context(),
             reuse_port=self.worker is not None or None,
+            backlog=LISTEN_BACKLOG,
         )
         await self._site.start()
         addresses = self._runner.addresses
