@@ -18,7 +18,7 @@ from websockets.asyncio.client import connect
 
 from appchat.supervisor import available_cores, worker_count
 
-from .backends import REDIS_URL, postgres_database, require, unique_prefix
+from .backends import REDIS_URL, free_port, postgres_database, require, unique_prefix
 from .support import SECRET, Client, ServerProcess, token, wait_until
 from .test_cli import appchat
 
@@ -309,3 +309,32 @@ def test_max_connections_default_fits_the_open_file_limit(hard: int, default: in
         check=True,
     )
     assert int(out.stdout) == default
+
+
+def test_a_worker_that_cannot_start_stops_the_deployment(tmp_path: Path) -> None:
+    nobody = free_port()  # no broker listens here
+    out = appchat(
+        "serve",
+        "--port",
+        "0",
+        "--workers",
+        "2",
+        "--broker",
+        f"redis://127.0.0.1:{nobody}/0",
+        cwd=tmp_path,
+        env={"APPCHAT_JWT_SECRET": SECRET},
+    )
+    assert out.returncode == 1
+    assert "cannot start" in out.stderr and "while starting" in out.stderr
+    assert "listening on" not in out.stdout
+
+
+async def test_sigint_to_the_parent_drains_too(tmp_path: Path) -> None:
+    node = await asyncio.to_thread(workers_server(f"sqlite:///{tmp_path / 'c.db'}").start)
+    try:
+        async with on_worker(node, 8, staff_token(8), lambda pid: True) as (c, _):
+            stopping = asyncio.create_task(asyncio.to_thread(node.stop, signal.SIGINT))
+            assert await c.close_code() == 1001
+            assert await stopping == 0
+    finally:
+        await asyncio.to_thread(node.stop, signal.SIGKILL)
