@@ -384,6 +384,7 @@ def run(args: argparse.Namespace) -> int:
 def _measure(args: argparse.Namespace, server: Server, ctx: Any) -> int:
     workers = child_pids(server.pid) or [server.pid]  # --workers 1: the server itself
     print(f"server pid {server.pid}, workers {workers}, port {server.port}")
+    at_rest = {pid: process_status(pid)[0] for pid in workers}
     progress = ctx.Array("i", args.clients, lock=False)
     go, results = ctx.Event(), ctx.Queue()
     procs = [
@@ -406,9 +407,8 @@ def _measure(args: argparse.Namespace, server: Server, ctx: Any) -> int:
     setup_s = time.monotonic() - t0
     opened = sum(o for o, _ in ready.values())
     print(f"opened {opened} of {args.connections} in {setup_s:.1f} s")
-    baseline = {pid: process_status(pid) for pid in workers}
     go.set()
-    peak: dict[int, tuple[float, int]] = dict(baseline)
+    peak: dict[int, tuple[float, int]] = {pid: process_status(pid) for pid in workers}
     tallies: dict[int, Tally] = {}
     t1 = time.monotonic()
     total_wait = args.duration + 30
@@ -430,13 +430,14 @@ def _measure(args: argparse.Namespace, server: Server, ctx: Any) -> int:
         p.join(30)
         if p.is_alive():
             p.kill()
-    return report(args, setup_s, opened, peak, list(tallies.values()), len(procs))
+    return report(args, setup_s, opened, at_rest, peak, list(tallies.values()), len(procs))
 
 
 def report(
     args: argparse.Namespace,
     setup_s: float,
     opened: int,
+    at_rest: dict[int, float],
     peak: dict[int, tuple[float, int]],
     tallies: list[Tally],
     processes: int,
@@ -458,10 +459,13 @@ def report(
         f"({args.workers} workers, {args.clients} client processes, {args.sources} sources)"
     )
     for pid, (rss, files) in sorted(peak.items()):
-        print(f"  worker pid {pid}: peak RSS {rss:.0f} MiB, open files {files}")
+        print(
+            f"  worker pid {pid}: peak RSS {rss:.0f} MiB ({at_rest.get(pid, math.nan):.0f} at "
+            f"rest), open files {files}"
+        )
     if opened:
-        rss_total = sum(r for r, _ in peak.values() if not math.isnan(r))
-        print(f"  {rss_total * 1024 / max(1, opened):.1f} KiB RSS per connection (all workers)")
+        grown = sum(r - at_rest.get(pid, math.nan) for pid, (r, _) in peak.items())
+        print(f"  {grown * 1024 / opened:.1f} KiB of RSS per connection (growth over rest)")
     print(
         f"messages: {sent} sent, {acked} acknowledged, {refused} refused, {pushed} pushed "
         f"in {args.duration:.0f} s: {acked / args.duration:.0f} msg/s acknowledged, "

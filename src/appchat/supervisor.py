@@ -306,7 +306,6 @@ class Supervisor:
         self.count = workers
         self.announce = announce
         self.workers: list[Worker] = []
-        self._stopping = False
         self._failures = 0
 
     def run(self, signals: Signals) -> int:
@@ -343,7 +342,6 @@ class Supervisor:
         self.announce(port)
         watchers = {asyncio.create_task(self._keep(w)) for w in self.workers}
         await stop.wait()
-        self._stopping = True
         for task in watchers:
             task.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
