@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 
 from aiohttp import web
@@ -21,6 +22,10 @@ from .transport.ws import WebSocketEndpoint, WsOptions
 
 log = logging.getLogger(__name__)
 
+# Connections the kernel may hold for accept(): many clients reconnecting at once after a
+# restart would overflow aiohttp's 128 and be dropped. Linux caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+
 
 class Node:
     """One appchat server process (or one of several in a test): everything it owns."""
@@ -32,8 +37,12 @@ class Node:
         *,
         store: Store | None = None,
         broker: Broker | None = None,
+        worker: int | None = None,
     ) -> None:
+        """``worker``: this node is worker number ``worker`` of ``serve --workers`` (its port
+        is shared through SO_REUSEPORT, the parent migrated the database)."""
         self.settings = settings
+        self.worker = worker
         self.verifier = TokenVerifier(
             secret, keys=[public_key(spec) for spec in settings.jwt_public_key]
         )
@@ -41,6 +50,8 @@ class Node:
             settings.database,
             synchronous=settings.sqlite_synchronous,
             busy_timeout=settings.sqlite_busy_timeout,
+            migrate=worker is None,
+            shared=worker is not None,
         )
         self.broker = broker or open_broker(settings.broker)
         self.metrics = Metrics()
@@ -86,7 +97,13 @@ class Node:
         app.router.add_get("/readyz", health.readyz)
         app.router.add_get("/metrics", health.metrics)
         app.on_shutdown.append(self._on_shutdown)
+        if self.worker is not None:
+            app.on_response_prepare.append(self._name_worker)
         return app
+
+    async def _name_worker(self, request: web.Request, response: web.StreamResponse) -> None:
+        # Which process answered: for operators and tests of ``serve --workers``.
+        response.headers["Appchat-Worker"] = f"{self.worker} pid={os.getpid()}"
 
     async def _on_shutdown(self, app: web.Application) -> None:
         # Listening sockets are closed already; in-flight handlers finish after this.
@@ -117,7 +134,8 @@ class Node:
             self.settings.host,
             self.settings.port,
             ssl=self._ssl_context(),
-            backlog=128,
+            backlog=LISTEN_BACKLOG,
+            reuse_port=self.worker is not None or None,
             ssl_handshake_timeout=timeout if self.settings.tls_cert else None,
         )
         self.port = self._listener.sockets[0].getsockname()[1]

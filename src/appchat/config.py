@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,21 @@ from .store import sqlite_path
 
 DEFAULT_DATABASE = "sqlite:///appchat.db"
 DEV_SECRET_NAME = "appchat-dev.secret"
+# Descriptors a process keeps beside its connections (database, broker, logs, listeners).
+RESERVED_FILES = 1000
+CONNECTIONS_CAP = 100_000
+
+
+def default_max_connections() -> int:
+    """What one process can hold on this machine: the open-file hard limit less the files
+    it needs for everything else (20,000 -> 19,000), at most 100,000."""
+    try:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return 10_000
+    if hard == resource.RLIM_INFINITY:
+        return CONNECTIONS_CAP
+    return max(1, min(CONNECTIONS_CAP, max(hard - RESERVED_FILES, hard // 2)))
 
 
 @dataclass(frozen=True)
@@ -40,7 +56,7 @@ class Settings:
     sqlite_synchronous: str = "FULL"
     log_level: str = "INFO"
     channel_prefix: str = "appchat"
-    max_connections: int = 10000
+    max_connections: int = field(default_factory=default_max_connections)
     max_connections_per_user: int = 32
     allowed_origins: tuple[str, ...] = ()
     handshake_timeout: float = 5.0
@@ -79,7 +95,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
     ),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
     "channel_prefix": (str, "prefix of broker channels: nodes that talk share one"),
-    "max_connections": (int, "connections this node accepts; more are refused with 503"),
+    "max_connections": (
+        int,
+        "connections this node (each worker) accepts; more are refused with 503; "
+        "the default fits the open-file hard limit (`ulimit -Hn`)",
+    ),
     "max_connections_per_user": (
         int,
         "connections one participant may hold on this node; more are refused with 429",

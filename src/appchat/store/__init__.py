@@ -79,16 +79,33 @@ class Store(Protocol):
     ) -> list[UnreadCount]: ...
 
 
-def open_store(url: str, *, synchronous: str = "FULL", busy_timeout: float = 30.0) -> Store:
-    """Pick the storage implementation for ``url``."""
+def open_store(
+    url: str,
+    *,
+    synchronous: str = "FULL",
+    busy_timeout: float = 30.0,
+    migrate: bool = True,
+    shared: bool = False,
+) -> Store:
+    """Pick the storage implementation for ``url``.
+
+    ``migrate``: apply pending migrations on open; ``shared``: other processes of this
+    deployment write the same database (``serve --workers``).
+    """
     if url.startswith("sqlite://"):
         from .sqlite import SqliteStore
 
-        return SqliteStore(sqlite_path(url), synchronous=synchronous, busy_timeout=busy_timeout)
+        return SqliteStore(
+            sqlite_path(url),
+            synchronous=synchronous,
+            busy_timeout=busy_timeout,
+            migrate=migrate,
+            shared=shared,
+        )
     if url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, migrate=migrate)
     raise ConfigError(
         f"unsupported database URL {redact_url(url)!r} (expected sqlite:///PATH or postgresql://…)"
     )

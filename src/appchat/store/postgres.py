@@ -61,8 +61,10 @@ class PostgresStore:
         max_size: int = 10,
         connect_timeout: float = 5.0,
         command_timeout: float = 10.0,
+        migrate: bool = True,
     ) -> None:
         self.dsn = dsn
+        self._migrate = migrate
         self._min = min_size
         self._max = max_size
         self._connect_timeout = connect_timeout
@@ -70,10 +72,11 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
 
     async def open(self) -> None:
-        try:
-            await asyncio.to_thread(apply_postgres_migrations, self.dsn)
-        except Exception as exc:
-            raise Unavailable(f"cannot migrate the database: {exc}") from exc
+        if self._migrate:
+            try:
+                await asyncio.to_thread(apply_postgres_migrations, self.dsn)
+            except Exception as exc:
+                raise Unavailable(f"cannot migrate the database: {exc}") from exc
         try:
             self._pool = await asyncpg.create_pool(
                 self.dsn,
