@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint format clean
+.PHONY: install run test lint format clean bench
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,12 @@ lint: install
 
 test: lint
 	$(BIN)/pytest
+
+# Side by side: appchat, a bare aiohttp relay and a python-socketio relay (bench/suite.py).
+# Writes docs/benchmarks.md and docs/img/; BENCH_ARGS="--tiny --out DIR" for a smoke run.
+BENCH_ARGS ?= --write
+bench: install
+	$(BIN)/python bench/suite.py $(BENCH_ARGS)
 
 format: install
 	$(BIN)/ruff check --fix src tests $(wildcard bench)

@@ -231,7 +231,33 @@ async def open_pairs(wire: Wire, count: int, content: str) -> list[Pair]:
     return list(await asyncio.gather(*(one(i) for i in range(count))))
 
 
-def wire_pair(pair: Pair, latencies: list[float] | None, on_ack: Callable[[Pair], None]) -> None:
+class Tally:
+    """Pushes received across pairs, with an event when a target is reached."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.target = math.inf
+        self.reached = asyncio.Event()
+
+    def add(self) -> None:
+        self.count += 1
+        if self.count >= self.target:
+            self.reached.set()
+
+    async def wait_for(self, target: float, within: float) -> None:
+        self.target = target
+        if self.count >= target:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.reached.wait(), within)
+
+
+def wire_pair(
+    pair: Pair,
+    latencies: list[float] | None,
+    on_ack: Callable[[Pair], None],
+    tally: Tally | None = None,
+) -> None:
     def customer_frame(kind: str, value: Any) -> None:
         if kind == "ack" or kind == "error":
             pair.in_flight -= 1
@@ -240,13 +266,15 @@ def wire_pair(pair: Pair, latencies: list[float] | None, on_ack: Callable[[Pair]
             on_ack(pair)
 
     def staff_frame(kind: str, value: Any) -> None:
-        if kind != "push":
+        if kind != "push" or value is None:
             return
         seq = int(value.rsplit("-", 1)[1])
         sent = pair.sent_at.pop(seq, None)
         pair.pushed += 1
         if latencies is not None and sent is not None:
             latencies.append(time.perf_counter() - sent)
+        if tally is not None:
+            tally.add()
 
     # replies to the customer's sends arrive as "ack" frames with no waiter
     pair.customer.on_frame = customer_frame
@@ -295,11 +323,11 @@ async def latency(kind: str, port: int, args: argparse.Namespace, rate: float) -
     wire = Wire(kind, port)
     pairs = await open_pairs(wire, args.pairs, "x" * args.content_bytes)
     lat: list[float] = []
+    tally = Tally()
     for p in pairs:
-        wire_pair(p, lat, lambda pair: None)
+        wire_pair(p, lat, lambda pair: None, tally)
     await asyncio.sleep(0.2)
     tick = 0.005
-    per_tick = rate * tick
     owed = 0.0
     started = time.perf_counter()
     i = 0
@@ -312,12 +340,9 @@ async def latency(kind: str, port: int, args: argparse.Namespace, rate: float) -
             sent += 1
             owed -= 1
         await asyncio.sleep(tick)
-    del per_tick
     wanted = sent
-    deadline = time.perf_counter() + 10
-    while sum(p.pushed for p in pairs) < wanted and time.perf_counter() < deadline:
-        await asyncio.sleep(0.05)
-    pushed = sum(p.pushed for p in pairs)
+    await tally.wait_for(wanted, 10)
+    pushed = tally.count
     for p in pairs:
         p.customer.close()
         p.staff.close()
@@ -362,19 +387,22 @@ async def unread_timing(port: int, counts: list[int], calls: int) -> dict[int, f
         )
         await staff.call("Event.AddConversation", {"application_id": app}, 10**9)
         await customer.call("Event.AddConversation", {"application_id": app}, 10**9)
-        pair = Pair(0, customer, staff, "unread")
-        pair.customer.on_frame = lambda kind, value, pair=pair: setattr(
-            pair, "in_flight", pair.in_flight - 1
-        )
+        window = asyncio.Semaphore(64)
+        acked = Tally()
+
+        def on_ack(
+            kind: str, value: Any, window: asyncio.Semaphore = window, acked: Tally = acked
+        ) -> None:
+            window.release()
+            acked.add()
+
+        customer.on_frame = on_ack
         args = {"session_channel": str(app), "content": "unread"}
         for seq in range(unread):
+            await window.acquire()
             assert customer.client is not None
             customer.client.send(wire.request("Event.SendMessage", args, seq))
-            pair.in_flight += 1
-            while pair.in_flight >= 64:
-                await asyncio.sleep(0.001)
-        while pair.in_flight > 0:
-            await asyncio.sleep(0.01)
+        await acked.wait_for(unread, 300)
         times = []
         for c in range(calls):
             t = time.perf_counter()

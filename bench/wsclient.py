@@ -124,7 +124,7 @@ async def connect(
     *,
     subprotocols: list[str] | None = None,
     local_addr: str | None = None,
-    timeout: float = 30.0,
+    within: float = 30.0,
 ) -> LeanClient:
     """Open a WebSocket to ``url`` (``ws://`` only); frames go to ``on_text``."""
     parts = urlsplit(url)
@@ -148,7 +148,7 @@ async def connect(
         loop.create_connection(
             lambda: client, host, port, local_addr=(local_addr, 0) if local_addr else None
         ),
-        timeout,
+        within,
     )
-    await asyncio.wait_for(client.opened, timeout)
+    await asyncio.wait_for(client.opened, within)
     return client
