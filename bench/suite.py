@@ -47,6 +47,7 @@ from appchat.auth import mint
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-" + uuid.uuid4().hex + uuid.uuid4().hex
 SERVERS = ("appchat", "relay", "socketio", "baseline")
+SERVER_ARGS: list[str] = []  # --server-args: more `appchat serve` options
 BASELINE_TREE = Path(tempfile.gettempdir()) / "appchat-bench-baseline"
 PARTS = ("throughput", "latency", "memory", "unread")
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
@@ -63,17 +64,19 @@ def pinned(cpu: int) -> list[str]:
 def server(kind: str, workdir: Path, extra: list[str] | None = None) -> Iterator[Server]:
     py = sys.executable
     env = None
+    extra_args = list(extra or [])
     if kind == "baseline":  # appchat as of --baseline REV, checked out beside this one
         env = {"PYTHONPATH": str(BASELINE_TREE / "src")}
     if kind in ("appchat", "baseline"):
         db = workdir / f"bench-{uuid.uuid4().hex[:8]}.db"
         cmd = [py, "-m", "appchat", "serve", "--port", "0", "--rate", "0"]
-        cmd += ["--database", f"sqlite:///{db}", "--log-level", "WARNING", *(extra or [])]
+        cmd += ["--database", f"sqlite:///{db}", "--log-level", "WARNING"]
+        extra_args += SERVER_ARGS
     elif kind == "relay":
         cmd = [py, str(ROOT / "bench/reference/relay_aiohttp.py")]
     else:
         cmd = [py, str(ROOT / "bench/reference/relay_socketio.py")]
-    srv = Server([], SECRET, name=kind, command=pinned(0) + cmd, env=env).start()
+    srv = Server([], SECRET, name=kind, command=pinned(0) + cmd + extra_args, env=env).start()
     try:
         yield srv
     finally:
@@ -663,6 +666,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run appchat as of git REV ('baseline'), for before/after figures",
     )
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--server-args", default="", help="more `appchat serve` options, quoted")
     p.add_argument("--pairs", type=int, default=100)
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--content-bytes", type=int, default=100)
@@ -684,6 +688,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    SERVER_ARGS.extend(args.server_args.split())
     if args.baseline:
         checkout_baseline(args.baseline)
         if "baseline" not in args.servers:

@@ -216,11 +216,9 @@ async def _serve(
         raise ConfigError(
             f"cannot listen on {node.settings.host}:{node.settings.port}: {exc.strerror or exc}"
         ) from exc
-    # What was made to start up lives as long as the process: keep it out of the collector's
-    # way, and collect the young generation less often (a request makes many short-lived
-    # objects, no cycles on the hot path).
+    # What was made to start up lives as long as the process: keep it out of the
+    # collector's way.
     gc.freeze()
-    gc.set_threshold(20_000, 50, 100)
     if worker:
         announce_ready(sys.stdout)
     else:
