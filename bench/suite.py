@@ -49,7 +49,7 @@ SECRET = "bench-secret-" + uuid.uuid4().hex + uuid.uuid4().hex
 SERVERS = ("appchat", "relay", "socketio", "baseline")
 SERVER_ARGS: list[str] = []  # --server-args: more `appchat serve` options
 BASELINE_TREE = Path(tempfile.gettempdir()) / "appchat-bench-baseline"
-PARTS = ("throughput", "latency", "memory", "unread")
+PARTS = ("throughput", "latency", "memory", "unread", "cluster")
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
 
 
@@ -83,20 +83,47 @@ def server(kind: str, workdir: Path, extra: list[str] | None = None) -> Iterator
         srv.stop()
 
 
+@contextlib.contextmanager
+def cluster(workdir: Path, args: argparse.Namespace) -> Iterator[tuple[Server, Server]]:
+    """Two appchat nodes on a fresh PostgreSQL database and Redis (nothing pinned)."""
+    import psycopg
+
+    name = f"appchat_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(args.pg_admin, autocommit=True, connect_timeout=10) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = args.pg_admin.rsplit("/", 1)[0] + "/" + name
+    prefix = f"appchat-bench-{uuid.uuid4().hex[:8]}"
+    common = [sys.executable, "-m", "appchat", "serve", "--port", "0", "--rate", "0"]
+    common += ["--database", url, "--broker", args.redis, "--channel-prefix", prefix]
+    common += ["--log-level", "WARNING"]
+    nodes: list[Server] = []
+    try:
+        for n in range(2):
+            nodes.append(Server([], SECRET, name=f"node {n}", command=common).start())
+        yield nodes[0], nodes[1]
+    finally:
+        for node in nodes:
+            node.stop()
+        with psycopg.connect(args.pg_admin, autocommit=True, connect_timeout=10) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 # --- the two wire formats -----------------------------------------------------------------------
 
 
 class Wire:
     """How a client of one server joins a room, sends a message and reads what comes back."""
 
-    def __init__(self, kind: str, port: int) -> None:
+    def __init__(self, kind: str, port: int, staff_port: int | None = None) -> None:
         self.kind = kind
         self.port = port
+        self.staff_port = staff_port or port  # two nodes: staff on the other one
 
-    def url(self, sid: int) -> str:
+    def url(self, sid: int, port: int | None = None) -> str:
+        port = port or self.port
         if self.kind == "socketio":
-            return f"ws://127.0.0.1:{self.port}/socket.io/?EIO=4&transport=websocket"
-        return f"ws://127.0.0.1:{self.port}/ws?sid={sid}"
+            return f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"
+        return f"ws://127.0.0.1:{port}/ws?sid={sid}"
 
     def protocols(self, token: str) -> list[str] | None:
         return None if self.kind == "socketio" else ["access_token", token]
@@ -140,9 +167,9 @@ class Peer:
         self.on_frame: Callable[[str, Any], None] = lambda kind, value: None
         self._waiting: dict[int, asyncio.Future[None]] = {}
 
-    async def open(self, sid: int, token: str) -> Peer:
+    async def open(self, sid: int, token: str, port: int | None = None) -> Peer:
         self.client = await connect(
-            self.wire.url(sid), self._frame, subprotocols=self.wire.protocols(token)
+            self.wire.url(sid, port), self._frame, subprotocols=self.wire.protocols(token)
         )
         if self.wire.kind == "socketio":
             opened = self._expect(b"40")
@@ -223,7 +250,9 @@ async def open_pairs(wire: Wire, count: int, content: str) -> list[Pair]:
     async def one(i: int) -> Pair:
         app = 1000 + i
         async with gate:
-            staff = await Peer(wire).open(100_000 + i, mint(SECRET.encode(), admin_id=100_000 + i))
+            staff = await Peer(wire).open(
+                100_000 + i, mint(SECRET.encode(), admin_id=100_000 + i), wire.staff_port
+            )
             customer = await Peer(wire).open(
                 200_000 + i, mint(SECRET.encode(), request_id=app, sid=200_000 + i)
             )
@@ -285,10 +314,10 @@ def wire_pair(
 
 
 async def throughput(
-    kind: str, port: int, args: argparse.Namespace, srv: Server
+    kind: str, port: int, args: argparse.Namespace, *servers: Server, staff_port: int = 0
 ) -> dict[str, float]:
     """Closed loop: each customer keeps ``window`` sends unanswered; pushes counted per second."""
-    wire = Wire(kind, port)
+    wire = Wire(kind, port, staff_port)
     pairs = await open_pairs(wire, args.pairs, "x" * args.content_bytes)
     running = True
 
@@ -301,10 +330,14 @@ async def throughput(
         for _ in range(args.window):
             p.send()
     await asyncio.sleep(args.warmup)
-    pushed0, cpu0, t0 = sum(p.pushed for p in pairs), srv.cpu_seconds(), time.perf_counter()
+
+    def cpu() -> float:
+        return sum(srv.cpu_seconds() for srv in servers)
+
+    pushed0, cpu0, t0 = sum(p.pushed for p in pairs), cpu(), time.perf_counter()
     gen0 = time.process_time()
     await asyncio.sleep(args.duration)
-    pushed1, cpu1, t1 = sum(p.pushed for p in pairs), srv.cpu_seconds(), time.perf_counter()
+    pushed1, cpu1, t1 = sum(p.pushed for p in pairs), cpu(), time.perf_counter()
     gen1 = time.process_time()
     running = False
     errors = sum(p.errors for p in pairs)
@@ -417,6 +450,17 @@ async def unread_timing(port: int, counts: list[int], calls: int) -> dict[int, f
     return out
 
 
+async def unpinned_sqlite(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
+    db = workdir / f"single-{uuid.uuid4().hex[:8]}.db"
+    cmd = [sys.executable, "-m", "appchat", "serve", "--port", "0", "--rate", "0"]
+    cmd += ["--database", f"sqlite:///{db}", "--log-level", "WARNING"]
+    srv = Server([], SECRET, name="single", command=cmd).start()
+    try:
+        return await throughput("appchat", srv.port, args, srv)
+    finally:
+        srv.stop()
+
+
 # --- running and reporting ----------------------------------------------------------------------
 
 
@@ -432,11 +476,12 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "latency": {k: {r: [] for r in args.rates} for k in kinds},
         "memory": {k: [] for k in kinds},
         "unread": [],
+        "cluster": {"one SQLite node": [], "two nodes, PostgreSQL + Redis": []},
     }
     parts = set(args.parts)
     rates = args.rates if "latency" in parts else []
     per_server = ("throughput" in parts) + len(rates) + ("memory" in parts)
-    steps = args.runs * (len(kinds) * per_server + ("unread" in parts))
+    steps = args.runs * (len(kinds) * per_server + ("unread" in parts) + 2 * ("cluster" in parts))
     with tqdm(total=steps, desc="bench", unit="step", file=sys.stderr) as bar:
         for _run in range(args.runs):
             for kind in kinds:
@@ -461,6 +506,17 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         await idle_memory(kind, srv.port, srv, args.idle)
                     )
                     bar.update()
+            if "cluster" in parts:
+                # Side by side, nothing pinned: customers on node A, staff on node B.
+                bar.set_postfix_str("one SQLite node (unpinned)")
+                single = await unpinned_sqlite(workdir, args)
+                results["cluster"]["one SQLite node"].append(single)
+                bar.update()
+                bar.set_postfix_str("two nodes, PostgreSQL + Redis")
+                with cluster(workdir, args) as (a, b):
+                    two = await throughput("appchat", a.port, args, a, b, staff_port=b.port)
+                results["cluster"]["two nodes, PostgreSQL + Redis"].append(two)
+                bar.update()
             if "unread" not in parts:
                 continue
             with server("appchat", workdir) as srv:
@@ -503,6 +559,15 @@ def summarise(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
             "kib_per_conn": median(slopes),
             "rss": {n: median([r[n] for r in runs]) for n in args.idle},
         }
+    s["cluster"] = {}
+    cl = results["cluster"]
+    if all(cl.values()):
+        for label, runs in cl.items():
+            s["cluster"][label] = {k: median([r[k] for r in runs]) for k in ("msg_s", "cpu_us")}
+        one, two = cl["one SQLite node"], cl["two nodes, PostgreSQL + Redis"]
+        s["cluster"]["ratio"] = median(
+            [t["msg_s"] / o["msg_s"] for o, t in zip(one, two, strict=True)]
+        )
     for n in args.unread if results["unread"] else []:
         s["unread"][n] = median([r[n] for r in results["unread"]])
     return s
@@ -551,6 +616,20 @@ def report(args: argparse.Namespace, s: dict[str, Any]) -> str:
                 f"| {kind} | {m['rss'][lo]:.1f} MiB | {m['rss'][hi]:.1f} MiB | "
                 f"{m['kib_per_conn']:.1f} |"
             )
+    if s["cluster"]:
+        c = s["cluster"]
+        lines += [
+            "",
+            "**Two nodes against one**, side by side, nothing pinned (customers on node A,",
+        ]
+        lines += ["staff on node B, so every push crosses nodes through Redis):", ""]
+        lines += ["| deployment | delivered msg/s | CPU per message (all nodes) |", "|---|---|---|"]
+        for label in ("one SQLite node", "two nodes, PostgreSQL + Redis"):
+            lines.append(f"| {label} | {c[label]['msg_s']:,.0f} | {c[label]['cpu_us']:.1f} µs |")
+        lines += [
+            "",
+            f"Ratio two nodes / one node: **{c['ratio']:.2f}** (median of the runs' ratios).",
+        ]
     if s["unread"]:
         lines += ["", f"**GetUnreadInfo** (median of {args.calls} calls):", ""]
         lines += ["| unread messages | time |", "|---|---|"]
@@ -676,6 +755,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--idle", type=int, nargs="+", default=[1000, 5000])
     p.add_argument("--unread", type=int, nargs="+", default=[10, 100_000])
     p.add_argument("--calls", type=int, default=50)
+    p.add_argument(
+        "--pg-admin", default="postgresql://postgres@127.0.0.1:5432/postgres", help="[cluster]"
+    )
+    p.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="[cluster]")
     p.add_argument("--write", action="store_true", help="update docs/benchmarks.md and docs/img")
     p.add_argument("--out", type=Path, help="write the report and plots here instead")
     p.add_argument("--tiny", action="store_true", help="a smoke run of every part")
