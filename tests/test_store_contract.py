@@ -189,3 +189,16 @@ def test_nodes_starting_at_once_migrate_postgres_once() -> None:
         applied = list(pool.map(lambda _: apply_postgres_migrations(url), range(4)))
         assert sorted(applied) == [0, 0, 0, 1]
         assert apply_postgres_migrations(url) == 0
+
+
+async def test_participant_ids(store: Store) -> None:
+    conv = await conversation(store, user=1)
+    other = await conversation(store, app=200, user=9)
+    assert await store.participant_ids(conv.id) == [1]
+    await store.add_conversation(100, 2, staff=False, now=NOW)
+    await send(store, conv, 3, "a sender takes part")
+    m = await send(store, other, 4, "elsewhere")
+    await store.read_messages(other, reader_id=5, staff=True, message_id=m, now=NOW)
+    assert sorted(await store.participant_ids(conv.id)) == [1, 2, 3]
+    assert sorted(await store.participant_ids(other.id)) == [4, 5, 9]
+    assert await store.participant_ids(other.id + conv.id + 1000) == []

@@ -362,6 +362,9 @@ class SqliteStore:
 
         return await self._read(run)
 
+    async def participant_ids(self, conversation_id: int) -> list[int]:
+        return await self._read(_participants, conversation_id)
+
 
 def _join(
     conn: sqlite3.Connection, conversation_id: int, user_id: int, staff: bool, now: int
