@@ -15,6 +15,7 @@ from .observability import Metrics
 from .service import ChatService, Limits
 from .store import Store, open_store
 from .transport.http import HealthEndpoints
+from .transport.web import WebClient
 from .transport.ws import WebSocketEndpoint, WsOptions
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Node:
         )
         self.broker = broker or open_broker(settings.broker)
         self.metrics = Metrics()
+        self._dev_secret = secret if settings.dev else None  # mints tokens for the web client
         self.hub = Hub(self.broker, prefix=settings.channel_prefix)
         self.service = ChatService(
             self.store,
@@ -80,6 +82,7 @@ class Node:
         app.router.add_get("/healthz", health.healthz)
         app.router.add_get("/readyz", health.readyz)
         app.router.add_get("/metrics", health.metrics)
+        WebClient(dev_secret=self._dev_secret).add_routes(app)
         app.on_shutdown.append(self._on_shutdown)
         return app
 
