@@ -7,6 +7,7 @@ const SESSION_KEY = "appchat.session";
 const PAGE = 30; // messages per history page
 const TYPING_SHOWN_MS = 5000; // how long "is typing" shows without news
 const TYPING_EVERY_MS = 2000; // how often we tell others while the user types
+const TYPING_IDLE_MS = 3000; // the user stopped typing this long ago: stop telling
 const INBOX_REFRESH_MS = 30000; // staff: conversations nobody pushed to us about
 
 const $ = (id) => document.getElementById(id);
@@ -25,6 +26,8 @@ const pending = new Map(); // client_msg_id -> {channel, content, create_at, fai
 const typists = new Map(); // channel -> Map user_id -> timer
 let openChannel = null;
 let lastTypingSent = 0;
+let lastInputAt = 0;
+let typingTimer = null;
 let inboxTimer = null;
 
 // --- formatting -------------------------------------------------------------------------------
@@ -533,10 +536,23 @@ function submit(event) {
   );
 }
 
+// While the user types, and for a few seconds after the last keystroke, tell the others every
+// TYPING_EVERY_MS (the server forwards at most one every 2 s per connection anyway).
 function onInput() {
+  lastInputAt = Date.now();
+  typingTick();
+  if (!typingTimer) typingTimer = setInterval(typingTick, 500);
+}
+
+function typingTick() {
   const now = Date.now();
-  if (!openChannel || !$("input").value.trim() || chat.state !== ONLINE) return;
-  if (now - lastTypingSent < TYPING_EVERY_MS) return;
+  const typing = openChannel && $("input").value.trim() && now - lastInputAt < TYPING_IDLE_MS;
+  if (!typing) {
+    clearInterval(typingTimer);
+    typingTimer = null;
+    return;
+  }
+  if (chat.state !== ONLINE || now - lastTypingSent < TYPING_EVERY_MS) return;
   lastTypingSent = now;
   chat.typing(openChannel).catch(() => {});
 }
