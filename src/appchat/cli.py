@@ -23,6 +23,7 @@ from .config import (
     settings_from,
 )
 from .errors import AppError, ConfigError
+from .logformat import FORMATS, configure_logging
 from .store import apply_migrations
 
 SERVE_OPTIONS = list(OPTIONS)
@@ -90,10 +91,9 @@ def serve(ns: argparse.Namespace) -> int:
         raise ConfigError("--tls-cert and --tls-key go together")
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"--log-level {settings.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("yoyo").setLevel(logging.WARNING)
+    if settings.log_format not in FORMATS:
+        raise ConfigError(f"--log-format {settings.log_format!r}: use text or json")
+    configure_logging(settings.log_level, settings.log_format)
     secret: bytes | None
     try:
         secret = resolve_secret(settings, use_dev_file=settings.dev, create_dev_file=settings.dev)

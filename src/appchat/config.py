@@ -39,6 +39,7 @@ class Settings:
     sqlite_busy_timeout: float = 30.0
     sqlite_synchronous: str = "FULL"
     log_level: str = "INFO"
+    log_format: str = "text"
     channel_prefix: str = "appchat"
     max_connections: int = 10000
     max_connections_per_user: int = 32
@@ -76,6 +77,7 @@ OPTIONS: dict[str, tuple[type, str]] = {
         "FULL or EXTRA (an ack survives power loss) or NORMAL (survives a process crash)",
     ),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
+    "log_format": (str, "text, or json: one object per line (time, level, logger, message, …)"),
     "channel_prefix": (str, "prefix of broker channels: nodes that talk share one"),
     "max_connections": (int, "connections this node accepts; more are refused with 503"),
     "max_connections_per_user": (
