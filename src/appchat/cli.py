@@ -172,12 +172,15 @@ async def _serve(node: Node, secret: bytes | None, signals: ShutdownSignals) -> 
 def _print_dev_tokens(secret: bytes, url: str) -> None:
     staff = mint(secret, admin_id=1, ttl=86400)
     customer = mint(secret, request_id=100, sid=2, ttl=86400)
+    web = url.replace("ws", "http", 1).removesuffix("/ws") + "/"
     print(
+        f"\n--dev: open the web client at {web} and join with one click\n"
         "\n--dev: tokens valid for 24 hours (more with `appchat token`):\n"
         f"  staff 1:                      {staff}\n"
         f"    connect: {url}?sid=1  subprotocols ['access_token', '<token>']\n"
         f"  customer 2 of application 100: {customer}\n"
-        f"    connect: {url}?sid=2  subprotocols ['access_token', '<token>']\n",
+        f"    connect: {url}?sid=2  subprotocols ['access_token', '<token>']\n"
+        '    join: Event.AddConversation {"application_id": 100} (pushes start once joined)\n',
         flush=True,
     )
 
