@@ -260,3 +260,45 @@ async def test_restart_in_the_middle_loses_and_doubles_nothing(
         assert errors == []
     finally:
         server.stop()
+
+
+def readme_snippets() -> tuple[str, str]:
+    """The README's two browser console snippets: the raw socket, then appchat.js."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = readme.split("```js\n")[1:]
+    raw = next(b for b in blocks if "const TOKEN" in b).split("```")[0]
+    lib = next(b for b in blocks if 'import("/appchat.js")' in b).split("```")[0]
+    return raw, lib
+
+
+@pytest.mark.parametrize("who", ["staff 1:", "customer 2 of application 100:"])
+async def test_the_readme_browser_snippets_work_with_both_printed_tokens(
+    dev_server: ServerProcess, browser: Any, who: str
+) -> None:
+    printed = next(line for line in dev_server.lines if line.strip().startswith(who))
+    jwt = printed.split()[-1]
+    raw, lib = readme_snippets()
+    here = f"127.0.0.1:{dev_server.port}"
+    raw = raw.replace("<paste a token>", jwt).replace("127.0.0.1:8888", here)
+    raw = raw.replace("console.log(JSON.parse(e.data))", "frames.push(JSON.parse(e.data))")
+    lib = lib.replace("127.0.0.1:8888", here)
+    errors: list[str] = []
+    page = await open_page(browser, dev_server, errors)
+    # Both snippets in one scope, as typed one after the other into the console.
+    result = await page.evaluate(
+        "async () => { const frames = [];\n"
+        + raw
+        + "\nawait new Promise((ok) => { const t = setInterval(() => frames.length >= 2 "
+        "&& (clearInterval(t), ok()), 10); });\n"
+        + lib
+        + "\nconst page = await chat.history('100'); chat.close(); ws.close();\n"
+        "return { frames, last: page.messages.at(-1) }; }"
+    )
+    frames = result["frames"]
+    assert [(f["name"], f["ok"]) for f in frames[:2]] == [
+        ("Event.AddConversation", True),
+        ("Event.GetConversationList", True),
+    ], frames
+    assert 100 in [c["application_id"] for c in frames[1]["result"]["conversations"]]
+    assert result["last"]["content"] == "Hello from appchat.js"
+    assert errors == []
