@@ -15,7 +15,9 @@ from appchat.ratelimit import Throttle
 from appchat.service import TYPING_INTERVAL_US, ChatService
 from appchat.store.sqlite import SqliteStore
 
+from .backends import REDIS_URL, postgres_database, require, unique_prefix
 from .support import ServerProcess, client, token
+from .test_cluster import start_nodes
 from .test_service import RecordingFanout, Session
 
 _apps = itertools.count(7000)
@@ -176,3 +178,31 @@ def test_throttle_memory_is_bounded() -> None:
     for k in range(5, 9):
         t.allow(k, 21)
     assert len(t) <= 4 and not t.allow(8, 22)
+
+
+async def test_typing_crosses_nodes() -> None:
+    """Two nodes on PostgreSQL and Redis: typing on one reaches every device on the other."""
+    require("Redis", "127.0.0.1", 6379)
+    with postgres_database() as url:
+        a, b = start_nodes(2, url, REDIS_URL, unique_prefix())
+        try:
+            async with (
+                client(a, 2, token(request_id=100, sid=2)) as cust,
+                client(b, 1, token(admin_id=1)) as desk,
+                client(a, 1, token(admin_id=1)) as phone,
+            ):
+                await cust.ok("Event.AddConversation", {"application_id": 100})
+                await desk.ok("Event.AddConversation", {"application_id": 100})
+                await cust.ok("Event.Typing", typing(100))
+                for device in (desk, phone):
+                    push = await device.push("Event.ReceiveTyping")
+                    assert push["result"]["user_id"] == 2
+                await desk.ok("Event.Typing", typing(100))
+                assert (await cust.push("Event.ReceiveTyping"))["result"]["user_id"] == 1
+                sent = await cust.ok(
+                    "Event.SendMessage", {"session_channel": "100", "content": "x"}
+                )
+                assert (await phone.push())["result"] == sent  # no typing of its own user
+        finally:
+            a.stop()
+            b.stop()
