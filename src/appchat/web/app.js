@@ -385,8 +385,7 @@ function messageNode(m) {
       ticks.textContent = `Not sent: ${m.failed}`;
     } else if (m.status === -1) {
       li.classList.add("pending");
-      ticks.textContent = "🕓";
-      ticks.title = "Sending…";
+      ticks.textContent = "Sending…";
     } else {
       ticks.textContent = m.status >= 1 ? "✓✓" : "✓";
       ticks.dataset.read = String(m.status >= 1);
