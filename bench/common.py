@@ -18,7 +18,7 @@ import sys
 import threading
 from typing import Any
 
-LISTENING = re.compile(r"listening on (wss?)://([^:/\s]+):(\d+)/ws")
+LISTENING = re.compile(r"listening on (wss?)://([^:/\s]+):(\d+)/")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -82,7 +82,8 @@ class Server:
 
     ``args`` are further ``serve`` options; ``secret`` is the JWT secret the server checks
     tokens with; ``name`` labels the process in messages; ``stop_timeout`` is how long
-    ``stop()`` waits after SIGTERM, unless told otherwise, before it kills the process.
+    ``stop()`` waits after SIGTERM, unless told otherwise, before it kills the process;
+    ``command`` replaces the whole command line (a reference server, or one under taskset).
     """
 
     def __init__(
@@ -92,11 +93,16 @@ class Server:
         *,
         name: str = "the server",
         stop_timeout: float = 20.0,
+        command: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.stop_timeout = stop_timeout
-        self.cmd = [sys.executable, "-m", "appchat", "serve", "--port", "0", "--rate", "0", *args]
-        self.env = {**os.environ, "APPCHAT_JWT_SECRET": secret}
+        self.cmd = command or [
+            *[sys.executable, "-m", "appchat", "serve", "--port", "0", "--rate", "0"],
+            *args,
+        ]
+        self.env = {**os.environ, **(env or {}), "APPCHAT_JWT_SECRET": secret}
         self.proc: subprocess.Popen[str] | None = None
         self.pid = 0
         self.port = 0

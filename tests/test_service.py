@@ -35,7 +35,7 @@ class RecordingFanout:
     def __init__(self) -> None:
         self.calls: list[Delivery] = []
 
-    async def deliver(
+    def deliver(
         self, user_ids: Iterable[int], application_id: int, frame: bytes, origin: str | None
     ) -> None:
         self.calls.append(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from appchat.errors import NotFound
+from appchat.errors import Forbidden, NotFound
 from appchat.models import Conversation
 from appchat.store import Store, open_store
 
@@ -183,12 +183,77 @@ async def test_ping(store: Store) -> None:
 def test_nodes_starting_at_once_migrate_postgres_once() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from appchat.store.migrate import apply_postgres_migrations
+    from appchat.store.migrate import apply_postgres_migrations, migrations_dir
 
+    every = len(list(Path(migrations_dir("postgresql")).glob("*.sql")))
+    assert every >= 2
     with postgres_database() as url, ThreadPoolExecutor(4) as pool:
         applied = list(pool.map(lambda _: apply_postgres_migrations(url), range(4)))
-        assert sorted(applied) == [0, 0, 0, 1]
+        assert sorted(applied) == [0, 0, 0, every]  # one node applied them all
         assert apply_postgres_migrations(url) == 0
+
+
+async def unread_of(store: Store, user: int) -> dict[int, int]:
+    return {u.application_id: u.unread for u in await store.unread_counts(user)}
+
+
+async def test_unread_counters_agree_with_counting(store: Store) -> None:
+    """The kept counters say what counting the messages would: others' messages past the
+    reader's position, through sends, retries, refusals and reads in any order."""
+    conv = await conversation(store, app=100, user=1)
+    other = await conversation(store, app=200, user=1)
+    sent: list[tuple[int, int]] = []  # (id, sender)
+    for i, sender in enumerate([2, 2, 1, 2, 1, 1, 2]):
+        sent.append((await send(store, conv, sender, f"m{i}", client_msg_id=f"c{i}"), sender))
+    await send(store, conv, 2, "m0 again", client_msg_id="c0")  # a retry counts nothing
+    await send(store, other, 3, "elsewhere")
+
+    def expected(user: int, position: int) -> int:
+        return sum(1 for mid, sender in sent if mid > position and sender != user)
+
+    assert await unread_of(store, 1) == {100: expected(1, 0), 200: 1}
+    assert await unread_of(store, 2) == {100: expected(2, 0)}
+    for reader, upto in [(1, sent[2][0]), (2, sent[4][0]), (1, sent[1][0]), (1, sent[5][0])]:
+        await store.read_messages(
+            conv, reader_id=reader, staff=reader == 1, message_id=upto, now=NOW
+        )
+    positions = {1: sent[5][0], 2: sent[4][0]}
+    assert (await unread_of(store, 1))[100] == expected(1, positions[1]) == 1
+    assert (await unread_of(store, 2))[100] == expected(2, positions[2])
+    sent.append((await send(store, conv, 1, "after reads"), 1))
+    assert (await unread_of(store, 1))[100] == expected(1, positions[1])
+    assert (await unread_of(store, 2))[100] == expected(2, positions[2])
+    await store.read_messages(conv, reader_id=2, staff=False, message_id=sent[-1][0], now=NOW)
+    assert (await unread_of(store, 2))[100] == 0
+
+
+async def test_a_customer_is_refused_as_a_staff_participant_in_the_write(store: Store) -> None:
+    conv = await conversation(store, user=1)  # 1 is staff here
+    before = await store.list_messages(conv, limit=10)
+    with pytest.raises(Forbidden):
+        await store.add_message(
+            conv,
+            sender_id=1,
+            staff=False,
+            content="as staff",
+            content_type=1,
+            client_msg_id=None,
+            now=NOW,
+            guard_staff=True,
+        )
+    assert await store.list_messages(conv, limit=10) == before
+    assert (await unread_of(store, 1))[100] == 0
+    ok = await store.add_message(
+        conv,
+        sender_id=9,
+        staff=False,
+        content="me",
+        content_type=1,
+        client_msg_id=None,
+        now=NOW,
+        guard_staff=True,
+    )
+    assert ok.created and sorted(ok.participants) == [1, 9]
 
 
 async def test_participant_ids(store: Store) -> None:

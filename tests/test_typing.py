@@ -102,6 +102,14 @@ async def test_typing_is_authorized_like_send_message(server: ServerProcess) -> 
         async with client(server, 3, token(request_id=missing, sid=3)) as early:
             assert await early.error("Event.Typing", typing(missing)) == "not_found"
         assert await staff.error("Event.Typing", typing(missing)) == "not_found"
+        # A customer token naming no participant may not act as a staff participant.
+        async with client(server, 1, token(request_id=app)) as posing:
+            sent = await posing.call(
+                "Event.SendMessage", {"session_channel": str(app), "content": "x"}
+            )
+            typed = await posing.call("Event.Typing", typing(app))
+            assert typed["ok"] is False and typed["error"] == sent["error"], (typed, sent)
+            assert typed["error"]["code"] == "forbidden"
         assert await cust.error("Event.Typing", typing(app, user_id=1)) == "forbidden"
         assert await cust.error("Event.Typing", {}) == "bad_request"
         assert await cust.error("Event.Typing", {"session_channel": ""}) == "bad_request"

@@ -123,5 +123,6 @@ class Node:
         """Stop accepting, close every WebSocket with 1001, finish writes in flight, close."""
         if self._runner is not None:
             await self._runner.cleanup()
+        await self.hub.stop()
         await self.broker.close()
         await self.store.close()

@@ -1,8 +1,8 @@
-"""This node's connections per participant, their bounded send queues, and fan-out.
+"""This node's connections per participant, their bounded send buffers, and fan-out.
 
-A push goes through the broker on a channel per participant, so it reaches that
-participant's connections on every node; each node then hands it to the connections
-that may read the conversation, except the one that caused it.
+A push for a participant goes straight to that participant's connections on this node,
+and through the broker (a channel per participant) to the other nodes, which hand it to
+their connections. A node ignores its own publications when they come back.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import asyncio
 import itertools
 import logging
 import secrets
-from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Coroutine, Generator, Iterable
+from enum import IntEnum
+from typing import Any
 
 from .broker import Broker
 from .errors import AppError
@@ -21,38 +23,77 @@ from .models import Principal
 
 log = logging.getLogger(__name__)
 
-CLOSE_SLOW_CONSUMER = 4008
+
+class CloseCode(IntEnum):
+    """Every close code the server sends (RFC 6455 and appchat's own, 4000-4999)."""
+
+    GOING_AWAY = 1001  # the server shuts down
+    PROTOCOL_ERROR = 1002
+    POLICY_VIOLATION = 1008  # too many frames (control frames included)
+    MESSAGE_TOO_BIG = 1009
+    TOKEN_EXPIRED = 4001
+    SLOW_CONSUMER = 4008
+
+
+CLOSE_SLOW_CONSUMER = CloseCode.SLOW_CONSUMER
+
+Send = Callable[[bytes], Coroutine[Any, Any, None]]
+"""Writes one text frame; returns at once unless the socket's buffer is full."""
 
 
 class Connection:
-    """One WebSocket as the hub sees it: who it is, and the frames waiting to be written.
+    """One WebSocket as the hub sees it: who it is, and the frames not yet written.
 
-    What waits is bounded in frames and in bytes. A push that does not fit marks the
-    client as too slow (it is then disconnected); a reply always fits, because the
-    reader takes no new request while there is no room (``room()``).
+    A frame is written straight to the socket when nothing waits before it; otherwise it
+    waits in a queue drained by a task that exists only while there is a backlog. What
+    waits is bounded in frames and in bytes. A push that does not fit marks the client as
+    too slow (it is then disconnected); a reply always fits, because the reader takes no
+    new request while there is no room (``room()``).
     """
+
+    __slots__ = (
+        "_closed",
+        "_drainer",
+        "_max_bytes",
+        "_max_queue",
+        "_on_broken",
+        "_on_overflow",
+        "_principal",
+        "_queue",
+        "_room",
+        "_send",
+        "draining",
+        "id",
+        "on_renewed",
+        "overflowed",
+        "queued_bytes",
+    )
 
     def __init__(
         self,
         conn_id: str,
         principal: Principal,
+        send: Send,
         *,
         max_queue: int,
         max_bytes: int,
         on_overflow: Callable[[Connection], None],
+        on_broken: Callable[[Connection], None] | None = None,
     ) -> None:
         self.id = conn_id
         self._principal = principal
-        self.renewed = asyncio.Event()  # set when RefreshToken replaced the principal
-        self.outbox: asyncio.Queue[bytes] = asyncio.Queue()  # bounded by the accounting
+        self._send = send
+        self.on_renewed: Callable[[Connection], None] | None = None  # RefreshToken took
+        self._queue: deque[bytes] = deque()
         self.queued_bytes = 0
         self._max_queue = max_queue
         self._max_bytes = max_bytes
-        self._room = asyncio.Event()
-        self._room.set()
+        self._room: asyncio.Event | None = None  # made when a reader has to wait for room
+        self._drainer: asyncio.Task[None] | None = None
         self._on_overflow = on_overflow
+        self._on_broken = on_broken
         self.overflowed = False
-        self.busy = False  # serving a request right now
+        self._closed = False  # the socket failed: nothing more is written
         self.draining = False  # the node is shutting down: finish, then close
 
     @property
@@ -62,61 +103,198 @@ class Connection:
     @principal.setter
     def principal(self, value: Principal) -> None:
         self._principal = value
-        self.renewed.set()
+        if self.on_renewed is not None:
+            self.on_renewed(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def backlog(self) -> int:
+        """Frames waiting to be written (the one being written included)."""
+        return len(self._queue) + (self._drainer is not None)
 
     def push(self, frame: bytes) -> None:
-        """Queue a push; a client too slow to take its pushes is disconnected."""
-        if self.overflowed:
+        """Send a push; a client too slow to take its pushes is disconnected."""
+        if self.overflowed or self._closed:
             return
-        full = self.outbox.qsize() >= self._max_queue
-        if full or self.queued_bytes + len(frame) > self._max_bytes:
+        if (self._queue or self._drainer is not None) and (
+            len(self._queue) >= self._max_queue or self.queued_bytes + len(frame) > self._max_bytes
+        ):
             self.overflowed = True
             self._on_overflow(self)
             return
-        self._enqueue(frame)
+        self._write(frame)
 
     def reply(self, frame: bytes) -> None:
-        """Queue the reply to a request (the reader waited for room before reading it)."""
-        self._enqueue(frame)
+        """Send the reply to a request (the reader waited for room before reading it)."""
+        if not self._closed:
+            self._write(frame)
+
+    def _write(self, frame: bytes) -> None:
+        if self._queue or self._drainer is not None:
+            self._enqueue(frame)
+            return
+        coro = self._send(frame)
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return  # written: the common case
+        except (ConnectionError, RuntimeError):
+            self._broken()
+            return
+        # The socket's buffer is full: the rest of this write runs in a task, and what
+        # comes after waits behind it in the queue.
+        self.queued_bytes += len(frame)
+        self._drainer = asyncio.get_running_loop().create_task(
+            self._drain(_resume(coro, waiting), len(frame))
+        )
+        self._full()
 
     def _enqueue(self, frame: bytes) -> None:
-        self.outbox.put_nowait(frame)
+        self._queue.append(frame)
         self.queued_bytes += len(frame)
-        if self.queued_bytes > self._max_bytes or self.outbox.qsize() >= self._max_queue:
+        self._full()
+
+    def _full(self) -> None:
+        if self.queued_bytes > self._max_bytes or len(self._queue) >= self._max_queue:
+            if self._room is None:
+                self._room = asyncio.Event()
             self._room.clear()
 
-    def written(self, frame: bytes) -> None:
-        """The writer handed ``frame`` to the socket."""
-        self.queued_bytes -= len(frame)
-        if self.queued_bytes <= self._max_bytes and self.outbox.qsize() < self._max_queue:
+    async def _drain(self, first: Coroutine[Any, Any, None], size: int) -> None:
+        try:
+            try:
+                await first
+            finally:
+                self.queued_bytes -= size
+            while self._queue:
+                frame = self._queue.popleft()
+                try:
+                    await self._send(frame)
+                finally:
+                    self.queued_bytes -= len(frame)
+                    self._has_room()
+        except (ConnectionError, RuntimeError):
+            self._broken()
+        finally:
+            self._drainer = None
+            self._has_room()
+
+    def _has_room(self) -> None:
+        if (
+            self._room is not None
+            and self.queued_bytes <= self._max_bytes
+            and len(self._queue) < self._max_queue
+        ):
             self._room.set()
-        self.outbox.task_done()
+
+    def _broken(self) -> None:
+        """The socket refused a write: drop what waits and let the reader go."""
+        self._closed = True
+        self._queue.clear()
+        self.queued_bytes = 0
+        if self._room is not None:
+            self._room.set()
+        if self._on_broken is not None:
+            self._on_broken(self)
 
     async def room(self) -> None:
-        await self._room.wait()
+        """Wait until the buffer has room (or the socket failed)."""
+        while not self._closed and (
+            self.queued_bytes > self._max_bytes or len(self._queue) >= self._max_queue
+        ):
+            if self._room is None:
+                self._room = asyncio.Event()
+            self._room.clear()
+            await self._room.wait()
+
+    async def flush(self, within: float) -> None:
+        """Wait (at most ``within`` seconds) until everything queued reached the socket."""
+        drainer = self._drainer
+        if drainer is not None:
+            await asyncio.wait([drainer], timeout=within)
+
+    def abandon(self) -> None:
+        """Stop writing: cancel the backlog's task (the connection is going away)."""
+        self._closed = True
+        self._queue.clear()
+        if self._drainer is not None:
+            self._drainer.cancel()
+        if self._room is not None:
+            self._room.set()
 
 
-def _envelope(origin: str | None, application_id: int, frame: bytes) -> bytes:
-    return f"{origin or ''}\t{application_id}\n".encode() + frame
+async def _resume(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+    """Finish a coroutine that was started by hand and is suspended on ``waiting``."""
+    while True:
+        try:
+            await _Yield(waiting)
+        except BaseException as exc:  # cancelled, or the awaited future failed
+            try:
+                waiting = coro.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return
 
 
-def _open_envelope(data: bytes) -> tuple[str, int, bytes]:
+class _Yield:
+    """Await what a hand-driven coroutine yielded, as a Task would have."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __await__(self) -> Generator[Any, None, None]:
+        yield self.value
+
+
+def _envelope(node: str, origin: str | None, application_id: int, frame: bytes) -> bytes:
+    return f"{node}\t{origin or ''}\t{application_id}\n".encode() + frame
+
+
+def _open_envelope(data: bytes) -> tuple[str, str, int, bytes]:
     head, _, frame = data.partition(b"\n")
-    origin, _, app = head.decode().partition("\t")
-    return origin, int(app), frame
+    node, origin, app = head.decode().split("\t")
+    return node, origin, int(app), frame
 
 
 class Hub:
-    def __init__(self, broker: Broker, *, prefix: str = "appchat") -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        prefix: str = "appchat",
+        publish_timeout: float = 2.0,
+        max_pending_publishes: int = 100_000,
+    ) -> None:
         self._broker = broker
         self._prefix = prefix
         self.node_id = secrets.token_hex(4)
         self._ids = itertools.count(1)
-        self._by_user: defaultdict[int, set[Connection]] = defaultdict(set)
+        self._by_user: dict[int, set[Connection]] = {}
         self._lock = asyncio.Lock()
+        self._publish_timeout = publish_timeout
+        self._outbox: deque[tuple[str, bytes]] = deque()
+        self._max_outbox = max_pending_publishes
+        self._publisher: asyncio.Task[None] | None = None
+        self._missed: set[int] = set()  # users whose pushes could not be published
+        self._started = False
 
     async def start(self) -> None:
         await self._broker.start(self._on_broker_message, self.resync)
+        self._started = True
+
+    async def stop(self) -> None:
+        if self._publisher is not None:
+            await asyncio.wait([self._publisher], timeout=self._publish_timeout)
+            self._publisher.cancel()
 
     def _channel(self, user_id: int) -> str:
         return f"{self._prefix}:user:{user_id}"
@@ -138,6 +316,7 @@ class Hub:
         async with self._lock:
             if user_id not in self._by_user:
                 await self._broker.subscribe(self._channel(user_id))
+                self._by_user[user_id] = set()
             self._by_user[user_id].add(conn)
 
     async def unregister(self, conn: Connection) -> None:
@@ -151,27 +330,79 @@ class Hub:
                 del self._by_user[user_id]
                 await self._broker.unsubscribe(self._channel(user_id))
 
-    async def deliver(
+    def deliver(
         self, user_ids: Iterable[int], application_id: int, frame: bytes, origin: str | None
     ) -> None:
-        """Send ``frame`` to every connection of each user, on any node, but ``origin``."""
-        data = _envelope(origin, application_id, frame)
-        for user_id in set(user_ids):
-            try:
-                await self._broker.publish(self._channel(user_id), data)
-            except AppError as exc:
-                # The message is committed; clients catch up with after_id (see Resync).
-                log.warning("push to user %s not published: %s", user_id, exc.message)
+        """Send ``frame`` to every connection of each user, on any node, but ``origin``.
+
+        This node's connections get it at once; other nodes through the broker, by a task
+        beside the request path: the caller (an ack waiting on it) never waits for the
+        broker. A push the broker could not take is followed by ``Event.Resync`` to its
+        users once the broker answers again.
+        """
+        envelope: bytes | None = None
+        for user_id in user_ids:
+            local = self._by_user.get(user_id)
+            if local:
+                for conn in local:
+                    if conn.id != origin and conn.principal.may_read_application(application_id):
+                        conn.push(frame)
+            if not self._broker.shared:
+                continue
+            if envelope is None:
+                envelope = _envelope(self.node_id, origin, application_id, frame)
+            self._publish(self._channel(user_id), user_id, envelope)
+
+    def _publish(self, channel: str, user_id: int, data: bytes) -> None:
+        if len(self._outbox) >= self._max_outbox:
+            self._missed.add(user_id)
+            return
+        self._outbox.append((channel, data))
+        if self._publisher is None:
+            self._publisher = asyncio.get_running_loop().create_task(self._publish_loop())
+
+    async def _publish_loop(self) -> None:
+        try:
+            while self._outbox:
+                batch = list(self._outbox)
+                self._outbox.clear()
+                try:
+                    async with asyncio.timeout(self._publish_timeout):
+                        await self._broker.publish_many(batch)
+                except (AppError, TimeoutError) as exc:
+                    # Committed messages are not lost: clients catch up with after_id.
+                    log.warning("%d pushes not published: %s", len(batch), _reason(exc))
+                    for channel, _data in batch:
+                        self._missed.add(int(channel.rsplit(":", 1)[1]))
+                    continue
+                if self._missed:
+                    await self._resync_missed()
+        finally:
+            self._publisher = None
+
+    async def _resync_missed(self) -> None:
+        users, self._missed = self._missed, set()
+        frame = _envelope(self.node_id, None, 0, push(RESYNC, None))
+        batch = [(self._channel(u), frame) for u in users]
+        try:
+            async with asyncio.timeout(self._publish_timeout):
+                await self._broker.publish_many(batch)
+        except (AppError, TimeoutError):
+            self._missed |= users
 
     def _on_broker_message(self, channel: str, data: bytes) -> None:
         try:
             user_id = int(channel.rsplit(":", 1)[1])
-            origin, application_id, frame = _open_envelope(data)
+            node, origin, application_id, frame = _open_envelope(data)
         except (ValueError, IndexError, UnicodeDecodeError):
             log.warning("dropping a malformed broker message on %s", channel)
             return
+        if node == self.node_id:
+            return  # delivered locally when published
         for conn in list(self._by_user.get(user_id, ())):
-            if conn.id != origin and conn.principal.may_read_application(application_id):
+            if conn.id != origin and (
+                application_id == 0 or conn.principal.may_read_application(application_id)
+            ):
                 conn.push(frame)
 
     async def resync(self) -> None:
@@ -179,3 +410,7 @@ class Hub:
         frame = push(RESYNC, None)
         for conn in self.connections:
             conn.push(frame)
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, AppError) else "the broker did not answer in time"

@@ -15,6 +15,19 @@ ResyncHandler = Callable[[], Awaitable[None] | None]
 
 
 class Broker(Protocol):
+    """Channels between nodes.
+
+    The fault rule: every method that talks to the broker raises
+    :class:`appchat.errors.Unavailable` (and nothing else) when the broker cannot be
+    reached or fails; ``subscribe`` and ``unsubscribe`` made while the connection is
+    down are remembered and carried out when it comes back (followed by ``on_resync``).
+    A node's own publications may come back to it; the hub ignores them.
+    """
+
+    @property
+    def shared(self) -> bool:
+        """Whether other nodes may listen: if not, publishing is skipped altogether."""
+
     async def start(self, handler: Handler, on_resync: ResyncHandler | None = None) -> None: ...
 
     async def close(self) -> None: ...
@@ -23,6 +36,9 @@ class Broker(Protocol):
         """Raise ``Unavailable`` when the broker cannot deliver."""
 
     async def publish(self, channel: str, data: bytes) -> None: ...
+
+    async def publish_many(self, messages: list[tuple[str, bytes]]) -> None:
+        """Publish each (channel, data) in order, in as few round trips as the broker allows."""
 
     async def subscribe(self, channel: str) -> None: ...
 

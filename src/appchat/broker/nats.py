@@ -13,6 +13,8 @@ from . import Handler, ResyncHandler
 
 log = logging.getLogger(__name__)
 
+_FAULTS = (NatsError, OSError, TimeoutError)
+
 
 class NatsBroker:
     def __init__(self, url: str) -> None:
@@ -51,20 +53,40 @@ class NatsBroker:
         except (TimeoutError, NatsError, OSError) as exc:
             raise Unavailable("the broker is unreachable") from exc
 
+    @property
+    def shared(self) -> bool:
+        return True
+
     async def publish(self, channel: str, data: bytes) -> None:
         try:
             await self._nc.publish(channel, data)
-        except (NatsError, OSError) as exc:
+        except _FAULTS as exc:
+            raise Unavailable("the broker is unreachable") from exc
+
+    async def publish_many(self, messages: list[tuple[str, bytes]]) -> None:
+        """The client buffers publishes and writes them out together."""
+        try:
+            for channel, data in messages:
+                await self._nc.publish(channel, data)
+        except _FAULTS as exc:
             raise Unavailable("the broker is unreachable") from exc
 
     async def subscribe(self, channel: str) -> None:
-        if channel not in self._subs:
+        if channel in self._subs:
+            return
+        try:
             self._subs[channel] = await self._nc.subscribe(channel, cb=self._on_message)
+        except _FAULTS as exc:
+            raise Unavailable("the broker is unreachable") from exc
 
     async def unsubscribe(self, channel: str) -> None:
         sub = self._subs.pop(channel, None)
-        if sub is not None:
+        if sub is None:
+            return
+        try:
             await sub.unsubscribe()
+        except _FAULTS as exc:
+            raise Unavailable("the broker is unreachable") from exc
 
     async def _on_message(self, msg: Any) -> None:
         if self._handler is not None:

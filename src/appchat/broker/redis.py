@@ -16,7 +16,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -31,13 +31,15 @@ _FAULTS = (RedisError, OSError, TimeoutError)
 
 class RedisBroker:
     def __init__(self, url: str, *, max_backoff: float = 2.0) -> None:
-        # Publishing retries once its pooled connection turns out stale (a Redis restart)
-        # and never hangs on a Redis that stopped answering.
+        # Publishing retries once, at once, when its pooled connection turns out stale (a
+        # Redis restart), and never hangs on a Redis that stopped answering. No longer: a
+        # push that arrives late, after the clients were told to refetch, is worse than one
+        # that is not delivered (its users get Event.Resync instead).
         self._client = aioredis.from_url(
             url,
             socket_connect_timeout=2.0,
             socket_timeout=5.0,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+            retry=Retry(NoBackoff(), 1),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         # The pub/sub connection waits for messages indefinitely: no socket timeout.
@@ -83,9 +85,25 @@ class RedisBroker:
         except _FAULTS as exc:
             raise Unavailable("the broker is unreachable") from exc
 
+    @property
+    def shared(self) -> bool:
+        return True
+
     async def publish(self, channel: str, data: bytes) -> None:
         try:
             await self._client.publish(channel, data)
+        except _FAULTS as exc:
+            raise Unavailable("the broker is unreachable") from exc
+
+    async def publish_many(self, messages: list[tuple[str, bytes]]) -> None:
+        """One pipelined round trip (no MULTI) for the whole batch."""
+        if not messages:
+            return
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for channel, data in messages:
+                    pipe.publish(channel, data)
+                await pipe.execute()
         except _FAULTS as exc:
             raise Unavailable("the broker is unreachable") from exc
 

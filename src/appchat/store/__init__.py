@@ -60,7 +60,13 @@ class Store(Protocol):
         content_type: int,
         client_msg_id: str | None,
         now: int,
-    ) -> SendOutcome: ...
+        guard_staff: bool = False,
+    ) -> SendOutcome:
+        """Store a message (once per ``client_msg_id``) and make the sender a participant.
+
+        ``guard_staff``: refuse with ``Forbidden``, in the same transaction, when the
+        sender is a staff participant of the conversation (a customer acting as staff).
+        """
 
     async def read_messages(
         self, conversation: Conversation, *, reader_id: int, staff: bool, message_id: int, now: int

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from ..errors import AppError, Internal, NotFound, Unavailable
+from ..errors import AppError, Forbidden, Internal, NotFound, Unavailable
 from ..models import Conversation, Message, MessagePage, ReadOutcome, SendOutcome, UnreadCount
 from .migrate import apply_postgres_migrations
 from .rows import (
@@ -217,14 +217,22 @@ class PostgresStore:
         content_type: int,
         client_msg_id: str | None,
         now: int,
+        guard_staff: bool = False,
     ) -> SendOutcome:
         async def run(conn: asyncpg.Connection) -> SendOutcome:
             # The row lock that orders this conversation's ids: taken before nextval.
             await conn.execute(
-                "UPDATE conversations SET update_at = GREATEST(update_at, $2) WHERE id = $1",
+                "UPDATE conversations SET update_at = GREATEST(update_at, $2), "
+                "message_count = message_count + 1 WHERE id = $1",
                 conversation.id,
                 now,
             )
+            if guard_staff and await conn.fetchval(
+                "SELECT is_staff FROM participants WHERE conversation_id = $1 AND user_id = $2",
+                conversation.id,
+                sender_id,
+            ):
+                raise Forbidden("you may not act as this participant")
             if client_msg_id is not None:
                 row = await conn.fetchrow(
                     SELECT_MESSAGES + "WHERE m.conversation_id = $1 "
@@ -243,9 +251,10 @@ class PostgresStore:
                 "content_type, status, client_msg_id, create_at, update_at) "
                 "VALUES ($1, $2, $3, $4, 0, $5, $6, $6) RETURNING id), "
                 "j AS (INSERT INTO participants (conversation_id, user_id, is_staff, "
-                "read_position, joined_at) VALUES ($1, $2, $7, 0, $6) "
-                "ON CONFLICT (conversation_id, user_id) DO UPDATE SET is_staff = TRUE "
-                "WHERE EXCLUDED.is_staff AND NOT participants.is_staff) "
+                "read_position, joined_at, own_unread) VALUES ($1, $2, $7, 0, $6, 1) "
+                "ON CONFLICT (conversation_id, user_id) DO UPDATE SET "
+                "is_staff = participants.is_staff OR EXCLUDED.is_staff, "
+                "own_unread = participants.own_unread + 1) "
                 "SELECT (SELECT id FROM m), ARRAY(SELECT user_id FROM participants "
                 "WHERE conversation_id = $1 UNION SELECT $2::bigint)",
                 conversation.id,
@@ -294,12 +303,18 @@ class PostgresStore:
             )
             if message_id <= position:
                 return ReadOutcome(False, [])  # nothing moved: nothing is pushed
+            # Ids below message_id are all committed (see the module's docstring): the
+            # counts are final.
             await conn.execute(
-                "UPDATE participants SET read_position = $3 "
-                "WHERE conversation_id = $1 AND user_id = $2",
+                "UPDATE participants p SET read_position = $3, read_count = read_count + r.n, "
+                "own_unread = own_unread - r.own FROM (SELECT count(*) AS n, "
+                "count(*) FILTER (WHERE sender_id = $2) AS own FROM messages "
+                "WHERE conversation_id = $1 AND id > $4 AND id <= $3) r "
+                "WHERE p.conversation_id = $1 AND p.user_id = $2",
                 conversation.id,
                 reader_id,
                 message_id,
+                position,
             )
             # Messages up to the old position were marked when it was reached.
             await conn.execute(
@@ -320,9 +335,8 @@ class PostgresStore:
     ) -> list[UnreadCount]:
         async def run(conn: asyncpg.Connection) -> list[UnreadCount]:
             rows = await conn.fetch(
-                "SELECT c.application_id, (SELECT count(*) FROM messages m "
-                "WHERE m.conversation_id = p.conversation_id AND m.id > p.read_position "
-                "AND m.sender_id <> p.user_id) FROM participants p "
+                "SELECT c.application_id, c.message_count - p.read_count - p.own_unread "
+                "FROM participants p "
                 "JOIN conversations c ON c.id = p.conversation_id WHERE p.user_id = $1 "
                 "AND ($2::bigint IS NULL OR c.application_id = $2) "
                 "ORDER BY c.update_at DESC, c.id DESC",

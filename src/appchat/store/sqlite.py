@@ -1,8 +1,14 @@
 """SQLite storage: WAL, one writer thread with group commit, a few reader threads.
 
-The event loop never touches the database: a write is a function run inside one
-transaction on the writer thread, and several waiting writes share one commit (one fsync),
-each in its own savepoint so one failing write does not undo the others.
+The event loop never touches the database: a write is a function run on the writer
+thread, and all the writes waiting share one transaction and one commit (one fsync); the
+event loop is woken once per batch to settle them. A write refused by a rule raises before
+it changes anything, so it leaves the batch intact; any other failure rolls the batch back
+and runs its writes again one transaction each, so only the faulty one fails.
+
+The writer remembers what only grows (who takes part in a conversation, who is staff
+there) to skip statements; it forgets everything when another connection (another
+process on the same file) has written, which ``PRAGMA data_version`` tells.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import AppError, ConfigError, Internal, NotFound, Unavailable
+from ..errors import AppError, ConfigError, Forbidden, Internal, NotFound, Unavailable
 from ..models import (
     Conversation,
     Message,
@@ -43,8 +49,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Job = tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any], asyncio.AbstractEventLoop]
 
-MAX_BATCH = 256
+MAX_BATCH = 1024
 READERS = 2
+MAX_CACHED_CONVERSATIONS = 50_000
 
 
 class SqliteStore:
@@ -66,6 +73,7 @@ class SqliteStore:
         self._writer: threading.Thread | None = None
         self._readers: ThreadPoolExecutor | None = None
         self._local = threading.local()
+        self._members = _Members()  # the writer thread's memory of participants
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -102,6 +110,11 @@ class SqliteStore:
     # --- running work off the event loop ------------------------------------------------------
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` on the writer thread, inside a shared transaction.
+
+        ``fn`` may raise an ``AppError`` only before it has written anything: the batch
+        it shares is committed anyway. Any other exception undoes the batch and isolates it.
+        """
         if self._writer is None:
             raise Unavailable("storage is closed")
         loop = asyncio.get_running_loop()
@@ -143,35 +156,41 @@ class SqliteStore:
                         stop = True
                         break
                     batch.append(job)
-                self._commit_batch(conn, batch)
+                outcomes = self._commit_batch(conn, batch)
+                _settle_batch(batch, outcomes)
                 if stop:
                     return
         finally:
             conn.close()
 
-    def _commit_batch(self, conn: sqlite3.Connection, batch: list[Job]) -> None:
-        outcomes: list[tuple[bool, Any]] = []
+    def _commit_batch(self, conn: sqlite3.Connection, batch: list[Job]) -> list[tuple[bool, Any]]:
+        in_job = False
         try:
+            (version,) = conn.execute("PRAGMA data_version").fetchone()
+            self._members.check(version)
             conn.execute("BEGIN IMMEDIATE")
+            outcomes: list[tuple[bool, Any]] = []
             for fn, args, _fut, _loop in batch:
-                conn.execute("SAVEPOINT job")
+                in_job = True
                 try:
                     outcomes.append((True, fn(conn, *args)))
-                    conn.execute("RELEASE job")
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
+                except AppError as exc:  # a rule said no before anything was written
                     outcomes.append((False, exc))
+                in_job = False
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            log.warning("sqlite write batch failed: %s", exc)
+            return outcomes
+        except Exception as exc:
             with suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            outcomes = [(False, _translate(exc)) for _ in batch]
-        for (_fn, _args, fut, loop), (ok, value) in zip(batch, outcomes, strict=True):
-            if isinstance(value, sqlite3.Error):
-                value = _translate(value)
-            loop.call_soon_threadsafe(_settle, fut, ok, value)
+            self._members.forget()
+            if len(batch) == 1 or not in_job:
+                if isinstance(exc, sqlite3.Error):
+                    log.warning("sqlite write batch failed: %s", exc)
+                else:
+                    log.exception("sqlite write failed")
+                return [(False, _translate(exc))] * len(batch)
+        # One write failed: run each in a transaction of its own, so only that one fails.
+        return [self._commit_batch(conn, [job])[0] for job in batch]
 
     # --- the Store interface ------------------------------------------------------------------
 
@@ -201,6 +220,8 @@ class SqliteStore:
     async def add_conversation(
         self, application_id: int, user_id: int, *, staff: bool, now: int
     ) -> Conversation:
+        members = self._members
+
         def run(conn: sqlite3.Connection) -> Conversation:
             conn.execute(
                 "INSERT INTO conversations (application_id, create_at, update_at) VALUES (?, ?, ?) "
@@ -212,7 +233,7 @@ class SqliteStore:
                 (application_id,),
             ).fetchone()
             conversation = conversation_of(row)
-            _join(conn, conversation.id, user_id, staff, now)
+            members.join(conn, conversation.id, user_id, staff, now)
             return conversation
 
         return await self._write(run)
@@ -276,28 +297,34 @@ class SqliteStore:
         content_type: int,
         client_msg_id: str | None,
         now: int,
+        guard_staff: bool = False,
     ) -> SendOutcome:
+        members = self._members
+
         def run(conn: sqlite3.Connection) -> SendOutcome:
-            select = SELECT_MESSAGES
-            if client_msg_id is not None:
-                row = conn.execute(
-                    select + "WHERE m.conversation_id = ? AND m.sender_id = ? "
+            if guard_staff and members.is_staff(conn, conversation.id, sender_id):
+                raise Forbidden("you may not act as this participant")
+            row = conn.execute(
+                "INSERT INTO messages (conversation_id, sender_id, content, content_type, status, "
+                "client_msg_id, create_at, update_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING RETURNING id",
+                (conversation.id, sender_id, content, content_type, client_msg_id, now, now),
+            ).fetchone()
+            if row is None:  # a retry with the same client_msg_id: answer with the first
+                found = conn.execute(
+                    SELECT_MESSAGES + "WHERE m.conversation_id = ? AND m.sender_id = ? "
                     "AND m.client_msg_id = ?",
                     (conversation.id, sender_id, client_msg_id),
                 ).fetchone()
-                if row:
-                    return SendOutcome(message_of(row), False, [])  # nothing is pushed again
-            (message_id,) = conn.execute(
-                "INSERT INTO messages (conversation_id, sender_id, content, content_type, status, "
-                "client_msg_id, create_at, update_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?) RETURNING id",
-                (conversation.id, sender_id, content, content_type, client_msg_id, now, now),
-            ).fetchone()
-            _join(conn, conversation.id, sender_id, staff, now)
+                return SendOutcome(message_of(found), False, [])  # nothing is pushed again
+            members.join(conn, conversation.id, sender_id, staff, now, sent=True)
             conn.execute(
-                "UPDATE conversations SET update_at = ? WHERE id = ?", (now, conversation.id)
+                "UPDATE conversations SET update_at = max(update_at, ?), "
+                "message_count = message_count + 1 WHERE id = ?",
+                (now, conversation.id),
             )
             message = Message(
-                id=message_id,
+                id=row[0],
                 application_id=conversation.application_id,
                 sender_id=sender_id,
                 content=content,
@@ -307,13 +334,15 @@ class SqliteStore:
                 update_at=now,
                 client_msg_id=client_msg_id,
             )
-            return SendOutcome(message, True, _participants(conn, conversation.id))
+            return SendOutcome(message, True, members.of(conn, conversation.id))
 
         return await self._write(run)
 
     async def read_messages(
         self, conversation: Conversation, *, reader_id: int, staff: bool, message_id: int, now: int
     ) -> ReadOutcome:
+        members = self._members
+
         def run(conn: sqlite3.Connection) -> ReadOutcome:
             found = conn.execute(
                 "SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?",
@@ -321,17 +350,22 @@ class SqliteStore:
             ).fetchone()
             if not found:
                 raise NotFound(f"message {message_id} is not in this conversation")
-            _join(conn, conversation.id, reader_id, staff, now)
+            members.join(conn, conversation.id, reader_id, staff, now)
             (position,) = conn.execute(
                 "SELECT read_position FROM participants WHERE conversation_id = ? AND user_id = ?",
                 (conversation.id, reader_id),
             ).fetchone()
             if message_id <= position:
                 return ReadOutcome(False, [])  # nothing moved: nothing is pushed
+            read, own = conn.execute(
+                "SELECT count(*), coalesce(sum(sender_id = ?), 0) FROM messages "
+                "WHERE conversation_id = ? AND id > ? AND id <= ?",
+                (reader_id, conversation.id, position, message_id),
+            ).fetchone()
             conn.execute(
-                "UPDATE participants SET read_position = ? "
-                "WHERE conversation_id = ? AND user_id = ?",
-                (message_id, conversation.id, reader_id),
+                "UPDATE participants SET read_position = ?, read_count = read_count + ?, "
+                "own_unread = own_unread - ? WHERE conversation_id = ? AND user_id = ?",
+                (message_id, read, own, conversation.id, reader_id),
             )
             # Messages up to the old position were marked when it was reached.
             conn.execute(
@@ -339,7 +373,7 @@ class SqliteStore:
                 "AND id > ? AND id <= ? AND sender_id != ? AND status = 0",
                 (now, conversation.id, position, message_id, reader_id),
             )
-            return ReadOutcome(True, _participants(conn, conversation.id))
+            return ReadOutcome(True, members.of(conn, conversation.id))
 
         return await self._write(run)
 
@@ -348,10 +382,9 @@ class SqliteStore:
     ) -> list[UnreadCount]:
         def run(conn: sqlite3.Connection) -> list[UnreadCount]:
             sql = (
-                "SELECT c.application_id, (SELECT count(*) FROM messages m "
-                "WHERE m.conversation_id = p.conversation_id AND m.id > p.read_position "
-                "AND m.sender_id != p.user_id) FROM participants p "
-                "JOIN conversations c ON c.id = p.conversation_id WHERE p.user_id = ?"
+                "SELECT c.application_id, c.message_count - p.read_count - p.own_unread "
+                "FROM participants p JOIN conversations c ON c.id = p.conversation_id "
+                "WHERE p.user_id = ?"
             )
             params: tuple[int, ...] = (user_id,)
             if application_id is not None:
@@ -363,37 +396,109 @@ class SqliteStore:
         return await self._read(run)
 
     async def participant_ids(self, conversation_id: int) -> list[int]:
-        return await self._read(_participants, conversation_id)
+        def run(conn: sqlite3.Connection) -> list[int]:
+            rows = conn.execute(
+                "SELECT user_id FROM participants WHERE conversation_id = ?", (conversation_id,)
+            )
+            return [r[0] for r in rows]
+
+        return await self._read(run)
 
 
-def _join(
-    conn: sqlite3.Connection, conversation_id: int, user_id: int, staff: bool, now: int
-) -> None:
-    conn.execute(
-        "INSERT INTO participants (conversation_id, user_id, is_staff, read_position, joined_at) "
-        "VALUES (?, ?, ?, 0, ?) ON CONFLICT (conversation_id, user_id) "
-        "DO UPDATE SET is_staff = 1 WHERE excluded.is_staff AND NOT participants.is_staff",
-        (conversation_id, user_id, int(staff), now),
-    )
+class _Members:
+    """The writer thread's memory of conversations' participants and their staff flags.
+
+    Both only grow: a participant never leaves and staff never becomes a customer, so what
+    is remembered stays true until another connection writes (``check``) or a batch is
+    rolled back (``forget``).
+    """
+
+    def __init__(self) -> None:
+        self._version: int | None = None
+        self._by_conversation: dict[int, dict[int, bool]] = {}  # user -> is_staff
+
+    def check(self, data_version: int) -> None:
+        if data_version != self._version:
+            self.forget()
+            self._version = data_version
+
+    def forget(self) -> None:
+        self._by_conversation.clear()
+
+    def _load(self, conn: sqlite3.Connection, conversation_id: int) -> dict[int, bool]:
+        known = self._by_conversation.get(conversation_id)
+        if known is None:
+            if len(self._by_conversation) >= MAX_CACHED_CONVERSATIONS:
+                self._by_conversation.clear()
+            rows = conn.execute(
+                "SELECT user_id, is_staff FROM participants WHERE conversation_id = ?",
+                (conversation_id,),
+            )
+            known = self._by_conversation[conversation_id] = {u: bool(s) for u, s in rows}
+        return known
+
+    def is_staff(self, conn: sqlite3.Connection, conversation_id: int, user_id: int) -> bool:
+        return self._load(conn, conversation_id).get(user_id, False)
+
+    def of(self, conn: sqlite3.Connection, conversation_id: int) -> list[int]:
+        return list(self._load(conn, conversation_id))
+
+    def join(
+        self,
+        conn: sqlite3.Connection,
+        conversation_id: int,
+        user_id: int,
+        staff: bool,
+        now: int,
+        *,
+        sent: bool = False,
+    ) -> None:
+        """Make ``user_id`` a participant (staff if ``staff``); ``sent``: they just sent a
+        message, which is unread-by-others and their own past their read position."""
+        known = self._load(conn, conversation_id)
+        current = known.get(user_id)
+        if current is not None and (current or not staff):
+            if sent:
+                conn.execute(
+                    "UPDATE participants SET own_unread = own_unread + 1 "
+                    "WHERE conversation_id = ? AND user_id = ?",
+                    (conversation_id, user_id),
+                )
+            return
+        conn.execute(
+            "INSERT INTO participants (conversation_id, user_id, is_staff, read_position, "
+            "joined_at, own_unread) VALUES (?, ?, ?, 0, ?, ?) "
+            "ON CONFLICT (conversation_id, user_id) DO UPDATE SET "
+            "is_staff = max(is_staff, excluded.is_staff), "
+            "own_unread = own_unread + excluded.own_unread",
+            (conversation_id, user_id, int(staff), now, int(sent)),
+        )
+        known[user_id] = bool(current) or staff
 
 
-def _participants(conn: sqlite3.Connection, conversation_id: int) -> list[int]:
-    rows = conn.execute(
-        "SELECT user_id FROM participants WHERE conversation_id = ?", (conversation_id,)
-    )
-    return [r[0] for r in rows]
-
-
-def _translate(exc: sqlite3.Error) -> AppError:
+def _translate(exc: BaseException) -> AppError:
+    if isinstance(exc, AppError):
+        return exc
     if isinstance(exc, sqlite3.OperationalError):
         return Unavailable("storage is busy or unreachable, try again")
     return Internal()
 
 
-def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if fut.done():
-        return
-    if ok:
-        fut.set_result(value)
-    else:
-        fut.set_exception(value)
+def _settle_batch(batch: list[Job], outcomes: list[tuple[bool, Any]]) -> None:
+    """Wake each event loop once for the whole batch (in practice there is one loop)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+    for (_fn, _args, fut, loop), (ok, value) in zip(batch, outcomes, strict=True):
+        by_loop.setdefault(loop, []).append((fut, ok, value))
+    for loop, settled in by_loop.items():
+        with suppress(RuntimeError):  # that loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(_settle_all, settled)
+
+
+def _settle_all(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for fut, ok, value in settled:
+        if fut.done():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)

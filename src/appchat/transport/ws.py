@@ -7,15 +7,17 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSMsgType, web
 
 from ..auth import TokenVerifier, bind, parse_id
 from ..errors import AppError, BadRequest, Unauthorized
 from ..events import error_reply, rate_limited_reply
-from ..hub import CLOSE_SLOW_CONSUMER, Connection, Hub
+from ..hub import CloseCode, Connection, Hub
 from ..observability import Metrics
 from ..ratelimit import TokenBucket
 from ..service import ChatService
@@ -23,7 +25,7 @@ from ..service import ChatService
 log = logging.getLogger(__name__)
 
 SUBPROTOCOL = "access_token"
-CLOSE_TOKEN_EXPIRED = 4001
+CLOSE_TOKEN_EXPIRED = CloseCode.TOKEN_EXPIRED
 CLOSE_TIMEOUT = 2.0  # seconds a client gets to take its last frames and the close frame
 
 
@@ -81,6 +83,7 @@ class WebSocketEndpoint:
         *,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._metrics = metrics or Metrics()
         self._service = service
@@ -88,7 +91,8 @@ class WebSocketEndpoint:
         self._verifier = verifier
         self._options = options
         self._clock = clock
-        self._live: dict[Connection, asyncio.Task[None]] = {}  # connection -> its reader
+        self._monotonic = monotonic
+        self._live: dict[Connection, tuple[_Session, asyncio.Task[object]]] = {}
         self._handlers: set[asyncio.Task[object]] = set()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -110,6 +114,7 @@ class WebSocketEndpoint:
             protocols=(SUBPROTOCOL,),
             max_msg_size=self._options.max_frame,
             heartbeat=self._options.heartbeat,
+            autoping=False,  # pings are counted against the frame budget, then answered
         )
         if not ws.can_prepare(request).ok:
             return self._refuse(400, "expected a WebSocket upgrade")
@@ -117,9 +122,11 @@ class WebSocketEndpoint:
         conn = Connection(
             self._hub.new_connection_id(),
             principal,
+            partial(ws.send_frame, opcode=WSMsgType.TEXT),
             max_queue=self._options.send_queue,
             max_bytes=self._options.send_buffer,
             on_overflow=lambda c: self._drop_slow(ws, transport),
+            on_broken=lambda c: _abort(transport),
         )
         try:
             await self._hub.register(conn)
@@ -129,26 +136,26 @@ class WebSocketEndpoint:
         if handler is not None:
             self._handlers.add(handler)
         self._metrics.connections.inc()
-        writer = expiry = None
+        session = _Session(self, ws, conn, transport)
         try:
             await ws.prepare(request)
-            writer = asyncio.create_task(self._write_loop(ws, conn))
-            expiry = asyncio.create_task(self._expire(ws, transport, conn))
-            reader = asyncio.create_task(self._read_loop(ws, conn))
-            self._live[conn] = reader
-            try:
-                await asyncio.wait([reader])
-            finally:
-                reader.cancel()
+            session.watch_expiry()
+            reader = asyncio.current_task()
+            if reader is not None:
+                self._live[conn] = (session, reader)
+            await session.read_loop()
+        except asyncio.CancelledError:
+            if not conn.draining:
+                raise
         finally:
             self._live.pop(conn, None)
-            if expiry is not None:
-                expiry.cancel()
+            session.stop_expiry()
+            await session.finish()
             await self._hub.unregister(conn)
-            if writer is not None:
-                await self._flush(writer, conn)
+            await conn.flush(CLOSE_TIMEOUT)
+            conn.abandon()
             if conn.draining:
-                await self._close(ws, transport, WSCloseCode.GOING_AWAY, "server shutdown")
+                await self._close(ws, transport, CloseCode.GOING_AWAY, "server shutdown")
             self._metrics.connections.dec()
             if handler is not None:
                 self._handlers.discard(handler)
@@ -170,63 +177,10 @@ class WebSocketEndpoint:
         self._metrics.handshakes_refused.labels(str(status)).inc()
         return web.Response(status=status, text=reason + "\n")
 
-    async def _read_loop(self, ws: web.WebSocketResponse, conn: Connection) -> None:
-        bucket = TokenBucket(self._options.rate, self._options.burst)
-        while not conn.draining:
-            await conn.room()  # a client that does not read its replies is not read either
-            msg = await ws.receive()
-            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY) and not bucket.allow():
-                conn.reply(rate_limited_reply(msg.data if msg.type is WSMsgType.TEXT else None))
-            elif msg.type is WSMsgType.TEXT:
-                conn.busy = True
-                try:
-                    conn.reply(await self._service.handle(conn, msg.data))
-                finally:
-                    conn.busy = False
-            elif msg.type is WSMsgType.BINARY:
-                conn.reply(error_reply(None, BadRequest("binary frames are not supported")))
-            elif msg.type is WSMsgType.ERROR:
-                log.debug("websocket error on %s: %s", conn.id, ws.exception())
-                return
-            elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                return
-
-    async def _write_loop(self, ws: web.WebSocketResponse, conn: Connection) -> None:
-        while True:
-            frame = await conn.outbox.get()
-            try:
-                await ws.send_frame(frame, WSMsgType.TEXT)
-            except (ConnectionError, RuntimeError):
-                return
-            finally:
-                conn.written(frame)
-
-    async def _flush(self, writer: asyncio.Task[None], conn: Connection) -> None:
-        """Let the writer hand over what is queued if the socket still takes it, then stop."""
-        if not writer.done():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(conn.outbox.join(), timeout=CLOSE_TIMEOUT)
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
-
-    async def _expire(
-        self, ws: web.WebSocketResponse, transport: asyncio.Transport | None, conn: Connection
-    ) -> None:
-        while True:
-            delay = conn.principal.exp - self._clock()
-            if delay <= 0:
-                self._metrics.disconnects.labels("token expired").inc()
-                await self._close(ws, transport, CLOSE_TOKEN_EXPIRED, "token expired")
-                return
-            conn.renewed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(conn.renewed.wait(), min(delay, 3600.0))
-
     def _drop_slow(self, ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
         self._metrics.disconnects.labels("slow consumer").inc()
         task = asyncio.get_running_loop().create_task(
-            self._close(ws, transport, CLOSE_SLOW_CONSUMER, "slow consumer")
+            self._close(ws, transport, CloseCode.SLOW_CONSUMER, "slow consumer")
         )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -248,10 +202,163 @@ class WebSocketEndpoint:
     async def close_all(self, grace: float = 10.0) -> None:
         """Shutdown: take no new requests, let the ones in flight finish and their replies
         go out, then close every connection with 1001."""
-        for conn, reader in list(self._live.items()):
+        for conn, (session, reader) in list(self._live.items()):
             conn.draining = True
-            if not conn.busy:
+            if not session.busy:
                 reader.cancel()  # waiting for a frame: nothing in flight
         handlers = [h for h in self._handlers if h is not asyncio.current_task()]
         if handlers:
             await asyncio.wait(handlers, timeout=grace)
+
+
+def _abort(transport: asyncio.Transport | None) -> None:
+    if transport is not None:
+        transport.abort()
+
+
+class _Session:
+    """One open WebSocket: its reader, the task serving its requests in order, its expiry.
+
+    The reader keeps reading while a request is served, so pings are answered and the
+    frame budget is enforced at all times; requests wait in a small queue (at most
+    ``PIPELINE``) and are served one after another, in the order they came.
+    """
+
+    PIPELINE = 32
+
+    __slots__ = (
+        "_bucket",
+        "_endpoint",
+        "_expiry",
+        "_inbox",
+        "_inbox_room",
+        "_server",
+        "busy",
+        "conn",
+        "transport",
+        "ws",
+    )
+
+    def __init__(
+        self,
+        endpoint: WebSocketEndpoint,
+        ws: web.WebSocketResponse,
+        conn: Connection,
+        transport: asyncio.Transport | None,
+    ) -> None:
+        self._endpoint = endpoint
+        self.ws = ws
+        self.conn = conn
+        self.transport = transport
+        options = endpoint._options
+        self._bucket = TokenBucket(options.rate, options.burst, clock=endpoint._monotonic)
+        self._inbox: deque[str] = deque()
+        self._inbox_room: asyncio.Event | None = None
+        self._server: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self.busy = False  # a request is being served or waits to be
+
+    async def read_loop(self) -> None:
+        ws, conn = self.ws, self.conn
+        while not conn.draining and not conn.closed:
+            await conn.room()  # a client that does not read its replies is not read either
+            if len(self._inbox) >= self.PIPELINE:
+                await self._wait_inbox_room()
+                continue
+            msg = await ws.receive()
+            kind = msg.type
+            if kind is WSMsgType.TEXT:
+                if not self._bucket.allow():
+                    conn.reply(rate_limited_reply(msg.data))
+                    continue
+                self._inbox.append(msg.data)
+                self.busy = True
+                if self._server is None:
+                    self._server = asyncio.get_running_loop().create_task(self._serve())
+            elif kind is WSMsgType.PING or kind is WSMsgType.PONG:
+                if not self._bucket.allow():
+                    await self._endpoint._close(
+                        ws, self.transport, CloseCode.POLICY_VIOLATION, "too many frames"
+                    )
+                    self._endpoint._metrics.disconnects.labels("frame flood").inc()
+                    return
+                if kind is WSMsgType.PING:
+                    with contextlib.suppress(ConnectionError, RuntimeError):
+                        await ws.pong(msg.data)
+            elif kind is WSMsgType.BINARY:
+                if not self._bucket.allow():
+                    conn.reply(rate_limited_reply(None))
+                    continue
+                conn.reply(error_reply(None, BadRequest("binary frames are not supported")))
+            elif kind is WSMsgType.ERROR:
+                log.debug("websocket error on %s: %s", conn.id, ws.exception())
+                return
+            elif kind in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
+
+    async def _wait_inbox_room(self) -> None:
+        if self._inbox_room is None:
+            self._inbox_room = asyncio.Event()
+        self._inbox_room.clear()
+        server = self._server
+        if server is None:
+            return
+        waiter = asyncio.ensure_future(self._inbox_room.wait())
+        try:
+            await asyncio.wait([waiter, server], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+
+    async def _serve(self) -> None:
+        service, conn, inbox = self._endpoint._service, self.conn, self._inbox
+        try:
+            while inbox:
+                frame = inbox[0]
+                try:
+                    conn.reply(await service.handle(conn, frame))
+                finally:
+                    inbox.popleft()
+                    if self._inbox_room is not None:
+                        self._inbox_room.set()
+        finally:
+            self._server = None
+            self.busy = False
+            if conn.draining:
+                reader = self._endpoint._live.get(conn)
+                if reader is not None:
+                    reader[1].cancel()  # the reader waits for a frame it will not serve
+
+    async def finish(self) -> None:
+        """Let the request in flight (and those queued behind it) finish."""
+        server = self._server
+        if server is not None:
+            await asyncio.wait([server])
+
+    def watch_expiry(self) -> None:
+        self.conn.on_renewed = lambda c: self._schedule_expiry()
+        self._schedule_expiry()
+
+    def _schedule_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        delay = self.conn.principal.exp - self._endpoint._clock()
+        loop = asyncio.get_running_loop()
+        if delay <= 0:
+            self._expiry = None
+            task = loop.create_task(self._expire())
+            self._endpoint._background.add(task)
+            task.add_done_callback(self._endpoint._background.discard)
+            return
+        self._expiry = loop.call_later(min(delay, 3600.0), self._schedule_expiry)
+
+    async def _expire(self) -> None:
+        self._endpoint._metrics.disconnects.labels("token expired").inc()
+        await self._endpoint._close(
+            self.ws, self.transport, CloseCode.TOKEN_EXPIRED, "token expired"
+        )
+
+    def stop_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self.conn.on_renewed = None

@@ -1,0 +1,1 @@
+"""Reference servers the benchmark measures appchat against (never shipped in the package)."""

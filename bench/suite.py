@@ -1,0 +1,688 @@
+"""``make bench``: appchat beside a bare aiohttp relay and a python-socketio relay, in one run.
+
+Every server runs pinned to CPU 0 and the load generator to CPU 1 (when the machine has
+two or more), so "msg/s" is what one core of server delivers. The same workload drives all
+three: pairs of a customer that sends and a staff member that receives the push; the
+relays (bench/reference/) do what appchat does minus authentication, validation, storage
+and limits. Figures:
+
+* throughput: pairs with a window of messages in flight, as fast as the server goes;
+  delivered pushes per second, server CPU per message, and the ratio to the bare relay;
+* latency: send -> peer's push at fixed offered rates (p50/p99), the same for every server;
+* memory: server RSS with 1,000 and 5,000 idle connections; the slope is KiB per connection;
+* unread: GetUnreadInfo time for a participant with 10 and with 100,000 unread messages.
+
+Each figure is the median of ``--runs`` runs, the servers alternating within each run.
+``--write`` puts the tables into docs/benchmarks.md (between the suite markers) and the
+plots into docs/img/. ``--tiny`` is a smoke run of every part (the test suite uses it).
+
+    .venv/bin/python bench/suite.py --runs 3 --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from common import Server, percentile, source_version  # bench/common.py
+from tqdm import tqdm
+from wsclient import LeanClient, connect
+
+from appchat.auth import mint
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "bench-secret-" + uuid.uuid4().hex + uuid.uuid4().hex
+SERVERS = ("appchat", "relay", "socketio", "baseline")
+BASELINE_TREE = Path(tempfile.gettempdir()) / "appchat-bench-baseline"
+PARTS = ("throughput", "latency", "memory", "unread")
+BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
+
+
+# --- servers ------------------------------------------------------------------------------------
+
+
+def pinned(cpu: int) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if (os.cpu_count() or 1) >= 2 else []
+
+
+@contextlib.contextmanager
+def server(kind: str, workdir: Path, extra: list[str] | None = None) -> Iterator[Server]:
+    py = sys.executable
+    env = None
+    if kind == "baseline":  # appchat as of --baseline REV, checked out beside this one
+        env = {"PYTHONPATH": str(BASELINE_TREE / "src")}
+    if kind in ("appchat", "baseline"):
+        db = workdir / f"bench-{uuid.uuid4().hex[:8]}.db"
+        cmd = [py, "-m", "appchat", "serve", "--port", "0", "--rate", "0"]
+        cmd += ["--database", f"sqlite:///{db}", "--log-level", "WARNING", *(extra or [])]
+    elif kind == "relay":
+        cmd = [py, str(ROOT / "bench/reference/relay_aiohttp.py")]
+    else:
+        cmd = [py, str(ROOT / "bench/reference/relay_socketio.py")]
+    srv = Server([], SECRET, name=kind, command=pinned(0) + cmd, env=env).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+# --- the two wire formats -----------------------------------------------------------------------
+
+
+class Wire:
+    """How a client of one server joins a room, sends a message and reads what comes back."""
+
+    def __init__(self, kind: str, port: int) -> None:
+        self.kind = kind
+        self.port = port
+
+    def url(self, sid: int) -> str:
+        if self.kind == "socketio":
+            return f"ws://127.0.0.1:{self.port}/socket.io/?EIO=4&transport=websocket"
+        return f"ws://127.0.0.1:{self.port}/ws?sid={sid}"
+
+    def protocols(self, token: str) -> list[str] | None:
+        return None if self.kind == "socketio" else ["access_token", token]
+
+    def request(self, name: str, args: dict[str, Any], rid: int) -> bytes:
+        if self.kind == "socketio":
+            event = {"Event.AddConversation": "join", "Event.SendMessage": "send"}[name]
+            return b"42" + str(rid).encode() + orjson.dumps([event, args])
+        return orjson.dumps({"name": name, "args": orjson.dumps(args).decode(), "id": rid})
+
+    def read(self, data: bytes) -> tuple[str, Any]:
+        """("ack", id) for a reply, ("push", client_msg_id) for a message push, else ("", x)."""
+        if self.kind == "socketio":
+            if data.startswith(b"43"):
+                end = data.index(b"[")
+                return "ack", int(data[2:end])
+            if data.startswith(b'42["message"'):
+                return "push", orjson.loads(data[2:])[1]["message"]["client_msg_id"]
+            return "", data
+        # Byte searches instead of a JSON parse: the generator must stay cheaper than the
+        # fastest server it measures (both servers write these keys in this order).
+        if data.startswith(b'{"name":"Event.ReceiveMessage"'):
+            at = data.find(b'"client_msg_id":"')
+            if at < 0:
+                return "push", None
+            at += 17
+            return "push", data[at : data.index(b'"', at)].decode()
+        at = data.rfind(b',"id":')
+        if at > 0 and data.endswith(b"}"):
+            ok = data.find(b'"ok":true', 0, 64) > 0
+            return ("ack" if ok else "error"), orjson.loads(data[at + 6 : -1])
+        return "", data
+
+
+class Peer:
+    """One client connection with a callback per frame."""
+
+    def __init__(self, wire: Wire) -> None:
+        self.wire = wire
+        self.client: LeanClient | None = None
+        self.on_frame: Callable[[str, Any], None] = lambda kind, value: None
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+
+    async def open(self, sid: int, token: str) -> Peer:
+        self.client = await connect(
+            self.wire.url(sid), self._frame, subprotocols=self.wire.protocols(token)
+        )
+        if self.wire.kind == "socketio":
+            opened = self._expect(b"40")
+            self.client.send(b"40")
+            await asyncio.wait_for(opened, 30)
+        return self
+
+    def _expect(self, prefix: bytes) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[-1] = fut
+        self._prefix = prefix
+        return fut
+
+    def _frame(self, data: bytes) -> None:
+        if self.wire.kind == "socketio":
+            if data == b"2":  # Engine.IO ping
+                assert self.client is not None
+                self.client.send(b"3")
+                return
+            if -1 in self._waiting and data.startswith(self._prefix):
+                self._waiting.pop(-1).set_result(None)
+                return
+        kind, value = self.wire.read(data)
+        fut = self._waiting.pop(value, None) if kind in ("ack", "error") else None
+        if fut is not None:
+            if kind == "ack":
+                fut.set_result(None)
+            else:
+                fut.set_exception(RuntimeError(f"error reply: {data[:200]!r}"))
+            return
+        self.on_frame(kind, value)
+
+    async def call(self, name: str, args: dict[str, Any], rid: int) -> None:
+        assert self.client is not None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = fut
+        self.client.send(self.wire.request(name, args, rid))
+        await asyncio.wait_for(fut, 30)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.abort()
+
+
+# --- the workload -------------------------------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    index: int
+    customer: Peer
+    staff: Peer
+    content: str
+    sent_at: dict[int, float] = field(default_factory=dict)
+    next_seq: int = 0
+    in_flight: int = 0
+    pushed: int = 0
+    errors: int = 0
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])  # unique per phase
+
+    def send(self) -> None:
+        seq = self.next_seq
+        self.next_seq += 1
+        self.in_flight += 1
+        args = {
+            "session_channel": str(1000 + self.index),
+            "content": self.content,
+            "client_msg_id": f"{self.tag}{self.index}-{seq}",
+        }
+        self.sent_at[seq] = time.perf_counter()
+        assert self.customer.client is not None
+        self.customer.client.send(self.customer.wire.request("Event.SendMessage", args, seq))
+
+
+async def open_pairs(wire: Wire, count: int, content: str) -> list[Pair]:
+    gate = asyncio.Semaphore(50)
+
+    async def one(i: int) -> Pair:
+        app = 1000 + i
+        async with gate:
+            staff = await Peer(wire).open(100_000 + i, mint(SECRET.encode(), admin_id=100_000 + i))
+            customer = await Peer(wire).open(
+                200_000 + i, mint(SECRET.encode(), request_id=app, sid=200_000 + i)
+            )
+            await staff.call("Event.AddConversation", {"application_id": app}, 10**9)
+            await customer.call("Event.AddConversation", {"application_id": app}, 10**9)
+        return Pair(i, customer, staff, content)
+
+    return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+def wire_pair(pair: Pair, latencies: list[float] | None, on_ack: Callable[[Pair], None]) -> None:
+    def customer_frame(kind: str, value: Any) -> None:
+        if kind == "ack" or kind == "error":
+            pair.in_flight -= 1
+            if kind == "error":
+                pair.errors += 1
+            on_ack(pair)
+
+    def staff_frame(kind: str, value: Any) -> None:
+        if kind != "push":
+            return
+        seq = int(value.rsplit("-", 1)[1])
+        sent = pair.sent_at.pop(seq, None)
+        pair.pushed += 1
+        if latencies is not None and sent is not None:
+            latencies.append(time.perf_counter() - sent)
+
+    # replies to the customer's sends arrive as "ack" frames with no waiter
+    pair.customer.on_frame = customer_frame
+    pair.staff.on_frame = staff_frame
+
+
+async def throughput(
+    kind: str, port: int, args: argparse.Namespace, srv: Server
+) -> dict[str, float]:
+    """Closed loop: each customer keeps ``window`` sends unanswered; pushes counted per second."""
+    wire = Wire(kind, port)
+    pairs = await open_pairs(wire, args.pairs, "x" * args.content_bytes)
+    running = True
+
+    def refill(pair: Pair) -> None:
+        if running and pair.in_flight < args.window:
+            pair.send()
+
+    for p in pairs:
+        wire_pair(p, None, refill)
+        for _ in range(args.window):
+            p.send()
+    await asyncio.sleep(args.warmup)
+    pushed0, cpu0, t0 = sum(p.pushed for p in pairs), srv.cpu_seconds(), time.perf_counter()
+    gen0 = time.process_time()
+    await asyncio.sleep(args.duration)
+    pushed1, cpu1, t1 = sum(p.pushed for p in pairs), srv.cpu_seconds(), time.perf_counter()
+    gen1 = time.process_time()
+    running = False
+    errors = sum(p.errors for p in pairs)
+    for p in pairs:
+        p.customer.close()
+        p.staff.close()
+    delivered = pushed1 - pushed0
+    return {
+        "msg_s": delivered / (t1 - t0),
+        "cpu_us": (cpu1 - cpu0) / max(delivered, 1) * 1e6,
+        "srv_cpu": (cpu1 - cpu0) / (t1 - t0) * 100,
+        "gen_cpu": (gen1 - gen0) / (t1 - t0) * 100,
+        "errors": errors,
+    }
+
+
+async def latency(kind: str, port: int, args: argparse.Namespace, rate: float) -> dict[str, float]:
+    """Open loop: ``rate`` sends a second spread over the pairs; send -> push percentiles."""
+    wire = Wire(kind, port)
+    pairs = await open_pairs(wire, args.pairs, "x" * args.content_bytes)
+    lat: list[float] = []
+    for p in pairs:
+        wire_pair(p, lat, lambda pair: None)
+    await asyncio.sleep(0.2)
+    tick = 0.005
+    per_tick = rate * tick
+    owed = 0.0
+    started = time.perf_counter()
+    i = 0
+    sent = 0
+    while (now := time.perf_counter()) - started < args.duration:
+        owed = rate * (now - started) - sent
+        while owed >= 1:
+            pairs[i % len(pairs)].send()
+            i += 1
+            sent += 1
+            owed -= 1
+        await asyncio.sleep(tick)
+    del per_tick
+    wanted = sent
+    deadline = time.perf_counter() + 10
+    while sum(p.pushed for p in pairs) < wanted and time.perf_counter() < deadline:
+        await asyncio.sleep(0.05)
+    pushed = sum(p.pushed for p in pairs)
+    for p in pairs:
+        p.customer.close()
+        p.staff.close()
+    return {
+        "offered": rate,
+        "msg_s": pushed / max(time.perf_counter() - started, 1e-9) if pushed < wanted else rate,
+        "p50_ms": percentile(lat, 50) * 1000,
+        "p99_ms": percentile(lat, 99) * 1000,
+        "lost": wanted - pushed,
+    }
+
+
+async def idle_memory(kind: str, port: int, srv: Server, counts: list[int]) -> dict[int, float]:
+    """Server RSS (MiB) with ``counts`` idle connections open (each a different staff id)."""
+    wire = Wire(kind, port)
+    held: list[Peer] = []
+    out: dict[int, float] = {}
+    gate = asyncio.Semaphore(100)
+
+    async def one(n: int) -> Peer:
+        async with gate:
+            return await Peer(wire).open(n, mint(SECRET.encode(), admin_id=n, ttl=3600))
+
+    for target in counts:
+        held += await asyncio.gather(*(one(300_000 + n) for n in range(len(held), target)))
+        await asyncio.sleep(1.0)
+        out[target] = srv.status()["rss"]
+    for p in held:
+        p.close()
+    return out
+
+
+async def unread_timing(port: int, counts: list[int], calls: int) -> dict[int, float]:
+    """Median GetUnreadInfo time (ms) of a staff member with each count of unread messages."""
+    wire = Wire("appchat", port)
+    out: dict[int, float] = {}
+    for k, unread in enumerate(counts):
+        app = 50_000 + k
+        staff = await Peer(wire).open(400_000 + k, mint(SECRET.encode(), admin_id=400_000 + k))
+        customer = await Peer(wire).open(
+            500_000 + k, mint(SECRET.encode(), request_id=app, sid=500_000 + k)
+        )
+        await staff.call("Event.AddConversation", {"application_id": app}, 10**9)
+        await customer.call("Event.AddConversation", {"application_id": app}, 10**9)
+        pair = Pair(0, customer, staff, "unread")
+        pair.customer.on_frame = lambda kind, value, pair=pair: setattr(
+            pair, "in_flight", pair.in_flight - 1
+        )
+        args = {"session_channel": str(app), "content": "unread"}
+        for seq in range(unread):
+            assert customer.client is not None
+            customer.client.send(wire.request("Event.SendMessage", args, seq))
+            pair.in_flight += 1
+            while pair.in_flight >= 64:
+                await asyncio.sleep(0.001)
+        while pair.in_flight > 0:
+            await asyncio.sleep(0.01)
+        times = []
+        for c in range(calls):
+            t = time.perf_counter()
+            await staff.call("Event.GetUnreadInfo", {}, 10**9 + c + 1)
+            times.append(time.perf_counter() - t)
+        out[unread] = statistics.median(times) * 1000
+        staff.close()
+        customer.close()
+    return out
+
+
+# --- running and reporting ----------------------------------------------------------------------
+
+
+def median(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.median(values) if values else math.nan
+
+
+async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    kinds = list(args.servers)
+    results: dict[str, Any] = {
+        "throughput": {k: [] for k in kinds},
+        "latency": {k: {r: [] for r in args.rates} for k in kinds},
+        "memory": {k: [] for k in kinds},
+        "unread": [],
+    }
+    parts = set(args.parts)
+    rates = args.rates if "latency" in parts else []
+    per_server = ("throughput" in parts) + len(rates) + ("memory" in parts)
+    steps = args.runs * (len(kinds) * per_server + ("unread" in parts))
+    with tqdm(total=steps, desc="bench", unit="step", file=sys.stderr) as bar:
+        for _run in range(args.runs):
+            for kind in kinds:
+                with server(kind, workdir) as srv:
+                    if "throughput" in parts:
+                        bar.set_postfix_str(f"{kind} throughput")
+                        results["throughput"][kind].append(
+                            await throughput(kind, srv.port, args, srv)
+                        )
+                        bar.update()
+                    for rate in rates:
+                        bar.set_postfix_str(f"{kind} latency @ {rate:g}/s")
+                        results["latency"][kind][rate].append(
+                            await latency(kind, srv.port, args, rate)
+                        )
+                        bar.update()
+                if "memory" not in parts:
+                    continue
+                with server(kind, workdir) as srv:
+                    bar.set_postfix_str(f"{kind} idle memory")
+                    results["memory"][kind].append(
+                        await idle_memory(kind, srv.port, srv, args.idle)
+                    )
+                    bar.update()
+            if "unread" not in parts:
+                continue
+            with server("appchat", workdir) as srv:
+                bar.set_postfix_str("appchat unread")
+                results["unread"].append(await unread_timing(srv.port, args.unread, args.calls))
+                bar.update()
+    return results
+
+
+def summarise(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
+    s: dict[str, Any] = {"throughput": {}, "latency": {}, "memory": {}, "unread": {}}
+    for kind, runs in results["throughput"].items():
+        if not runs:
+            continue
+        s["throughput"][kind] = {
+            key: median([r[key] for r in runs])
+            for key in ("msg_s", "cpu_us", "errors", "srv_cpu", "gen_cpu")
+        }
+        # the ratio in each run (servers side by side), then its median
+        if kind != "relay" and results["throughput"].get("relay"):
+            ratios = [
+                r["msg_s"] / b["msg_s"]
+                for r, b in zip(runs, results["throughput"]["relay"], strict=True)
+            ]
+            s["throughput"][kind]["ratio"] = median(ratios)
+    for kind, by_rate in results["latency"].items():
+        s["latency"][kind] = {
+            rate: {key: median([r[key] for r in runs]) for key in runs[0]}
+            for rate, runs in by_rate.items()
+            if runs
+        }
+        if not s["latency"][kind]:
+            del s["latency"][kind]
+    lo, hi = args.idle[0], args.idle[-1]
+    for kind, runs in results["memory"].items():
+        if not runs:
+            continue
+        slopes = [(r[hi] - r[lo]) * 1024 / (hi - lo) for r in runs]
+        s["memory"][kind] = {
+            "kib_per_conn": median(slopes),
+            "rss": {n: median([r[n] for r in runs]) for n in args.idle},
+        }
+    for n in args.unread if results["unread"] else []:
+        s["unread"][n] = median([r[n] for r in results["unread"]])
+    return s
+
+
+def report(args: argparse.Namespace, s: dict[str, Any]) -> str:
+    lines = [
+        f"Command: `{' '.join(['.venv/bin/python', 'bench/suite.py', *sys.argv[1:]])}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, "
+        f"Python {platform.python_version()}; {source_version()}; {time.strftime('%Y-%m-%d')}  ",
+        f"Servers pinned to CPU 0, the load generator to CPU 1; medians of {args.runs} runs; "
+        f"{args.pairs} pairs, {args.content_bytes}-byte messages.",
+    ]
+    if s["throughput"]:
+        lines += [
+            "",
+            f"**Throughput** (window {args.window} per customer, {args.duration:g} s per run):",
+            "",
+            "| server | delivered msg/s | server CPU per message | ratio to the bare relay "
+            "| server CPU | generator CPU |",
+            "|---|---|---|---|---|---|",
+        ]
+        for kind, t in s["throughput"].items():
+            ratio = f"{t['ratio']:.2f}" if "ratio" in t else "1"
+            lines.append(
+                f"| {kind} | {t['msg_s']:,.0f} | {t['cpu_us']:.1f} µs | {ratio} "
+                f"| {t['srv_cpu']:.0f}% | {t['gen_cpu']:.0f}% |"
+            )
+    if s["latency"]:
+        lines += ["", "**Latency**, send to the peer's push, at fixed offered load:", ""]
+        lines += ["| server | offered msg/s | delivered msg/s | p50 ms | p99 ms | lost |"]
+        lines += ["|---|---|---|---|---|---|"]
+        for kind, by_rate in s["latency"].items():
+            for rate, r in by_rate.items():
+                lines.append(
+                    f"| {kind} | {rate:,.0f} | {r['msg_s']:,.0f} | {r['p50_ms']:.2f} | "
+                    f"{r['p99_ms']:.2f} | {r['lost']:.0f} |"
+                )
+    if s["memory"]:
+        lo, hi = args.idle[0], args.idle[-1]
+        lines += ["", f"**Memory** of idle authenticated connections ({lo:,} and {hi:,}):", ""]
+        lines += [f"| server | RSS at {lo:,} | RSS at {hi:,} | KiB per connection |"]
+        lines += ["|---|---|---|---|"]
+        for kind, m in s["memory"].items():
+            lines.append(
+                f"| {kind} | {m['rss'][lo]:.1f} MiB | {m['rss'][hi]:.1f} MiB | "
+                f"{m['kib_per_conn']:.1f} |"
+            )
+    if s["unread"]:
+        lines += ["", f"**GetUnreadInfo** (median of {args.calls} calls):", ""]
+        lines += ["| unread messages | time |", "|---|---|"]
+        for n, ms in s["unread"].items():
+            lines.append(f"| {n:,} | {ms:.2f} ms |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(args: argparse.Namespace, s: dict[str, Any], outdir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    made = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, by_rate in s["latency"].items():
+        rates = list(by_rate)
+        ax.plot(rates, [by_rate[r]["msg_s"] for r in rates], marker="o", label=kind)
+        ax.axhline(s["throughput"][kind]["msg_s"], linestyle=":", linewidth=1)
+    ax.set_xlabel("offered msg/s")
+    ax.set_ylabel("delivered msg/s")
+    ax.set_title("Throughput against offered load (dotted: closed-loop maximum)")
+    ax.legend()
+    made.append(outdir / "bench-throughput.png")
+    fig.tight_layout()
+    fig.savefig(made[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, by_rate in s["latency"].items():
+        rates = list(by_rate)
+        (line,) = ax.plot(
+            rates, [by_rate[r]["p50_ms"] for r in rates], marker="o", label=f"{kind} p50"
+        )
+        ax.plot(
+            rates,
+            [by_rate[r]["p99_ms"] for r in rates],
+            marker="x",
+            linestyle="--",
+            color=line.get_color(),
+            label=f"{kind} p99",
+        )
+    ax.set_xlabel("offered msg/s")
+    ax.set_ylabel("send -> push, ms")
+    ax.set_yscale("log")
+    ax.set_title("Latency percentiles against load")
+    ax.legend(fontsize="small")
+    made.append(outdir / "bench-latency.png")
+    fig.tight_layout()
+    fig.savefig(made[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, m in s["memory"].items():
+        ns = list(m["rss"])
+        ax.plot(
+            ns,
+            [m["rss"][n] for n in ns],
+            marker="o",
+            label=f"{kind} ({m['kib_per_conn']:.1f} KiB/conn)",
+        )
+    ax.set_xlabel("idle connections")
+    ax.set_ylabel("server RSS, MiB")
+    ax.set_title("Memory against connections")
+    ax.legend()
+    made.append(outdir / "bench-memory.png")
+    fig.tight_layout()
+    fig.savefig(made[-1], dpi=100)
+    plt.close(fig)
+    return made
+
+
+def write_doc(doc: Path, text: str) -> None:
+    body = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    block = f"{BEGIN}\n{text}\n![throughput](img/bench-throughput.png) "
+    block += "![latency](img/bench-latency.png) ![memory](img/bench-memory.png)\n" + END
+    if BEGIN in body and END in body:
+        head, rest = body.split(BEGIN, 1)
+        body = head + block + rest.split(END, 1)[1]
+    else:
+        body = body.rstrip() + "\n\n## make bench\n\n" + block + "\n"
+    doc.write_text(body)
+
+
+def checkout_baseline(rev: str) -> None:
+    """Put the tree of ``rev`` at BASELINE_TREE (its ``src`` goes first on PYTHONPATH)."""
+    import shutil
+    import subprocess
+
+    shutil.rmtree(BASELINE_TREE, ignore_errors=True)
+    BASELINE_TREE.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "src"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(BASELINE_TREE)], input=archive, check=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="what to measure [all]",
+    )
+    p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS[:3]))
+    p.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run appchat as of git REV ('baseline'), for before/after figures",
+    )
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--pairs", type=int, default=100)
+    p.add_argument("--window", type=int, default=16)
+    p.add_argument("--content-bytes", type=int, default=100)
+    p.add_argument("--duration", type=float, default=5.0, help="seconds measured per run")
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--rates", type=float, nargs="+", default=[500, 1000, 2000, 5000, 10000])
+    p.add_argument("--idle", type=int, nargs="+", default=[1000, 5000])
+    p.add_argument("--unread", type=int, nargs="+", default=[10, 100_000])
+    p.add_argument("--calls", type=int, default=50)
+    p.add_argument("--write", action="store_true", help="update docs/benchmarks.md and docs/img")
+    p.add_argument("--out", type=Path, help="write the report and plots here instead")
+    p.add_argument("--tiny", action="store_true", help="a smoke run of every part")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.runs, args.pairs, args.window, args.duration, args.warmup = 1, 4, 2, 0.5, 0.2
+        args.rates, args.idle, args.unread, args.calls = [100], [10, 20], [3, 30], 3
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.baseline:
+        checkout_baseline(args.baseline)
+        if "baseline" not in args.servers:
+            args.servers.insert(0, "baseline")
+    with contextlib.suppress(OSError):
+        if (os.cpu_count() or 1) >= 2:
+            os.sched_setaffinity(0, {1})
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    with tempfile.TemporaryDirectory(prefix="appchat-bench-") as tmp:
+        results = asyncio.run(run_all(args, Path(tmp)))
+    s = summarise(args, results)
+    text = report(args, s)
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "benchmarks.md").write_text(text)
+        plots(args, s, args.out)
+    elif args.write:
+        plots(args, s, ROOT / "docs" / "img")
+        write_doc(ROOT / "docs" / "benchmarks.md", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
