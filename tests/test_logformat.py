@@ -69,6 +69,15 @@ async def test_the_server_writes_json_lines(tmp_path: Path) -> None:
     logs = [line for line in server.lines if not line.startswith("appchat ")]  # not the banner
     docs = [json.loads(line) for line in logs]
     assert any(d["message"] == "shutting down" and d["logger"] == "appchat" for d in docs)
+    opened = next(
+        d for d in docs if d["logger"] == "appchat.connections" and "opened" in d["message"]
+    )
+    assert opened["sid"] == 1 and opened["remote"] == "127.0.0.1" and opened["conn_id"]
+    closed = next(
+        d for d in docs if "closed" in d["message"] and d.get("conn_id") == opened["conn_id"]
+    )
+    assert closed["code"] == 1000 and closed["duration"] >= 0
+    assert not any(token(admin_id=1)[:20] in line for line in server.lines)
     assert all({"time", "level", "logger", "message"} <= set(d) for d in docs)
 
 

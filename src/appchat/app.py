@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import ssl
 
 from aiohttp import web
@@ -14,11 +16,16 @@ from .hub import Hub
 from .observability import Metrics
 from .service import ChatService, Limits
 from .store import Store, open_store
+from .transport.guard import HandshakeGuard, handler_args
 from .transport.http import HealthEndpoints
 from .transport.web import WebClient
 from .transport.ws import WebSocketEndpoint, WsOptions
 
 log = logging.getLogger(__name__)
+
+# Connections the kernel may hold for accept(): many clients reconnecting at once after a
+# restart would overflow aiohttp's 128 and be dropped. Linux caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
 
 
 class Node:
@@ -31,8 +38,12 @@ class Node:
         *,
         store: Store | None = None,
         broker: Broker | None = None,
+        worker: int | None = None,
     ) -> None:
+        """``worker``: this node is worker number ``worker`` of ``serve --workers`` (its port
+        is shared through SO_REUSEPORT, the parent migrated the database)."""
         self.settings = settings
+        self.worker = worker
         self.verifier = TokenVerifier(
             secret, keys=[public_key(spec) for spec in settings.jwt_public_key]
         )
@@ -40,6 +51,8 @@ class Node:
             settings.database,
             synchronous=settings.sqlite_synchronous,
             busy_timeout=settings.sqlite_busy_timeout,
+            migrate=worker is None,
+            shared=worker is not None,
         )
         self.broker = broker or open_broker(settings.broker)
         self.metrics = Metrics()
@@ -72,11 +85,14 @@ class Node:
             metrics=self.metrics,
         )
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._listener: asyncio.Server | None = None
+        self.guard = HandshakeGuard(
+            timeout=settings.handshake_timeout, max_pending=settings.max_pending_handshakes
+        )
         self.port: int = settings.port
 
     def web_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self.guard.middleware()])
         health = HealthEndpoints(self.store, self.broker, self.metrics)
         app.router.add_get("/ws", self.ws.handle)
         app.router.add_get("/healthz", health.healthz)
@@ -84,7 +100,13 @@ class Node:
         app.router.add_get("/metrics", health.metrics)
         WebClient(dev_secret=self._dev_secret).add_routes(app)
         app.on_shutdown.append(self._on_shutdown)
+        if self.worker is not None:
+            app.on_response_prepare.append(self._name_worker)
         return app
+
+    async def _name_worker(self, request: web.Request, response: web.StreamResponse) -> None:
+        # Which process answered: for operators and tests of ``serve --workers``.
+        response.headers["Appchat-Worker"] = f"{self.worker} pid={os.getpid()}"
 
     async def _on_shutdown(self, app: web.Application) -> None:
         # Listening sockets are closed already; in-flight handlers finish after this.
@@ -97,20 +119,29 @@ class Node:
     async def start(self) -> None:
         await self.store.open()
         await self.hub.start()
+        timeout = self.settings.handshake_timeout
         self._runner = web.AppRunner(
-            self.web_app(), handle_signals=False, access_log=None, shutdown_timeout=10.0
+            self.web_app(),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=10.0,
+            **handler_args(timeout),
         )
         await self._runner.setup()
-        self._site = web.TCPSite(
-            self._runner,
+        assert self._runner.server is not None
+        self.guard.serve(self._runner.server)
+        # Listening through the guard (instead of web.TCPSite): every accepted socket gets
+        # a deadline for its request and counts against --max-pending-handshakes.
+        self._listener = await asyncio.get_running_loop().create_server(
+            self.guard,
             self.settings.host,
             self.settings.port,
-            ssl_context=self._ssl_context(),
+            ssl=self._ssl_context(),
+            backlog=LISTEN_BACKLOG,
+            reuse_port=self.worker is not None or None,
+            ssl_handshake_timeout=timeout if self.settings.tls_cert else None,
         )
-        await self._site.start()
-        addresses = self._runner.addresses
-        if addresses:
-            self.port = addresses[0][1]
+        self.port = self._listener.sockets[0].getsockname()[1]
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         if not self.settings.tls_cert:
@@ -121,6 +152,9 @@ class Node:
 
     async def stop(self) -> None:
         """Stop accepting, close every WebSocket with 1001, finish writes in flight, close."""
+        if self._listener is not None:
+            self._listener.close()  # what web.TCPSite.stop does before the runner cleans up
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
         await self.hub.stop()

@@ -171,6 +171,11 @@ class TokenVerifier:
         return payload
 
     def _claims(self, payload: dict[str, Any]) -> Claims:
+        aud = payload.get("aud")
+        if aud is not None and aud != "":
+            # PyJWT lets every falsy audience through (0, false, {}, []); only an absent,
+            # null or empty one is accepted (no audience is configured).
+            raise Unauthorized("token audience is not accepted")
         now = self._clock()
         exp = payload["exp"]
         if not _is_number(exp):
@@ -208,10 +213,14 @@ class TokenVerifier:
 
 
 def _is_number(value: Any) -> bool:
-    """A finite JSON number (PyJWT's decoder also lets NaN and Infinity through)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    """A finite JSON number (PyJWT's decoder also lets NaN and Infinity through); an
+    integer must fit in 64 bits (``10**400`` is valid JSON but no float, and no reply
+    could carry it)."""
+    if isinstance(value, bool):
         return False
-    return math.isfinite(value)
+    if isinstance(value, int):
+        return -MAX_ID - 1 <= value <= MAX_ID
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def bind(claims: Claims, query_sid: int, *, trust_query_sid: bool = False) -> Principal:

@@ -17,14 +17,25 @@ from .app import Node
 from .auth import mint
 from .config import (
     OPTIONS,
+    Settings,
     add_flags,
     add_options,
+    check_limits,
     resolve_secret,
     settings_from,
 )
 from .errors import AppError, ConfigError
 from .logformat import FORMATS, configure_logging
-from .store import apply_migrations
+from .store import apply_migrations, redact_url
+from .supervisor import (
+    Supervisor,
+    announce_ready,
+    check_workers,
+    ensure_open_files,
+    read_worker_config,
+    watch_parent,
+    worker_count,
+)
 
 SERVE_OPTIONS = list(OPTIONS)
 log = logging.getLogger("appchat")
@@ -40,6 +51,13 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server")
     add_options(serve, SERVE_OPTIONS, env)
     add_flags(serve, ["dev", "trust_query_sid"], env)
+    serve.add_argument(
+        "--workers",
+        default=env.get("APPCHAT_WORKERS", "1"),
+        help="processes serving the port (SO_REUSEPORT), each a full node; auto: one per "
+        "core; more than 1 needs a shared --broker [default: %(default)s; env APPCHAT_WORKERS]",
+    )
+    serve.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
 
     token = sub.add_parser("token", help="print a signed token for trying the server out")
     who = token.add_mutually_exclusive_group(required=True)
@@ -79,21 +97,26 @@ def token(ns: argparse.Namespace) -> int:
 
 def migrate(ns: argparse.Namespace) -> int:
     applied = apply_migrations(ns.database)
-    print(f"appchat: applied {applied} migration(s); {ns.database} is up to date")
+    print(f"appchat: applied {applied} migration(s); {redact_url(ns.database)} is up to date")
     return 0
 
 
 def serve(ns: argparse.Namespace) -> int:
+    if ns.worker_of is not None:
+        return serve_worker(ns.worker_of)
     settings = settings_from(ns)
     if settings.dev and settings.host not in ("127.0.0.1", "localhost", "::1"):
         raise ConfigError("--dev listens on loopback only; drop --host or --dev")
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
+    check_limits(settings)
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"--log-level {settings.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
     if settings.log_format not in FORMATS:
         raise ConfigError(f"--log-format {settings.log_format!r}: use text or json")
-    configure_logging(settings.log_level, settings.log_format)
+    workers = worker_count(ns.workers)
+    check_workers(settings, workers)
+    _configure_logging(settings)
     secret: bytes | None
     try:
         secret = resolve_secret(settings, use_dev_file=settings.dev, create_dev_file=settings.dev)
@@ -102,13 +125,43 @@ def serve(ns: argparse.Namespace) -> int:
             raise
         secret = None  # public keys alone verify tokens
     node = Node(settings, secret)  # checks the secret before anything listens
+    if workers > 1:
+        apply_migrations(settings.database)  # once, before any worker opens the database
+
+        def announce(port: int) -> None:
+            _announce(settings, secret, f"{node.scheme}://{settings.host}:{port}/ws")
+
+        supervisor = Supervisor(settings, secret, workers, announce=announce)
+        return supervisor.run(ShutdownSignals())
+    ensure_open_files(settings.max_connections)
+    _use_uvloop()
+    signals = ShutdownSignals()
+    asyncio.run(_serve(node, secret, signals))
+    return 0
+
+
+def serve_worker(parent: int) -> int:
+    """One of the processes of ``serve --workers``: its settings arrive on stdin."""
+    signals = ShutdownSignals()  # SIGTERM stays blocked (inherited) until this thread takes it
+    config = read_worker_config(sys.stdin.buffer)
+    _configure_logging(config.settings)
+    watch_parent(sys.stdin.buffer, parent)
+    ensure_open_files(config.settings.max_connections)
+    node = Node(config.settings, config.secret, worker=config.index)
+    _use_uvloop()
+    asyncio.run(_serve(node, config.secret, signals, worker=True))
+    return 0
+
+
+def _configure_logging(settings: Settings) -> None:
+    configure_logging(settings.log_level, settings.log_format)
+
+
+def _use_uvloop() -> None:
     with contextlib.suppress(ImportError):
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    signals = ShutdownSignals()
-    asyncio.run(_serve(node, secret, signals))
-    return 0
 
 
 class ShutdownSignals:
@@ -150,7 +203,9 @@ class ShutdownSignals:
                     loop.call_soon_threadsafe(stop.set)
 
 
-async def _serve(node: Node, secret: bytes | None, signals: ShutdownSignals) -> None:
+async def _serve(
+    node: Node, secret: bytes | None, signals: ShutdownSignals, *, worker: bool = False
+) -> None:
     stop = asyncio.Event()
     signals.attach(stop)
     try:
@@ -160,13 +215,19 @@ async def _serve(node: Node, secret: bytes | None, signals: ShutdownSignals) -> 
         raise ConfigError(
             f"cannot listen on {node.settings.host}:{node.settings.port}: {exc.strerror or exc}"
         ) from exc
-    url = f"{node.scheme}://{node.settings.host}:{node.port}/ws"
-    if node.settings.dev and secret is not None:
-        _print_dev_tokens(secret, url)
-    print(f"appchat {__version__} listening on {url}", flush=True)
+    if worker:
+        announce_ready(sys.stdout)
+    else:
+        _announce(node.settings, secret, f"{node.scheme}://{node.settings.host}:{node.port}/ws")
     await stop.wait()
     log.info("shutting down")
     await node.stop()
+
+
+def _announce(settings: Settings, secret: bytes | None, url: str) -> None:
+    if settings.dev and secret is not None:
+        _print_dev_tokens(secret, url)
+    print(f"appchat {__version__} listening on {url}", flush=True)
 
 
 def _print_dev_tokens(secret: bytes, url: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,21 @@ from .store import sqlite_path
 
 DEFAULT_DATABASE = "sqlite:///appchat.db"
 DEV_SECRET_NAME = "appchat-dev.secret"
+# Descriptors a process keeps beside its connections (database, broker, logs, listeners).
+RESERVED_FILES = 1000
+CONNECTIONS_CAP = 100_000
+
+
+def default_max_connections() -> int:
+    """What one process can hold on this machine: the open-file hard limit less the files
+    it needs for everything else (20,000 -> 19,000), at most 100,000."""
+    try:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return 10_000
+    if hard == resource.RLIM_INFINITY:
+        return CONNECTIONS_CAP
+    return max(1, min(CONNECTIONS_CAP, max(hard - RESERVED_FILES, hard // 2)))
 
 
 @dataclass(frozen=True)
@@ -41,9 +57,11 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"
     channel_prefix: str = "appchat"
-    max_connections: int = 10000
+    max_connections: int = field(default_factory=default_max_connections)
     max_connections_per_user: int = 32
     allowed_origins: tuple[str, ...] = ()
+    handshake_timeout: float = 5.0
+    max_pending_handshakes: int = 1000
 
 
 # name -> (type, help); every option also reads APPCHAT_<NAME> from the environment.
@@ -79,12 +97,24 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
     "log_format": (str, "text, or json: one object per line (time, level, logger, message, …)"),
     "channel_prefix": (str, "prefix of broker channels: nodes that talk share one"),
-    "max_connections": (int, "connections this node accepts; more are refused with 503"),
+    "max_connections": (
+        int,
+        "connections this node (each worker) accepts; more are refused with 503; "
+        "the default fits the open-file hard limit (`ulimit -Hn`)",
+    ),
     "max_connections_per_user": (
         int,
         "connections one participant may hold on this node; more are refused with 429",
     ),
     "allowed_origins": (str, "browser Origins allowed to connect, repeatable (default: any)"),
+    "handshake_timeout": (
+        float,
+        "seconds a new connection gets to send a complete HTTP request; slower ones are closed",
+    ),
+    "max_pending_handshakes": (
+        int,
+        "connections still sending their HTTP request; one more closes the oldest of them",
+    ),
 }
 # Options that may be given several times; their environment variable is comma-separated.
 LISTS = {"jwt_public_key", "allowed_origins"}
@@ -141,6 +171,18 @@ def settings_from(ns: argparse.Namespace) -> Settings:
     for name in LISTS & known.keys():
         known[name] = tuple(known[name])
     return Settings(**known)
+
+
+def check_limits(settings: Settings) -> None:
+    """Refuse values the server could only misread (a port above 65535 wraps around)."""
+    if not 0 <= settings.port <= 65535:
+        raise ConfigError(f"--port {settings.port}: use 0 to 65535 (0 picks a free port)")
+    if not settings.handshake_timeout > 0:
+        raise ConfigError(f"--handshake-timeout {settings.handshake_timeout}: must be above 0")
+    if settings.max_pending_handshakes < 1:
+        raise ConfigError(
+            f"--max-pending-handshakes {settings.max_pending_handshakes}: must be at least 1"
+        )
 
 
 def dev_secret_path(database: str) -> Path | None:

@@ -201,6 +201,8 @@ def _client_msg_id(args: dict[str, Any]) -> str | None:
         raise BadRequest(
             f"client_msg_id must be a string of 1 to {MAX_CLIENT_MSG_ID_LEN} characters"
         )
+    if "\x00" in value:  # PostgreSQL text cannot hold it; refused alike on every store
+        raise BadRequest("client_msg_id must not contain U+0000")
     return value
 
 
@@ -292,14 +294,15 @@ def conversation_obj(c: Conversation) -> dict[str, Any]:
 
 
 def message_obj(m: Message) -> dict[str, Any]:
+    created = format_ts(m.create_at)
     obj: dict[str, Any] = {
         "id": m.id,
         "session_channel": m.session_channel,
         "content": m.content,
         "sender_id": m.sender_id,
         "status": m.status,
-        "create_at": format_ts(m.create_at),
-        "update_at": format_ts(m.update_at),
+        "create_at": created,
+        "update_at": created if m.update_at == m.create_at else format_ts(m.update_at),
         "content_type": m.content_type,
     }
     if m.client_msg_id is not None:

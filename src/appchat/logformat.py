@@ -1,8 +1,8 @@
 """Log lines for people (``--log-format text``) or for log collectors (``json``).
 
-Connection-related lines carry ``extra={"conn_id", "sid", "remote", "event"}`` (any subset);
-both formats show them as fields. Nothing here adds tokens or message content: callers never
-pass them.
+Connection-related lines carry ``extra={"conn_id", "sid", "remote", "event", …}`` (any
+subset of :data:`EXTRA_FIELDS`); both formats show them as fields. Nothing here adds
+tokens or message content: callers never pass them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 FORMATS = ("text", "json")
-EXTRA_FIELDS = ("conn_id", "sid", "remote", "event")
+EXTRA_FIELDS = ("conn_id", "sid", "remote", "event", "status", "code", "duration")
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import lru_cache
 
 MAX_ID = 2**63 - 1
 
@@ -19,7 +20,13 @@ def now_us() -> int:
 def format_ts(us: int) -> str:
     """RFC 3339 in UTC with microseconds, e.g. ``2020-03-06T03:29:29.321142Z``."""
     secs, frac = divmod(us, 1_000_000)
-    return datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:06d}Z"
+    return f"{_second(secs)}.{frac:06d}Z"
+
+
+@lru_cache(maxsize=4096)
+def _second(secs: int) -> str:
+    # Formatting the date and time is most of the cost, and messages come many a second.
+    return datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 class Role(StrEnum):

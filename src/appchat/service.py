@@ -103,8 +103,7 @@ class ChatService:
         return ev.reply(request.name, result, request.id)
 
     def _count(self, name: str, outcome: str, started: float) -> None:
-        self._metrics.events.labels(name, outcome).inc()
-        self._metrics.event_seconds.labels(name).observe(time.perf_counter() - started)
+        self._metrics.count_event(name, outcome, time.perf_counter() - started)
 
     # --- who may do what ------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -81,18 +82,35 @@ class Store(Protocol):
         """Every participant of the conversation, in no particular order."""
 
 
-def open_store(url: str, *, synchronous: str = "FULL", busy_timeout: float = 30.0) -> Store:
-    """Pick the storage implementation for ``url``."""
+def open_store(
+    url: str,
+    *,
+    synchronous: str = "FULL",
+    busy_timeout: float = 30.0,
+    migrate: bool = True,
+    shared: bool = False,
+) -> Store:
+    """Pick the storage implementation for ``url``.
+
+    ``migrate``: apply pending migrations on open; ``shared``: other processes of this
+    deployment write the same database (``serve --workers``).
+    """
     if url.startswith("sqlite://"):
         from .sqlite import SqliteStore
 
-        return SqliteStore(sqlite_path(url), synchronous=synchronous, busy_timeout=busy_timeout)
+        return SqliteStore(
+            sqlite_path(url),
+            synchronous=synchronous,
+            busy_timeout=busy_timeout,
+            migrate=migrate,
+            shared=shared,
+        )
     if url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, migrate=migrate)
     raise ConfigError(
-        f"unsupported database URL {url!r} (expected sqlite:///PATH or postgresql://…)"
+        f"unsupported database URL {redact_url(url)!r} (expected sqlite:///PATH or postgresql://…)"
     )
 
 
@@ -110,9 +128,9 @@ def apply_migrations(url: str) -> int:
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"cannot migrate {url}: {exc}") from exc
+        raise ConfigError(f"cannot migrate {redact_url(url)}: {exc}") from exc
     raise ConfigError(
-        f"unsupported database URL {url!r} (expected sqlite:///PATH or postgresql://…)"
+        f"unsupported database URL {redact_url(url)!r} (expected sqlite:///PATH or postgresql://…)"
     )
 
 
@@ -124,3 +142,18 @@ def sqlite_path(url: str) -> str:
             f"bad SQLite URL {url!r}: expected sqlite:///relative/path or sqlite:////abs"
         )
     return url[len(prefix) :]
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit for a message or a log line: its password (in the user part or a
+    ``password=`` parameter) replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if at:
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}{':***' if colon else ''}@{host}"
+    tail = re.sub(r"(?i)(\bpassword=)[^&]*", r"\1***", tail)
+    return f"{scheme}://{netloc}{slash}{tail}"

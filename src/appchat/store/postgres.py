@@ -17,6 +17,7 @@ import asyncpg
 
 from ..errors import AppError, Forbidden, Internal, NotFound, Unavailable
 from ..models import Conversation, Message, MessagePage, ReadOutcome, SendOutcome, UnreadCount
+from ..ratelog import RateLimitedLog
 from .migrate import apply_postgres_migrations
 from .rows import (
     CONVERSATION_COLUMNS,
@@ -29,6 +30,7 @@ from .rows import (
 )
 
 log = logging.getLogger(__name__)
+_outage_log = RateLimitedLog(log)  # an outage fails every request: log a few
 
 T = TypeVar("T")
 
@@ -59,8 +61,10 @@ class PostgresStore:
         max_size: int = 10,
         connect_timeout: float = 5.0,
         command_timeout: float = 10.0,
+        migrate: bool = True,
     ) -> None:
         self.dsn = dsn
+        self._migrate = migrate
         self._min = min_size
         self._max = max_size
         self._connect_timeout = connect_timeout
@@ -68,10 +72,11 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
 
     async def open(self) -> None:
-        try:
-            await asyncio.to_thread(apply_postgres_migrations, self.dsn)
-        except Exception as exc:
-            raise Unavailable(f"cannot migrate the database: {exc}") from exc
+        if self._migrate:
+            try:
+                await asyncio.to_thread(apply_postgres_migrations, self.dsn)
+            except Exception as exc:
+                raise Unavailable(f"cannot migrate the database: {exc}") from exc
         try:
             self._pool = await asyncpg.create_pool(
                 self.dsn,
@@ -105,7 +110,7 @@ class PostgresStore:
             if isinstance(error, Internal):
                 log.exception("database error")
             else:
-                log.warning("database unavailable: %s", exc)
+                _outage_log.warning("database unavailable", "database unavailable: %s", exc)
             raise error from exc
 
     async def ping(self) -> None:

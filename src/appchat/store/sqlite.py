@@ -20,7 +20,7 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ from ..models import (
     SendOutcome,
     UnreadCount,
 )
+from ..ratelog import RateLimitedLog
 from .migrate import apply_sqlite_migrations
 from .rows import (
     CONVERSATION_COLUMNS,
@@ -43,8 +44,10 @@ from .rows import (
     message_of,
     page_of,
 )
+from .writelock import WriterLock
 
 log = logging.getLogger(__name__)
+_failure_log = RateLimitedLog(log)  # a failing disk fails every batch: log a few
 
 T = TypeVar("T")
 Job = tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any], asyncio.AbstractEventLoop]
@@ -62,13 +65,19 @@ class SqliteStore:
         synchronous: str = "FULL",
         busy_timeout: float = 30.0,
         readers: int = READERS,
+        migrate: bool = True,
+        shared: bool = False,
     ) -> None:
+        """``shared``: other processes write this file too (``serve --workers``)."""
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ConfigError("sqlite synchronous must be FULL, NORMAL or EXTRA")
         self.path = path
         self._busy_timeout = busy_timeout
         self._synchronous = synchronous
         self._readers_count = readers
+        self._migrate = migrate
+        self._shared = shared and path != ":memory:"
+        self._turn: WriterLock | None = None
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._readers: ThreadPoolExecutor | None = None
@@ -80,7 +89,13 @@ class SqliteStore:
     async def open(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(apply_sqlite_migrations, self.path)
+        if self._migrate:
+            await asyncio.to_thread(apply_sqlite_migrations, self.path)
+        if self._shared:
+            try:
+                self._turn = WriterLock(self.path)
+            except OSError as exc:
+                raise ConfigError(f"cannot open {self.path}-writer.lock: {exc}") from exc
         ready = threading.Event()
         self._writer = threading.Thread(
             target=self._write_loop, args=(ready,), name="appchat-sqlite-writer", daemon=True
@@ -139,6 +154,7 @@ class SqliteStore:
 
     def _write_loop(self, ready: threading.Event) -> None:
         conn = self._connect()
+        turn = self._turn
         ready.set()
         try:
             while True:
@@ -156,12 +172,16 @@ class SqliteStore:
                         stop = True
                         break
                     batch.append(job)
-                outcomes = self._commit_batch(conn, batch)
+                with turn or nullcontext():
+                    outcomes = self._commit_batch(conn, batch)
                 _settle_batch(batch, outcomes)
                 if stop:
                     return
         finally:
             conn.close()
+            if turn is not None:
+                turn.close()
+                self._turn = None
 
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[Job]) -> list[tuple[bool, Any]]:
         in_job = False
@@ -185,7 +205,7 @@ class SqliteStore:
             self._members.forget()
             if len(batch) == 1 or not in_job:
                 if isinstance(exc, sqlite3.Error):
-                    log.warning("sqlite write batch failed: %s", exc)
+                    _failure_log.warning("write batch failed", "sqlite write batch failed: %s", exc)
                 else:
                     log.exception("sqlite write failed")
                 return [(False, _translate(exc))] * len(batch)

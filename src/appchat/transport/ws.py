@@ -18,9 +18,12 @@ from ..auth import TokenVerifier, bind, parse_id
 from ..errors import AppError, BadRequest, Unauthorized
 from ..events import error_reply, rate_limited_reply
 from ..hub import CloseCode, Connection, Hub
+from ..models import Principal
 from ..observability import Metrics
 from ..ratelimit import TokenBucket
 from ..service import ChatService
+from .connlog import ConnectionLog
+from .quota import ConnectionQuota, quota_key
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +98,12 @@ class WebSocketEndpoint:
         self._live: dict[Connection, tuple[_Session, asyncio.Task[object]]] = {}
         self._handlers: set[asyncio.Task[object]] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._quota = ConnectionQuota(options.max_connections_per_user)
+        self._connlog = ConnectionLog()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        remote = request.remote or "unknown"
+        sid: int | None = None
         try:
             self._check_origin(request.headers.get("Origin"))
             sid = parse_sid(request.query.get("sid"))
@@ -104,11 +111,11 @@ class WebSocketEndpoint:
             principal = bind(
                 self._verifier.verify(token), sid, trust_query_sid=self._options.trust_query_sid
             )
-            self._check_capacity(sid)
+            quota = self._check_capacity(principal)
         except HandshakeError as exc:
-            return self._refuse(exc.status, exc.reason)
+            return self._refuse(exc.status, exc.reason, remote, sid)
         except Unauthorized as exc:
-            return self._refuse(401, exc.message)
+            return self._refuse(401, exc.message, remote, sid)
 
         ws = web.WebSocketResponse(
             protocols=(SUBPROTOCOL,),
@@ -117,7 +124,8 @@ class WebSocketEndpoint:
             autoping=False,  # pings are counted against the frame budget, then answered
         )
         if not ws.can_prepare(request).ok:
-            return self._refuse(400, "expected a WebSocket upgrade")
+            self._quota.give_back(quota)
+            return self._refuse(400, "expected a WebSocket upgrade", remote, sid)
         transport = request.transport
         conn = Connection(
             self._hub.new_connection_id(),
@@ -131,14 +139,17 @@ class WebSocketEndpoint:
         try:
             await self._hub.register(conn)
         except AppError as exc:
-            return self._refuse(503, exc.message)
+            self._quota.give_back(quota)
+            return self._refuse(503, exc.message, remote, sid)
         handler = asyncio.current_task()
         if handler is not None:
             self._handlers.add(handler)
         self._metrics.connections.inc()
         session = _Session(self, ws, conn, transport)
+        opened = None
         try:
             await ws.prepare(request)
+            opened = self._connlog.opened(conn.id, sid=sid, role=principal.role, remote=remote)
             session.watch_expiry()
             reader = asyncio.current_task()
             if reader is not None:
@@ -148,6 +159,7 @@ class WebSocketEndpoint:
             if not conn.draining:
                 raise
         finally:
+            self._quota.give_back(quota)  # first: nothing below may keep it if cancelled
             self._live.pop(conn, None)
             session.stop_expiry()
             await session.finish()
@@ -159,6 +171,10 @@ class WebSocketEndpoint:
             self._metrics.connections.dec()
             if handler is not None:
                 self._handlers.discard(handler)
+            if opened is not None:
+                self._connlog.closed(
+                    conn.id, sid=sid, remote=remote, code=ws.close_code, since=opened
+                )
         return ws
 
     def _check_origin(self, origin: str | None) -> None:
@@ -167,14 +183,19 @@ class WebSocketEndpoint:
         if allowed and origin is not None and origin not in allowed:
             raise HandshakeError(403, f"origin {origin[:200]} is not allowed")
 
-    def _check_capacity(self, sid: int) -> None:
+    def _check_capacity(self, principal: Principal) -> str:
+        """Room on this node and in the allowance of the token's identity (see quota.py);
+        returns the allowance taken, to give back when the connection ends."""
         if len(self._handlers) >= self._options.max_connections:
             raise HandshakeError(503, "the server is at its connection limit, try again later")
-        if self._hub.connection_count(sid) >= self._options.max_connections_per_user:
+        key = quota_key(principal)
+        if not self._quota.take(key):
             raise HandshakeError(429, "too many connections for this participant")
+        return key
 
-    def _refuse(self, status: int, reason: str) -> web.Response:
+    def _refuse(self, status: int, reason: str, remote: str, sid: int | None) -> web.Response:
         self._metrics.handshakes_refused.labels(str(status)).inc()
+        self._connlog.refused(status, reason, remote=remote, sid=sid)
         return web.Response(status=status, text=reason + "\n")
 
     def _drop_slow(self, ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
