@@ -1,8 +1,8 @@
 """Log lines for people (``--log-format text``) or for log collectors (``json``).
 
 Connection-related lines carry ``extra={"conn_id", "sid", "remote", "event", …}`` (any
-subset of :data:`EXTRA_FIELDS`); both formats show them as fields. Nothing here adds
-tokens or message content: callers never pass them.
+subset of :data:`EXTRA_FIELDS`); the JSON format lifts them into fields of their own.
+Nothing here adds tokens or message content: callers never pass them.
 """
 
 from __future__ import annotations
@@ -23,17 +23,10 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
 
 
 class TextFormatter(logging.Formatter):
+    """The classic line; the messages themselves already name the connection fields."""
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        extras = _extras(record)
-        if not extras:
-            return line
-        fields = " ".join(f"{k}={v}" for k, v in extras.items())
-        head, sep, rest = line.partition("\n")  # keep a traceback below the fields
-        return f"{head} [{fields}]{sep}{rest}"
 
 
 class JsonFormatter(logging.Formatter):
