@@ -254,3 +254,16 @@ async def test_a_customer_is_refused_as_a_staff_participant_in_the_write(store: 
         guard_staff=True,
     )
     assert ok.created and sorted(ok.participants) == [1, 9]
+
+
+async def test_participant_ids(store: Store) -> None:
+    conv = await conversation(store, user=1)
+    other = await conversation(store, app=200, user=9)
+    assert await store.participant_ids(conv.id) == [1]
+    await store.add_conversation(100, 2, staff=False, now=NOW)
+    await send(store, conv, 3, "a sender takes part")
+    m = await send(store, other, 4, "elsewhere")
+    await store.read_messages(other, reader_id=5, staff=True, message_id=m, now=NOW)
+    assert sorted(await store.participant_ids(conv.id)) == [1, 2, 3]
+    assert sorted(await store.participant_ids(other.id)) == [4, 5, 9]
+    assert await store.participant_ids(other.id + conv.id + 1000) == []

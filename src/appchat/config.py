@@ -55,6 +55,7 @@ class Settings:
     sqlite_busy_timeout: float = 30.0
     sqlite_synchronous: str = "FULL"
     log_level: str = "INFO"
+    log_format: str = "text"
     channel_prefix: str = "appchat"
     max_connections: int = field(default_factory=default_max_connections)
     max_connections_per_user: int = 32
@@ -94,6 +95,7 @@ OPTIONS: dict[str, tuple[type, str]] = {
         "FULL or EXTRA (an ack survives power loss) or NORMAL (survives a process crash)",
     ),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
+    "log_format": (str, "text, or json: one object per line (time, level, logger, message, …)"),
     "channel_prefix": (str, "prefix of broker channels: nodes that talk share one"),
     "max_connections": (
         int,

@@ -78,6 +78,9 @@ class Store(Protocol):
         self, user_id: int, *, application_id: int | None = None
     ) -> list[UnreadCount]: ...
 
+    async def participant_ids(self, conversation_id: int) -> list[int]:
+        """Every participant of the conversation, in no particular order."""
+
 
 def open_store(
     url: str,

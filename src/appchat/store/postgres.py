@@ -388,6 +388,12 @@ class PostgresStore:
 
         return await self._run(run, tx=False)
 
+    async def participant_ids(self, conversation_id: int) -> list[int]:
+        async def run(conn: asyncpg.Connection) -> list[int]:
+            return await _participants(conn, conversation_id)
+
+        return await self._run(run, tx=False)
+
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Nothing to reset when a connection returns to the pool: appchat changes no session

@@ -415,6 +415,15 @@ class SqliteStore:
 
         return await self._read(run)
 
+    async def participant_ids(self, conversation_id: int) -> list[int]:
+        def run(conn: sqlite3.Connection) -> list[int]:
+            rows = conn.execute(
+                "SELECT user_id FROM participants WHERE conversation_id = ?", (conversation_id,)
+            )
+            return [r[0] for r in rows]
+
+        return await self._read(run)
+
 
 class _Members:
     """The writer thread's memory of conversations' participants and their staff flags.
