@@ -49,7 +49,7 @@ SECRET = "bench-secret-" + uuid.uuid4().hex + uuid.uuid4().hex
 SERVERS = ("appchat", "relay", "socketio", "baseline")
 SERVER_ARGS: list[str] = []  # --server-args: more `appchat serve` options
 BASELINE_TREE = Path(tempfile.gettempdir()) / "appchat-bench-baseline"
-PARTS = ("throughput", "latency", "memory", "unread", "cluster")
+PARTS = ("throughput", "latency", "memory", "unread", "cluster", "workers")
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
 
 
@@ -450,15 +450,38 @@ async def unread_timing(port: int, counts: list[int], calls: int) -> dict[int, f
     return out
 
 
-async def unpinned_sqlite(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
+async def unpinned_sqlite(
+    workdir: Path, args: argparse.Namespace, extra: list[str] | None = None
+) -> dict[str, float]:
     db = workdir / f"single-{uuid.uuid4().hex[:8]}.db"
     cmd = [sys.executable, "-m", "appchat", "serve", "--port", "0", "--rate", "0"]
-    cmd += ["--database", f"sqlite:///{db}", "--log-level", "WARNING"]
+    cmd += ["--database", f"sqlite:///{db}", "--log-level", "WARNING", *(extra or [])]
     srv = Server([], SECRET, name="single", command=cmd).start()
     try:
-        return await throughput("appchat", srv.port, args, srv)
+        return await throughput("appchat", srv.port, args, *[srv, *worker_processes(srv)])
     finally:
         srv.stop()
+
+
+def worker_processes(parent: Server) -> list[Server]:
+    """The worker processes of ``appchat serve --workers N`` (for their CPU time)."""
+    out = []
+    try:
+        with open(f"/proc/{parent.pid}/task/{parent.pid}/children") as f:
+            pids = [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+    for pid in pids:
+        child = Server([], SECRET, name=f"worker {pid}", command=["true"])
+        child.proc = _Pid(pid)  # type: ignore[assignment]  # cpu_seconds() reads /proc only
+        child.pid = pid
+        out.append(child)
+    return out
+
+
+class _Pid:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
 
 
 # --- running and reporting ----------------------------------------------------------------------
@@ -477,11 +500,14 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "memory": {k: [] for k in kinds},
         "unread": [],
         "cluster": {"one SQLite node": [], "two nodes, PostgreSQL + Redis": []},
+        "workers": {1: [], 2: []},
     }
     parts = set(args.parts)
     rates = args.rates if "latency" in parts else []
     per_server = ("throughput" in parts) + len(rates) + ("memory" in parts)
-    steps = args.runs * (len(kinds) * per_server + ("unread" in parts) + 2 * ("cluster" in parts))
+    steps = args.runs * (
+        len(kinds) * per_server + ("unread" in parts) + 2 * ("cluster" in parts)
+    ) + args.runs * 2 * ("workers" in parts)
     with tqdm(total=steps, desc="bench", unit="step", file=sys.stderr) as bar:
         for _run in range(args.runs):
             for kind in kinds:
@@ -517,6 +543,14 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     two = await throughput("appchat", a.port, args, a, b, staff_port=b.port)
                 results["cluster"]["two nodes, PostgreSQL + Redis"].append(two)
                 bar.update()
+            if "workers" in parts:
+                # --workers 1 and 2 on one SQLite file and Redis, nothing pinned.
+                for n in (1, 2):
+                    bar.set_postfix_str(f"--workers {n}")
+                    extra = ["--workers", str(n), "--broker", args.redis]
+                    extra += ["--channel-prefix", f"appchat-bench-{uuid.uuid4().hex[:8]}"]
+                    results["workers"][n].append(await unpinned_sqlite(workdir, args, extra))
+                    bar.update()
             if "unread" not in parts:
                 continue
             with server("appchat", workdir) as srv:
@@ -567,6 +601,16 @@ def summarise(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
         one, two = cl["one SQLite node"], cl["two nodes, PostgreSQL + Redis"]
         s["cluster"]["ratio"] = median(
             [t["msg_s"] / o["msg_s"] for o, t in zip(one, two, strict=True)]
+        )
+    s["workers"] = {}
+    if all(results["workers"].values()):
+        for n, runs in results["workers"].items():
+            s["workers"][n] = {k: median([r[k] for r in runs]) for k in ("msg_s", "cpu_us")}
+        s["workers"]["ratio"] = median(
+            [
+                two["msg_s"] / one["msg_s"]
+                for one, two in zip(results["workers"][1], results["workers"][2], strict=True)
+            ]
         )
     for n in args.unread if results["unread"] else []:
         s["unread"][n] = median([r[n] for r in results["unread"]])
@@ -630,6 +674,18 @@ def report(args: argparse.Namespace, s: dict[str, Any]) -> str:
             "",
             f"Ratio two nodes / one node: **{c['ratio']:.2f}** (median of the runs' ratios).",
         ]
+    if s["workers"]:
+        w = s["workers"]
+        lines += [
+            "",
+            "**`--workers`** on one SQLite file and Redis, side by side, nothing pinned:",
+            "",
+            "| workers | delivered msg/s | CPU per message (all workers) |",
+            "|---|---|---|",
+        ]
+        for n in (1, 2):
+            lines.append(f"| {n} | {w[n]['msg_s']:,.0f} | {w[n]['cpu_us']:.1f} µs |")
+        lines += ["", f"Ratio 2 workers / 1 worker: **{w['ratio']:.2f}**."]
     if s["unread"]:
         lines += ["", f"**GetUnreadInfo** (median of {args.calls} calls):", ""]
         lines += ["| unread messages | time |", "|---|---|"]
