@@ -87,7 +87,7 @@ class ChatService:
             return ev.error_reply(exc.name, exc.error, exc.request_id)
         handler = self._handlers.get(request.name)
         if handler is None:
-            self._metrics.events.labels("unknown", "unknown_event").inc()
+            self._metrics.events.add("unknown", "unknown_event", None)
             return ev.error_reply(request.name, ev.unknown_event(request.name), request.id)
         started = time.perf_counter()
         try:
