@@ -267,3 +267,64 @@ async def test_participant_ids(store: Store) -> None:
     assert sorted(await store.participant_ids(conv.id)) == [1, 2, 3]
     assert sorted(await store.participant_ids(other.id)) == [4, 5, 9]
     assert await store.participant_ids(other.id + conv.id + 1000) == []
+
+
+async def test_sends_batched_together_keep_every_rule(store: Store) -> None:
+    """Many sends at once (one batch on both engines): ids in the order they were made,
+    retries answered with the first, refusals refused alone, newcomers joined, counters
+    kept, participants listed."""
+    conv = await conversation(store, app=100, user=1)  # 1 is staff
+    other = await conversation(store, app=200, user=1)
+    earlier = await send(store, conv, 2, "earlier", client_msg_id="e")
+
+    def add(c: Conversation, sender: int, text: str, cmid: str | None, guard: bool = False):
+        return store.add_message(
+            c,
+            sender_id=sender,
+            staff=False,
+            content=text,
+            content_type=1,
+            client_msg_id=cmid,
+            now=NOW + 10,
+            guard_staff=guard,
+        )
+
+    calls = []
+    for i in range(40):
+        calls.append(add(conv if i % 3 else other, 2 + i % 4, f"m{i}", f"k{i}"))
+    calls.append(add(conv, 1, "as staff", None, guard=True))  # refused, alone
+    calls.append(add(conv, 9, "newcomer", None, guard=True))
+    first_batch = await asyncio.gather(*calls, return_exceptions=True)
+    # then retries, of a message before and of one in the same batch, among new ones
+    retries = [add(conv, 2, "again", "e"), add(conv, 3, "twice", "k1"), add(conv, 3, "last", None)]
+    second_batch = await asyncio.gather(*retries, return_exceptions=True)
+    results = first_batch[:40] + second_batch[:2] + first_batch[40:]
+
+    made = results[:40]
+    assert all(not isinstance(r, BaseException) and r.created for r in made)
+    ids = [r.message.id for r in made]  # type: ignore[union-attr]
+    assert ids == sorted(ids) and len(set(ids)) == 40 and ids[0] > earlier
+    retry, twice, refused, newcomer = results[40:]
+    assert not isinstance(retry, BaseException) and not retry.created
+    assert retry.message.id == earlier and retry.message.content == "earlier"
+    assert not isinstance(twice, BaseException) and not twice.created
+    assert twice.message.id == ids[1] and twice.message.content == "m1"
+    assert isinstance(refused, Forbidden)
+    assert not isinstance(newcomer, BaseException) and newcomer.created
+    assert 9 in newcomer.participants and newcomer.message.id > ids[-1]
+
+    page = await store.list_messages(conv, limit=500)
+    stored = [m.id for m in page.messages]
+    assert stored == sorted(stored) and "as staff" not in [m.content for m in page.messages]
+    last = second_batch[2]
+    assert not isinstance(last, BaseException) and last.created and last.message.id > ids[-1]
+    # earlier, the batch's, the newcomer's, the last
+    assert len(stored) == 1 + sum(1 for i in range(40) if i % 3) + 1 + 1
+    # the counters say what counting says (nobody has read anything)
+    for user in (1, 2, 3, 4, 5, 9):
+        expected = {}
+        for c, app in ((conv, 100), (other, 200)):
+            msgs = (await store.list_messages(c, limit=500)).messages
+            if any(m.sender_id == user for m in msgs) or user == 1:
+                expected[app] = sum(1 for m in msgs if m.sender_id != user)
+        assert await unread_of(store, user) == expected, user
