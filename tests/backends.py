@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 
 import psycopg
 import pytest
+
+from appchat.store import Store, open_store
 
 PG_ADMIN = os.environ.get("APPCHAT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("APPCHAT_TEST_REDIS", "redis://127.0.0.1:6379/0")
@@ -55,6 +58,30 @@ def postgres_database() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+ENGINES = ["sqlite", "postgres"]
+
+
+@asynccontextmanager
+async def opened_store(engine: str, tmp_path: Path) -> AsyncIterator[Store]:
+    """An open store on ``engine`` ("sqlite": a file in ``tmp_path``; "postgres": a fresh
+    database), closed (and dropped) afterwards."""
+    if engine == "sqlite":
+        s = open_store(f"sqlite:///{tmp_path / 'chat.db'}")
+        await s.open()
+        try:
+            yield s
+        finally:
+            await s.close()
+        return
+    with postgres_database() as url:
+        s = open_store(url)
+        await s.open()
+        try:
+            yield s
+        finally:
+            await s.close()
 
 
 def unique_prefix() -> str:

@@ -10,28 +10,17 @@ import pytest
 
 from appchat.errors import Forbidden, NotFound
 from appchat.models import Conversation
-from appchat.store import Store, open_store
+from appchat.store import Store
 
-from .backends import postgres_database
+from .backends import ENGINES, opened_store, postgres_database
 
 NOW = 1_700_000_000_000_000
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=ENGINES)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    if request.param == "sqlite":
-        s = open_store(f"sqlite:///{tmp_path / 'c.db'}")
-        await s.open()
+    async with opened_store(request.param, tmp_path) as s:
         yield s
-        await s.close()
-        return
-    with postgres_database() as url:
-        s = open_store(url)
-        await s.open()
-        try:
-            yield s
-        finally:
-            await s.close()
 
 
 async def conversation(store: Store, app: int = 100, user: int = 1) -> Conversation:
