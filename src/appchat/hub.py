@@ -292,9 +292,10 @@ class Hub:
         self._started = True
 
     async def stop(self) -> None:
-        if self._publisher is not None:
-            await asyncio.wait([self._publisher], timeout=self._publish_timeout)
-            self._publisher.cancel()
+        publisher = self._publisher  # set to None by the task itself when it ends
+        if publisher is not None:
+            await asyncio.wait([publisher], timeout=self._publish_timeout)
+            publisher.cancel()
 
     def _channel(self, user_id: int) -> str:
         return f"{self._prefix}:user:{user_id}"
