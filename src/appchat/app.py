@@ -53,7 +53,7 @@ class Node:
             migrate=worker is None,
             shared=worker is not None,
         )
-        self.broker = broker or open_broker(settings.broker)
+        self.broker = broker or open_broker(settings.broker, prefix=settings.channel_prefix)
         self.metrics = Metrics()
         self.hub = Hub(self.broker, prefix=settings.channel_prefix)
         self.service = ChatService(

@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine, Generator, Iterable
 from enum import IntEnum
 from typing import Any
 
+from . import defaults
 from .broker import Broker
 from .errors import AppError
 from .events import RESYNC, push
@@ -270,7 +271,7 @@ class Hub:
         self,
         broker: Broker,
         *,
-        prefix: str = "appchat",
+        prefix: str = defaults.CHANNEL_PREFIX,
         publish_timeout: float = 2.0,
         max_pending_publishes: int = 100_000,
     ) -> None:
