@@ -121,10 +121,10 @@ async def test_redis_node_channel_honours_the_channel_prefix() -> None:
     prefix = unique_prefix()
     broker = open_broker(REDIS_URL, prefix=prefix)
     await broker.start(Inbox())
-    observer = aioredis.from_url(REDIS_URL)
+    observer = aioredis.from_url(REDIS_URL, decode_responses=True)
     try:
         await settle(broker)
-        channels = [c.decode() for c in await observer.pubsub_channels(f"{prefix}:*")]
+        channels = [str(c) for c in await observer.pubsub_channels(f"{prefix}:*")]
         assert len(channels) == 1, channels
         assert re.fullmatch(rf"{prefix}:node:[0-9a-f]{{16}}", channels[0]), channels
     finally:

@@ -28,7 +28,7 @@ from .backends import (
     require,
     unique_prefix,
 )
-from .support import ServerProcess, TcpProxy, client, token
+from .support import ServerProcess, TcpProxy, client, customer, staff, token
 
 
 def start_nodes(count: int, database: str, broker: str, prefix: str) -> list[ServerProcess]:
@@ -57,14 +57,6 @@ def cluster() -> Iterator[list[ServerProcess]]:
         finally:
             for n in nodes:
                 n.stop()
-
-
-def staff(node: ServerProcess, admin_id: int):  # type: ignore[no-untyped-def]
-    return client(node, admin_id, token(admin_id=admin_id))
-
-
-def customer(node: ServerProcess, app: int, sid: int):  # type: ignore[no-untyped-def]
-    return client(node, sid, token(request_id=app, sid=sid))
 
 
 async def test_chat_across_nodes_both_ways(cluster: list[ServerProcess]) -> None:

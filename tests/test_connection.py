@@ -63,11 +63,11 @@ class Calls:
         self.got.append(conn)
 
 
-def staff(sid: int) -> Principal:
+def staff_principal(sid: int) -> Principal:
     return Principal(sid, Role.STAFF, None, True, 1e12, f"admin:{sid}")
 
 
-def customer(sid: int, application_id: int) -> Principal:
+def customer_principal(sid: int, application_id: int) -> Principal:
     return Principal(sid, Role.CUSTOMER, application_id, True, 1e12, f"request:{application_id}")
 
 
@@ -82,7 +82,7 @@ def connect(
 ) -> Connection:
     return Connection(
         f"c-{next(_ids)}",
-        principal or staff(1),
+        principal or staff_principal(1),
         sock.send,
         max_queue=max_queue,
         max_bytes=max_bytes,
@@ -325,11 +325,11 @@ async def join(hub: Hub, principal: Principal) -> tuple[Connection, FakeSocket]:
 
 async def test_deliver_reaches_local_connections_but_the_origin_and_the_unauthorised() -> None:
     hub = await hub_on()
-    origin, origin_sock = await join(hub, staff(1))
-    _, same_user_sock = await join(hub, staff(1))
-    _, buyer_sock = await join(hub, customer(2, 100))
-    _, stranger_sock = await join(hub, customer(3, 200))
-    _, bystander_sock = await join(hub, staff(4))
+    origin, origin_sock = await join(hub, staff_principal(1))
+    _, same_user_sock = await join(hub, staff_principal(1))
+    _, buyer_sock = await join(hub, customer_principal(2, 100))
+    _, stranger_sock = await join(hub, customer_principal(3, 200))
+    _, bystander_sock = await join(hub, staff_principal(4))
     frame = push("Event.NewMessage", {"x": 1})
     hub.deliver([1, 2, 3], 100, frame, origin.id)
     assert origin_sock.written == []
@@ -342,11 +342,11 @@ async def test_deliver_reaches_local_connections_but_the_origin_and_the_unauthor
 async def test_deliver_crosses_nodes_and_a_node_ignores_its_own_publications() -> None:
     bus = MemoryBus()
     a, b = await hub_on(bus), await hub_on(bus)
-    origin, origin_sock = await join(a, staff(1))
-    _, a_other_sock = await join(a, staff(1))
-    _, b_sock = await join(b, staff(1))
-    _, b_buyer_sock = await join(b, customer(2, 100))
-    _, b_stranger_sock = await join(b, customer(3, 200))
+    origin, origin_sock = await join(a, staff_principal(1))
+    _, a_other_sock = await join(a, staff_principal(1))
+    _, b_sock = await join(b, staff_principal(1))
+    _, b_buyer_sock = await join(b, customer_principal(2, 100))
+    _, b_stranger_sock = await join(b, customer_principal(3, 200))
     frame = push("Event.NewMessage", {"x": 2})
     a.deliver([1, 2, 3], 100, frame, origin.id)
     assert a_other_sock.written == [frame]  # locally, at once
@@ -377,8 +377,8 @@ async def test_users_whose_push_was_not_published_get_resync_when_the_broker_is_
     bus = MemoryBus()
     broker = FailingBroker(bus)
     a, b = await hub_on(broker=broker), await hub_on(bus)
-    _, lost_sock = await join(b, staff(5))
-    _, later_sock = await join(b, staff(6))
+    _, lost_sock = await join(b, staff_principal(5))
+    _, later_sock = await join(b, staff_principal(6))
     broker.failing = True
     lost = push("Event.NewMessage", {"x": "lost"})
     a.deliver([5], 100, lost, None)
@@ -401,7 +401,7 @@ async def test_a_broker_message_that_cannot_be_read_is_dropped(
 ) -> None:
     bus = MemoryBus()
     b = await hub_on(bus)
-    _, sock = await join(b, staff(1))
+    _, sock = await join(b, staff_principal(1))
     await MemoryBroker(bus).publish("appchat:user:1", b"no envelope")
     assert sock.written == []
     assert "malformed broker message" in caplog.text

@@ -83,7 +83,8 @@ class Chat:
     async def raw(self, session: Session, frame: str | bytes) -> dict[str, Any]:
         reply = await self.service.handle(session, frame)
         assert isinstance(reply, bytes)
-        return orjson.loads(reply)
+        doc: dict[str, Any] = orjson.loads(reply)
+        return doc
 
     async def call(
         self, session: Session, name: str, args: dict[str, Any], *, request_id: Any = None

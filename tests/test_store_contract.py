@@ -27,14 +27,23 @@ async def conversation(store: Store, app: int = 100, user: int = 1) -> Conversat
     return await store.add_conversation(app, user, staff=True, now=NOW)
 
 
-async def send(store: Store, conv: Conversation, sender: int, text: str, **kw: object) -> int:
+async def send(
+    store: Store,
+    conv: Conversation,
+    sender: int,
+    text: str,
+    *,
+    staff: bool = False,
+    content_type: int = 1,
+    client_msg_id: str | None = None,
+) -> int:
     outcome = await store.add_message(
         conv,
         sender_id=sender,
-        staff=bool(kw.get("staff", False)),
+        staff=staff,
         content=text,
-        content_type=int(kw.get("content_type", 1)),  # type: ignore[call-overload]
-        client_msg_id=kw.get("client_msg_id"),  # type: ignore[arg-type]
+        content_type=content_type,
+        client_msg_id=client_msg_id,
         now=NOW + 1,
     )
     return outcome.message.id
