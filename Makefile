@@ -23,7 +23,7 @@ lint: install
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest --cov --cov-report=term
 
 # Side by side: appchat, a bare aiohttp relay and a python-socketio relay (bench/suite.py).
 # Writes docs/benchmarks.md and docs/img/; BENCH_ARGS="--tiny --out DIR" for a smoke run.
@@ -36,4 +36,4 @@ format: install
 	$(BIN)/ruff format src tests $(wildcard bench)
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*

@@ -47,7 +47,7 @@ class LeanClient(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        transport.write(self._request)
+        transport.write(self._request)  # type: ignore[attr-defined]  # a stream transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.opened.done():

@@ -3,49 +3,48 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from appchat.errors import Forbidden, NotFound
-from appchat.models import Conversation
-from appchat.store import Store, open_store
+from appchat.models import Conversation, SendOutcome
+from appchat.store import Store
 
-from .backends import postgres_database
+from .backends import ENGINES, opened_store, postgres_database
 
 NOW = 1_700_000_000_000_000
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=ENGINES)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    if request.param == "sqlite":
-        s = open_store(f"sqlite:///{tmp_path / 'c.db'}")
-        await s.open()
+    async with opened_store(request.param, tmp_path) as s:
         yield s
-        await s.close()
-        return
-    with postgres_database() as url:
-        s = open_store(url)
-        await s.open()
-        try:
-            yield s
-        finally:
-            await s.close()
 
 
 async def conversation(store: Store, app: int = 100, user: int = 1) -> Conversation:
     return await store.add_conversation(app, user, staff=True, now=NOW)
 
 
-async def send(store: Store, conv: Conversation, sender: int, text: str, **kw: object) -> int:
+async def send(
+    store: Store,
+    conv: Conversation,
+    sender: int,
+    text: str,
+    *,
+    staff: bool = False,
+    content_type: int = 1,
+    client_msg_id: str | None = None,
+) -> int:
     outcome = await store.add_message(
         conv,
         sender_id=sender,
-        staff=bool(kw.get("staff", False)),
+        staff=staff,
         content=text,
-        content_type=int(kw.get("content_type", 1)),  # type: ignore[call-overload]
-        client_msg_id=kw.get("client_msg_id"),  # type: ignore[arg-type]
+        content_type=content_type,
+        client_msg_id=client_msg_id,
         now=NOW + 1,
     )
     return outcome.message.id
@@ -277,7 +276,9 @@ async def test_sends_batched_together_keep_every_rule(store: Store) -> None:
     other = await conversation(store, app=200, user=1)
     earlier = await send(store, conv, 2, "earlier", client_msg_id="e")
 
-    def add(c: Conversation, sender: int, text: str, cmid: str | None, guard: bool = False):
+    def add(
+        c: Conversation, sender: int, text: str, cmid: str | None, guard: bool = False
+    ) -> Coroutine[Any, Any, SendOutcome]:
         return store.add_message(
             c,
             sender_id=sender,

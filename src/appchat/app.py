@@ -54,7 +54,7 @@ class Node:
             migrate=worker is None,
             shared=worker is not None,
         )
-        self.broker = broker or open_broker(settings.broker)
+        self.broker = broker or open_broker(settings.broker, prefix=settings.channel_prefix)
         self.metrics = Metrics()
         self._dev_secret = secret if settings.dev else None  # mints tokens for the web client
         self.hub = Hub(self.broker, prefix=settings.channel_prefix)

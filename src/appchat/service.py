@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from . import defaults
 from . import events as ev
 from .auth import TokenVerifier, bind, parse_id
 from .errors import AppError, Forbidden, Internal, NotFound, Unauthorized
@@ -20,7 +21,6 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_CONTENT = 4000
 MAX_KNOWN_CONVERSATIONS = 100_000  # application -> conversation, remembered per node
 MAX_INBOX = 1000  # conversations in a staff inbox (GetConversationList "all": true)
 TYPING_INTERVAL_US = 2_000_000  # at most one forwarded Typing per connection and conversation
@@ -42,7 +42,7 @@ class Session(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_content: int = DEFAULT_MAX_CONTENT
+    max_content: int = defaults.MAX_CONTENT
 
 
 class ChatService:

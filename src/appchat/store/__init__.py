@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Protocol
 
+from .. import defaults
 from ..errors import ConfigError
 from ..models import Conversation, MessagePage, ReadOutcome, SendOutcome, UnreadCount
 
@@ -85,8 +86,8 @@ class Store(Protocol):
 def open_store(
     url: str,
     *,
-    synchronous: str = "FULL",
-    busy_timeout: float = 30.0,
+    synchronous: str = defaults.SQLITE_SYNCHRONOUS,
+    busy_timeout: float = defaults.SQLITE_BUSY_TIMEOUT,
     migrate: bool = True,
     shared: bool = False,
 ) -> Store:

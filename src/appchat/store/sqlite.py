@@ -24,6 +24,7 @@ from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .. import defaults
 from ..errors import AppError, ConfigError, Forbidden, Internal, NotFound, Unavailable
 from ..models import (
     Conversation,
@@ -62,8 +63,8 @@ class SqliteStore:
         self,
         path: str,
         *,
-        synchronous: str = "FULL",
-        busy_timeout: float = 30.0,
+        synchronous: str = defaults.SQLITE_SYNCHRONOUS,
+        busy_timeout: float = defaults.SQLITE_BUSY_TIMEOUT,
         readers: int = READERS,
         migrate: bool = True,
         shared: bool = False,
