@@ -46,7 +46,7 @@ from appchat.auth import mint
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-" + uuid.uuid4().hex + uuid.uuid4().hex
-SERVERS = ("appchat", "relay", "socketio", "baseline")
+SERVERS = ("appchat", "relay", "socketio")
 SERVER_ARGS: list[str] = []  # --server-args: more `appchat serve` options
 BASELINE_TREE = Path(tempfile.gettempdir()) / "appchat-bench-baseline"
 PARTS = ("throughput", "latency", "memory", "unread", "cluster", "workers")
@@ -65,9 +65,9 @@ def server(kind: str, workdir: Path, extra: list[str] | None = None) -> Iterator
     py = sys.executable
     env = None
     extra_args = list(extra or [])
-    if kind == "baseline":  # appchat as of --baseline REV, checked out beside this one
-        env = {"PYTHONPATH": str(BASELINE_TREE / "src")}
-    if kind in ("appchat", "baseline"):
+    if kind.startswith("appchat@"):  # appchat as of --baseline REV, checked out beside
+        env = {"PYTHONPATH": str(BASELINE_TREE / kind.split("@", 1)[1] / "src")}
+    if kind == "appchat" or kind.startswith("appchat@"):
         db = workdir / f"bench-{uuid.uuid4().hex[:8]}.db"
         cmd = [py, "-m", "appchat", "serve", "--port", "0", "--rate", "0"]
         cmd += ["--database", f"sqlite:///{db}", "--log-level", "WARNING"]
@@ -354,8 +354,12 @@ async def throughput(
     }
 
 
-async def latency(kind: str, port: int, args: argparse.Namespace, rate: float) -> dict[str, float]:
-    """Open loop: ``rate`` sends a second spread over the pairs; send -> push percentiles."""
+async def latency(
+    kind: str, port: int, args: argparse.Namespace, rate: float, srv: Server
+) -> dict[str, float]:
+    """Open loop: ``rate`` sends a second spread over the pairs; send -> push percentiles,
+    and the server's CPU per message at that rate (steadier than at saturation, where
+    how the work batches up depends on what else the machine does)."""
     wire = Wire(kind, port)
     pairs = await open_pairs(wire, args.pairs, "x" * args.content_bytes)
     lat: list[float] = []
@@ -365,6 +369,7 @@ async def latency(kind: str, port: int, args: argparse.Namespace, rate: float) -
     await asyncio.sleep(0.2)
     tick = 0.005
     owed = 0.0
+    cpu0 = srv.cpu_seconds()
     started = time.perf_counter()
     i = 0
     sent = 0
@@ -379,6 +384,7 @@ async def latency(kind: str, port: int, args: argparse.Namespace, rate: float) -
     wanted = sent
     await tally.wait_for(wanted, 10)
     pushed = tally.count
+    cpu_us = (srv.cpu_seconds() - cpu0) / max(pushed, 1) * 1e6
     for p in pairs:
         p.customer.close()
         p.staff.close()
@@ -388,6 +394,7 @@ async def latency(kind: str, port: int, args: argparse.Namespace, rate: float) -
         "p50_ms": percentile(lat, 50) * 1000,
         "p99_ms": percentile(lat, 99) * 1000,
         "lost": wanted - pushed,
+        "cpu_us": cpu_us,
     }
 
 
@@ -521,7 +528,7 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     for rate in rates:
                         bar.set_postfix_str(f"{kind} latency @ {rate:g}/s")
                         results["latency"][kind][rate].append(
-                            await latency(kind, srv.port, args, rate)
+                            await latency(kind, srv.port, args, rate, srv)
                         )
                         bar.update()
                 if "memory" not in parts:
@@ -642,13 +649,16 @@ def report(args: argparse.Namespace, s: dict[str, Any]) -> str:
             )
     if s["latency"]:
         lines += ["", "**Latency**, send to the peer's push, at fixed offered load:", ""]
-        lines += ["| server | offered msg/s | delivered msg/s | p50 ms | p99 ms | lost |"]
-        lines += ["|---|---|---|---|---|---|"]
+        lines += [
+            "| server | offered msg/s | delivered msg/s | p50 ms | p99 ms | lost "
+            "| server CPU per message |"
+        ]
+        lines += ["|---|---|---|---|---|---|---|"]
         for kind, by_rate in s["latency"].items():
             for rate, r in by_rate.items():
                 lines.append(
                     f"| {kind} | {rate:,.0f} | {r['msg_s']:,.0f} | {r['p50_ms']:.2f} | "
-                    f"{r['p99_ms']:.2f} | {r['lost']:.0f} |"
+                    f"{r['p99_ms']:.2f} | {r['lost']:.0f} | {r['cpu_us']:.1f} µs |"
                 )
     if s["memory"]:
         lo, hi = args.idle[0], args.idle[-1]
@@ -773,16 +783,17 @@ def write_doc(doc: Path, text: str) -> None:
 
 
 def checkout_baseline(rev: str) -> None:
-    """Put the tree of ``rev`` at BASELINE_TREE (its ``src`` goes first on PYTHONPATH)."""
+    """Put the tree of ``rev`` under BASELINE_TREE (its ``src`` goes first on PYTHONPATH)."""
     import shutil
     import subprocess
 
-    shutil.rmtree(BASELINE_TREE, ignore_errors=True)
-    BASELINE_TREE.mkdir(parents=True)
+    tree = BASELINE_TREE / rev
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir(parents=True)
     archive = subprocess.run(
         ["git", "-C", str(ROOT), "archive", rev, "src"], capture_output=True, check=True
     ).stdout
-    subprocess.run(["tar", "-x", "-C", str(BASELINE_TREE)], input=archive, check=True)
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -798,7 +809,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--baseline",
         metavar="REV",
-        help="also run appchat as of git REV ('baseline'), for before/after figures",
+        nargs="+",
+        default=[],
+        help="also run appchat as of each git REV ('appchat@REV'), for before/after figures",
     )
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--server-args", default="", help="more `appchat serve` options, quoted")
@@ -828,10 +841,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     SERVER_ARGS.extend(args.server_args.split())
-    if args.baseline:
-        checkout_baseline(args.baseline)
-        if "baseline" not in args.servers:
-            args.servers.insert(0, "baseline")
+    for n, rev in enumerate(args.baseline):
+        checkout_baseline(rev)
+        args.servers.insert(n, f"appchat@{rev}")
     with contextlib.suppress(OSError):
         if (os.cpu_count() or 1) >= 2:
             os.sched_setaffinity(0, {1})
