@@ -65,7 +65,6 @@ class Connection:
         "_send",
         "draining",
         "id",
-        "on_renewed",
         "overflowed",
         "queued_bytes",
     )
@@ -84,8 +83,7 @@ class Connection:
         self.id = conn_id
         self._principal = principal
         self._send = send
-        self.on_renewed: Callable[[Connection], None] | None = None  # RefreshToken took
-        self._queue: deque[bytes] = deque()
+        self._queue: list[bytes] = []  # short, and an empty list is small (idle connections)
         self.queued_bytes = 0
         self._max_queue = max_queue
         self._max_bytes = max_bytes
@@ -104,8 +102,6 @@ class Connection:
     @principal.setter
     def principal(self, value: Principal) -> None:
         self._principal = value
-        if self.on_renewed is not None:
-            self.on_renewed(self)
 
     @property
     def closed(self) -> bool:
@@ -171,7 +167,7 @@ class Connection:
             finally:
                 self.queued_bytes -= size
             while self._queue:
-                frame = self._queue.popleft()
+                frame = self._queue.pop(0)
                 try:
                     await self._send(frame)
                 finally:

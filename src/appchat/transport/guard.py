@@ -113,15 +113,16 @@ class HandshakeGuard:
     def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]]:
         """An aiohttp middleware: a request reached the app, so its connection is through."""
 
-        @web.middleware
-        async def through(
+        def through(
             request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-        ) -> web.StreamResponse:
+        ) -> Awaitable[web.StreamResponse]:
+            # Not a coroutine of its own: it hands back the handler's, so a WebSocket that
+            # lives for hours carries no extra frame for it.
             if request.transport is not None:
                 self.passed(request.transport)
-            return await handler(request)
+            return handler(request)
 
-        return through
+        return web.middleware(through)
 
     def passed(self, transport: asyncio.BaseTransport) -> None:
         waiting = self._by_transport.get(transport)

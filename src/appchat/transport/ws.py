@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SUBPROTOCOL = "access_token"
 CLOSE_TOKEN_EXPIRED = CloseCode.TOKEN_EXPIRED
+EXPIRY_SWEEP = 1.0  # seconds between checks for expired tokens
 CLOSE_TIMEOUT = 2.0  # seconds a client gets to take its last frames and the close frame
 
 
@@ -99,6 +99,7 @@ class WebSocketEndpoint:
         self._live: dict[Connection, tuple[_Session, asyncio.Task[object]]] = {}
         self._handlers: set[asyncio.Task[object]] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
         self._quota = ConnectionQuota(options.max_connections_per_user)
         self._connlog = ConnectionLog()
 
@@ -151,7 +152,7 @@ class WebSocketEndpoint:
         try:
             await ws.prepare(request)
             opened = self._connlog.opened(conn.id, sid=sid, role=principal.role, remote=remote)
-            session.watch_expiry()
+            self._watch_expiry()
             reader = asyncio.current_task()
             if reader is not None:
                 self._live[conn] = (session, reader)
@@ -162,7 +163,6 @@ class WebSocketEndpoint:
         finally:
             self._quota.give_back(quota)  # first: nothing below may keep it if cancelled
             self._live.pop(conn, None)
-            session.stop_expiry()
             await session.finish()
             await self._hub.unregister(conn)
             await conn.flush(CLOSE_TIMEOUT)
@@ -221,6 +221,21 @@ class WebSocketEndpoint:
             # this client never empties.
             transport.abort()
 
+    def _watch_expiry(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_expired())
+
+    async def _sweep_expired(self) -> None:
+        """Once a second, close the connections whose token expired. One task for all of
+        them costs less memory than a timer each, and a RefreshToken needs no rescheduling:
+        the sweep reads each connection's current ``exp``."""
+        while True:
+            await asyncio.sleep(EXPIRY_SWEEP)
+            now = self._clock()
+            for conn, (session, _reader) in list(self._live.items()):
+                if conn.principal.exp <= now:
+                    session.expire()
+
     async def close_all(self, grace: float = 10.0) -> None:
         """Shutdown: take no new requests, let the ones in flight finish and their replies
         go out, then close every connection with 1001."""
@@ -231,6 +246,9 @@ class WebSocketEndpoint:
         handlers = [h for h in self._handlers if h is not asyncio.current_task()]
         if handlers:
             await asyncio.wait(handlers, timeout=grace)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
 
 def _abort(transport: asyncio.Transport | None) -> None:
@@ -251,7 +269,7 @@ class _Session:
     __slots__ = (
         "_bucket",
         "_endpoint",
-        "_expiry",
+        "_expired",
         "_inbox",
         "_inbox_room",
         "_server",
@@ -274,10 +292,10 @@ class _Session:
         self.transport = transport
         options = endpoint._options
         self._bucket = TokenBucket(options.rate, options.burst, clock=endpoint._monotonic)
-        self._inbox: deque[str] = deque()
+        self._inbox: list[str] = []
         self._inbox_room: asyncio.Event | None = None
         self._server: asyncio.Task[None] | None = None
-        self._expiry: asyncio.TimerHandle | None = None
+        self._expired = False
         self.busy = False  # a request is being served or waits to be
 
     async def read_loop(self) -> None:
@@ -339,7 +357,7 @@ class _Session:
                 try:
                     conn.reply(await service.handle(conn, frame))
                 finally:
-                    inbox.popleft()
+                    inbox.pop(0)
                     if self._inbox_room is not None:
                         self._inbox_room.set()
         finally:
@@ -356,31 +374,15 @@ class _Session:
         if server is not None:
             await asyncio.wait([server])
 
-    def watch_expiry(self) -> None:
-        self.conn.on_renewed = lambda c: self._schedule_expiry()
-        self._schedule_expiry()
-
-    def _schedule_expiry(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-        delay = self.conn.principal.exp - self._endpoint._clock()
-        loop = asyncio.get_running_loop()
-        if delay <= 0:
-            self._expiry = None
-            task = loop.create_task(self._expire())
-            self._endpoint._background.add(task)
-            task.add_done_callback(self._endpoint._background.discard)
+    def expire(self) -> None:
+        """The token's ``exp`` passed (and no RefreshToken moved it): close with 4001."""
+        if self._expired:
             return
-        self._expiry = loop.call_later(min(delay, 3600.0), self._schedule_expiry)
-
-    async def _expire(self) -> None:
-        self._endpoint._metrics.disconnects.labels("token expired").inc()
-        await self._endpoint._close(
-            self.ws, self.transport, CloseCode.TOKEN_EXPIRED, "token expired"
+        self._expired = True
+        endpoint = self._endpoint
+        endpoint._metrics.disconnects.labels("token expired").inc()
+        task = asyncio.get_running_loop().create_task(
+            endpoint._close(self.ws, self.transport, CloseCode.TOKEN_EXPIRED, "token expired")
         )
-
-    def stop_expiry(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        self.conn.on_renewed = None
+        endpoint._background.add(task)
+        task.add_done_callback(endpoint._background.discard)
