@@ -306,6 +306,37 @@ def message_list(messages: list[Message], has_more: bool) -> dict[str, Any]:
     return {"Messages": [message_obj(m) for m in messages], "has_more": has_more}
 
 
+MESSAGE_OVERHEAD = 512  # bytes of a serialised message besides its content, at most
+
+
+def message_list_within(
+    messages: list[Message], has_more: bool, max_bytes: int, *, keep_newest: bool
+) -> dict[str, Any]:
+    """A GetMessageList result whose messages take at most ``max_bytes`` serialised.
+
+    A page that would be bigger holds fewer messages, those nearest the cursor (the
+    newest for a page walking back, the oldest for an ``after_id`` page), and says
+    ``has_more``: paging on from its first (or last) id loses nothing. One message is
+    always kept, whatever its size.
+    """
+    # Content is at most 4 bytes a code point in UTF-8, 6 escaped: most pages are far
+    # below the bound and are serialised as they are.
+    if sum(len(m.content) for m in messages) * 6 + MESSAGE_OVERHEAD * len(messages) <= max_bytes:
+        return message_list(messages, has_more)
+    kept: list[bytes] = []
+    total = 0
+    for m in reversed(messages) if keep_newest else messages:
+        encoded = orjson.dumps(message_obj(m))
+        if kept and total + len(encoded) + 1 > max_bytes:  # (+1: its comma)
+            has_more = True
+            break
+        kept.append(encoded)
+        total += len(encoded) + 1
+    if keep_newest:
+        kept.reverse()
+    return {"Messages": [orjson.Fragment(e) for e in kept], "has_more": has_more}
+
+
 def unread_info(counts: list[UnreadCount]) -> dict[str, Any]:
     return {
         "total": sum(c.unread for c in counts),

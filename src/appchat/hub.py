@@ -111,6 +111,13 @@ class Connection:
         return self._closed
 
     @property
+    def full(self) -> bool:
+        """No room for a reply: the reader must wait (``room()``) before reading more."""
+        return not self._closed and (
+            self.queued_bytes > self._max_bytes or len(self._queue) >= self._max_queue
+        )
+
+    @property
     def backlog(self) -> int:
         """Frames waiting to be written (the one being written included)."""
         return len(self._queue) + (self._drainer is not None)

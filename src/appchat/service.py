@@ -13,7 +13,7 @@ import orjson
 from . import events as ev
 from .auth import TokenVerifier, bind, parse_id
 from .errors import AppError, Forbidden, Internal, NotFound, Unauthorized
-from .models import Conversation, Principal, now_us
+from .models import Conversation, Message, MessagePage, Principal, now_us
 from .observability import Metrics
 from .store import Store
 
@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_CONTENT = 4000
 MAX_KNOWN_CONVERSATIONS = 100_000  # application -> conversation, remembered per node
 MAX_INBOX = 1000  # conversations in a staff inbox (GetConversationList "all": true)
+MAX_REPLY_BYTES = 1024 * 1024  # messages in one GetMessageList reply, serialised
+PAGE_CHUNK = 50  # messages read at once for a longer GetMessageList page
 
 
 class Fanout(Protocol):
@@ -41,6 +43,7 @@ class Session(Protocol):
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_content: int = DEFAULT_MAX_CONTENT
+    max_reply_bytes: int = MAX_REPLY_BYTES  # a page holds fewer messages beyond it
 
 
 class ChatService:
@@ -199,10 +202,46 @@ class ChatService:
         args = ev.parse_get_message_list(raw)
         executor = self._actor(p, args.executor_id, "executor_id")
         conversation = await self._open(p, args.session_channel, executor)
-        page = await self._store.list_messages(
-            conversation, before_id=args.before_id, after_id=args.after_id, limit=args.limit
+        page = await self._message_page(conversation, args)
+        return ev.message_list_within(
+            page.messages,
+            page.has_more,
+            self._limits.max_reply_bytes,
+            keep_newest=args.after_id is None,
         )
-        return ev.message_list(page.messages, page.has_more)
+
+    async def _message_page(
+        self, conversation: Conversation, args: ev.GetMessageListArgs
+    ) -> MessagePage:
+        """The page asked for, read in chunks when it is long: no more is read than the
+        reply can hold (``max_reply_bytes``), however big the messages."""
+        if args.limit <= PAGE_CHUNK:
+            return await self._store.list_messages(
+                conversation, before_id=args.before_id, after_id=args.after_id, limit=args.limit
+            )
+        forward = args.after_id is not None
+        before_id, after_id = args.before_id, args.after_id
+        messages: list[Message] = []
+        chars = 0
+        while True:
+            chunk = await self._store.list_messages(
+                conversation,
+                before_id=before_id,
+                after_id=after_id,
+                limit=min(PAGE_CHUNK, args.limit - len(messages)),
+            )
+            if forward:
+                messages += chunk.messages
+            else:
+                messages[:0] = chunk.messages
+            chars += sum(len(m.content) for m in chunk.messages)
+            full = len(messages) >= args.limit or chars >= self._limits.max_reply_bytes
+            if not chunk.has_more or not chunk.messages or full:
+                return MessagePage(messages, chunk.has_more)
+            if forward:
+                after_id = chunk.messages[-1].id
+            else:
+                before_id = chunk.messages[0].id
 
     async def _send_message(self, session: Session, raw: dict[str, Any]) -> Any:
         p = session.principal
