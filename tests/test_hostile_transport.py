@@ -13,6 +13,7 @@ import base64
 import contextlib
 import json
 import os
+import signal
 import socket
 import struct
 import time
@@ -23,7 +24,9 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import InvalidStatus
 
+from .backends import postgres_database, require
 from .support import ServerProcess, client, token, wait_until
+from .test_cluster import PrivateRedis, _start_all
 
 BIG_ID = "x" * 60_000  # echoed back in every reply: a 60 KB reply to a 60 KB request
 
@@ -232,7 +235,8 @@ def test_a_slow_consumer_is_closed_4008_and_ended(tmp_path: Path) -> None:
                 # Pushes of ~4 KB until the stuck client's budget is spent.
                 for _ in range(2000):
                     await s.ok(
-                        "Event.SendMessage", {"session_channel": "1800", "content": "\U0001f600" * 4000}
+                        "Event.SendMessage",
+                        {"session_channel": "1800", "content": "\U0001f600" * 4000},
                     )
                     if await asyncio.to_thread(connections, srv) == 1:
                         return
@@ -454,3 +458,91 @@ async def test_a_ping_flood_is_closed_1008_and_others_stay_fast(tmp_path: Path) 
     finally:
         await asyncio.to_thread(srv.stop)
 
+
+# --- item 9: a hung broker -------------------------------------------------------------
+
+
+async def handshake_status(srv: ServerProcess, sid: int, tok: str) -> int:
+    try:
+        async with client(srv, sid, tok) as c:
+            await c.ok("Event.GetUnreadInfo", {})
+            return 101
+    except InvalidStatus as exc:
+        return exc.response.status_code
+
+
+async def test_a_stopped_broker_stalls_no_ack_and_silences_no_connection(
+    tmp_path: Path,
+) -> None:
+    require("Redis", "127.0.0.1", 6379)  # the binary is what matters; the service proves it
+    redis = PrivateRedis(tmp_path)
+    redis.start()
+    assert redis.proc is not None
+    keepalive = {"ping_interval": 0.5, "ping_timeout": 1.5}  # as a mobile app would
+    try:
+        with postgres_database() as url:
+            a, b = await asyncio.to_thread(
+                _start_all,
+                [ServerProcess(url, "--broker", redis.url, "--rate", "0") for _ in range(2)],
+            )
+            try:
+                async with (
+                    client(a, 960, token(request_id=310, sid=960), **keepalive) as c,
+                    client(b, 9, token(admin_id=9), **keepalive) as s,
+                ):
+                    await c.ok("Event.AddConversation", {"application_id": 310})
+                    await s.ok("Event.AddConversation", {"application_id": 310})
+                    first = await c.ok(
+                        "Event.SendMessage", {"session_channel": "310", "content": "0"}
+                    )
+                    assert (await s.push("Event.ReceiveMessage"))["result"] == first
+
+                    redis.proc.send_signal(signal.SIGSTOP)  # open socket, nobody answers
+                    try:
+                        started = time.monotonic()
+                        stalled = await c.ok(
+                            "Event.SendMessage", {"session_channel": "310", "content": "1"}
+                        )
+                        assert time.monotonic() - started < 0.5  # the ack waits for the commit only
+                        # The connection answers pings all along, past the publish timeout.
+                        until = time.monotonic() + 3.0
+                        while time.monotonic() < until:
+                            pong = await c.ws.ping()
+                            await asyncio.wait_for(pong, 1.0)
+                            started = time.monotonic()
+                            await c.ok("Event.GetUnreadInfo", {})
+                            assert time.monotonic() - started < 0.5
+                            await asyncio.sleep(0.25)
+                        # A new participant's handshake ends in bounded time: in, or 503.
+                        started = time.monotonic()
+                        code = await asyncio.wait_for(
+                            handshake_status(a, 961, token(request_id=311, sid=961)), 10
+                        )
+                        assert code in (101, 503) and time.monotonic() - started < 5, code
+                    finally:
+                        redis.proc.send_signal(signal.SIGCONT)
+
+                    # Staff on the other node lost the push: it is told to refetch.
+                    frame = await s.push(timeout=20)
+                    while frame["name"] != "Event.Resync":
+                        assert frame["result"] == stalled  # (a late copy of the lost push)
+                        frame = await s.push(timeout=20)
+                    page = await s.ok("Event.GetMessageList", {"session_channel": "310"})
+                    assert [m["id"] for m in page["Messages"]][-1] == stalled["message"]["id"]
+                    # Pushes flow again.
+                    again = await c.ok(
+                        "Event.SendMessage", {"session_channel": "310", "content": "2"}
+                    )
+                    frame = await s.push("Event.ReceiveMessage", timeout=10)
+                    while frame["result"] != again:
+                        assert frame["result"] == stalled
+                        frame = await s.push("Event.ReceiveMessage", timeout=10)
+                    # Neither client gave up on its connection for want of a pong.
+                    assert c.ws.close_code is None and s.ws.close_code is None
+            finally:
+                for n in (a, b):
+                    await asyncio.to_thread(n.stop)
+    finally:
+        if redis.proc is not None:
+            redis.proc.send_signal(signal.SIGCONT)
+        redis.kill()

@@ -17,7 +17,7 @@ from enum import IntEnum
 from typing import Any
 
 from .broker import Broker
-from .errors import AppError
+from .errors import AppError, Unavailable
 from .events import RESYNC, push
 from .models import Principal
 
@@ -262,6 +262,9 @@ class _Yield:
         yield self.value
 
 
+RESYNC_RETRY = 0.1  # seconds before retrying Event.Resync to a broker that did not answer
+
+
 def _envelope(node: str, origin: str | None, application_id: int, frame: bytes) -> bytes:
     return f"{node}\t{origin or ''}\t{application_id}\n".encode() + frame
 
@@ -322,7 +325,11 @@ class Hub:
         user_id = conn.principal.sid
         async with self._lock:
             if user_id not in self._by_user:
-                await self._broker.subscribe(self._channel(user_id))
+                try:  # a broker that hangs refuses the connection (503), in bounded time
+                    async with asyncio.timeout(self._publish_timeout):
+                        await self._broker.subscribe(self._channel(user_id))
+                except TimeoutError:
+                    raise Unavailable("the broker did not answer in time") from None
                 self._by_user[user_id] = set()
             self._by_user[user_id].add(conn)
 
@@ -369,25 +376,34 @@ class Hub:
             self._publisher = asyncio.get_running_loop().create_task(self._publish_loop())
 
     async def _publish_loop(self) -> None:
+        """Publish what waits; while pushes were lost, keep trying (with backoff) to tell
+        their users to refetch, until the broker answers."""
+        backoff = RESYNC_RETRY
         try:
-            while self._outbox:
-                batch = list(self._outbox)
-                self._outbox.clear()
-                try:
-                    async with asyncio.timeout(self._publish_timeout):
-                        await self._broker.publish_many(batch)
-                except (AppError, TimeoutError) as exc:
-                    # Committed messages are not lost: clients catch up with after_id.
-                    log.warning("%d pushes not published: %s", len(batch), _reason(exc))
-                    for channel, _data in batch:
-                        self._missed.add(int(channel.rsplit(":", 1)[1]))
-                    continue
+            while self._outbox or self._missed:
+                if self._outbox:
+                    batch = list(self._outbox)
+                    self._outbox.clear()
+                    try:
+                        async with asyncio.timeout(self._publish_timeout):
+                            await self._broker.publish_many(batch)
+                    except (AppError, TimeoutError) as exc:
+                        # Committed messages are not lost: clients catch up with after_id.
+                        log.warning("%d pushes not published: %s", len(batch), _reason(exc))
+                        for channel, _data in batch:
+                            self._missed.add(int(channel.rsplit(":", 1)[1]))
+                        continue
                 if self._missed:
-                    await self._resync_missed()
+                    if await self._resync_missed():
+                        backoff = RESYNC_RETRY
+                    elif not self._outbox:
+                        await asyncio.sleep(backoff)  # the broker still does not answer
+                        backoff = min(backoff * 2, self._publish_timeout)
         finally:
             self._publisher = None
 
-    async def _resync_missed(self) -> None:
+    async def _resync_missed(self) -> bool:
+        """Publish ``Event.Resync`` to the users whose pushes were lost; whether it went."""
         users, self._missed = self._missed, set()
         frame = _envelope(self.node_id, None, 0, push(RESYNC, None))
         batch = [(self._channel(u), frame) for u in users]
@@ -396,6 +412,9 @@ class Hub:
                 await self._broker.publish_many(batch)
         except (AppError, TimeoutError):
             self._missed |= users
+            return False
+        log.info("broker answers again: %d participants told to refetch", len(users))
+        return True
 
     def _on_broker_message(self, channel: str, data: bytes) -> None:
         try:
