@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONTENT = 4000
 MAX_KNOWN_CONVERSATIONS = 100_000  # application -> conversation, remembered per node
-MAX_INBOX = 1000  # conversations in a staff inbox (GetConversationList "all": true)
 MAX_REPLY_BYTES = 1024 * 1024  # messages in one GetMessageList reply, serialised
 PAGE_CHUNK = 50  # messages read at once for a longer GetMessageList page
 
@@ -189,13 +188,14 @@ class ChatService:
         args = ev.parse_get_conversation_list(raw)
         user_id = self._actor(p, args.user_id, "user_id")
         await self._not_impersonating_staff_in_own(p, user_id)
-        if args.all and p.is_staff:
-            conversations = await self._store.list_all_conversations(limit=MAX_INBOX)
-        else:
-            conversations = await self._store.list_conversations(
-                user_id, application_id=p.application_id
-            )
-        return ev.conversation_list(conversations)
+        everyone = args.all and p.is_staff  # the staff inbox: every conversation
+        page = await self._store.conversation_page(
+            None if everyone else user_id,
+            application_id=p.application_id,
+            limit=args.limit,
+            after=args.cursor,
+        )
+        return ev.conversation_page(page.conversations, page.has_more)
 
     async def _get_message_list(self, session: Session, raw: dict[str, Any]) -> Any:
         p = session.principal
@@ -294,8 +294,10 @@ class ChatService:
         args = ev.parse_get_unread_info(raw)
         user_id = self._actor(p, args.user_id, "user_id")
         await self._not_impersonating_staff_in_own(p, user_id)
-        counts = await self._store.unread_counts(user_id, application_id=p.application_id)
-        return ev.unread_info(counts)
+        page = await self._store.unread_page(
+            user_id, application_id=p.application_id, limit=args.limit, after=args.cursor
+        )
+        return ev.unread_page(page)
 
     async def _refresh_token(self, session: Session, raw: dict[str, Any]) -> Any:
         p = session.principal
