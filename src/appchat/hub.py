@@ -8,6 +8,7 @@ their connections. A node ignores its own publications when they come back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import secrets
@@ -295,6 +296,7 @@ class Hub:
         self._max_outbox = max_pending_publishes
         self._publisher: asyncio.Task[None] | None = None
         self._missed: set[int] = set()  # users whose pushes could not be published
+        self._wake: asyncio.Event | None = None  # a push came while the publisher waits
         self._started = False
 
     async def start(self) -> None:
@@ -372,15 +374,27 @@ class Hub:
             self._missed.add(user_id)
             return
         self._outbox.append((channel, data))
+        if self._wake is not None:
+            self._wake.set()
         if self._publisher is None:
             self._publisher = asyncio.get_running_loop().create_task(self._publish_loop())
 
     async def _publish_loop(self) -> None:
-        """Publish what waits; while pushes were lost, keep trying (with backoff) to tell
-        their users to refetch, until the broker answers."""
+        """Publish what waits. Once pushes were lost, first tell their users to refetch
+        (``Event.Resync``), retrying with backoff until the broker answers again; pushes
+        that wait meanwhile are not sent late, their users refetch too."""
         backoff = RESYNC_RETRY
         try:
             while self._outbox or self._missed:
+                if self._missed:
+                    if await self._resync_missed():
+                        backoff = RESYNC_RETRY
+                    else:
+                        self._miss(self._outbox)
+                        self._outbox.clear()
+                        await self._pause(backoff)  # or until the next push
+                        backoff = min(backoff * 2, self._publish_timeout)
+                        continue
                 if self._outbox:
                     batch = list(self._outbox)
                     self._outbox.clear()
@@ -390,17 +404,21 @@ class Hub:
                     except (AppError, TimeoutError) as exc:
                         # Committed messages are not lost: clients catch up with after_id.
                         log.warning("%d pushes not published: %s", len(batch), _reason(exc))
-                        for channel, _data in batch:
-                            self._missed.add(int(channel.rsplit(":", 1)[1]))
-                        continue
-                if self._missed:
-                    if await self._resync_missed():
-                        backoff = RESYNC_RETRY
-                    elif not self._outbox:
-                        await asyncio.sleep(backoff)  # the broker still does not answer
-                        backoff = min(backoff * 2, self._publish_timeout)
+                        self._miss(batch)
         finally:
             self._publisher = None
+
+    async def _pause(self, delay: float) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
+
+    def _miss(self, batch: Iterable[tuple[str, bytes]]) -> None:
+        for channel, _data in batch:
+            self._missed.add(int(channel.rsplit(":", 1)[1]))
 
     async def _resync_missed(self) -> bool:
         """Publish ``Event.Resync`` to the users whose pushes were lost; whether it went."""
