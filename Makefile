@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint format clean
+.PHONY: install run test lint format clean bench
 
 install: $(VENV)/.installed
 
@@ -23,11 +23,17 @@ lint: install
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest --cov --cov-report=term
+
+# Side by side: appchat, a bare aiohttp relay and a python-socketio relay (bench/suite.py).
+# Writes docs/benchmarks.md and docs/img/; BENCH_ARGS="--tiny --out DIR" for a smoke run.
+BENCH_ARGS ?= --write
+bench: install
+	$(BIN)/python bench/suite.py $(BENCH_ARGS)
 
 format: install
 	$(BIN)/ruff check --fix src tests $(wildcard bench)
 	$(BIN)/ruff format src tests $(wildcard bench)
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*

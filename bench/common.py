@@ -52,7 +52,7 @@ def setup_signals_and_loop() -> str:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        loop_name = f"uvloop {uvloop.__version__}"
+        loop_name = f"uvloop {uvloop.__version__}"  # type: ignore[attr-defined]  # set, not exported
     except ImportError:
         pass
     return loop_name

@@ -105,7 +105,7 @@ async def _open(plan: Plan, k: int, sid: int, token: str) -> ClientConnection:
     source = plan.sources[k % len(plan.sources)]
     return await connect(
         f"{plan.url}?sid={sid}",
-        subprotocols=["access_token", token],  # type: ignore[list-item]
+        subprotocols=["access_token", token],  # type: ignore[list-item]  # Subprotocol: a NewType of str
         compression=None,
         ping_interval=None,  # the server pings idle connections; pongs are automatic
         max_queue=None,

@@ -121,7 +121,7 @@ async def call(ws: ClientConnection, name: str, args: dict[str, Any]) -> Any:
 async def open_client(url: str, token: str) -> ClientConnection:
     return await connect(
         url,
-        subprotocols=["access_token", token],  # type: ignore[list-item]
+        subprotocols=["access_token", token],  # type: ignore[list-item]  # Subprotocol: a NewType of str
         compression=None,
         ping_interval=None,
         max_queue=None,
@@ -151,7 +151,7 @@ async def customer(
             async for raw in ws:
                 now = time.perf_counter()
                 reply = orjson.loads(raw)
-                sent = pending.pop(reply.get("id"), None)  # type: ignore[arg-type]
+                sent = pending.pop(reply.get("id"), None)
                 if sent is None:
                     continue  # a push to the customer (none expected) or a stray reply
                 answered += 1

@@ -127,7 +127,7 @@ class SoakClient:
             async with asyncio.timeout(30):
                 ws = await connect(
                     server.url(self.sid),
-                    subprotocols=["access_token", self.token],  # type: ignore[list-item]
+                    subprotocols=["access_token", self.token],  # type: ignore[list-item]  # Subprotocol: a NewType of str
                     compression=None,
                     ping_interval=None,
                     max_queue=None,

@@ -47,8 +47,9 @@ from appchat.auth import mint
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-" + uuid.uuid4().hex + uuid.uuid4().hex
 SERVERS = ("appchat", "relay", "socketio", "baseline")
+SERVER_ARGS: list[str] = []  # --server-args: more `appchat serve` options
 BASELINE_TREE = Path(tempfile.gettempdir()) / "appchat-bench-baseline"
-PARTS = ("throughput", "latency", "memory", "unread")
+PARTS = ("throughput", "latency", "memory", "unread", "cluster", "workers")
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
 
 
@@ -63,21 +64,48 @@ def pinned(cpu: int) -> list[str]:
 def server(kind: str, workdir: Path, extra: list[str] | None = None) -> Iterator[Server]:
     py = sys.executable
     env = None
+    extra_args = list(extra or [])
     if kind == "baseline":  # appchat as of --baseline REV, checked out beside this one
         env = {"PYTHONPATH": str(BASELINE_TREE / "src")}
     if kind in ("appchat", "baseline"):
         db = workdir / f"bench-{uuid.uuid4().hex[:8]}.db"
         cmd = [py, "-m", "appchat", "serve", "--port", "0", "--rate", "0"]
-        cmd += ["--database", f"sqlite:///{db}", "--log-level", "WARNING", *(extra or [])]
+        cmd += ["--database", f"sqlite:///{db}", "--log-level", "WARNING"]
+        extra_args += SERVER_ARGS
     elif kind == "relay":
         cmd = [py, str(ROOT / "bench/reference/relay_aiohttp.py")]
     else:
         cmd = [py, str(ROOT / "bench/reference/relay_socketio.py")]
-    srv = Server([], SECRET, name=kind, command=pinned(0) + cmd, env=env).start()
+    srv = Server([], SECRET, name=kind, command=pinned(0) + cmd + extra_args, env=env).start()
     try:
         yield srv
     finally:
         srv.stop()
+
+
+@contextlib.contextmanager
+def cluster(workdir: Path, args: argparse.Namespace) -> Iterator[tuple[Server, Server]]:
+    """Two appchat nodes on a fresh PostgreSQL database and Redis (nothing pinned)."""
+    import psycopg
+
+    name = f"appchat_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(args.pg_admin, autocommit=True, connect_timeout=10) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = args.pg_admin.rsplit("/", 1)[0] + "/" + name
+    prefix = f"appchat-bench-{uuid.uuid4().hex[:8]}"
+    common = [sys.executable, "-m", "appchat", "serve", "--port", "0", "--rate", "0"]
+    common += ["--database", url, "--broker", args.redis, "--channel-prefix", prefix]
+    common += ["--log-level", "WARNING"]
+    nodes: list[Server] = []
+    try:
+        for n in range(2):
+            nodes.append(Server([], SECRET, name=f"node {n}", command=common).start())
+        yield nodes[0], nodes[1]
+    finally:
+        for node in nodes:
+            node.stop()
+        with psycopg.connect(args.pg_admin, autocommit=True, connect_timeout=10) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # --- the two wire formats -----------------------------------------------------------------------
@@ -86,14 +114,16 @@ def server(kind: str, workdir: Path, extra: list[str] | None = None) -> Iterator
 class Wire:
     """How a client of one server joins a room, sends a message and reads what comes back."""
 
-    def __init__(self, kind: str, port: int) -> None:
+    def __init__(self, kind: str, port: int, staff_port: int | None = None) -> None:
         self.kind = kind
         self.port = port
+        self.staff_port = staff_port or port  # two nodes: staff on the other one
 
-    def url(self, sid: int) -> str:
+    def url(self, sid: int, port: int | None = None) -> str:
+        port = port or self.port
         if self.kind == "socketio":
-            return f"ws://127.0.0.1:{self.port}/socket.io/?EIO=4&transport=websocket"
-        return f"ws://127.0.0.1:{self.port}/ws?sid={sid}"
+            return f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"
+        return f"ws://127.0.0.1:{port}/ws?sid={sid}"
 
     def protocols(self, token: str) -> list[str] | None:
         return None if self.kind == "socketio" else ["access_token", token]
@@ -137,9 +167,9 @@ class Peer:
         self.on_frame: Callable[[str, Any], None] = lambda kind, value: None
         self._waiting: dict[int, asyncio.Future[None]] = {}
 
-    async def open(self, sid: int, token: str) -> Peer:
+    async def open(self, sid: int, token: str, port: int | None = None) -> Peer:
         self.client = await connect(
-            self.wire.url(sid), self._frame, subprotocols=self.wire.protocols(token)
+            self.wire.url(sid, port), self._frame, subprotocols=self.wire.protocols(token)
         )
         if self.wire.kind == "socketio":
             opened = self._expect(b"40")
@@ -220,7 +250,9 @@ async def open_pairs(wire: Wire, count: int, content: str) -> list[Pair]:
     async def one(i: int) -> Pair:
         app = 1000 + i
         async with gate:
-            staff = await Peer(wire).open(100_000 + i, mint(SECRET.encode(), admin_id=100_000 + i))
+            staff = await Peer(wire).open(
+                100_000 + i, mint(SECRET.encode(), admin_id=100_000 + i), wire.staff_port
+            )
             customer = await Peer(wire).open(
                 200_000 + i, mint(SECRET.encode(), request_id=app, sid=200_000 + i)
             )
@@ -231,7 +263,33 @@ async def open_pairs(wire: Wire, count: int, content: str) -> list[Pair]:
     return list(await asyncio.gather(*(one(i) for i in range(count))))
 
 
-def wire_pair(pair: Pair, latencies: list[float] | None, on_ack: Callable[[Pair], None]) -> None:
+class Tally:
+    """Pushes received across pairs, with an event when a target is reached."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.target = math.inf
+        self.reached = asyncio.Event()
+
+    def add(self) -> None:
+        self.count += 1
+        if self.count >= self.target:
+            self.reached.set()
+
+    async def wait_for(self, target: float, within: float) -> None:
+        self.target = target
+        if self.count >= target:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.reached.wait(), within)
+
+
+def wire_pair(
+    pair: Pair,
+    latencies: list[float] | None,
+    on_ack: Callable[[Pair], None],
+    tally: Tally | None = None,
+) -> None:
     def customer_frame(kind: str, value: Any) -> None:
         if kind == "ack" or kind == "error":
             pair.in_flight -= 1
@@ -240,13 +298,15 @@ def wire_pair(pair: Pair, latencies: list[float] | None, on_ack: Callable[[Pair]
             on_ack(pair)
 
     def staff_frame(kind: str, value: Any) -> None:
-        if kind != "push":
+        if kind != "push" or value is None:
             return
         seq = int(value.rsplit("-", 1)[1])
         sent = pair.sent_at.pop(seq, None)
         pair.pushed += 1
         if latencies is not None and sent is not None:
             latencies.append(time.perf_counter() - sent)
+        if tally is not None:
+            tally.add()
 
     # replies to the customer's sends arrive as "ack" frames with no waiter
     pair.customer.on_frame = customer_frame
@@ -254,10 +314,10 @@ def wire_pair(pair: Pair, latencies: list[float] | None, on_ack: Callable[[Pair]
 
 
 async def throughput(
-    kind: str, port: int, args: argparse.Namespace, srv: Server
+    kind: str, port: int, args: argparse.Namespace, *servers: Server, staff_port: int = 0
 ) -> dict[str, float]:
     """Closed loop: each customer keeps ``window`` sends unanswered; pushes counted per second."""
-    wire = Wire(kind, port)
+    wire = Wire(kind, port, staff_port)
     pairs = await open_pairs(wire, args.pairs, "x" * args.content_bytes)
     running = True
 
@@ -270,10 +330,14 @@ async def throughput(
         for _ in range(args.window):
             p.send()
     await asyncio.sleep(args.warmup)
-    pushed0, cpu0, t0 = sum(p.pushed for p in pairs), srv.cpu_seconds(), time.perf_counter()
+
+    def cpu() -> float:
+        return sum(srv.cpu_seconds() for srv in servers)
+
+    pushed0, cpu0, t0 = sum(p.pushed for p in pairs), cpu(), time.perf_counter()
     gen0 = time.process_time()
     await asyncio.sleep(args.duration)
-    pushed1, cpu1, t1 = sum(p.pushed for p in pairs), srv.cpu_seconds(), time.perf_counter()
+    pushed1, cpu1, t1 = sum(p.pushed for p in pairs), cpu(), time.perf_counter()
     gen1 = time.process_time()
     running = False
     errors = sum(p.errors for p in pairs)
@@ -295,11 +359,11 @@ async def latency(kind: str, port: int, args: argparse.Namespace, rate: float) -
     wire = Wire(kind, port)
     pairs = await open_pairs(wire, args.pairs, "x" * args.content_bytes)
     lat: list[float] = []
+    tally = Tally()
     for p in pairs:
-        wire_pair(p, lat, lambda pair: None)
+        wire_pair(p, lat, lambda pair: None, tally)
     await asyncio.sleep(0.2)
     tick = 0.005
-    per_tick = rate * tick
     owed = 0.0
     started = time.perf_counter()
     i = 0
@@ -312,12 +376,9 @@ async def latency(kind: str, port: int, args: argparse.Namespace, rate: float) -
             sent += 1
             owed -= 1
         await asyncio.sleep(tick)
-    del per_tick
     wanted = sent
-    deadline = time.perf_counter() + 10
-    while sum(p.pushed for p in pairs) < wanted and time.perf_counter() < deadline:
-        await asyncio.sleep(0.05)
-    pushed = sum(p.pushed for p in pairs)
+    await tally.wait_for(wanted, 10)
+    pushed = tally.count
     for p in pairs:
         p.customer.close()
         p.staff.close()
@@ -362,19 +423,22 @@ async def unread_timing(port: int, counts: list[int], calls: int) -> dict[int, f
         )
         await staff.call("Event.AddConversation", {"application_id": app}, 10**9)
         await customer.call("Event.AddConversation", {"application_id": app}, 10**9)
-        pair = Pair(0, customer, staff, "unread")
-        pair.customer.on_frame = lambda kind, value, pair=pair: setattr(
-            pair, "in_flight", pair.in_flight - 1
-        )
+        window = asyncio.Semaphore(64)
+        acked = Tally()
+
+        def on_ack(
+            kind: str, value: Any, window: asyncio.Semaphore = window, acked: Tally = acked
+        ) -> None:
+            window.release()
+            acked.add()
+
+        customer.on_frame = on_ack
         args = {"session_channel": str(app), "content": "unread"}
         for seq in range(unread):
+            await window.acquire()
             assert customer.client is not None
             customer.client.send(wire.request("Event.SendMessage", args, seq))
-            pair.in_flight += 1
-            while pair.in_flight >= 64:
-                await asyncio.sleep(0.001)
-        while pair.in_flight > 0:
-            await asyncio.sleep(0.01)
+        await acked.wait_for(unread, 300)
         times = []
         for c in range(calls):
             t = time.perf_counter()
@@ -384,6 +448,40 @@ async def unread_timing(port: int, counts: list[int], calls: int) -> dict[int, f
         staff.close()
         customer.close()
     return out
+
+
+async def unpinned_sqlite(
+    workdir: Path, args: argparse.Namespace, extra: list[str] | None = None
+) -> dict[str, float]:
+    db = workdir / f"single-{uuid.uuid4().hex[:8]}.db"
+    cmd = [sys.executable, "-m", "appchat", "serve", "--port", "0", "--rate", "0"]
+    cmd += ["--database", f"sqlite:///{db}", "--log-level", "WARNING", *(extra or [])]
+    srv = Server([], SECRET, name="single", command=cmd).start()
+    try:
+        return await throughput("appchat", srv.port, args, *[srv, *worker_processes(srv)])
+    finally:
+        srv.stop()
+
+
+def worker_processes(parent: Server) -> list[Server]:
+    """The worker processes of ``appchat serve --workers N`` (for their CPU time)."""
+    out = []
+    try:
+        with open(f"/proc/{parent.pid}/task/{parent.pid}/children") as f:
+            pids = [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+    for pid in pids:
+        child = Server([], SECRET, name=f"worker {pid}", command=["true"])
+        child.proc = _Pid(pid)  # type: ignore[assignment]  # cpu_seconds() reads /proc only
+        child.pid = pid
+        out.append(child)
+    return out
+
+
+class _Pid:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
 
 
 # --- running and reporting ----------------------------------------------------------------------
@@ -401,11 +499,15 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "latency": {k: {r: [] for r in args.rates} for k in kinds},
         "memory": {k: [] for k in kinds},
         "unread": [],
+        "cluster": {"one SQLite node": [], "two nodes, PostgreSQL + Redis": []},
+        "workers": {1: [], 2: []},
     }
     parts = set(args.parts)
     rates = args.rates if "latency" in parts else []
     per_server = ("throughput" in parts) + len(rates) + ("memory" in parts)
-    steps = args.runs * (len(kinds) * per_server + ("unread" in parts))
+    steps = args.runs * (
+        len(kinds) * per_server + ("unread" in parts) + 2 * ("cluster" in parts)
+    ) + args.runs * 2 * ("workers" in parts)
     with tqdm(total=steps, desc="bench", unit="step", file=sys.stderr) as bar:
         for _run in range(args.runs):
             for kind in kinds:
@@ -429,6 +531,25 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     results["memory"][kind].append(
                         await idle_memory(kind, srv.port, srv, args.idle)
                     )
+                    bar.update()
+            if "cluster" in parts:
+                # Side by side, nothing pinned: customers on node A, staff on node B.
+                bar.set_postfix_str("one SQLite node (unpinned)")
+                single = await unpinned_sqlite(workdir, args)
+                results["cluster"]["one SQLite node"].append(single)
+                bar.update()
+                bar.set_postfix_str("two nodes, PostgreSQL + Redis")
+                with cluster(workdir, args) as (a, b):
+                    two = await throughput("appchat", a.port, args, a, b, staff_port=b.port)
+                results["cluster"]["two nodes, PostgreSQL + Redis"].append(two)
+                bar.update()
+            if "workers" in parts:
+                # --workers 1 and 2 on one SQLite file and Redis, nothing pinned.
+                for n in (1, 2):
+                    bar.set_postfix_str(f"--workers {n}")
+                    extra = ["--workers", str(n), "--broker", args.redis]
+                    extra += ["--channel-prefix", f"appchat-bench-{uuid.uuid4().hex[:8]}"]
+                    results["workers"][n].append(await unpinned_sqlite(workdir, args, extra))
                     bar.update()
             if "unread" not in parts:
                 continue
@@ -472,6 +593,25 @@ def summarise(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
             "kib_per_conn": median(slopes),
             "rss": {n: median([r[n] for r in runs]) for n in args.idle},
         }
+    s["cluster"] = {}
+    cl = results["cluster"]
+    if all(cl.values()):
+        for label, runs in cl.items():
+            s["cluster"][label] = {k: median([r[k] for r in runs]) for k in ("msg_s", "cpu_us")}
+        one, two = cl["one SQLite node"], cl["two nodes, PostgreSQL + Redis"]
+        s["cluster"]["ratio"] = median(
+            [t["msg_s"] / o["msg_s"] for o, t in zip(one, two, strict=True)]
+        )
+    s["workers"] = {}
+    if all(results["workers"].values()):
+        for n, runs in results["workers"].items():
+            s["workers"][n] = {k: median([r[k] for r in runs]) for k in ("msg_s", "cpu_us")}
+        s["workers"]["ratio"] = median(
+            [
+                two["msg_s"] / one["msg_s"]
+                for one, two in zip(results["workers"][1], results["workers"][2], strict=True)
+            ]
+        )
     for n in args.unread if results["unread"] else []:
         s["unread"][n] = median([r[n] for r in results["unread"]])
     return s
@@ -520,6 +660,32 @@ def report(args: argparse.Namespace, s: dict[str, Any]) -> str:
                 f"| {kind} | {m['rss'][lo]:.1f} MiB | {m['rss'][hi]:.1f} MiB | "
                 f"{m['kib_per_conn']:.1f} |"
             )
+    if s["cluster"]:
+        c = s["cluster"]
+        lines += [
+            "",
+            "**Two nodes against one**, side by side, nothing pinned (customers on node A,",
+        ]
+        lines += ["staff on node B, so every push crosses nodes through Redis):", ""]
+        lines += ["| deployment | delivered msg/s | CPU per message (all nodes) |", "|---|---|---|"]
+        for label in ("one SQLite node", "two nodes, PostgreSQL + Redis"):
+            lines.append(f"| {label} | {c[label]['msg_s']:,.0f} | {c[label]['cpu_us']:.1f} µs |")
+        lines += [
+            "",
+            f"Ratio two nodes / one node: **{c['ratio']:.2f}** (median of the runs' ratios).",
+        ]
+    if s["workers"]:
+        w = s["workers"]
+        lines += [
+            "",
+            "**`--workers`** on one SQLite file and Redis, side by side, nothing pinned:",
+            "",
+            "| workers | delivered msg/s | CPU per message (all workers) |",
+            "|---|---|---|",
+        ]
+        for n in (1, 2):
+            lines.append(f"| {n} | {w[n]['msg_s']:,.0f} | {w[n]['cpu_us']:.1f} µs |")
+        lines += ["", f"Ratio 2 workers / 1 worker: **{w['ratio']:.2f}**."]
     if s["unread"]:
         lines += ["", f"**GetUnreadInfo** (median of {args.calls} calls):", ""]
         lines += ["| unread messages | time |", "|---|---|"]
@@ -635,6 +801,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run appchat as of git REV ('baseline'), for before/after figures",
     )
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--server-args", default="", help="more `appchat serve` options, quoted")
     p.add_argument("--pairs", type=int, default=100)
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--content-bytes", type=int, default=100)
@@ -644,6 +811,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--idle", type=int, nargs="+", default=[1000, 5000])
     p.add_argument("--unread", type=int, nargs="+", default=[10, 100_000])
     p.add_argument("--calls", type=int, default=50)
+    p.add_argument(
+        "--pg-admin", default="postgresql://postgres@127.0.0.1:5432/postgres", help="[cluster]"
+    )
+    p.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="[cluster]")
     p.add_argument("--write", action="store_true", help="update docs/benchmarks.md and docs/img")
     p.add_argument("--out", type=Path, help="write the report and plots here instead")
     p.add_argument("--tiny", action="store_true", help="a smoke run of every part")
@@ -656,6 +827,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    SERVER_ARGS.extend(args.server_args.split())
     if args.baseline:
         checkout_baseline(args.baseline)
         if "baseline" not in args.servers:

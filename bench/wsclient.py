@@ -47,7 +47,7 @@ class LeanClient(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        transport.write(self._request)
+        transport.write(self._request)  # type: ignore[attr-defined]  # a stream transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.opened.done():
@@ -124,7 +124,7 @@ async def connect(
     *,
     subprotocols: list[str] | None = None,
     local_addr: str | None = None,
-    timeout: float = 30.0,
+    within: float = 30.0,
 ) -> LeanClient:
     """Open a WebSocket to ``url`` (``ws://`` only); frames go to ``on_text``."""
     parts = urlsplit(url)
@@ -148,7 +148,7 @@ async def connect(
         loop.create_connection(
             lambda: client, host, port, local_addr=(local_addr, 0) if local_addr else None
         ),
-        timeout,
+        within,
     )
-    await asyncio.wait_for(client.opened, timeout)
+    await asyncio.wait_for(client.opened, within)
     return client

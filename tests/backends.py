@@ -7,13 +7,19 @@ skipped with a loud reason.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 
 import psycopg
 import pytest
+
+from appchat.store import Store, open_store
 
 PG_ADMIN = os.environ.get("APPCHAT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("APPCHAT_TEST_REDIS", "redis://127.0.0.1:6379/0")
@@ -57,6 +63,78 @@ def postgres_database() -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+ENGINES = ["sqlite", "postgres"]
+
+
+@asynccontextmanager
+async def opened_store(engine: str, tmp_path: Path) -> AsyncIterator[Store]:
+    """An open store on ``engine`` ("sqlite": a file in ``tmp_path``; "postgres": a fresh
+    database), closed (and dropped) afterwards."""
+    if engine == "sqlite":
+        s = open_store(f"sqlite:///{tmp_path / 'chat.db'}")
+        await s.open()
+        try:
+            yield s
+        finally:
+            await s.close()
+        return
+    with postgres_database() as url:
+        s = open_store(url)
+        await s.open()
+        try:
+            yield s
+        finally:
+            await s.close()
+
+
 def unique_prefix() -> str:
     """Broker channels of their own, so runs sharing one Redis or NATS never cross."""
     return f"appchat-test-{uuid.uuid4().hex[:10]}"
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, on a port of its own, that the test may kill."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is needed for the Redis fault test"
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None

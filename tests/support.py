@@ -14,12 +14,14 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import jwt
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.typing import Subprotocol
 
 from appchat.auth import mint
 
@@ -231,14 +233,30 @@ class Client:
             await self._reader
 
 
+def subprotocols(tok: str | None, *more: str) -> list[Subprotocol]:
+    """What a client offers: ``access_token`` and the token (``None``: no token)."""
+    offered = ["access_token"] if tok is None else ["access_token", tok]
+    return [Subprotocol(p) for p in [*offered, *more]]
+
+
 @contextlib.asynccontextmanager
 async def client(server: ServerProcess, sid: int, tok: str, **kwargs: Any) -> AsyncIterator[Client]:
-    ws = await connect(server.url(sid), subprotocols=["access_token", tok], **kwargs)  # type: ignore[list-item]
+    ws = await connect(server.url(sid), subprotocols=subprotocols(tok), **kwargs)
     c = Client(ws)
     try:
         yield c
     finally:
         await c.close()
+
+
+def staff(server: ServerProcess, admin_id: int = 1) -> AbstractAsyncContextManager[Client]:
+    """A client of staff member ``admin_id`` (a token naming the admin, sid = admin_id)."""
+    return client(server, admin_id, token(admin_id=admin_id))
+
+
+def customer(server: ServerProcess, app: int, sid: int) -> AbstractAsyncContextManager[Client]:
+    """A client of the customer of application ``app``, participant ``sid``."""
+    return client(server, sid, token(request_id=app, sid=sid))
 
 
 def wait_until(predicate: Any, timeout: float = 10, interval: float = 0.05) -> None:

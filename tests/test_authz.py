@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from .support import ServerProcess, client, token
+from .support import ServerProcess, client, staff, token
 
 _apps = itertools.count(2000)
 
@@ -14,10 +14,6 @@ _apps = itertools.count(2000)
 @pytest.fixture
 def app() -> int:
     return next(_apps)
-
-
-def staff(server: ServerProcess, admin_id: int = 1):  # type: ignore[no-untyped-def]
-    return client(server, admin_id, token(admin_id=admin_id))
 
 
 async def test_acting_ids_must_be_the_connections_sid(server: ServerProcess, app: int) -> None:

@@ -1,17 +1,24 @@
-"""One contract for every Broker implementation: memory, Redis and NATS."""
+"""One contract for every Broker implementation: memory, Redis and NATS, and its fault
+rule: a broker that cannot be reached raises ``Unavailable`` and nothing else."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from appchat.broker import Broker, open_broker
 from appchat.broker.memory import MemoryBroker, MemoryBus
+from appchat.broker.nats import NatsBroker
+from appchat.errors import Unavailable
 
-from .backends import NATS_URL, REDIS_URL, require, unique_prefix
+from .backends import NATS_URL, REDIS_URL, PrivateRedis, free_port, require, unique_prefix
 
 
 class Inbox:
@@ -107,3 +114,97 @@ async def test_order_is_kept_per_publisher(nodes: list[tuple[Broker, Inbox]]) ->
 async def test_ping(nodes: list[tuple[Broker, Inbox]]) -> None:
     for broker, _ in nodes:
         await broker.ping()
+
+
+async def test_redis_node_channel_honours_the_channel_prefix() -> None:
+    require("Redis", "127.0.0.1", 6379)
+    prefix = unique_prefix()
+    broker = open_broker(REDIS_URL, prefix=prefix)
+    await broker.start(Inbox())
+    observer = aioredis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        await settle(broker)
+        channels = [str(c) for c in await observer.pubsub_channels(f"{prefix}:*")]
+        assert len(channels) == 1, channels
+        assert re.fullmatch(rf"{prefix}:node:[0-9a-f]{{16}}", channels[0]), channels
+    finally:
+        await observer.aclose()
+        await broker.close()
+
+
+# --- the fault rule ----------------------------------------------------------------------------
+
+
+async def only_unavailable(call: Callable[[], Awaitable[object]]) -> bool:
+    """Run a broker call: True if it raised ``Unavailable``, False if it succeeded; any other
+    exception fails the test."""
+    try:
+        await call()
+    except Unavailable:
+        return True
+    return False
+
+
+@pytest.fixture(params=["redis", "nats"])
+def unreachable(request: pytest.FixtureRequest) -> Broker:
+    """A broker whose server does not exist: a port nobody listens on."""
+    url = f"{request.param}://127.0.0.1:{free_port()}"
+    return NatsBroker(url, connect_timeout=0.5) if request.param == "nats" else open_broker(url)
+
+
+async def test_an_unreachable_broker_raises_unavailable(unreachable: Broker) -> None:
+    with pytest.raises(Unavailable):
+        await unreachable.start(Inbox())
+    channel = f"{unique_prefix()}:user:1"
+    assert await only_unavailable(unreachable.ping)
+    assert await only_unavailable(lambda: unreachable.publish(channel, b"x"))
+    assert await only_unavailable(lambda: unreachable.publish_many([(channel, b"x")]))
+    # a subscription may be remembered for later instead; it never raises anything else
+    await only_unavailable(lambda: unreachable.subscribe(channel))
+    await only_unavailable(lambda: unreachable.unsubscribe(channel))
+    await unreachable.close()
+
+
+async def test_a_closed_broker_raises_only_unavailable(make_broker: Callable[[], Broker]) -> None:
+    broker = make_broker()
+    await broker.start(Inbox())
+    await broker.close()
+    channel = f"{unique_prefix()}:user:1"
+    await only_unavailable(broker.ping)
+    await only_unavailable(lambda: broker.publish(channel, b"x"))
+    await only_unavailable(lambda: broker.publish_many([(channel, b"x")]))
+    await only_unavailable(lambda: broker.subscribe(channel))
+    await only_unavailable(lambda: broker.unsubscribe(channel))
+
+
+async def test_redis_going_away_raises_unavailable_and_subscriptions_wait_for_its_return(
+    tmp_path: Path,
+) -> None:
+    require("Redis", "127.0.0.1", 6379)  # the binary is what matters; the service proves it
+    server = PrivateRedis(tmp_path)
+    server.start()
+    resynced = asyncio.Event()
+    inbox = Inbox()
+    broker = open_broker(server.url, prefix=unique_prefix())
+    try:
+        await broker.start(inbox, resynced.set)
+        before, during = f"{unique_prefix()}:user:1", f"{unique_prefix()}:user:2"
+        await broker.subscribe(before)
+        await settle(broker)
+        server.kill()
+        assert await only_unavailable(broker.ping)
+        assert await only_unavailable(lambda: broker.publish(before, b"x"))
+        assert await only_unavailable(lambda: broker.publish_many([(before, b"x")]))
+        assert not await only_unavailable(lambda: broker.subscribe(during))  # remembered
+        server.start()
+        await asyncio.wait_for(resynced.wait(), 10)
+        await broker.publish(during, b"after")
+        await broker.publish(before, b"again")
+        assert {await inbox.next(), await inbox.next()} == {
+            (before, b"again"),
+            (during, b"after"),
+        }
+    finally:
+        with contextlib.suppress(Unavailable):
+            await broker.close()
+        server.kill()

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import itertools
 
-from .support import MESSAGE_KEYS, RFC3339_UTC, Client, ServerProcess, client, token
+from .support import (
+    MESSAGE_KEYS,
+    RFC3339_UTC,
+    Client,
+    ServerProcess,
+    customer,
+    staff,
+    token,
+)
 
 _apps = itertools.count(1000)
 
@@ -12,14 +20,6 @@ _apps = itertools.count(1000)
 def new_app() -> int:
     """Each test uses applications of its own: the server is shared by the module."""
     return next(_apps)
-
-
-def staff(server: ServerProcess, admin_id: int = 1):  # type: ignore[no-untyped-def]
-    return client(server, admin_id, token(admin_id=admin_id))
-
-
-def customer(server: ServerProcess, app: int, sid: int):  # type: ignore[no-untyped-def]
-    return client(server, sid, token(request_id=app, sid=sid))
 
 
 def check_message(m: dict[str, object], app: int, sender: int, content: str) -> None:

@@ -20,8 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from .backends import REDIS_URL, free_port, postgres_database, require, unique_prefix
-from .support import ServerProcess, TcpProxy, client, token
+from .backends import (
+    REDIS_URL,
+    PrivateRedis,
+    free_port,
+    postgres_database,
+    require,
+    unique_prefix,
+)
+from .support import ServerProcess, TcpProxy, client, customer, staff, token
 
 
 def start_nodes(count: int, database: str, broker: str, prefix: str) -> list[ServerProcess]:
@@ -50,14 +57,6 @@ def cluster() -> Iterator[list[ServerProcess]]:
         finally:
             for n in nodes:
                 n.stop()
-
-
-def staff(node: ServerProcess, admin_id: int):  # type: ignore[no-untyped-def]
-    return client(node, admin_id, token(admin_id=admin_id))
-
-
-def customer(node: ServerProcess, app: int, sid: int):  # type: ignore[no-untyped-def]
-    return client(node, sid, token(request_id=app, sid=sid))
 
 
 async def test_chat_across_nodes_both_ways(cluster: list[ServerProcess]) -> None:
@@ -201,54 +200,6 @@ async def test_postgres_down_is_unavailable_never_a_false_ack(tmp_path: Path) ->
         finally:
             await asyncio.to_thread(node.stop)
             await proxy.stop()
-
-
-class PrivateRedis:
-    """A redis-server of the test's own, on a port of its own, that the test may kill."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is needed for the Redis fault test"
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("private redis-server did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
 
 
 async def test_redis_restart_mid_traffic(tmp_path: Path) -> None:

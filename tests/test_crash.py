@@ -80,7 +80,7 @@ async def _stored(c: Client, app: int) -> list[dict[str, object]]:
         stored += page["Messages"]
         if not page["has_more"]:
             return stored
-        cursor = stored[-1]["id"]  # type: ignore[assignment]
+        cursor = stored[-1]["id"]  # type: ignore[assignment]  # an id: the page's items are typed as objects
 
 
 async def _verify_after_restart(

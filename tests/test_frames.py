@@ -15,13 +15,9 @@ from appchat.app import Node
 from appchat.config import Settings
 from appchat.store.sqlite import SqliteStore
 
-from .support import SECRET, Client, ServerProcess, client, token
+from .support import SECRET, Client, ServerProcess, client, staff, token
 
 APP = 3000
-
-
-def staff(server: ServerProcess, admin_id: int = 1):  # type: ignore[no-untyped-def]
-    return client(server, admin_id, token(admin_id=admin_id))
 
 
 BAD_FRAMES: list[tuple[str, str | None, str]] = [

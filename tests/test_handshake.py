@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+from websockets.typing import Subprotocol
 
 from .support import SECRET, Client, ServerProcess, client, raw_token, token
 
@@ -26,7 +27,9 @@ def b64(data: bytes) -> str:
 async def refused(server: ServerProcess, query: str, protocols: list[str] | None) -> InvalidStatus:
     url = f"ws://127.0.0.1:{server.port}/ws{query}"
     with pytest.raises(InvalidStatus) as info:
-        await connect(url, subprotocols=protocols)  # type: ignore[arg-type]
+        await connect(
+            url, subprotocols=None if protocols is None else [Subprotocol(p) for p in protocols]
+        )
     return info.value
 
 

@@ -23,7 +23,7 @@ from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from .support import SECRET, ServerProcess, client, token
+from .support import SECRET, ServerProcess, client, subprotocols, token
 
 
 def pem_private(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
@@ -135,7 +135,7 @@ async def test_tls_serves_wss(tmp_path: Path) -> None:
         with pytest.raises(ssl.SSLCertVerificationError):
             await connect(
                 srv.url(1),
-                subprotocols=["access_token", token(admin_id=1)],  # type: ignore[list-item]
+                subprotocols=subprotocols(token(admin_id=1)),
                 ssl=untrusted,
             )
         https = srv.http("/healthz").replace("http:", "https:")
@@ -207,7 +207,7 @@ async def non_reader(srv: ServerProcess, sid: int, **kwargs: Any) -> ClientConne
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     return await connect(
         srv.url(sid),
-        subprotocols=["access_token", token(admin_id=sid)],  # type: ignore[list-item]
+        subprotocols=subprotocols(token(admin_id=sid)),
         sock=sock,
         max_queue=1,
         ping_interval=None,

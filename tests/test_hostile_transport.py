@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from .backends import postgres_database, require
+from .backends import PrivateRedis, postgres_database, require
 from .support import ServerProcess, client, token, wait_until
-from .test_cluster import PrivateRedis, _start_all
+from .test_cluster import _start_all
 
 BIG_ID = "x" * 60_000  # echoed back in every reply: a 60 KB reply to a 60 KB request
 
@@ -253,7 +253,8 @@ def test_a_slow_consumer_is_closed_4008_and_ended(tmp_path: Path) -> None:
 
 def metrics_text(srv: ServerProcess) -> str:
     with urllib.request.urlopen(srv.http("/metrics"), timeout=10) as r:
-        return r.read().decode()
+        body: bytes = r.read()
+    return body.decode()
 
 
 # --- item 4: one reply cannot blow the per-connection budget -----------------------------
@@ -440,7 +441,7 @@ async def test_a_ping_flood_is_closed_1008_and_others_stay_fast(tmp_path: Path) 
                     closed.set()
 
             flooding = asyncio.create_task(flood())
-            during = []
+            during: list[float] = []
             code_task = asyncio.create_task(close_code())
             while not code_task.done() and len(during) < 20:
                 t0 = time.perf_counter()

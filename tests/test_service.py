@@ -1,4 +1,7 @@
-"""The rules, through ChatService.handle with a real SQLite store and a recording fan-out."""
+"""The rules, through ChatService.handle with a real store and a recording fan-out.
+
+Every test runs on both engines: SQLite and PostgreSQL.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +18,9 @@ import pytest
 from appchat.auth import TokenVerifier, bind, mint
 from appchat.models import Principal
 from appchat.service import ChatService, Limits
-from appchat.store.sqlite import SqliteStore
+from appchat.store import Store
 
+from .backends import ENGINES, opened_store
 from .support import CONVERSATION_KEYS, MESSAGE_KEYS, RFC3339_UTC
 
 SECRET = b"service-tests-secret-0123456789abcdef"
@@ -52,7 +56,7 @@ class Session:
 @dataclass
 class Chat:
     service: ChatService
-    store: SqliteStore
+    store: Store
     fanout: RecordingFanout
     verifier: TokenVerifier
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -79,7 +83,8 @@ class Chat:
     async def raw(self, session: Session, frame: str | bytes) -> dict[str, Any]:
         reply = await self.service.handle(session, frame)
         assert isinstance(reply, bytes)
-        return orjson.loads(reply)
+        doc: dict[str, Any] = orjson.loads(reply)
+        return doc
 
     async def call(
         self, session: Session, name: str, args: dict[str, Any], *, request_id: Any = None
@@ -137,16 +142,14 @@ class Chat:
         return [c["application_id"] for c in result["conversations"]]
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(str(tmp_path / "chat.db"))
-    await s.open()
-    yield s
-    await s.close()
+@pytest.fixture(params=ENGINES)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    async with opened_store(request.param, tmp_path) as s:
+        yield s
 
 
 @pytest.fixture
-def chat(store: SqliteStore) -> Chat:
+def chat(store: Store) -> Chat:
     ticks = itertools.count(1_600_000_000_000_000, 1_000)
     fanout = RecordingFanout()
     verifier = TokenVerifier(SECRET, clock=lambda: NOW)
@@ -844,7 +847,7 @@ async def test_refresh_token_bad_tokens(chat: Chat) -> None:
     assert staff.principal == before
 
 
-async def test_trust_query_sid_service(chat: Chat, store: SqliteStore) -> None:
+async def test_trust_query_sid_service(chat: Chat, store: Store) -> None:
     trusting = ChatService(store, chat.fanout, chat.verifier, trust_query_sid=True)
     chat.service = trusting
     staff = chat.session(admin_id=1, sid=2, trust=True)
@@ -866,7 +869,7 @@ async def test_trust_query_sid_service(chat: Chat, store: SqliteStore) -> None:
 
 async def test_internal_error_leaks_nothing(
     chat: Chat,
-    store: SqliteStore,
+    store: Store,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -899,7 +902,7 @@ async def test_internal_error_leaks_nothing(
     assert "secret detail" in caplog.text  # logged for the operator, not sent to the client
 
 
-async def test_closed_store_is_unavailable(chat: Chat, store: SqliteStore) -> None:
+async def test_closed_store_is_unavailable(chat: Chat, store: Store) -> None:
     staff = chat.staff(1)
     await chat.add(staff, 100)
     await store.close()

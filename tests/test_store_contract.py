@@ -3,49 +3,48 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from appchat.errors import Forbidden, NotFound
-from appchat.models import Conversation
-from appchat.store import Store, open_store
+from appchat.models import Conversation, SendOutcome
+from appchat.store import Store
 
-from .backends import postgres_database
+from .backends import ENGINES, opened_store, postgres_database
 
 NOW = 1_700_000_000_000_000
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=ENGINES)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    if request.param == "sqlite":
-        s = open_store(f"sqlite:///{tmp_path / 'c.db'}")
-        await s.open()
+    async with opened_store(request.param, tmp_path) as s:
         yield s
-        await s.close()
-        return
-    with postgres_database() as url:
-        s = open_store(url)
-        await s.open()
-        try:
-            yield s
-        finally:
-            await s.close()
 
 
 async def conversation(store: Store, app: int = 100, user: int = 1) -> Conversation:
     return await store.add_conversation(app, user, staff=True, now=NOW)
 
 
-async def send(store: Store, conv: Conversation, sender: int, text: str, **kw: object) -> int:
+async def send(
+    store: Store,
+    conv: Conversation,
+    sender: int,
+    text: str,
+    *,
+    staff: bool = False,
+    content_type: int = 1,
+    client_msg_id: str | None = None,
+) -> int:
     outcome = await store.add_message(
         conv,
         sender_id=sender,
-        staff=bool(kw.get("staff", False)),
+        staff=staff,
         content=text,
-        content_type=int(kw.get("content_type", 1)),  # type: ignore[call-overload]
-        client_msg_id=kw.get("client_msg_id"),  # type: ignore[arg-type]
+        content_type=content_type,
+        client_msg_id=client_msg_id,
         now=NOW + 1,
     )
     return outcome.message.id
@@ -256,6 +255,82 @@ async def test_a_customer_is_refused_as_a_staff_participant_in_the_write(store: 
     assert ok.created and sorted(ok.participants) == [1, 9]
 
 
+async def test_participant_ids(store: Store) -> None:
+    conv = await conversation(store, user=1)
+    other = await conversation(store, app=200, user=9)
+    assert await store.participant_ids(conv.id) == [1]
+    await store.add_conversation(100, 2, staff=False, now=NOW)
+    await send(store, conv, 3, "a sender takes part")
+    m = await send(store, other, 4, "elsewhere")
+    await store.read_messages(other, reader_id=5, staff=True, message_id=m, now=NOW)
+    assert sorted(await store.participant_ids(conv.id)) == [1, 2, 3]
+    assert sorted(await store.participant_ids(other.id)) == [4, 5, 9]
+    assert await store.participant_ids(other.id + conv.id + 1000) == []
+
+
+async def test_sends_batched_together_keep_every_rule(store: Store) -> None:
+    """Many sends at once (one batch on both engines): ids in the order they were made,
+    retries answered with the first, refusals refused alone, newcomers joined, counters
+    kept, participants listed."""
+    conv = await conversation(store, app=100, user=1)  # 1 is staff
+    other = await conversation(store, app=200, user=1)
+    earlier = await send(store, conv, 2, "earlier", client_msg_id="e")
+
+    def add(
+        c: Conversation, sender: int, text: str, cmid: str | None, guard: bool = False
+    ) -> Coroutine[Any, Any, SendOutcome]:
+        return store.add_message(
+            c,
+            sender_id=sender,
+            staff=False,
+            content=text,
+            content_type=1,
+            client_msg_id=cmid,
+            now=NOW + 10,
+            guard_staff=guard,
+        )
+
+    calls = []
+    for i in range(40):
+        calls.append(add(conv if i % 3 else other, 2 + i % 4, f"m{i}", f"k{i}"))
+    calls.append(add(conv, 1, "as staff", None, guard=True))  # refused, alone
+    calls.append(add(conv, 9, "newcomer", None, guard=True))
+    first_batch = await asyncio.gather(*calls, return_exceptions=True)
+    # then retries, of a message before and of one in the same batch, among new ones
+    retries = [add(conv, 2, "again", "e"), add(conv, 3, "twice", "k1"), add(conv, 3, "last", None)]
+    second_batch = await asyncio.gather(*retries, return_exceptions=True)
+    results = first_batch[:40] + second_batch[:2] + first_batch[40:]
+
+    made = results[:40]
+    assert all(not isinstance(r, BaseException) and r.created for r in made)
+    ids = [r.message.id for r in made]  # type: ignore[union-attr]
+    assert ids == sorted(ids) and len(set(ids)) == 40 and ids[0] > earlier
+    retry, twice, refused, newcomer = results[40:]
+    assert not isinstance(retry, BaseException) and not retry.created
+    assert retry.message.id == earlier and retry.message.content == "earlier"
+    assert not isinstance(twice, BaseException) and not twice.created
+    assert twice.message.id == ids[1] and twice.message.content == "m1"
+    assert isinstance(refused, Forbidden)
+    assert not isinstance(newcomer, BaseException) and newcomer.created
+    assert 9 in newcomer.participants and newcomer.message.id > ids[-1]
+
+    page = await store.list_messages(conv, limit=500)
+    stored = [m.id for m in page.messages]
+    assert stored == sorted(stored) and "as staff" not in [m.content for m in page.messages]
+    last = second_batch[2]
+    assert not isinstance(last, BaseException) and last.created and last.message.id > ids[-1]
+    # earlier, the batch's, the newcomer's, the last
+    assert len(stored) == 1 + sum(1 for i in range(40) if i % 3) + 1 + 1
+    # the counters say what counting says (nobody has read anything)
+    for user in (1, 2, 3, 4, 5, 9):
+        expected = {}
+        for c, app in ((conv, 100), (other, 200)):
+            msgs = (await store.list_messages(c, limit=500)).messages
+            if any(m.sender_id == user for m in msgs) or user == 1:
+                expected[app] = sum(1 for m in msgs if m.sender_id != user)
+        assert await unread_of(store, user) == expected, user
+
+
 # --- paged lists by activity (issue 12, item 6) ------------------------------------------
 
 
@@ -264,7 +339,7 @@ async def paged_conversations(store: Store, user: int | None, limit: int, **kw: 
     ids: list[int] = []
     after = None
     while True:
-        page = await store.conversation_page(user, limit=limit, after=after, **kw)  # type: ignore[arg-type]
+        page = await store.conversation_page(user, limit=limit, after=after, **kw)
         assert len(page.conversations) <= limit
         ids += [c.id for c in page.conversations]
         if not page.has_more:

@@ -19,7 +19,7 @@ from websockets.asyncio.client import connect
 from appchat.supervisor import available_cores, worker_count
 
 from .backends import REDIS_URL, free_port, postgres_database, require, unique_prefix
-from .support import SECRET, Client, ServerProcess, token, wait_until
+from .support import SECRET, Client, ServerProcess, subprotocols, token, wait_until
 from .test_cli import appchat
 
 STARTED = re.compile(r"worker (\d+) \(pid (\d+)\) started")
@@ -69,7 +69,7 @@ async def on_worker(
 ) -> AsyncIterator[tuple[Client, int]]:
     """A client whose connection landed on a worker ``accept`` takes (by the answer's pid)."""
     for _ in range(200):
-        ws = await connect(server.url(sid), subprotocols=["access_token", tok])  # type: ignore[list-item]
+        ws = await connect(server.url(sid), subprotocols=subprotocols(tok))
         assert ws.response is not None
         header = ws.response.headers["Appchat-Worker"]
         pid = int(header.split("pid=")[1])
@@ -188,7 +188,7 @@ async def test_killed_worker_is_replaced_then_sigterm_drains_all(tmp_path: Path)
 
             stopping = asyncio.create_task(asyncio.to_thread(node.stop))
             codes = await asyncio.gather(survivor.close_code(), fresh.close_code())
-            assert codes == [1001, 1001]
+            assert list(codes) == [1001, 1001]
             assert await stopping == 0
         for pid in (before[2], new):
             assert not alive(pid)

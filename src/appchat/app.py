@@ -18,6 +18,7 @@ from .service import MAX_REPLY_BYTES, ChatService, Limits
 from .store import Store, open_store
 from .transport.guard import HandshakeGuard, handler_args
 from .transport.http import HealthEndpoints
+from .transport.web import WebClient
 from .transport.ws import WebSocketEndpoint, WsOptions
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,9 @@ class Node:
             migrate=worker is None,
             shared=worker is not None,
         )
-        self.broker = broker or open_broker(settings.broker)
+        self.broker = broker or open_broker(settings.broker, prefix=settings.channel_prefix)
         self.metrics = Metrics()
+        self._dev_secret = secret if settings.dev else None  # mints tokens for the web client
         self.hub = Hub(self.broker, prefix=settings.channel_prefix)
         self.service = ChatService(
             self.store,
@@ -99,6 +101,7 @@ class Node:
         app.router.add_get("/healthz", health.healthz)
         app.router.add_get("/readyz", health.readyz)
         app.router.add_get("/metrics", health.metrics)
+        WebClient(dev_secret=self._dev_secret).add_routes(app)
         app.on_shutdown.append(self._on_shutdown)
         if self.worker is not None:
             app.on_response_prepare.append(self._name_worker)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from .config import (
     settings_from,
 )
 from .errors import AppError, ConfigError
+from .logformat import FORMATS, configure_logging
 from .store import apply_migrations, redact_url
 from .supervisor import (
     Supervisor,
@@ -111,6 +113,8 @@ def serve(ns: argparse.Namespace) -> int:
     check_limits(settings)
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"--log-level {settings.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
+    if settings.log_format not in FORMATS:
+        raise ConfigError(f"--log-format {settings.log_format!r}: use text or json")
     workers = worker_count(ns.workers)
     check_workers(settings, workers)
     _configure_logging(settings)
@@ -151,10 +155,7 @@ def serve_worker(parent: int) -> int:
 
 
 def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("yoyo").setLevel(logging.WARNING)
+    configure_logging(settings.log_level, settings.log_format)
 
 
 def _use_uvloop() -> None:
@@ -215,6 +216,9 @@ async def _serve(
         raise ConfigError(
             f"cannot listen on {node.settings.host}:{node.settings.port}: {exc.strerror or exc}"
         ) from exc
+    # What was made to start up lives as long as the process: keep it out of the
+    # collector's way.
+    gc.freeze()
     if worker:
         announce_ready(sys.stdout)
     else:
@@ -233,12 +237,15 @@ def _announce(settings: Settings, secret: bytes | None, url: str) -> None:
 def _print_dev_tokens(secret: bytes, url: str) -> None:
     staff = mint(secret, admin_id=1, ttl=86400)
     customer = mint(secret, request_id=100, sid=2, ttl=86400)
+    web = url.replace("ws", "http", 1).removesuffix("/ws") + "/"
     print(
+        f"\n--dev: open the web client at {web} and join with one click\n"
         "\n--dev: tokens valid for 24 hours (more with `appchat token`):\n"
         f"  staff 1:                      {staff}\n"
         f"    connect: {url}?sid=1  subprotocols ['access_token', '<token>']\n"
         f"  customer 2 of application 100: {customer}\n"
-        f"    connect: {url}?sid=2  subprotocols ['access_token', '<token>']\n",
+        f"    connect: {url}?sid=2  subprotocols ['access_token', '<token>']\n"
+        '    join: Event.AddConversation {"application_id": 100} (pushes start once joined)\n',
         flush=True,
     )
 

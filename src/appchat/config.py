@@ -10,10 +10,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import defaults
 from .errors import ConfigError
 from .store import sqlite_path
 
-DEFAULT_DATABASE = "sqlite:///appchat.db"
 DEV_SECRET_NAME = "appchat-dev.secret"
 # Descriptors a process keeps beside its connections (database, broker, logs, listeners).
 RESERVED_FILES = 1000
@@ -26,7 +26,7 @@ def default_max_connections() -> int:
     try:
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     except (OSError, ValueError):
-        return 10_000
+        return defaults.MAX_CONNECTIONS
     if hard == resource.RLIM_INFINITY:
         return CONNECTIONS_CAP
     return max(1, min(CONNECTIONS_CAP, max(hard - RESERVED_FILES, hard // 2)))
@@ -34,10 +34,10 @@ def default_max_connections() -> int:
 
 @dataclass(frozen=True)
 class Settings:
-    host: str = "127.0.0.1"
-    port: int = 8888
-    database: str = DEFAULT_DATABASE
-    broker: str = "memory://"
+    host: str = defaults.HOST
+    port: int = defaults.PORT
+    database: str = defaults.DATABASE
+    broker: str = defaults.BROKER
     jwt_secret: str | None = field(default=None, repr=False)
     jwt_secret_file: str | None = None
     jwt_public_key: tuple[str, ...] = ()
@@ -45,22 +45,23 @@ class Settings:
     tls_key: str | None = None
     dev: bool = False
     trust_query_sid: bool = False
-    max_frame: int = 64 * 1024
-    max_content: int = 4000
-    send_queue: int = 1024
-    send_buffer: int = 4 * 1024 * 1024
-    heartbeat: float = 30.0
-    rate: float = 50.0
-    burst: float = 100.0
-    sqlite_busy_timeout: float = 30.0
-    sqlite_synchronous: str = "FULL"
-    log_level: str = "INFO"
-    channel_prefix: str = "appchat"
+    max_frame: int = defaults.MAX_FRAME
+    max_content: int = defaults.MAX_CONTENT
+    send_queue: int = defaults.SEND_QUEUE
+    send_buffer: int = defaults.SEND_BUFFER
+    heartbeat: float = defaults.HEARTBEAT
+    rate: float = defaults.RATE
+    burst: float = defaults.BURST
+    sqlite_busy_timeout: float = defaults.SQLITE_BUSY_TIMEOUT
+    sqlite_synchronous: str = defaults.SQLITE_SYNCHRONOUS
+    log_level: str = defaults.LOG_LEVEL
+    log_format: str = defaults.LOG_FORMAT
+    channel_prefix: str = defaults.CHANNEL_PREFIX
     max_connections: int = field(default_factory=default_max_connections)
-    max_connections_per_user: int = 32
+    max_connections_per_user: int = defaults.MAX_CONNECTIONS_PER_USER
     allowed_origins: tuple[str, ...] = ()
-    handshake_timeout: float = 5.0
-    max_pending_handshakes: int = 1000
+    handshake_timeout: float = defaults.HANDSHAKE_TIMEOUT
+    max_pending_handshakes: int = defaults.MAX_PENDING_HANDSHAKES
 
 
 # name -> (type, help); every option also reads APPCHAT_<NAME> from the environment.
@@ -94,6 +95,7 @@ OPTIONS: dict[str, tuple[type, str]] = {
         "FULL or EXTRA (an ack survives power loss) or NORMAL (survives a process crash)",
     ),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
+    "log_format": (str, "text, or json: one object per line (time, level, logger, message, …)"),
     "channel_prefix": (str, "prefix of broker channels: nodes that talk share one"),
     "max_connections": (
         int,

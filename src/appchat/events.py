@@ -32,6 +32,8 @@ MESSAGE_READ = "Event.MessageRead"
 GET_UNREAD_INFO = "Event.GetUnreadInfo"
 REFRESH_TOKEN = "Event.RefreshToken"
 RESYNC = "Event.Resync"
+TYPING = "Event.Typing"
+RECEIVE_TYPING = "Event.ReceiveTyping"
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
@@ -106,6 +108,12 @@ class GetUnreadInfoArgs:
     user_id: int | None
     limit: int = DEFAULT_LIST_PAGE
     cursor: ActivityKey | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TypingArgs:
+    session_channel: str
+    user_id: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +321,10 @@ def parse_refresh_token(args: dict[str, Any]) -> RefreshTokenArgs:
     return RefreshTokenArgs(token=token)
 
 
+def parse_typing(args: dict[str, Any]) -> TypingArgs:
+    return TypingArgs(session_channel=_channel(args), user_id=_int(args, "user_id"))
+
+
 def unknown_event(name: str) -> UnknownEvent:
     shown = name if len(name) <= 64 else name[:64] + "..."
     return UnknownEvent(f"unknown event {shown!r}")
@@ -427,6 +439,14 @@ def message_read(application_id: int, reader_id: int, message_id: int) -> dict[s
         "session_channel": str(application_id),
         "reader_id": reader_id,
         "message_id": message_id,
+    }
+
+
+def receive_typing(application_id: int, user_id: int) -> dict[str, Any]:
+    return {
+        "session_channel": str(application_id),
+        "application_id": application_id,
+        "user_id": user_id,
     }
 
 

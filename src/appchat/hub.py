@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine, Generator, Iterable
 from enum import IntEnum
 from typing import Any
 
+from . import defaults
 from .broker import Broker
 from .errors import AppError, Unavailable
 from .events import RESYNC, push
@@ -281,7 +282,7 @@ class Hub:
         self,
         broker: Broker,
         *,
-        prefix: str = "appchat",
+        prefix: str = defaults.CHANNEL_PREFIX,
         publish_timeout: float = 2.0,
         max_pending_publishes: int = 100_000,
     ) -> None:
@@ -304,9 +305,10 @@ class Hub:
         self._started = True
 
     async def stop(self) -> None:
-        if self._publisher is not None:
-            await asyncio.wait([self._publisher], timeout=self._publish_timeout)
-            self._publisher.cancel()
+        publisher = self._publisher  # set to None by the task itself when it ends
+        if publisher is not None:
+            await asyncio.wait([publisher], timeout=self._publish_timeout)
+            publisher.cancel()
 
     def _channel(self, user_id: int) -> str:
         return f"{self._prefix}:user:{user_id}"

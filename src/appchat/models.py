@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -14,7 +15,7 @@ TEXT = 1  # content_type; 2 is an image
 
 def now_us() -> int:
     """Wall-clock time in microseconds since the epoch (UTC)."""
-    return int(datetime.now(UTC).timestamp() * 1_000_000)
+    return time.time_ns() // 1000
 
 
 def format_ts(us: int) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from bisect import bisect_left
+from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -21,21 +24,8 @@ class Metrics:
             ["status"],
             registry=self.registry,
         )
-        self.events = Counter(
-            "appchat_events_total",
-            "Request frames served, by event and outcome (ok or the error code)",
-            ["event", "outcome"],
-            registry=self.registry,
-        )
-        self.event_seconds = Histogram(
-            "appchat_event_seconds",
-            "Time to serve a request frame, by event",
-            ["event"],
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-            registry=self.registry,
-        )
-        self._event_counters: dict[tuple[str, str], Any] = {}
-        self._event_timers: dict[str, Any] = {}
+        self.events = EventStats()
+        self.registry.register(self.events)
         self.disconnects = Counter(
             "appchat_disconnects_total",
             "Connections closed by the server, by reason",
@@ -44,16 +34,66 @@ class Metrics:
         )
 
     def count_event(self, event: str, outcome: str, seconds: float) -> None:
-        """One served request: its outcome and its time (label children kept, so the
-        hot path does no label lookup)."""
-        counter = self._event_counters.get((event, outcome))
-        if counter is None:
-            counter = self._event_counters[(event, outcome)] = self.events.labels(event, outcome)
-        timer = self._event_timers.get(event)
-        if timer is None:
-            timer = self._event_timers[event] = self.event_seconds.labels(event)
-        counter.inc()
-        timer.observe(seconds)
+        """One served request: its outcome and its time."""
+        self.events.add(event, outcome, seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+EVENT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class EventStats(Collector):
+    """``appchat_events_total`` and ``appchat_event_seconds``, kept as plain numbers.
+
+    Every request adds to them, so they cost a dictionary lookup and two additions, no
+    lock and no label lookup (the event loop is the only writer); the Prometheus families
+    are built when ``/metrics`` is read.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str], int] = {}
+        self._times: dict[str, list[float]] = {}  # per bucket, then +Inf, then the sum
+
+    def add(self, event: str, outcome: str, seconds: float | None) -> None:
+        """Count one request; ``seconds`` None: not timed (a frame that named no event)."""
+        key = (event, outcome)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        if seconds is None:
+            return
+        times = self._times.get(event)
+        if times is None:
+            times = self._times[event] = [0.0] * (len(EVENT_BUCKETS) + 2)
+        times[bisect_left(EVENT_BUCKETS, seconds)] += 1
+        times[-1] += seconds
+
+    def count(self, event: str, outcome: str) -> int:
+        return self._counts.get((event, outcome), 0)
+
+    def collect(self) -> Iterator[Metric]:
+        total = CounterMetricFamily(
+            "appchat_events",
+            "Request frames served, by event and outcome (ok or the error code)",
+            labels=["event", "outcome"],
+        )
+        for (event, outcome), n in sorted(self._counts.items()):
+            total.add_metric([event, outcome], n)
+        yield total
+        timing = HistogramMetricFamily(
+            "appchat_event_seconds", "Time to serve a request frame, by event", labels=["event"]
+        )
+        for event, times in sorted(self._times.items()):
+            cumulative, buckets = 0.0, []
+            for bound, in_bucket in zip((*EVENT_BUCKETS, float("inf")), times[:-1], strict=True):
+                cumulative += in_bucket
+                buckets.append((_bound(bound), cumulative))
+            timing.add_metric([event], buckets, times[-1])
+        yield timing
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(value)

@@ -29,3 +29,34 @@ class TokenBucket:
             self._tokens -= 1
             return True
         return False
+
+
+class Throttle:
+    """At most one event per key every ``interval``; remembers at most ``max_keys`` keys.
+
+    The clock may be any number that grows (seconds, microseconds); a clock that went
+    backwards lets the event through rather than silencing a key until it catches up.
+    """
+
+    def __init__(self, interval: float, *, max_keys: int = 100_000) -> None:
+        self.interval = interval
+        self._max_keys = max_keys
+        self._last: dict[object, float] = {}
+
+    def allow(self, key: object, now: float) -> bool:
+        last = self._last.get(key)
+        if last is not None and last <= now < last + self.interval:
+            return False
+        if last is None and len(self._last) >= self._max_keys:
+            self._prune(now)
+        self._last[key] = now
+        return True
+
+    def _prune(self, now: float) -> None:
+        self._last = {k: t for k, t in self._last.items() if t <= now < t + self.interval}
+        if len(self._last) >= self._max_keys:  # all recent: forget the oldest half
+            keep = sorted(self._last.items(), key=lambda kv: kv[1])[len(self._last) // 2 :]
+            self._last = dict(keep)
+
+    def __len__(self) -> int:
+        return len(self._last)

@@ -10,19 +10,21 @@ from typing import Any, Protocol
 
 import orjson
 
+from . import defaults
 from . import events as ev
 from .auth import TokenVerifier, bind, parse_id
 from .errors import AppError, Forbidden, Internal, NotFound, Unauthorized
 from .models import Conversation, Message, MessagePage, Principal, now_us
 from .observability import Metrics
+from .ratelimit import Throttle
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_CONTENT = 4000
 MAX_KNOWN_CONVERSATIONS = 100_000  # application -> conversation, remembered per node
 MAX_REPLY_BYTES = 1024 * 1024  # messages in one GetMessageList reply, serialised
 PAGE_CHUNK = 50  # messages read at once for a longer GetMessageList page
+TYPING_INTERVAL_US = 2_000_000  # at most one forwarded Typing per connection and conversation
 
 
 class Fanout(Protocol):
@@ -41,7 +43,7 @@ class Session(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_content: int = DEFAULT_MAX_CONTENT
+    max_content: int = defaults.MAX_CONTENT
     max_reply_bytes: int = MAX_REPLY_BYTES  # a page holds fewer messages beyond it
 
 
@@ -73,7 +75,9 @@ class ChatService:
             ev.READ_MESSAGE: self._read_message,
             ev.GET_UNREAD_INFO: self._get_unread_info,
             ev.REFRESH_TOKEN: self._refresh_token,
+            ev.TYPING: self._typing,
         }
+        self._typing_throttle = Throttle(TYPING_INTERVAL_US)
 
     # --- the entry point of every frame ---------------------------------------------------------
 
@@ -85,7 +89,7 @@ class ChatService:
             return ev.error_reply(exc.name, exc.error, exc.request_id)
         handler = self._handlers.get(request.name)
         if handler is None:
-            self._metrics.events.labels("unknown", "unknown_event").inc()
+            self._metrics.events.add("unknown", "unknown_event", None)
             return ev.error_reply(request.name, ev.unknown_event(request.name), request.id)
         started = time.perf_counter()
         try:
@@ -308,3 +312,21 @@ class ChatService:
             raise Unauthorized("the new token names a different identity")
         session.principal = renewed
         return {"exp": claims.exp}
+
+    async def _typing(self, session: Session, raw: dict[str, Any]) -> Any:
+        """Forward "is typing" to the other participants; never stored. Checked like
+        SendMessage; more than one per connection and conversation within the interval is
+        answered ``ok`` and dropped."""
+        p = session.principal
+        args = ev.parse_typing(raw)
+        typist = self._actor(p, args.user_id, "user_id")
+        conversation = await self._open(p, args.session_channel, typist)
+        if not self._typing_throttle.allow((session.id, conversation.id), self._now()):
+            return None
+        others = [u for u in await self._store.participant_ids(conversation.id) if u != typist]
+        if others:
+            frame = ev.push(
+                ev.RECEIVE_TYPING, ev.receive_typing(conversation.application_id, typist)
+            )
+            self._fanout.deliver(others, conversation.application_id, frame, session.id)
+        return None

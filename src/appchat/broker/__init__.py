@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from .. import defaults
 from ..errors import ConfigError
 
 Handler = Callable[[str, bytes], None]
@@ -45,8 +46,9 @@ class Broker(Protocol):
     async def unsubscribe(self, channel: str) -> None: ...
 
 
-def open_broker(url: str) -> Broker:
-    """Pick the broker implementation for ``url``."""
+def open_broker(url: str, *, prefix: str = defaults.CHANNEL_PREFIX) -> Broker:
+    """Pick the broker implementation for ``url``; every channel it makes of its own
+    starts with ``prefix`` (``--channel-prefix``), as the hub's do."""
     if url in ("memory://", "memory:"):
         from .memory import MemoryBroker
 
@@ -54,7 +56,7 @@ def open_broker(url: str) -> Broker:
     if url.startswith(("redis://", "rediss://", "unix://")):
         from .redis import RedisBroker
 
-        return RedisBroker(url)
+        return RedisBroker(url, prefix=prefix)
     if url.startswith(("nats://", "tls://")):
         from .nats import NatsBroker
 

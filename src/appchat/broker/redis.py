@@ -21,6 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .. import defaults
 from ..errors import Unavailable
 from . import Handler, ResyncHandler
 
@@ -30,7 +31,9 @@ _FAULTS = (RedisError, OSError, TimeoutError)
 
 
 class RedisBroker:
-    def __init__(self, url: str, *, max_backoff: float = 2.0) -> None:
+    def __init__(
+        self, url: str, *, prefix: str = defaults.CHANNEL_PREFIX, max_backoff: float = 2.0
+    ) -> None:
         # Publishing retries once, at once, when its pooled connection turns out stale (a
         # Redis restart), and never hangs on a Redis that stopped answering. No longer: a
         # push that arrives late, after the clients were told to refetch, is worse than one
@@ -46,13 +49,14 @@ class RedisBroker:
         self._subscriber = aioredis.from_url(url, socket_connect_timeout=2.0)
         self._max_backoff = max_backoff
         # Keeps the pub/sub connection open (and its loss noticed) with no participant on.
-        self._own = f"appchat:node:{secrets.token_hex(8)}"
+        self._own = f"{prefix}:node:{secrets.token_hex(8)}"
         self._channels: set[str] = {self._own}
         self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._handler: Handler | None = None
         self._on_resync: ResyncHandler | None = None
         self._healthy = False
+        self._closed = False
 
     async def start(self, handler: Handler, on_resync: ResyncHandler | None = None) -> None:
         self._handler = handler
@@ -65,6 +69,8 @@ class RedisBroker:
         self._reader = asyncio.create_task(self._read_loop(), name="appchat-redis-reader")
 
     async def close(self) -> None:
+        self._healthy = False  # (un)subscribing after this only changes the remembered set
+        self._closed = True
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -89,7 +95,13 @@ class RedisBroker:
     def shared(self) -> bool:
         return True
 
+    def _check_open(self) -> None:
+        # a closed client would open new connections, never to be closed
+        if self._closed:
+            raise Unavailable("the broker connection is closed")
+
     async def publish(self, channel: str, data: bytes) -> None:
+        self._check_open()
         try:
             await self._client.publish(channel, data)
         except _FAULTS as exc:
@@ -99,6 +111,7 @@ class RedisBroker:
         """One pipelined round trip (no MULTI) for the whole batch."""
         if not messages:
             return
+        self._check_open()
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for channel, data in messages:

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Protocol
 
+from .. import defaults
 from ..errors import ConfigError
 from ..models import (
     ActivityKey,
@@ -110,12 +111,15 @@ class Store(Protocol):
         self, user_id: int, *, application_id: int | None = None
     ) -> list[UnreadCount]: ...
 
+    async def participant_ids(self, conversation_id: int) -> list[int]:
+        """Every participant of the conversation, in no particular order."""
+
 
 def open_store(
     url: str,
     *,
-    synchronous: str = "FULL",
-    busy_timeout: float = 30.0,
+    synchronous: str = defaults.SQLITE_SYNCHRONOUS,
+    busy_timeout: float = defaults.SQLITE_BUSY_TIMEOUT,
     migrate: bool = True,
     shared: bool = False,
 ) -> Store:

@@ -1,7 +1,8 @@
 """PostgreSQL storage on an asyncpg pool.
 
-Gap-free history: a new message first locks its conversation's row (the ``UPDATE`` of
-``update_at``), and only then draws its id from the sequence. Two nodes writing to one
+Gap-free history: a new message first locks its conversation's row, and only then
+draws its id from the sequence (``appchat_send_batch``, migration 0003, does this for a
+whole batch of messages in one round trip, locking rows in id order). Two nodes writing to one
 conversation therefore take turns, and a message id is drawn only after every smaller id
 of that conversation committed: a reader resuming with ``after_id`` never skips one.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
@@ -49,6 +51,8 @@ _outage_log = RateLimitedLog(log)  # an outage fails every request: log a few
 
 T = TypeVar("T")
 
+MAX_SEND_BATCH = 500  # messages in one call of appchat_send_batch
+
 # Connection trouble, a transaction rolled back by a deadlock or serialization failure,
 # a server out of resources or shutting down: try again later.
 _UNAVAILABLE_CLASSES = ("08", "40", "53", "57")
@@ -85,6 +89,8 @@ class PostgresStore:
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._pool: asyncpg.Pool | None = None
+        self._sends: list[_Send] = []
+        self._sender: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         if self._migrate:
@@ -105,6 +111,11 @@ class PostgresStore:
             raise translate(exc) from exc
 
     async def close(self) -> None:
+        if self._sender is not None:
+            await asyncio.wait([self._sender], timeout=self._command_timeout)
+        for job in self._sends:
+            _settle(job.future, Unavailable("storage is closed"))
+        self._sends.clear()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
@@ -290,69 +301,94 @@ class PostgresStore:
         now: int,
         guard_staff: bool = False,
     ) -> SendOutcome:
-        async def run(conn: asyncpg.Connection) -> SendOutcome:
-            # The row lock that orders this conversation's ids: taken before nextval.
-            await conn.execute(
-                "UPDATE conversations SET update_at = GREATEST(update_at, $2), "
-                "message_count = message_count + 1 WHERE id = $1",
-                conversation.id,
-                now,
-            )
-            if guard_staff and await conn.fetchval(
-                "SELECT is_staff FROM participants WHERE conversation_id = $1 AND user_id = $2",
-                conversation.id,
+        """Sent in a batch with whatever else is waiting: one round trip per batch."""
+        if self._pool is None:
+            raise Unavailable("storage is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[SendOutcome] = loop.create_future()
+        self._sends.append(
+            _Send(
+                conversation,
                 sender_id,
-            ):
-                raise Forbidden("you may not act as this participant")
-            if client_msg_id is not None:
-                row = await conn.fetchrow(
-                    SELECT_MESSAGES + "WHERE m.conversation_id = $1 "
-                    "AND m.sender_id = $2 AND m.client_msg_id = $3",
-                    conversation.id,
-                    sender_id,
-                    client_msg_id,
-                )
-                if row:
-                    # A retry: raise to undo the update_at bump, answer with the first one.
-                    raise _Duplicate(message_of(row))
-            # One round trip: store the message, make the sender a participant, and list
-            # the participants (the sender among them: the CTE's insert is not visible).
-            message_id, participants = await conn.fetchrow(
-                "WITH m AS (INSERT INTO messages (conversation_id, sender_id, content, "
-                "content_type, status, client_msg_id, create_at, update_at) "
-                "VALUES ($1, $2, $3, $4, 0, $5, $6, $6) RETURNING id), "
-                "j AS (INSERT INTO participants (conversation_id, user_id, is_staff, "
-                "read_position, joined_at, own_unread) VALUES ($1, $2, $7, 0, $6, 1) "
-                "ON CONFLICT (conversation_id, user_id) DO UPDATE SET "
-                "is_staff = participants.is_staff OR EXCLUDED.is_staff, "
-                "own_unread = participants.own_unread + 1) "
-                "SELECT (SELECT id FROM m), ARRAY(SELECT user_id FROM participants "
-                "WHERE conversation_id = $1 UNION SELECT $2::bigint)",
-                conversation.id,
-                sender_id,
+                staff,
                 content,
                 content_type,
                 client_msg_id,
                 now,
-                staff,
+                guard_staff,
+                fut,
             )
-            message = Message(
-                id=message_id,
-                application_id=conversation.application_id,
-                sender_id=sender_id,
-                content=content,
-                content_type=content_type,
-                status=0,
-                create_at=now,
-                update_at=now,
-                client_msg_id=client_msg_id,
-            )
-            return SendOutcome(message, True, list(participants))
+        )
+        if self._sender is None:
+            self._sender = loop.create_task(self._send_loop())
+        return await fut
 
+    async def _send_loop(self) -> None:
+        """Batches go out one at a time; what arrives meanwhile forms the next batch."""
         try:
-            return await self._run(run, tx=True)
-        except _Duplicate as dup:
-            return SendOutcome(dup.found, False, [])  # nothing is pushed again
+            while self._sends:
+                batch = self._sends[:MAX_SEND_BATCH]
+                del self._sends[: len(batch)]
+                try:
+                    outcomes = await self._send_batch(batch)
+                except AppError as exc:
+                    if len(batch) == 1 or not isinstance(exc, Internal):
+                        for job in batch:
+                            _settle(job.future, exc)
+                        continue
+                    # One message broke the batch: each alone, so only that one fails.
+                    outcomes = []
+                    for job in batch:
+                        try:
+                            outcomes += await self._send_batch([job])
+                        except AppError as alone:
+                            outcomes.append(alone)
+                for job, outcome in zip(batch, outcomes, strict=True):
+                    _settle(job.future, outcome)
+        finally:
+            self._sender = None
+
+    async def _send_batch(self, batch: list[_Send]) -> list[SendOutcome | AppError]:
+        async def run(conn: asyncpg.Connection) -> list[SendOutcome | AppError]:
+            rows = await conn.fetch(
+                "SELECT message_id, created, refused, participants FROM appchat_send_batch("
+                "$1, $2, $3, $4, $5, $6, $7, $8)",
+                [j.conversation.id for j in batch],
+                [j.sender_id for j in batch],
+                [j.staff for j in batch],
+                [j.content for j in batch],
+                [j.content_type for j in batch],
+                [j.client_msg_id for j in batch],
+                [j.now for j in batch],
+                [j.guard_staff for j in batch],
+            )
+            retried = [r["message_id"] for r in rows if not r["created"] and not r["refused"]]
+            firsts = {}
+            if retried:
+                found = await conn.fetch(SELECT_MESSAGES + "WHERE m.id = ANY($1)", retried)
+                firsts = {r[0]: message_of(r) for r in found}
+            outcomes: list[SendOutcome | AppError] = []
+            for job, row in zip(batch, rows, strict=True):
+                if row["refused"]:
+                    outcomes.append(Forbidden("you may not act as this participant"))
+                elif not row["created"]:  # a retry: answered with the first, not pushed again
+                    outcomes.append(SendOutcome(firsts[row["message_id"]], False, []))
+                else:
+                    message = Message(
+                        id=row["message_id"],
+                        application_id=job.conversation.application_id,
+                        sender_id=job.sender_id,
+                        content=job.content,
+                        content_type=job.content_type,
+                        status=0,
+                        create_at=job.now,
+                        update_at=job.now,
+                        client_msg_id=job.client_msg_id,
+                    )
+                    outcomes.append(SendOutcome(message, True, list(row["participants"])))
+            return outcomes
+
+        return await self._run(run, tx=False)
 
     async def read_messages(
         self, conversation: Conversation, *, reader_id: int, staff: bool, message_id: int, now: int
@@ -418,6 +454,12 @@ class PostgresStore:
 
         return await self._run(run, tx=False)
 
+    async def participant_ids(self, conversation_id: int) -> list[int]:
+        async def run(conn: asyncpg.Connection) -> list[int]:
+            return await _participants(conn, conversation_id)
+
+        return await self._run(run, tx=False)
+
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Nothing to reset when a connection returns to the pool: appchat changes no session
@@ -425,12 +467,28 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     reset query, a round trip per use."""
 
 
-class _Duplicate(AppError):
-    """Internal signal: a ``client_msg_id`` retry (never reaches a client)."""
+@dataclass(frozen=True, slots=True)
+class _Send:
+    """One SendMessage waiting for its batch."""
 
-    def __init__(self, message: Message) -> None:
-        super().__init__("duplicate")
-        self.found = message
+    conversation: Conversation
+    sender_id: int
+    staff: bool
+    content: str
+    content_type: int
+    client_msg_id: str | None
+    now: int
+    guard_staff: bool
+    future: asyncio.Future[SendOutcome]
+
+
+def _settle(fut: asyncio.Future[SendOutcome], outcome: SendOutcome | AppError) -> None:
+    if fut.done():
+        return
+    if isinstance(outcome, AppError):
+        fut.set_exception(outcome)
+    else:
+        fut.set_result(outcome)
 
 
 async def _join(

@@ -24,6 +24,7 @@ from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .. import defaults
 from ..errors import AppError, ConfigError, Forbidden, Internal, NotFound, Unavailable
 from ..models import (
     ActivityKey,
@@ -70,8 +71,8 @@ class SqliteStore:
         self,
         path: str,
         *,
-        synchronous: str = "FULL",
-        busy_timeout: float = 30.0,
+        synchronous: str = defaults.SQLITE_SYNCHRONOUS,
+        busy_timeout: float = defaults.SQLITE_BUSY_TIMEOUT,
         readers: int = READERS,
         migrate: bool = True,
         shared: bool = False,
@@ -198,13 +199,23 @@ class SqliteStore:
             self._members.check(version)
             conn.execute("BEGIN IMMEDIATE")
             outcomes: list[tuple[bool, Any]] = []
+            sends: list[_SendMessage] = []
             for fn, args, _fut, _loop in batch:
                 in_job = True
+                if isinstance(fn, _SendMessage):
+                    sends.append(fn)
+                    continue
+                if sends:
+                    outcomes += _send_many(conn, sends, self._members)
+                    sends = []
                 try:
                     outcomes.append((True, fn(conn, *args)))
                 except AppError as exc:  # a rule said no before anything was written
                     outcomes.append((False, exc))
                 in_job = False
+            if sends:
+                outcomes += _send_many(conn, sends, self._members)
+            in_job = False
             conn.execute("COMMIT")
             return outcomes
         except Exception as exc:
@@ -376,44 +387,18 @@ class SqliteStore:
         now: int,
         guard_staff: bool = False,
     ) -> SendOutcome:
-        members = self._members
-
-        def run(conn: sqlite3.Connection) -> SendOutcome:
-            if guard_staff and members.is_staff(conn, conversation.id, sender_id):
-                raise Forbidden("you may not act as this participant")
-            row = conn.execute(
-                "INSERT INTO messages (conversation_id, sender_id, content, content_type, status, "
-                "client_msg_id, create_at, update_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?) "
-                "ON CONFLICT DO NOTHING RETURNING id",
-                (conversation.id, sender_id, content, content_type, client_msg_id, now, now),
-            ).fetchone()
-            if row is None:  # a retry with the same client_msg_id: answer with the first
-                found = conn.execute(
-                    SELECT_MESSAGES + "WHERE m.conversation_id = ? AND m.sender_id = ? "
-                    "AND m.client_msg_id = ?",
-                    (conversation.id, sender_id, client_msg_id),
-                ).fetchone()
-                return SendOutcome(message_of(found), False, [])  # nothing is pushed again
-            members.join(conn, conversation.id, sender_id, staff, now, sent=True)
-            conn.execute(
-                "UPDATE conversations SET update_at = max(update_at, ?), "
-                "message_count = message_count + 1 WHERE id = ?",
-                (now, conversation.id),
-            )
-            message = Message(
-                id=row[0],
-                application_id=conversation.application_id,
-                sender_id=sender_id,
-                content=content,
-                content_type=content_type,
-                status=0,
-                create_at=now,
-                update_at=now,
-                client_msg_id=client_msg_id,
-            )
-            return SendOutcome(message, True, members.of(conn, conversation.id))
-
-        return await self._write(run)
+        send = _SendMessage(
+            self._members,
+            conversation,
+            sender_id,
+            staff,
+            content,
+            content_type,
+            client_msg_id,
+            now,
+            guard_staff,
+        )
+        return await self._write(send)
 
     async def read_messages(
         self, conversation: Conversation, *, reader_id: int, staff: bool, message_id: int, now: int
@@ -472,6 +457,194 @@ class SqliteStore:
 
         return await self._read(run)
 
+    async def participant_ids(self, conversation_id: int) -> list[int]:
+        def run(conn: sqlite3.Connection) -> list[int]:
+            rows = conn.execute(
+                "SELECT user_id FROM participants WHERE conversation_id = ?", (conversation_id,)
+            )
+            return [r[0] for r in rows]
+
+        return await self._read(run)
+
+
+class _SendMessage:
+    """A SendMessage for the writer: alone (``__call__``) or with others (``_send_many``)."""
+
+    __slots__ = (
+        "client_msg_id",
+        "content",
+        "content_type",
+        "conversation",
+        "guard_staff",
+        "members",
+        "now",
+        "sender_id",
+        "staff",
+    )
+
+    def __init__(
+        self,
+        members: _Members,
+        conversation: Conversation,
+        sender_id: int,
+        staff: bool,
+        content: str,
+        content_type: int,
+        client_msg_id: str | None,
+        now: int,
+        guard_staff: bool,
+    ) -> None:
+        self.members = members
+        self.conversation = conversation
+        self.sender_id = sender_id
+        self.staff = staff
+        self.content = content
+        self.content_type = content_type
+        self.client_msg_id = client_msg_id
+        self.now = now
+        self.guard_staff = guard_staff
+
+    def refused(self, conn: sqlite3.Connection) -> bool:
+        """A customer acting as a staff participant (decided before anything is written)."""
+        return self.guard_staff and self.members.is_staff(
+            conn, self.conversation.id, self.sender_id
+        )
+
+    def message(self, message_id: int) -> Message:
+        return Message(
+            id=message_id,
+            application_id=self.conversation.application_id,
+            sender_id=self.sender_id,
+            content=self.content,
+            content_type=self.content_type,
+            status=0,
+            create_at=self.now,
+            update_at=self.now,
+            client_msg_id=self.client_msg_id,
+        )
+
+    def __call__(self, conn: sqlite3.Connection) -> SendOutcome:
+        members, conversation = self.members, self.conversation
+        if self.refused(conn):
+            raise Forbidden("you may not act as this participant")
+        members.next_id = None  # this insert draws an id of its own
+        row = conn.execute(
+            "INSERT INTO messages (conversation_id, sender_id, content, content_type, status, "
+            "client_msg_id, create_at, update_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING RETURNING id",
+            (
+                conversation.id,
+                self.sender_id,
+                self.content,
+                self.content_type,
+                self.client_msg_id,
+                self.now,
+                self.now,
+            ),
+        ).fetchone()
+        if row is None:  # a retry with the same client_msg_id: answer with the first
+            found = conn.execute(
+                SELECT_MESSAGES + "WHERE m.conversation_id = ? AND m.sender_id = ? "
+                "AND m.client_msg_id = ?",
+                (conversation.id, self.sender_id, self.client_msg_id),
+            ).fetchone()
+            return SendOutcome(message_of(found), False, [])  # nothing is pushed again
+        members.join(conn, conversation.id, self.sender_id, self.staff, self.now, sent=True)
+        conn.execute(
+            "UPDATE conversations SET update_at = max(update_at, ?), "
+            "message_count = message_count + 1 WHERE id = ?",
+            (self.now, conversation.id),
+        )
+        return SendOutcome(self.message(row[0]), True, members.of(conn, conversation.id))
+
+
+def _send_many(
+    conn: sqlite3.Connection, sends: list[_SendMessage], members: _Members
+) -> list[tuple[bool, Any]]:
+    """Several SendMessages with one statement per table (``executemany``).
+
+    The writer is the only one writing (other processes take turns and make the writer
+    forget), so it numbers the messages itself. A retry (a ``client_msg_id`` seen before)
+    or any surprise undoes this and sends them one by one.
+    """
+    refused = [send.refused(conn) for send in sends]
+    if members.next_id is None:
+        (members.next_id,) = conn.execute(
+            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0),"
+            " coalesce((SELECT max(id) FROM messages), 0)) + 1"
+        ).fetchone()
+    first = next_id = members.next_id
+    rows = []
+    for send, no in zip(sends, refused, strict=True):
+        if not no:
+            rows.append(
+                (
+                    next_id,
+                    send.conversation.id,
+                    send.sender_id,
+                    send.content,
+                    send.content_type,
+                    send.client_msg_id,
+                    send.now,
+                    send.now,
+                )
+            )
+            next_id += 1
+    conn.execute("SAVEPOINT sends")
+    try:
+        conn.executemany(
+            "INSERT INTO messages (id, conversation_id, sender_id, content, content_type, "
+            "status, client_msg_id, create_at, update_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)",
+            rows,
+        )
+    except sqlite3.IntegrityError:  # a retry among them: the careful way
+        conn.execute("ROLLBACK TO sends")
+        conn.execute("RELEASE sends")
+        members.next_id = None
+        outcomes: list[tuple[bool, Any]] = []
+        for send in sends:
+            try:
+                outcomes.append((True, send(conn)))
+            except AppError as exc:
+                outcomes.append((False, exc))
+        return outcomes
+    conn.execute("RELEASE sends")
+    members.next_id = next_id
+    conversations: dict[int, list[int]] = {}  # id -> [newest time, messages]
+    senders: dict[tuple[int, int], int] = {}
+    for send, no in zip(sends, refused, strict=True):
+        if no:
+            continue
+        seen = conversations.setdefault(send.conversation.id, [send.now, 0])
+        seen[0] = max(seen[0], send.now)
+        seen[1] += 1
+        key = (send.conversation.id, send.sender_id)
+        if key in senders or not members.needs_join(key[0], key[1], send.staff):
+            senders[key] = senders.get(key, 0) + 1
+        else:  # a newcomer (or newly staff): joins on its own, its first message counted
+            members.join(conn, key[0], key[1], send.staff, send.now, sent=True)
+            senders[key] = 0
+    conn.executemany(
+        "UPDATE participants SET own_unread = own_unread + ? "
+        "WHERE conversation_id = ? AND user_id = ?",
+        [(n, c, u) for (c, u), n in senders.items() if n],
+    )
+    conn.executemany(
+        "UPDATE conversations SET update_at = max(update_at, ?), "
+        "message_count = message_count + ? WHERE id = ?",
+        [(newest, n, c) for c, (newest, n) in conversations.items()],
+    )
+    out: list[tuple[bool, Any]] = []
+    message_id = first
+    for send, no in zip(sends, refused, strict=True):
+        if no:
+            out.append((False, Forbidden("you may not act as this participant")))
+            continue
+        participants = members.of(conn, send.conversation.id)
+        out.append((True, SendOutcome(send.message(message_id), True, participants)))
+        message_id += 1
+    return out
+
 
 class _Members:
     """The writer thread's memory of conversations' participants and their staff flags.
@@ -484,6 +657,7 @@ class _Members:
     def __init__(self) -> None:
         self._version: int | None = None
         self._by_conversation: dict[int, dict[int, bool]] = {}  # user -> is_staff
+        self.next_id: int | None = None  # the id the next message gets, when known
 
     def check(self, data_version: int) -> None:
         if data_version != self._version:
@@ -492,6 +666,13 @@ class _Members:
 
     def forget(self) -> None:
         self._by_conversation.clear()
+        self.next_id = None
+
+    def needs_join(self, conversation_id: int, user_id: int, staff: bool) -> bool:
+        """Whether ``user_id`` is not yet known as a participant (or not yet as staff)."""
+        known = self._by_conversation.get(conversation_id)
+        current = None if known is None else known.get(user_id)
+        return current is None or (staff and not current)
 
     def _load(self, conn: sqlite3.Connection, conversation_id: int) -> dict[int, bool]:
         known = self._by_conversation.get(conversation_id)

@@ -14,6 +14,7 @@ from functools import partial
 
 from aiohttp import WSMsgType, web
 
+from .. import defaults
 from ..auth import TokenVerifier, bind, parse_id
 from ..errors import AppError, BadRequest, Unauthorized
 from ..events import error_reply, rate_limited_reply
@@ -36,15 +37,15 @@ ROOM_CHECK = 1.0  # how often a reader waiting for send room checks its transpor
 
 @dataclass(frozen=True, slots=True)
 class WsOptions:
-    max_frame: int = 64 * 1024
-    send_queue: int = 1024
-    send_buffer: int = 4 * 1024 * 1024  # bytes waiting to be written, per connection
-    heartbeat: float | None = 30.0
+    max_frame: int = defaults.MAX_FRAME
+    send_queue: int = defaults.SEND_QUEUE
+    send_buffer: int = defaults.SEND_BUFFER  # bytes waiting to be written, per connection
+    heartbeat: float | None = defaults.HEARTBEAT
     trust_query_sid: bool = False
-    rate: float = 50.0  # events a second per connection; 0 switches limiting off
-    burst: float = 100.0
-    max_connections: int = 10000
-    max_connections_per_user: int = 32
+    rate: float = defaults.RATE  # events a second per connection; 0 switches limiting off
+    burst: float = defaults.BURST
+    max_connections: int = defaults.MAX_CONNECTIONS
+    max_connections_per_user: int = defaults.MAX_CONNECTIONS_PER_USER
     allowed_origins: frozenset[str] = frozenset()  # empty: any
 
 

@@ -1,0 +1,34 @@
+"""Every default setting, defined once: ``Settings`` (config.py) takes its defaults from
+here, and so do the parts that can be built without it (``WsOptions``, ``Limits``,
+``open_store``/``SqliteStore``). Imports nothing: any layer may use it."""
+
+from __future__ import annotations
+
+HOST = "127.0.0.1"
+PORT = 8888
+DATABASE = "sqlite:///appchat.db"
+BROKER = "memory://"
+CHANNEL_PREFIX = "appchat"  # broker channels: nodes that talk share one prefix
+LOG_LEVEL = "INFO"
+LOG_FORMAT = "text"  # or "json": one JSON object a line
+
+# frames and messages
+MAX_FRAME = 64 * 1024  # bytes of one incoming frame
+MAX_CONTENT = 4000  # characters of one message
+
+# per connection
+SEND_QUEUE = 1024  # frames waiting to be written
+SEND_BUFFER = 4 * 1024 * 1024  # bytes waiting to be written
+HEARTBEAT = 30.0  # seconds of silence before a ping (0: off)
+RATE = 50.0  # events a second (0: no limit)
+BURST = 100.0
+
+# per node
+MAX_CONNECTIONS = 10_000  # when the open-file limit cannot be read
+MAX_CONNECTIONS_PER_USER = 32
+HANDSHAKE_TIMEOUT = 5.0
+MAX_PENDING_HANDSHAKES = 1000
+
+# SQLite
+SQLITE_BUSY_TIMEOUT = 30.0  # seconds a write waits for a lock held elsewhere
+SQLITE_SYNCHRONOUS = "FULL"

@@ -1,0 +1,599 @@
+// The appchat web client: sign in, conversation list, message view. Built on appchat.js.
+import {
+  AppChat, AppChatError, tokenClaims, CONNECTING, ONLINE, OFFLINE, TOKEN_EXPIRED,
+} from "/appchat.js";
+
+const SESSION_KEY = "appchat.session";
+const PAGE = 30; // messages per history page
+const TYPING_SHOWN_MS = 5000; // how long "is typing" shows without news
+const TYPING_EVERY_MS = 2000; // how often we tell others while the user types
+const TYPING_IDLE_MS = 3000; // the user stopped typing this long ago: stop telling
+const INBOX_REFRESH_MS = 30000; // staff: conversations nobody pushed to us about
+
+const $ = (id) => document.getElementById(id);
+const el = (tag, cls, text) => {
+  const node = document.createElement(tag);
+  if (cls) node.className = cls;
+  if (text !== undefined) node.textContent = text;
+  return node;
+};
+
+let chat = null;
+let me = null; // {sid, staff, application}
+const conversations = new Map(); // channel -> {channel, application_id, update_at, unread, joined}
+const threads = new Map(); // channel -> {messages: Map id -> message, hasMore, loadingOlder, readUpTo}
+const pending = new Map(); // client_msg_id -> {channel, content, create_at, failed}
+const typists = new Map(); // channel -> Map user_id -> timer
+let openChannel = null;
+let lastTypingSent = 0;
+let lastInputAt = 0;
+let typingTimer = null;
+let inboxTimer = null;
+
+// --- formatting -------------------------------------------------------------------------------
+
+const timeFmt = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
+const dayFmt = new Intl.DateTimeFormat(undefined, { weekday: "long", month: "long", day: "numeric" });
+
+function dayLabel(date) {
+  const today = new Date();
+  const yesterday = new Date(Date.now() - 86400000);
+  if (date.toDateString() === today.toDateString()) return "Today";
+  if (date.toDateString() === yesterday.toDateString()) return "Yesterday";
+  return dayFmt.format(date);
+}
+
+function shortTime(iso) {
+  const date = new Date(iso);
+  if (Number.isNaN(date.getTime())) return "";
+  if (date.toDateString() === new Date().toDateString()) return timeFmt.format(date);
+  return date.toLocaleDateString(undefined, { month: "short", day: "numeric" });
+}
+
+function personName(userId) {
+  if (userId === me.sid) return "You";
+  return me.staff ? `User #${userId}` : `Support #${userId}`;
+}
+
+function conversationTitle(c) {
+  return `Request #${c.application_id}`;
+}
+
+function randomId() {
+  if (globalThis.crypto && typeof crypto.randomUUID === "function") return crypto.randomUUID();
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// --- signing in -------------------------------------------------------------------------------
+
+function showSignin(error) {
+  $("app").hidden = true;
+  $("signin").hidden = false;
+  $("signin-error").hidden = !error;
+  $("signin-error").textContent = error || "";
+}
+
+async function devToken(body) {
+  const response = await fetch("/dev/token", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  const doc = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(doc.error || `the server answered ${response.status}`);
+  return doc;
+}
+
+async function joinDev(body) {
+  try {
+    const { token, sid } = await devToken(body);
+    start({ token, sid, dev: body });
+  } catch (err) {
+    showSignin(`Could not join: ${err.message}`);
+  }
+}
+
+function signinWithToken(event) {
+  event.preventDefault();
+  const form = event.target;
+  const token = form.token.value.trim();
+  const claims = tokenClaims(token);
+  if (claims.admin_id == null && claims.request_id == null) {
+    showSignin("This does not look like an appchat token (no admin_id or request_id claim).");
+    return;
+  }
+  if (Number(claims.exp) * 1000 <= Date.now()) {
+    showSignin("This token has expired. Ask for a new one.");
+    return;
+  }
+  const sid = Number(form.sid.value || claims.sid || claims.sub || claims.admin_id);
+  if (!Number.isSafeInteger(sid) || sid < 1) {
+    showSignin("This token names no participant: enter your participant id.");
+    return;
+  }
+  start({ token, sid });
+}
+
+function signOut() {
+  sessionStorage.removeItem(SESSION_KEY);
+  location.reload();
+}
+
+// --- the session ------------------------------------------------------------------------------
+
+function start(session) {
+  sessionStorage.setItem(SESSION_KEY, JSON.stringify(session));
+  const claims = tokenClaims(session.token);
+  me = {
+    sid: Number(session.sid),
+    staff: claims.admin_id != null,
+    application: claims.request_id != null ? Number(claims.request_id) : null,
+  };
+  $("signin").hidden = true;
+  $("app").hidden = false;
+  $("who").textContent = me.staff
+    ? `Staff member #${me.sid}`
+    : `Customer #${me.sid} · request #${me.application}`;
+  $("list-title").textContent = me.staff ? "Inbox" : "Your request";
+  document.body.dataset.role = me.staff ? "staff" : "customer";
+
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  chat = new AppChat({
+    url: `${scheme}://${location.host}/ws?sid=${me.sid}`,
+    token: session.token,
+    backoffMax: 8000,
+    // A dev session mints its next token itself; a real page would ask its backend.
+    getToken: session.dev
+      ? async () => {
+          const { token } = await devToken(session.dev);
+          sessionStorage.setItem(SESSION_KEY, JSON.stringify({ ...session, token }));
+          return token;
+        }
+      : null,
+  });
+  chat.on("state", onState);
+  chat.on("message", ({ message }) => onMessage(message));
+  chat.on("read", onRead);
+  chat.on("typing", onTyping);
+  chat.on("resumed", () => refreshStatuses());
+  chat.on("error", ({ error }) => {
+    if (error && error.code && !["offline", "disconnected"].includes(error.code)) {
+      showBanner(`Something went wrong: ${error.message}`);
+    }
+  });
+  chat.start();
+}
+
+function onState({ state, retryIn }) {
+  const status = $("status");
+  status.dataset.state = state;
+  $("retry").hidden = state !== OFFLINE;
+  if (state === ONLINE) {
+    status.textContent = "Online";
+    hideBanner();
+    loadLists();
+    clearInterval(inboxTimer);
+    if (me.staff) inboxTimer = setInterval(loadLists, INBOX_REFRESH_MS);
+  } else if (state === CONNECTING) {
+    status.textContent = "Connecting…";
+  } else if (state === OFFLINE) {
+    const seconds = Math.max(1, Math.round((retryIn || 0) / 1000));
+    status.textContent = `Offline · retrying in ${seconds}s`;
+    clearInterval(inboxTimer);
+  } else if (state === TOKEN_EXPIRED) {
+    status.textContent = "Session expired";
+    clearInterval(inboxTimer);
+    showBanner("Your session has expired.", "Sign in again", signOut);
+  }
+  renderComposerHint();
+}
+
+function showBanner(text, action, onAction) {
+  const banner = $("banner");
+  banner.textContent = text;
+  if (action) {
+    const button = el("button", "", action);
+    button.type = "button";
+    button.addEventListener("click", onAction);
+    banner.append(button);
+  }
+  banner.hidden = false;
+}
+
+function hideBanner() {
+  $("banner").hidden = true;
+}
+
+// --- the conversation list --------------------------------------------------------------------
+
+async function loadLists() {
+  try {
+    if (!me.staff) {
+      // A customer joins their request's conversation (creating it if need be), so that
+      // replies reach them as pushes from the first one on.
+      await chat.call("Event.AddConversation", { application_id: me.application });
+    }
+    const list = await chat.call("Event.GetConversationList", me.staff ? { all: true } : {});
+    const unread = await chat.call("Event.GetUnreadInfo", {});
+    const counts = new Map(unread.conversations.map((u) => [u.session_channel, u.unread]));
+    for (const c of list.conversations) {
+      const known = conversations.get(c.session_channel) || {};
+      conversations.set(c.session_channel, {
+        ...known,
+        channel: c.session_channel,
+        application_id: c.application_id,
+        update_at: c.update_at,
+        joined: counts.has(c.session_channel) || Boolean(known.joined),
+        unread: c.session_channel === openChannel ? 0 : counts.get(c.session_channel) || 0,
+      });
+    }
+    renderList();
+    if (!openChannel && !me.staff && conversations.size) openConversation(list.conversations[0].session_channel);
+    if (openChannel) markRead();
+  } catch (err) {
+    if (!["offline", "disconnected"].includes(err.code)) showBanner(`Could not load conversations: ${err.message}`);
+  }
+}
+
+function renderList() {
+  const ul = $("conversations");
+  const items = [...conversations.values()].sort(
+    (a, b) => (a.update_at < b.update_at ? 1 : a.update_at > b.update_at ? -1 : 0),
+  );
+  ul.replaceChildren(
+    ...items.map((c) => {
+      const li = el("li", "conversation");
+      li.dataset.channel = c.channel;
+      li.classList.toggle("active", c.channel === openChannel);
+      li.classList.toggle("unread", c.unread > 0);
+      const avatar = el("div", "avatar", `#${String(c.application_id).slice(-3)}`);
+      const body = el("div");
+      body.append(el("div", "title", conversationTitle(c)));
+      const typingNow = typists.get(c.channel)?.size;
+      const sub = el(
+        "div",
+        typingNow ? "sub typing-now" : "sub",
+        typingNow ? "typing…" : c.joined || !me.staff ? `Last activity ${shortTime(c.update_at)}` : "Not joined yet",
+      );
+      body.append(sub);
+      const side = el("div", "side");
+      const time = el("time", "", shortTime(c.update_at));
+      time.dateTime = c.update_at;
+      side.append(time);
+      if (c.unread > 0) side.append(el("span", "badge", String(c.unread)));
+      li.append(avatar, body, side);
+      li.addEventListener("click", () => openConversation(c.channel));
+      return li;
+    }),
+  );
+  $("list-empty").hidden = conversations.size > 0;
+  const total = items.reduce((n, c) => n + (c.unread || 0), 0);
+  $("total-unread").hidden = total === 0;
+  $("total-unread").textContent = String(total);
+  document.title = total ? `(${total}) appchat` : "appchat";
+}
+
+// --- the message view -------------------------------------------------------------------------
+
+async function openConversation(channel) {
+  openChannel = channel;
+  const c = conversations.get(channel);
+  $("no-thread").hidden = true;
+  $("thread").hidden = false;
+  $("thread-title").textContent = c ? conversationTitle(c) : `Request #${channel}`;
+  $("thread-sub").textContent = me.staff ? `Conversation of request ${channel}` : "Our support team answers here";
+  renderList();
+  renderTyping();
+  let thread = threads.get(channel);
+  if (!thread) {
+    thread = { messages: new Map(), hasMore: false, loadingOlder: false, readUpTo: 0, loaded: false };
+    threads.set(channel, thread);
+  }
+  renderThread({ stick: true });
+  try {
+    if (me.staff && c && !c.joined) {
+      // Opening a conversation joins it: its messages then arrive live and count as unread.
+      await chat.call("Event.AddConversation", { application_id: c.application_id });
+      c.joined = true;
+    }
+    if (!thread.loaded) {
+      $("history-status").textContent = "Loading…";
+      const page = await chat.history(channel, { limit: PAGE });
+      for (const m of page.messages) thread.messages.set(m.id, m);
+      thread.hasMore = page.hasMore;
+      thread.loaded = true;
+      if (openChannel === channel) renderThread({ stick: true });
+      await fillViewport(channel);
+    }
+    markRead();
+  } catch (err) {
+    $("history-status").textContent = "";
+    if (!["offline", "disconnected"].includes(err.code)) showBanner(`Could not open the conversation: ${err.message}`);
+  }
+  $("input").focus();
+}
+
+async function loadOlder(channel) {
+  const thread = threads.get(channel);
+  if (!thread || !thread.hasMore || thread.loadingOlder || !thread.messages.size) return;
+  thread.loadingOlder = true;
+  $("history-status").textContent = "Loading earlier messages…";
+  try {
+    const oldest = Math.min(...thread.messages.keys());
+    const page = await chat.history(channel, { beforeId: oldest, limit: PAGE });
+    for (const m of page.messages) thread.messages.set(m.id, m);
+    thread.hasMore = page.hasMore;
+    if (openChannel === channel) {
+      const box = $("messages");
+      const fromBottom = box.scrollHeight - box.scrollTop;
+      renderThread();
+      box.scrollTop = box.scrollHeight - fromBottom; // keep what the user looks at in place
+    }
+  } finally {
+    thread.loadingOlder = false;
+  }
+}
+
+async function fillViewport(channel) {
+  const box = $("messages");
+  while (openChannel === channel && threads.get(channel)?.hasMore && box.scrollHeight <= box.clientHeight) {
+    await loadOlder(channel);
+  }
+}
+
+function renderThread({ stick = false } = {}) {
+  const thread = threads.get(openChannel);
+  if (!thread) return;
+  const box = $("messages");
+  const nearBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
+  const items = [...thread.messages.values()].sort((a, b) => a.id - b.id);
+  const waiting = [...pending.entries()]
+    .filter(([, p]) => p.channel === openChannel)
+    .map(([clientMsgId, p]) => ({ ...p, client_msg_id: clientMsgId, sender_id: me.sid, status: -1 }));
+  const nodes = [];
+  let day = null;
+  for (const m of [...items, ...waiting]) {
+    const date = new Date(m.create_at);
+    if (date.toDateString() !== day) {
+      day = date.toDateString();
+      nodes.push(el("li", "day", dayLabel(date)));
+    }
+    nodes.push(messageNode(m));
+  }
+  $("message-list").replaceChildren(...nodes);
+  $("thread-empty").hidden = !thread.loaded || nodes.length > 0;
+  $("history-status").textContent = thread.hasMore ? "Scroll up for earlier messages" : thread.loaded && items.length ? "Beginning of the conversation" : "";
+  if (stick || nearBottom) box.scrollTop = box.scrollHeight;
+}
+
+function messageNode(m) {
+  const own = m.sender_id === me.sid;
+  const li = el("li", `msg ${own ? "own" : "theirs"}`);
+  if (m.id) li.dataset.id = String(m.id);
+  if (m.client_msg_id) li.dataset.client = m.client_msg_id;
+  const bubble = el("div", "bubble");
+  if (!own) bubble.append(el("div", "sender", personName(m.sender_id)));
+  bubble.append(contentNode(m));
+  const meta = el("div", "meta");
+  const time = el("time", "", timeFmt.format(new Date(m.create_at)));
+  time.dateTime = m.create_at;
+  meta.append(time);
+  if (own) {
+    const ticks = el("span", "ticks");
+    if (m.status === -1 && m.failed) {
+      li.classList.add("failed");
+      ticks.textContent = `Not sent: ${m.failed}`;
+    } else if (m.status === -1) {
+      li.classList.add("pending");
+      ticks.textContent = "Sending…";
+    } else {
+      ticks.textContent = m.status >= 1 ? "✓✓" : "✓";
+      ticks.dataset.read = String(m.status >= 1);
+      ticks.title = m.status >= 1 ? "Read" : "Delivered";
+    }
+    meta.append(ticks);
+  }
+  bubble.append(meta);
+  li.append(bubble);
+  return li;
+}
+
+// content_type 1 is text; 2 is an image reference (shown when it is a URL a browser can load).
+function contentNode(m) {
+  if (m.content_type === 2 && /^(https:\/\/|\/)/.test(m.content)) {
+    const img = el("img", "image");
+    img.src = m.content;
+    img.alt = "image";
+    img.loading = "lazy";
+    return img;
+  }
+  return el("div", "text", m.content);
+}
+
+function markRead() {
+  const channel = openChannel;
+  const thread = threads.get(channel);
+  if (!thread || !thread.messages.size || document.visibilityState !== "visible") return;
+  const newest = Math.max(...thread.messages.keys());
+  const c = conversations.get(channel);
+  if (newest > thread.readUpTo) {
+    thread.readUpTo = newest;
+    chat.read(channel, newest).catch(() => {
+      thread.readUpTo = 0; // try again on the next occasion
+    });
+  }
+  if (c && c.unread) {
+    c.unread = 0;
+    renderList();
+  }
+}
+
+// After a reconnect: read ticks that changed while we were away.
+async function refreshStatuses() {
+  for (const [channel, thread] of threads) {
+    if (!thread.loaded) continue;
+    try {
+      const page = await chat.call("Event.GetMessageList", { session_channel: channel, limit: PAGE });
+      for (const m of page.Messages) if (thread.messages.has(m.id)) thread.messages.set(m.id, m);
+    } catch {
+      return;
+    }
+  }
+  renderThread();
+}
+
+// --- pushes -----------------------------------------------------------------------------------
+
+function onMessage(m) {
+  const channel = m.session_channel;
+  let c = conversations.get(channel);
+  if (!c) {
+    c = { channel, application_id: Number(channel), update_at: m.create_at, unread: 0, joined: true };
+    conversations.set(channel, c);
+  }
+  if (m.create_at > c.update_at) c.update_at = m.create_at;
+  if (m.client_msg_id && m.sender_id === me.sid) pending.delete(m.client_msg_id);
+  const thread = threads.get(channel);
+  if (thread && thread.loaded) thread.messages.set(m.id, m);
+  if (m.sender_id !== me.sid) {
+    clearTyping(channel, m.sender_id);
+    if (channel === openChannel && document.visibilityState === "visible") markRead();
+    else c.unread = (c.unread || 0) + 1;
+  }
+  renderList();
+  if (channel === openChannel) renderThread({ stick: m.sender_id === me.sid });
+}
+
+function onRead({ session_channel: channel, reader_id: reader, message_id: upTo }) {
+  const thread = threads.get(channel);
+  if (reader === me.sid) {
+    // read on another device of ours
+    const c = conversations.get(channel);
+    if (c) c.unread = 0;
+    renderList();
+    return;
+  }
+  if (!thread) return;
+  for (const [id, m] of thread.messages) {
+    if (id <= upTo && m.sender_id !== reader && m.status < 1) thread.messages.set(id, { ...m, status: 1 });
+  }
+  if (channel === openChannel) renderThread();
+}
+
+function onTyping({ session_channel: channel, user_id: userId }) {
+  if (userId === me.sid) return;
+  let who = typists.get(channel);
+  if (!who) typists.set(channel, (who = new Map()));
+  clearTimeout(who.get(userId));
+  who.set(userId, setTimeout(() => clearTyping(channel, userId), TYPING_SHOWN_MS));
+  renderTyping();
+  renderList();
+}
+
+function clearTyping(channel, userId) {
+  const who = typists.get(channel);
+  if (!who || !who.has(userId)) return;
+  clearTimeout(who.get(userId));
+  who.delete(userId);
+  if (!who.size) typists.delete(channel);
+  renderTyping();
+  renderList();
+}
+
+function renderTyping() {
+  const who = [...(typists.get(openChannel)?.keys() || [])];
+  $("typing").textContent = who.length ? `${who.map(personName).join(", ")} ${who.length > 1 ? "are" : "is"} typing…` : "";
+}
+
+// --- sending ----------------------------------------------------------------------------------
+
+function renderComposerHint() {
+  const offline = chat && chat.state !== ONLINE;
+  $("input").placeholder = offline ? "Offline: messages are sent when the connection is back" : "Write a message…";
+}
+
+function submit(event) {
+  event.preventDefault();
+  const input = $("input");
+  const content = input.value.trim();
+  const channel = openChannel;
+  if (!content || !channel) return;
+  input.value = "";
+  const clientMsgId = randomId();
+  pending.set(clientMsgId, { channel, content, create_at: new Date().toISOString(), content_type: 1 });
+  renderThread({ stick: true });
+  chat.send(channel, content, { clientMsgId }).then(
+    () => {
+      pending.delete(clientMsgId);
+      if (channel === openChannel) renderThread();
+    },
+    (err) => {
+      const p = pending.get(clientMsgId);
+      if (p) p.failed = err instanceof AppChatError ? err.message : String(err);
+      if (channel === openChannel) renderThread();
+    },
+  );
+}
+
+// While the user types, and for a few seconds after the last keystroke, tell the others every
+// TYPING_EVERY_MS (the server forwards at most one every 2 s per connection anyway).
+function onInput() {
+  lastInputAt = Date.now();
+  typingTick();
+  if (!typingTimer) typingTimer = setInterval(typingTick, 500);
+}
+
+function typingTick() {
+  const now = Date.now();
+  const typing = openChannel && $("input").value.trim() && now - lastInputAt < TYPING_IDLE_MS;
+  if (!typing) {
+    clearInterval(typingTimer);
+    typingTimer = null;
+    return;
+  }
+  if (chat.state !== ONLINE || now - lastTypingSent < TYPING_EVERY_MS) return;
+  lastTypingSent = now;
+  chat.typing(openChannel).catch(() => {});
+}
+
+// --- wiring -----------------------------------------------------------------------------------
+
+async function boot() {
+  $("token-form").addEventListener("submit", signinWithToken);
+  $("join-customer").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const f = event.target.elements;
+    joinDev({ role: "customer", id: Number(f.user.value), application_id: Number(f.application.value) });
+  });
+  $("join-staff").addEventListener("submit", (event) => {
+    event.preventDefault();
+    joinDev({ role: "staff", id: Number(event.target.elements.user.value) });
+  });
+  $("signout").addEventListener("click", signOut);
+  $("retry").addEventListener("click", () => chat && chat.retryNow());
+  $("composer").addEventListener("submit", submit);
+  $("input").addEventListener("input", onInput);
+  $("input").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey) submit(event);
+  });
+  $("messages").addEventListener("scroll", () => {
+    if ($("messages").scrollTop < 40 && openChannel) loadOlder(openChannel);
+  });
+  document.addEventListener("visibilitychange", () => openChannel && markRead());
+
+  let config = { dev: false };
+  try {
+    config = await (await fetch("/client-config.json")).json();
+  } catch {
+    // an older server: no dev buttons
+  }
+  $("dev-join").hidden = !config.dev;
+  const saved = JSON.parse(sessionStorage.getItem(SESSION_KEY) || "null");
+  if (saved && saved.token && !(Number(tokenClaims(saved.token).exp) * 1000 <= Date.now() && !saved.dev)) {
+    start(saved);
+  } else {
+    showSignin();
+  }
+}
+
+boot();

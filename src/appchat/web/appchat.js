@@ -1,0 +1,493 @@
+// appchat.js: a small browser client for the appchat WebSocket protocol (docs/protocol.md).
+//
+// An ES module with no dependencies and no build step; the server serves it at /appchat.js.
+//
+//   import { AppChat } from "/appchat.js";
+//   const chat = new AppChat({ url: "ws://127.0.0.1:8888/ws?sid=2", token: jwt,
+//                              getToken: async () => fetchNewTokenFromYourBackend() });
+//   chat.on("state", ({ state }) => ...);          // connecting | online | offline | token_expired | closed
+//   chat.on("message", ({ message }) => ...);      // each message exactly once (push or catch-up)
+//   chat.start();
+//   const { messages } = await chat.history("100"); // the newest page; "100" is now followed
+//   await chat.send("100", "Hello");                // survives reconnects (client_msg_id)
+//
+// What it does for you: request/reply matched by id, with a timeout; pushes as events;
+// reconnects with backoff; after a reconnect or an Event.Resync push it fetches, for every
+// followed conversation, everything after the last message it knows (GetMessageList with
+// after_id), so no message is lost or shown twice; renews the token with RefreshToken before
+// it expires, through the getToken callback the page supplies.
+
+export const CONNECTING = "connecting";
+export const ONLINE = "online";
+export const OFFLINE = "offline";
+export const TOKEN_EXPIRED = "token_expired";
+export const CLOSED = "closed";
+
+const CLOSE_TOKEN_EXPIRED = 4001;
+const RETRYABLE = new Set(["offline", "disconnected", "timeout", "unavailable", "rate_limited"]);
+
+/** An error reply ({code, message}), or a local one: offline, disconnected, timeout. */
+export class AppChatError extends Error {
+  constructor(code, message) {
+    super(message || code);
+    this.name = "AppChatError";
+    this.code = code;
+  }
+}
+
+/** The claims of a JWT, unverified (only the server verifies): for exp, sid, admin_id… */
+export function tokenClaims(jwt) {
+  try {
+    const part = String(jwt).split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const text = atob(part + "===".slice((part.length + 3) % 4));
+    const bytes = Uint8Array.from(text, (c) => c.charCodeAt(0));
+    const claims = JSON.parse(new TextDecoder().decode(bytes));
+    return claims && typeof claims === "object" ? claims : {};
+  } catch {
+    return {};
+  }
+}
+
+function randomId() {
+  if (globalThis.crypto && typeof crypto.randomUUID === "function") return crypto.randomUUID();
+  const bytes = new Uint8Array(16);
+  crypto.getRandomValues(bytes);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+export class AppChat extends EventTarget {
+  /**
+   * @param {object} options
+   * @param {string} options.url           ws(s)://host/ws?sid=N
+   * @param {string} options.token         the JWT
+   * @param {function} [options.getToken] async (reason) => a new JWT or null; reason is
+   *        "refresh" (before expiry) or "expired" (the token ran out)
+   * @param {number} [options.requestTimeout=10000] ms to wait for a reply
+   * @param {number} [options.refreshMargin=60] renew this many seconds before exp
+   * @param {number} [options.backoffMin=500]  first reconnect delay, ms (doubles each time)
+   * @param {number} [options.backoffMax=15000]
+   * @param {number} [options.pageSize=100] messages per catch-up request
+   * @param {function} [options.WebSocket] the WebSocket class (tests pass a fake)
+   */
+  constructor(options) {
+    super();
+    this.url = options.url;
+    this.token = options.token;
+    this.getToken = options.getToken || null;
+    this.requestTimeout = options.requestTimeout ?? 10000;
+    this.refreshMargin = options.refreshMargin ?? 60;
+    this.backoffMin = options.backoffMin ?? 500;
+    this.backoffMax = options.backoffMax ?? 15000;
+    this.pageSize = options.pageSize ?? 100;
+    this.WebSocket = options.WebSocket || globalThis.WebSocket;
+    this.state = CLOSED;
+    this._ws = null;
+    this._nextId = 1;
+    this._pending = new Map(); // request id -> {resolve, reject, timer}
+    this._followed = new Map(); // session_channel -> {cursor, seen: Set of ids > cursor}
+    this._outbox = []; // sends waiting for a connection
+    this._attempt = 0;
+    this._timers = { reconnect: null, refresh: null, flush: null };
+    this._resuming = null;
+    this._resumeAgain = false;
+    this._stopped = true;
+  }
+
+  // --- events ---------------------------------------------------------------------------------
+
+  /** Listen to an event; returns a function that stops listening. fn gets the event detail. */
+  on(name, fn) {
+    const listener = (event) => fn(event.detail);
+    this.addEventListener(name, listener);
+    return () => this.removeEventListener(name, listener);
+  }
+
+  _emit(name, detail) {
+    this.dispatchEvent(new CustomEvent(name, { detail }));
+  }
+
+  _setState(state, extra = {}) {
+    this.state = state;
+    this._emit("state", { state, ...extra });
+  }
+
+  // --- connection -----------------------------------------------------------------------------
+
+  /** Connect (and keep reconnecting until close()). */
+  start() {
+    this._stopped = false;
+    this._connect();
+    return this;
+  }
+
+  /** Resolves once the client is online (or at once if it is). */
+  ready() {
+    if (this.state === ONLINE) return Promise.resolve();
+    return new Promise((resolve) => {
+      const off = this.on("state", ({ state }) => {
+        if (state === ONLINE) {
+          off();
+          resolve();
+        }
+      });
+    });
+  }
+
+  close() {
+    this._stopped = true;
+    this._clearTimers();
+    const ws = this._ws;
+    this._ws = null;
+    if (ws) ws.close(1000);
+    this._failPending("disconnected", "the client was closed");
+    for (const item of this._outbox.splice(0)) {
+      item.reject(new AppChatError("disconnected", "the client was closed"));
+    }
+    this._setState(CLOSED);
+  }
+
+  _clearTimers() {
+    for (const key of Object.keys(this._timers)) {
+      clearTimeout(this._timers[key]);
+      this._timers[key] = null;
+    }
+  }
+
+  _tokenExpired() {
+    const exp = Number(tokenClaims(this.token).exp);
+    return Number.isFinite(exp) && exp * 1000 <= Date.now();
+  }
+
+  async _connect() {
+    if (this._stopped) return;
+    if (this._tokenExpired() && !(await this._renewExpired())) return;
+    this._setState(CONNECTING, { attempt: this._attempt });
+    let ws;
+    try {
+      ws = new this.WebSocket(this.url, ["access_token", this.token]);
+    } catch (err) {
+      this._scheduleReconnect(0, String(err));
+      return;
+    }
+    this._ws = ws;
+    ws.onopen = () => {
+      if (this._ws !== ws) return;
+      this._attempt = 0;
+      this._setState(ONLINE);
+      this._scheduleRefresh();
+      this._flushOutbox();
+      if (this._followed.size) this.resume();
+    };
+    ws.onmessage = (event) => {
+      if (this._ws === ws) this._onFrame(event.data);
+    };
+    ws.onclose = (event) => {
+      if (this._ws !== ws) return;
+      this._ws = null;
+      this._failPending("disconnected", "the connection closed");
+      clearTimeout(this._timers.refresh);
+      if (event.code === CLOSE_TOKEN_EXPIRED) {
+        this._renewExpired().then((renewed) => renewed && this._connect());
+        return;
+      }
+      this._scheduleReconnect(event.code, event.reason);
+    };
+  }
+
+  _scheduleReconnect(code, reason) {
+    if (this._stopped) return;
+    const base = Math.min(this.backoffMax, this.backoffMin * 2 ** this._attempt);
+    const delay = Math.round(base / 2 + (Math.random() * base) / 2);
+    this._attempt += 1;
+    this._setState(OFFLINE, { code, reason, retryIn: delay });
+    clearTimeout(this._timers.reconnect);
+    this._timers.reconnect = setTimeout(() => this._connect(), delay);
+  }
+
+  /** Connect again now instead of waiting for the backoff (e.g. on a "Retry" button). */
+  retryNow() {
+    if (this.state !== OFFLINE) return;
+    clearTimeout(this._timers.reconnect);
+    this._connect();
+  }
+
+  /** The token ran out: ask the page for a new one; without one the client stops. */
+  async _renewExpired() {
+    let fresh = null;
+    if (this.getToken) {
+      try {
+        fresh = await this.getToken("expired");
+      } catch {
+        fresh = null;
+      }
+    }
+    if (fresh) {
+      this.token = fresh;
+      return true;
+    }
+    this._stopped = true;
+    this._clearTimers();
+    this._failPending("disconnected", "the token expired");
+    this._setState(TOKEN_EXPIRED);
+    return false;
+  }
+
+  _scheduleRefresh() {
+    clearTimeout(this._timers.refresh);
+    const exp = Number(tokenClaims(this.token).exp);
+    if (!this.getToken || !Number.isFinite(exp)) return;
+    const left = exp * 1000 - Date.now();
+    const margin = Math.min(this.refreshMargin * 1000, left / 2);
+    this._timers.refresh = setTimeout(() => this.refreshToken(), Math.max(0, left - margin));
+  }
+
+  /** Renew the token now through getToken and Event.RefreshToken. */
+  async refreshToken() {
+    if (!this.getToken || this.state !== ONLINE) return false;
+    try {
+      const fresh = await this.getToken("refresh");
+      if (!fresh) return false;
+      await this.call("Event.RefreshToken", { token: fresh });
+      this.token = fresh;
+      return true;
+    } catch (err) {
+      this._emit("error", { error: err, during: "Event.RefreshToken" });
+      return false;
+    } finally {
+      if (this.state === ONLINE) this._scheduleRefresh();
+    }
+  }
+
+  // --- requests -------------------------------------------------------------------------------
+
+  /**
+   * Send a request; resolves with its result, rejects with an AppChatError: the server's
+   * code, or "offline" (not connected), "disconnected" (closed before the reply),
+   * "timeout" (no reply within the timeout; the request may still have been executed).
+   */
+  call(name, args = {}, { timeout = this.requestTimeout } = {}) {
+    const ws = this._ws;
+    if (!ws || this.state !== ONLINE) {
+      return Promise.reject(new AppChatError("offline", "not connected"));
+    }
+    const id = this._nextId++;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this._pending.delete(id);
+        reject(new AppChatError("timeout", `no reply to ${name} within ${timeout} ms`));
+      }, timeout);
+      this._pending.set(id, { resolve, reject, timer });
+      ws.send(JSON.stringify({ name, args: JSON.stringify(args), id }));
+    });
+  }
+
+  _failPending(code, message) {
+    for (const [id, p] of this._pending) {
+      clearTimeout(p.timer);
+      p.reject(new AppChatError(code, message));
+      this._pending.delete(id);
+    }
+  }
+
+  _onFrame(data) {
+    let frame;
+    try {
+      frame = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (!frame || typeof frame !== "object") return;
+    const p = frame.id !== undefined ? this._pending.get(frame.id) : undefined;
+    if (p) {
+      this._pending.delete(frame.id);
+      clearTimeout(p.timer);
+      if (frame.ok) p.resolve(frame.result);
+      else p.reject(new AppChatError(frame.error?.code || "error", frame.error?.message));
+      return;
+    }
+    if (!frame.ok || frame.id !== undefined) {
+      this._emit("error", { frame });
+      return;
+    }
+    this._emit("push", frame);
+    const result = frame.result;
+    switch (frame.name) {
+      case "Event.ReceiveMessage":
+        if (result && result.message) this._deliver(result.message, "push");
+        break;
+      case "Event.MessageRead":
+        this._emit("read", result);
+        break;
+      case "Event.ReceiveTyping":
+        this._emit("typing", result);
+        break;
+      case "Event.Resync":
+        this.resume();
+        break;
+      default:
+        break;
+    }
+  }
+
+  // --- conversations: history, catch-up, sending ----------------------------------------------
+
+  /** Follow a conversation: after a reconnect or Resync, fetch what came after cursor. */
+  follow(channel, cursor = 0) {
+    channel = String(channel);
+    const known = this._followed.get(channel);
+    if (known) {
+      this._advance(known, cursor);
+      return;
+    }
+    this._followed.set(channel, { cursor, seen: new Set() });
+  }
+
+  unfollow(channel) {
+    this._followed.delete(String(channel));
+  }
+
+  /** The highest id up to which every message of the conversation is known. */
+  cursor(channel) {
+    const f = this._followed.get(String(channel));
+    return f ? f.cursor : null;
+  }
+
+  _advance(f, cursor) {
+    if (cursor <= f.cursor) return;
+    f.cursor = cursor;
+    for (const id of f.seen) if (id <= cursor) f.seen.delete(id);
+  }
+
+  /** Emit a message once: ids at or below the cursor, or already seen, are dropped. */
+  _deliver(message, source) {
+    const f = this._followed.get(String(message.session_channel));
+    if (f) {
+      if (message.id <= f.cursor || f.seen.has(message.id)) return false;
+      f.seen.add(message.id);
+    }
+    this._emit("message", { message, source });
+    return true;
+  }
+
+  /**
+   * A page of history, oldest first: the newest messages, or those before beforeId.
+   * The newest page also follows the conversation from its newest message on.
+   */
+  async history(channel, { beforeId = null, limit = 50 } = {}) {
+    channel = String(channel);
+    const args = { session_channel: channel, limit };
+    if (beforeId !== null) args.before_id = beforeId;
+    const page = await this.call("Event.GetMessageList", args);
+    const messages = page.Messages || [];
+    if (beforeId === null) {
+      this.follow(channel, 0);
+      const f = this._followed.get(channel);
+      const newest = messages.length ? messages[messages.length - 1].id : 0;
+      for (const m of messages) if (m.id > f.cursor) f.seen.add(m.id);
+      this._advance(f, newest);
+    }
+    return { messages, hasMore: Boolean(page.has_more) };
+  }
+
+  /**
+   * Catch up every followed conversation: GetMessageList with after_id = its cursor, page
+   * after page; new messages are emitted as "message" (source "resume"), then "resumed".
+   * Runs once at a time; asked again meanwhile, it runs once more afterwards.
+   */
+  resume() {
+    if (this._resuming) {
+      this._resumeAgain = true;
+      return this._resuming;
+    }
+    this._resuming = (async () => {
+      try {
+        do {
+          this._resumeAgain = false;
+          for (const [channel, f] of this._followed) {
+            let more = true;
+            while (more && this._followed.get(channel) === f) {
+              const page = await this.call("Event.GetMessageList", {
+                session_channel: channel,
+                after_id: f.cursor,
+                limit: this.pageSize,
+              });
+              const messages = page.Messages || [];
+              for (const m of messages) this._deliver(m, "resume");
+              if (messages.length) this._advance(f, messages[messages.length - 1].id);
+              more = Boolean(page.has_more) && messages.length > 0;
+            }
+          }
+        } while (this._resumeAgain);
+        this._emit("resumed", { channels: [...this._followed.keys()] });
+      } catch (err) {
+        // Offline again: the next connection resumes from the same cursors.
+        this._emit("error", { error: err, during: "resume" });
+      } finally {
+        this._resuming = null;
+      }
+    })();
+    return this._resuming;
+  }
+
+  /**
+   * Store a message; resolves with it once the server has it. While offline, or if the
+   * connection drops before the reply, it is sent again (same client_msg_id, so never twice)
+   * as soon as the client is online. Rejects only for errors a retry cannot fix.
+   */
+  send(channel, content, { contentType = 1, clientMsgId = randomId() } = {}) {
+    const args = {
+      session_channel: String(channel),
+      content,
+      content_type: contentType,
+      client_msg_id: clientMsgId,
+    };
+    return new Promise((resolve, reject) => {
+      const item = { args, resolve, reject, sending: false };
+      this._outbox.push(item);
+      if (this.state === ONLINE) this._sendItem(item);
+    });
+  }
+
+  /** Messages accepted by send() and not stored yet (to show as pending). */
+  get unsent() {
+    return this._outbox.map((item) => ({ ...item.args }));
+  }
+
+  async _sendItem(item) {
+    if (item.sending) return;
+    item.sending = true;
+    try {
+      const result = await this.call("Event.SendMessage", item.args);
+      this._outbox.splice(this._outbox.indexOf(item), 1);
+      this._deliver(result.message, "send");
+      item.resolve(result.message);
+    } catch (err) {
+      if (!RETRYABLE.has(err.code)) {
+        this._outbox.splice(this._outbox.indexOf(item), 1);
+        item.reject(err);
+      } else if (this.state === ONLINE) {
+        clearTimeout(this._timers.flush); // still connected (a timeout): try again shortly
+        this._timers.flush = setTimeout(() => this._flushOutbox(), 1000);
+      }
+    } finally {
+      item.sending = false;
+    }
+  }
+
+  _flushOutbox() {
+    for (const item of this._outbox) this._sendItem(item);
+  }
+
+  /** Tell the others this user is typing (call it while they type; the server throttles). */
+  typing(channel) {
+    return this.call("Event.Typing", { session_channel: String(channel) });
+  }
+
+  /** Mark everything up to messageId as read. */
+  read(channel, messageId) {
+    return this.call("Event.ReadMessage", {
+      session_channel: String(channel),
+      message_id: messageId,
+    });
+  }
+}
