@@ -32,11 +32,22 @@ from .test_cluster import _start_all
 BIG_ID = "x" * 60_000  # echoed back in every reply: a 60 KB reply to a 60 KB request
 
 
+OPEN: list[socket.socket] = []  # every RawSocket's socket, closed after each test
+
+
+@pytest.fixture(autouse=True)
+def close_attackers() -> Iterator[None]:
+    yield
+    while OPEN:
+        OPEN.pop().close()
+
+
 class RawSocket:
     """A WebSocket client on a plain socket: it writes frames and reads only when told."""
 
     def __init__(self, srv: ServerProcess, sid: int, tok: str, *, rcvbuf: int = 4096) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        OPEN.append(self.sock)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(10)
         self.sock.connect(("127.0.0.1", srv.port))
@@ -401,60 +412,62 @@ async def test_a_ping_flood_is_closed_1008_and_others_stay_fast(tmp_path: Path) 
                 calm.append(time.perf_counter() - t0)
 
             reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
-            key = base64.b64encode(os.urandom(16)).decode()
-            writer.write(
-                (
-                    f"GET /ws?sid=1901 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                    f"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                    f"Sec-WebSocket-Key: {key}\r\n"
-                    f"Sec-WebSocket-Protocol: access_token, {token(admin_id=1901)}\r\n\r\n"
-                ).encode()
-            )
-            head = await reader.readuntil(b"\r\n\r\n")
-            assert b" 101 " in head
-            ping = RawSocket.frame(b"p" * 100, opcode=0x9)
-            closed = asyncio.Event()
+            try:
+                key = base64.b64encode(os.urandom(16)).decode()
+                writer.write(
+                    (
+                        f"GET /ws?sid=1901 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                        f"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                        f"Sec-WebSocket-Key: {key}\r\n"
+                        f"Sec-WebSocket-Protocol: access_token, {token(admin_id=1901)}\r\n\r\n"
+                    ).encode()
+                )
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert b" 101 " in head
+                ping = RawSocket.frame(b"p" * 100, opcode=0x9)
+                closed = asyncio.Event()
 
-            async def flood() -> int:
-                sent = 0
-                with contextlib.suppress(ConnectionError):
-                    while not closed.is_set():
-                        writer.write(ping * 50)
-                        sent += 50
-                        await writer.drain()
-                return sent
+                async def flood() -> int:
+                    sent = 0
+                    with contextlib.suppress(ConnectionError):
+                        while not closed.is_set():
+                            writer.write(ping * 50)
+                            sent += 50
+                            await writer.drain()
+                    return sent
 
-            async def close_code() -> int:
-                # Read frames until the server's close frame: its code.
-                try:
-                    while True:
-                        b0, b1 = await reader.readexactly(2)
-                        n = b1 & 0x7F
-                        if n == 126:
-                            (n,) = struct.unpack("!H", await reader.readexactly(2))
-                        elif n == 127:
-                            (n,) = struct.unpack("!Q", await reader.readexactly(8))
-                        payload = await reader.readexactly(n)
-                        if b0 & 0x0F == 0x8:
-                            return int(struct.unpack("!H", payload[:2])[0])
-                finally:
-                    closed.set()
+                async def close_code() -> int:
+                    # Read frames until the server's close frame: its code.
+                    try:
+                        while True:
+                            b0, b1 = await reader.readexactly(2)
+                            n = b1 & 0x7F
+                            if n == 126:
+                                (n,) = struct.unpack("!H", await reader.readexactly(2))
+                            elif n == 127:
+                                (n,) = struct.unpack("!Q", await reader.readexactly(8))
+                            payload = await reader.readexactly(n)
+                            if b0 & 0x0F == 0x8:
+                                return int(struct.unpack("!H", payload[:2])[0])
+                    finally:
+                        closed.set()
 
-            flooding = asyncio.create_task(flood())
-            during: list[float] = []
-            code_task = asyncio.create_task(close_code())
-            while not code_task.done() and len(during) < 20:
-                t0 = time.perf_counter()
+                flooding = asyncio.create_task(flood())
+                during: list[float] = []
+                code_task = asyncio.create_task(close_code())
+                while not code_task.done() and len(during) < 20:
+                    t0 = time.perf_counter()
+                    await other.ok("Event.GetUnreadInfo", {})
+                    during.append(time.perf_counter() - t0)
+                code = await asyncio.wait_for(code_task, 10)
+                sent = await asyncio.wait_for(flooding, 10)
+                assert code == 1008, code
+                assert sent >= 100  # it got past its burst before it was closed
+                # Another connection is served as before while the flood lasts.
+                assert max(during, default=0) < max(0.25, 10 * max(calm)), (calm, during)
                 await other.ok("Event.GetUnreadInfo", {})
-                during.append(time.perf_counter() - t0)
-            code = await asyncio.wait_for(code_task, 10)
-            sent = await asyncio.wait_for(flooding, 10)
-            writer.close()
-            assert code == 1008, code
-            assert sent >= 100  # it got past its burst before it was closed
-            # Another connection is served as before while the flood lasts.
-            assert max(during, default=0) < max(0.25, 10 * max(calm)), (calm, during)
-            await other.ok("Event.GetUnreadInfo", {})
+            finally:
+                writer.close()
         flood_counted = 'appchat_disconnects_total{reason="frame flood"} 1.0'
         await asyncio.to_thread(wait_until, lambda: flood_counted in metrics_text(srv))
     finally:

@@ -308,7 +308,8 @@ class Hub:
         publisher = self._publisher  # set to None by the task itself when it ends
         if publisher is not None:
             await asyncio.wait([publisher], timeout=self._publish_timeout)
-            publisher.cancel()
+            publisher.cancel()  # (it may be retrying Event.Resync to a broker still down)
+            await asyncio.wait([publisher])  # ended: a push after stop() starts a new one
 
     def _channel(self, user_id: int) -> str:
         return f"{self._prefix}:user:{user_id}"

@@ -297,6 +297,7 @@ class _Session:
         while not conn.draining and not conn.closed:
             if conn.full:  # a client that does not read its replies is not read either
                 await self._wait_room()
+                continue
             if len(self._inbox) >= self.PIPELINE:
                 await self._wait_inbox_room()
                 continue
@@ -336,7 +337,7 @@ class _Session:
         heartbeat found no pong, a close timed out), cut it: a graceful close would wait
         for a client that reads nothing, and this connection would never end."""
         conn, transport = self.conn, self.transport
-        while conn.full:
+        while conn.full and not conn.draining:  # shutting down: stop waiting (within 1 s)
             try:
                 async with asyncio.timeout(ROOM_CHECK):
                     await conn.room()
