@@ -44,7 +44,7 @@ async def test_accepts_and_selects_access_token(server: ServerProcess) -> None:
     async with client(server, 1, token(admin_id=1)) as c:
         assert c.ws.subprotocol == "access_token"
         result = await c.ok("Event.GetConversationList", {"user_id": 1})
-        assert result == {"conversations": []}
+        assert result == {"conversations": [], "has_more": False, "next_cursor": None}
 
 
 async def test_accepts_the_originals_claim_shape(server: ServerProcess) -> None:

@@ -214,6 +214,73 @@ async def test_an_upgraded_connection_outlives_the_handshake_deadline(
         assert (await c.ok("Event.GetUnreadInfo", {}))["total"] == 0
 
 
+# --- item 6: big inboxes and lists are paged ----------------------------------------------
+
+INBOX = 260  # conversations of staff 46 (the had 20,000: the paging is the same)
+
+
+async def test_conversation_list_and_unread_info_are_paged(hostile: ServerProcess) -> None:
+    async with (
+        client(hostile, 46, token(admin_id=46)) as s,
+        client(hostile, 47, token(admin_id=47)) as other,
+    ):
+        apps = [460_000 + i for i in range(INBOX)]
+        await asyncio.gather(*(s.ok("Event.AddConversation", {"application_id": a}) for a in apps))
+        # Another staff member writes in every third: unread for 46, newest activity.
+        for a in apps[::3]:
+            await other.ok("Event.SendMessage", {"session_channel": str(a), "content": "hi"})
+        unread_total = len(apps[::3])
+
+        # The seed's call, no paging args: a small first page that says more exist.
+        first = await s.ok("Event.GetConversationList", {})
+        assert len(first["conversations"]) == 100
+        assert first["has_more"] is True and isinstance(first["next_cursor"], str)
+        walked = [c["application_id"] for c in first["conversations"]]
+        cursor = first["next_cursor"]
+        while cursor is not None:
+            page = await s.ok("Event.GetConversationList", {"limit": 70, "cursor": cursor})
+            assert len(page["conversations"]) <= 70
+            walked += [c["application_id"] for c in page["conversations"]]
+            cursor = page["next_cursor"]
+            assert (cursor is not None) == page["has_more"]
+        assert sorted(walked) == apps and len(set(walked)) == INBOX
+        # Newest activity first: the conversations written in come first, newest first.
+        assert walked[:unread_total] == list(reversed(apps[::3]))
+        whole = await s.ok("Event.GetConversationList", {"limit": 1000})
+        assert [c["application_id"] for c in whole["conversations"]] == walked
+        assert whole["has_more"] is False and whole["next_cursor"] is None
+
+        info = await s.ok("Event.GetUnreadInfo", {})
+        assert len(info["conversations"]) == 100 and info["has_more"] is True
+        assert info["total"] == unread_total  # every conversation's, not the page's
+        counted = info["conversations"]
+        cursor = info["next_cursor"]
+        while cursor is not None:
+            page = await s.ok("Event.GetUnreadInfo", {"limit": 90, "cursor": cursor})
+            assert page["total"] == unread_total
+            counted += page["conversations"]
+            cursor = page["next_cursor"]
+        assert [c["application_id"] for c in counted] == walked
+        assert sum(c["unread"] for c in counted) == unread_total
+
+        # The staff inbox ("all") is paged the same way.
+        inbox = await s.ok("Event.GetConversationList", {"all": True, "limit": 5})
+        assert len(inbox["conversations"]) == 5 and inbox["has_more"] is True
+
+        for bad in (
+            {"limit": 0},
+            {"limit": 1001},
+            {"limit": "5"},
+            {"cursor": "x"},
+            {"cursor": 5},
+            {"cursor": "1_0"},
+            {"cursor": "-1_5"},
+        ):
+            for event in ("Event.GetConversationList", "Event.GetUnreadInfo"):
+                assert await s.error(event, bad) == "bad_request", (event, bad)
+        await s.ok("Event.GetUnreadInfo", {})  # the connection stays up
+
+
 # --- item 7: the smaller ones -------------------------------------------------------------
 
 

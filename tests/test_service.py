@@ -200,7 +200,8 @@ async def test_get_conversation_list_newest_activity_first(chat: Chat) -> None:
     await chat.add(staff, 200)
     await chat.add(staff, 300)
     result = await chat.ok(staff, "Event.GetConversationList", {"user_id": 1})
-    assert set(result) == {"conversations"}
+    assert set(result) == {"conversations", "has_more", "next_cursor"}
+    assert result["has_more"] is False and result["next_cursor"] is None
     assert [c["application_id"] for c in result["conversations"]] == [300, 200, 100]
     for c in result["conversations"]:
         assert set(c) == CONVERSATION_KEYS
@@ -253,7 +254,11 @@ async def test_send_message_to_missing_conversation_creates_nothing(chat: Chat) 
     staff = chat.staff(1)
     args = {"session_channel": "5", "content": "x"}
     assert await chat.err(staff, "Event.SendMessage", args) == "not_found"
-    assert await chat.ok(staff, "Event.GetConversationList", {"all": True}) == {"conversations": []}
+    assert await chat.ok(staff, "Event.GetConversationList", {"all": True}) == {
+        "conversations": [],
+        "has_more": False,
+        "next_cursor": None,
+    }
     assert chat.fanout.calls == []
 
 
@@ -276,6 +281,8 @@ async def test_read_message_and_unread_info_happy_path(chat: Chat) -> None:
     assert info == {
         "total": 1,
         "conversations": [{"session_channel": "100", "application_id": 100, "unread": 1}],
+        "has_more": False,
+        "next_cursor": None,
     }
     reply = await chat.call(
         customer,
@@ -363,7 +370,9 @@ async def test_customer_may_not_add_another_application(chat: Chat) -> None:
         args = {"application_id": app, "user_id": 2}
         assert await chat.err(customer, "Event.AddConversation", args) == "forbidden"
     assert await chat.ok(staff, "Event.GetConversationList", {"all": True}) == {
-        "conversations": [await chat.add(staff, 200)]
+        "conversations": [await chat.add(staff, 200)],
+        "has_more": False,
+        "next_cursor": None,
     }
 
 
@@ -571,6 +580,8 @@ async def test_unread_counts(chat: Chat) -> None:
     assert await chat.unread(customer) == {
         "total": 3,
         "conversations": [{"session_channel": "100", "application_id": 100, "unread": 3}],
+        "has_more": False,
+        "next_cursor": None,
     }
     own = await chat.unread(staff)
     assert own["total"] == 0
@@ -587,7 +598,12 @@ async def test_unread_counts(chat: Chat) -> None:
         {"session_channel": "100", "application_id": 100, "unread": 1},
         {"session_channel": "200", "application_id": 200, "unread": 0},
     ]
-    assert await chat.unread(chat.staff(77)) == {"total": 0, "conversations": []}
+    assert await chat.unread(chat.staff(77)) == {
+        "total": 0,
+        "conversations": [],
+        "has_more": False,
+        "next_cursor": None,
+    }
 
 
 async def test_customer_sees_only_their_application(chat: Chat) -> None:
@@ -602,6 +618,8 @@ async def test_customer_sees_only_their_application(chat: Chat) -> None:
     assert info == {
         "total": 1,
         "conversations": [{"session_channel": "100", "application_id": 100, "unread": 1}],
+        "has_more": False,
+        "next_cursor": None,
     }
     # the same user id under a staff token sees both
     assert await chat.conversations(chat.staff(2)) == [100, 200]
@@ -863,6 +881,7 @@ async def test_internal_error_leaks_nothing(
 
     monkeypatch.setattr(store, "get_conversation", boom)
     monkeypatch.setattr(store, "list_conversations", boom)
+    monkeypatch.setattr(store, "conversation_page", boom)
     for event, args in [
         ("Event.GetMessageList", {"session_channel": "100"}),
         ("Event.SendMessage", {"session_channel": "100", "content": "x"}),

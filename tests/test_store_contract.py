@@ -329,3 +329,79 @@ async def test_sends_batched_together_keep_every_rule(store: Store) -> None:
             if any(m.sender_id == user for m in msgs) or user == 1:
                 expected[app] = sum(1 for m in msgs if m.sender_id != user)
         assert await unread_of(store, user) == expected, user
+
+
+# --- paged lists by activity (issue 12, item 6) ------------------------------------------
+
+
+async def paged_conversations(store: Store, user: int | None, limit: int, **kw: int) -> list[int]:
+    """Walk every page; check each page's size and has_more."""
+    ids: list[int] = []
+    after = None
+    while True:
+        page = await store.conversation_page(user, limit=limit, after=after, **kw)
+        assert len(page.conversations) <= limit
+        ids += [c.id for c in page.conversations]
+        if not page.has_more:
+            return ids
+        assert len(page.conversations) == limit
+        last = page.conversations[-1]
+        after = (last.update_at, last.id)
+
+
+async def test_conversation_pages_walk_every_conversation_once(store: Store) -> None:
+    # 23 conversations of user 1; ties of update_at (many created at NOW) broken by id.
+    convs = [await conversation(store, app=1000 + i) for i in range(23)]
+    await conversation(store, app=2000, user=2)  # not user 1's
+    for i, conv in enumerate(convs[::4]):  # some with later activity
+        await store.add_message(
+            conv,
+            sender_id=1,
+            staff=True,
+            content="x",
+            content_type=1,
+            client_msg_id=None,
+            now=NOW + 100 - i,
+        )
+    everything = [c.id for c in await store.list_conversations(1)]
+    assert len(everything) == 23
+    for limit in (1, 5, 23, 100):
+        assert await paged_conversations(store, 1, limit) == everything
+    # Every conversation (the staff inbox), in the same order.
+    inbox = [c.id for c in await store.list_all_conversations(limit=100)]
+    assert len(inbox) == 24
+    assert await paged_conversations(store, None, 7) == inbox
+    # One application's: a page of one, no more.
+    only = await store.conversation_page(1, application_id=1003, limit=5)
+    assert [c.application_id for c in only.conversations] == [1003] and not only.has_more
+    empty = await store.conversation_page(3, limit=5)
+    assert empty.conversations == [] and not empty.has_more
+
+
+async def test_unread_pages_and_a_total_over_every_conversation(store: Store) -> None:
+    convs = [await conversation(store, app=3000 + i, user=1) for i in range(9)]
+    for i, conv in enumerate(convs):
+        await store.add_conversation(conv.application_id, 2, staff=False, now=NOW)
+        for n in range(i % 3):  # 0, 1 or 2 unread for user 1
+            await send(store, conv, 2, f"{i}-{n}")
+    everything = [(u.application_id, u.unread) for u in await store.unread_counts(1)]
+    total = sum(n for _, n in everything)
+    assert total == 9
+    for limit in (1, 4, 9, 50):
+        seen: list[tuple[int, int]] = []
+        after = None
+        while True:
+            page = await store.unread_page(1, limit=limit, after=after)
+            assert page.total == total  # always the whole sum, not the page's
+            assert len(page.counts) <= limit
+            seen += [(u.application_id, u.unread) for u in page.counts]
+            if not page.has_more:
+                break
+            assert page.last is not None
+            after = page.last
+        assert seen == everything
+    one = await store.unread_page(1, application_id=3002, limit=5)
+    assert [(u.application_id, u.unread) for u in one.counts] == [(3002, 2)]
+    assert one.total == 2 and not one.has_more
+    none = await store.unread_page(7, limit=5)
+    assert none.counts == [] and none.total == 0 and none.last is None

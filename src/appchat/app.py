@@ -14,7 +14,7 @@ from .broker import Broker, open_broker
 from .config import Settings
 from .hub import Hub
 from .observability import Metrics
-from .service import ChatService, Limits
+from .service import MAX_REPLY_BYTES, ChatService, Limits
 from .store import Store, open_store
 from .transport.guard import HandshakeGuard, handler_args
 from .transport.http import HealthEndpoints
@@ -62,7 +62,10 @@ class Node:
             self.store,
             self.hub,
             self.verifier,
-            limits=Limits(max_content=settings.max_content),
+            limits=Limits(
+                max_content=settings.max_content,
+                max_reply_bytes=min(MAX_REPLY_BYTES, settings.send_buffer),
+            ),
             trust_query_sid=settings.trust_query_sid,
             metrics=self.metrics,
         )

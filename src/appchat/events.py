@@ -11,7 +11,16 @@ from typing import Any
 import orjson
 
 from .errors import AppError, BadRequest, RateLimited, UnknownEvent
-from .models import MAX_ID, TEXT, Conversation, Message, UnreadCount, format_ts
+from .models import (
+    MAX_ID,
+    TEXT,
+    ActivityKey,
+    Conversation,
+    Message,
+    UnreadCount,
+    UnreadPage,
+    format_ts,
+)
 
 ADD_CONVERSATION = "Event.AddConversation"
 GET_CONVERSATION_LIST = "Event.GetConversationList"
@@ -28,6 +37,9 @@ RECEIVE_TYPING = "Event.ReceiveTyping"
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
+DEFAULT_LIST_PAGE = 100  # conversations in a GetConversationList/GetUnreadInfo page
+MAX_LIST_PAGE = 1000
+MAX_CURSOR_LEN = 64
 MAX_CHANNEL_LEN = 64
 MAX_CLIENT_MSG_ID_LEN = 64
 MAX_TOKEN_LEN = 8192
@@ -62,6 +74,8 @@ class AddConversationArgs:
 class GetConversationListArgs:
     user_id: int | None
     all: bool
+    limit: int = DEFAULT_LIST_PAGE
+    cursor: ActivityKey | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +106,8 @@ class ReadMessageArgs:
 @dataclass(frozen=True, slots=True)
 class GetUnreadInfoArgs:
     user_id: int | None
+    limit: int = DEFAULT_LIST_PAGE
+    cursor: ActivityKey | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +234,39 @@ def parse_get_conversation_list(args: dict[str, Any]) -> GetConversationListArgs
         everything = False
     if not isinstance(everything, bool):
         raise BadRequest("all must be a boolean")
-    return GetConversationListArgs(user_id=_int(args, "user_id"), all=everything)
+    return GetConversationListArgs(
+        user_id=_int(args, "user_id"),
+        all=everything,
+        limit=_list_limit(args),
+        cursor=_cursor(args),
+    )
+
+
+def _list_limit(args: dict[str, Any]) -> int:
+    limit = args.get("limit")
+    if limit is None:
+        return DEFAULT_LIST_PAGE
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_PAGE:
+        raise BadRequest(f"limit must be an integer between 1 and {MAX_LIST_PAGE}")
+    return limit
+
+
+def _cursor(args: dict[str, Any]) -> ActivityKey | None:
+    """The ``next_cursor`` of an earlier page: ``"<update_at>_<id>"`` (opaque to clients)."""
+    value = args.get("cursor")
+    if value is None:
+        return None
+    if isinstance(value, str) and len(value) <= MAX_CURSOR_LEN:
+        update_at, sep, conversation_id = value.partition("_")
+        if sep and update_at.isdigit() and conversation_id.isdigit() and update_at.isascii():
+            key = (int(update_at), int(conversation_id))
+            if key[0] <= MAX_ID and 1 <= key[1] <= MAX_ID and conversation_id.isascii():
+                return key
+    raise BadRequest("cursor must be the next_cursor of an earlier page")
+
+
+def cursor_of(key: ActivityKey) -> str:
+    return f"{key[0]}_{key[1]}"
 
 
 def parse_get_message_list(args: dict[str, Any]) -> GetMessageListArgs:
@@ -259,7 +307,9 @@ def parse_read_message(args: dict[str, Any]) -> ReadMessageArgs:
 
 
 def parse_get_unread_info(args: dict[str, Any]) -> GetUnreadInfoArgs:
-    return GetUnreadInfoArgs(user_id=_int(args, "user_id"))
+    return GetUnreadInfoArgs(
+        user_id=_int(args, "user_id"), limit=_list_limit(args), cursor=_cursor(args)
+    )
 
 
 def parse_refresh_token(args: dict[str, Any]) -> RefreshTokenArgs:
@@ -318,6 +368,37 @@ def message_list(messages: list[Message], has_more: bool) -> dict[str, Any]:
     return {"Messages": [message_obj(m) for m in messages], "has_more": has_more}
 
 
+MESSAGE_OVERHEAD = 512  # bytes of a serialised message besides its content, at most
+
+
+def message_list_within(
+    messages: list[Message], has_more: bool, max_bytes: int, *, keep_newest: bool
+) -> dict[str, Any]:
+    """A GetMessageList result whose messages take at most ``max_bytes`` serialised.
+
+    A page that would be bigger holds fewer messages, those nearest the cursor (the
+    newest for a page walking back, the oldest for an ``after_id`` page), and says
+    ``has_more``: paging on from its first (or last) id loses nothing. One message is
+    always kept, whatever its size.
+    """
+    # Content is at most 4 bytes a code point in UTF-8, 6 escaped: most pages are far
+    # below the bound and are serialised as they are.
+    if sum(len(m.content) for m in messages) * 6 + MESSAGE_OVERHEAD * len(messages) <= max_bytes:
+        return message_list(messages, has_more)
+    kept: list[bytes] = []
+    total = 0
+    for m in reversed(messages) if keep_newest else messages:
+        encoded = orjson.dumps(message_obj(m))
+        if kept and total + len(encoded) + 1 > max_bytes:  # (+1: its comma)
+            has_more = True
+            break
+        kept.append(encoded)
+        total += len(encoded) + 1
+    if keep_newest:
+        kept.reverse()
+    return {"Messages": [orjson.Fragment(e) for e in kept], "has_more": has_more}
+
+
 def unread_info(counts: list[UnreadCount]) -> dict[str, Any]:
     return {
         "total": sum(c.unread for c in counts),
@@ -330,6 +411,27 @@ def unread_info(counts: list[UnreadCount]) -> dict[str, Any]:
             for c in counts
         ],
     }
+
+
+def conversation_page(conversations: list[Conversation], has_more: bool) -> dict[str, Any]:
+    """GetConversationList's result: the seed's ``conversations`` and where to go on."""
+    last = conversations[-1] if has_more and conversations else None
+    return {
+        "conversations": [conversation_obj(c) for c in conversations],
+        "has_more": has_more,
+        "next_cursor": None if last is None else cursor_of((last.update_at, last.id)),
+    }
+
+
+def unread_page(page: UnreadPage) -> dict[str, Any]:
+    """GetUnreadInfo's result: ``total`` over every conversation, a page of them."""
+    result = unread_info(page.counts)
+    result["total"] = page.total
+    result["has_more"] = page.has_more
+    result["next_cursor"] = (
+        cursor_of(page.last) if page.has_more and page.last is not None else None
+    )
+    return result
 
 
 def message_read(application_id: int, reader_id: int, message_id: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ their connections. A node ignores its own publications when they come back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import secrets
@@ -18,7 +19,7 @@ from typing import Any
 
 from . import defaults
 from .broker import Broker
-from .errors import AppError
+from .errors import AppError, Unavailable
 from .events import RESYNC, push
 from .models import Principal
 
@@ -106,6 +107,13 @@ class Connection:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def full(self) -> bool:
+        """No room for a reply: the reader must wait (``room()``) before reading more."""
+        return not self._closed and (
+            self.queued_bytes > self._max_bytes or len(self._queue) >= self._max_queue
+        )
 
     @property
     def backlog(self) -> int:
@@ -252,6 +260,9 @@ class _Yield:
         yield self.value
 
 
+RESYNC_RETRY = 0.1  # seconds before retrying Event.Resync to a broker that did not answer
+
+
 def _envelope(node: str, origin: str | None, application_id: int, frame: bytes) -> bytes:
     return f"{node}\t{origin or ''}\t{application_id}\n".encode() + frame
 
@@ -282,6 +293,7 @@ class Hub:
         self._max_outbox = max_pending_publishes
         self._publisher: asyncio.Task[None] | None = None
         self._missed: set[int] = set()  # users whose pushes could not be published
+        self._wake: asyncio.Event | None = None  # a push came while the publisher waits
         self._started = False
 
     async def start(self) -> None:
@@ -292,7 +304,8 @@ class Hub:
         publisher = self._publisher  # set to None by the task itself when it ends
         if publisher is not None:
             await asyncio.wait([publisher], timeout=self._publish_timeout)
-            publisher.cancel()
+            publisher.cancel()  # (it may be retrying Event.Resync to a broker still down)
+            await asyncio.wait([publisher])  # ended: a push after stop() starts a new one
 
     def _channel(self, user_id: int) -> str:
         return f"{self._prefix}:user:{user_id}"
@@ -313,7 +326,11 @@ class Hub:
         user_id = conn.principal.sid
         async with self._lock:
             if user_id not in self._by_user:
-                await self._broker.subscribe(self._channel(user_id))
+                try:  # a broker that hangs refuses the connection (503), in bounded time
+                    async with asyncio.timeout(self._publish_timeout):
+                        await self._broker.subscribe(self._channel(user_id))
+                except TimeoutError:
+                    raise Unavailable("the broker did not answer in time") from None
                 self._by_user[user_id] = set()
             self._by_user[user_id].add(conn)
 
@@ -356,29 +373,54 @@ class Hub:
             self._missed.add(user_id)
             return
         self._outbox.append((channel, data))
+        if self._wake is not None:
+            self._wake.set()
         if self._publisher is None:
             self._publisher = asyncio.get_running_loop().create_task(self._publish_loop())
 
     async def _publish_loop(self) -> None:
+        """Publish what waits. Once pushes were lost, first tell their users to refetch
+        (``Event.Resync``), retrying with backoff until the broker answers again; pushes
+        that wait meanwhile are not sent late, their users refetch too."""
+        backoff = RESYNC_RETRY
         try:
-            while self._outbox:
-                batch = list(self._outbox)
-                self._outbox.clear()
-                try:
-                    async with asyncio.timeout(self._publish_timeout):
-                        await self._broker.publish_many(batch)
-                except (AppError, TimeoutError) as exc:
-                    # Committed messages are not lost: clients catch up with after_id.
-                    log.warning("%d pushes not published: %s", len(batch), _reason(exc))
-                    for channel, _data in batch:
-                        self._missed.add(int(channel.rsplit(":", 1)[1]))
-                    continue
+            while self._outbox or self._missed:
                 if self._missed:
-                    await self._resync_missed()
+                    if await self._resync_missed():
+                        backoff = RESYNC_RETRY
+                    else:
+                        self._miss(self._outbox)
+                        self._outbox.clear()
+                        await self._pause(backoff)  # or until the next push
+                        backoff = min(backoff * 2, self._publish_timeout)
+                        continue
+                if self._outbox:
+                    batch = list(self._outbox)
+                    self._outbox.clear()
+                    try:
+                        async with asyncio.timeout(self._publish_timeout):
+                            await self._broker.publish_many(batch)
+                    except (AppError, TimeoutError) as exc:
+                        # Committed messages are not lost: clients catch up with after_id.
+                        log.warning("%d pushes not published: %s", len(batch), _reason(exc))
+                        self._miss(batch)
         finally:
             self._publisher = None
 
-    async def _resync_missed(self) -> None:
+    async def _pause(self, delay: float) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
+
+    def _miss(self, batch: Iterable[tuple[str, bytes]]) -> None:
+        for channel, _data in batch:
+            self._missed.add(int(channel.rsplit(":", 1)[1]))
+
+    async def _resync_missed(self) -> bool:
+        """Publish ``Event.Resync`` to the users whose pushes were lost; whether it went."""
         users, self._missed = self._missed, set()
         frame = _envelope(self.node_id, None, 0, push(RESYNC, None))
         batch = [(self._channel(u), frame) for u in users]
@@ -387,6 +429,9 @@ class Hub:
                 await self._broker.publish_many(batch)
         except (AppError, TimeoutError):
             self._missed |= users
+            return False
+        log.info("broker answers again: %d participants told to refetch", len(users))
+        return True
 
     def _on_broker_message(self, channel: str, data: bytes) -> None:
         try:

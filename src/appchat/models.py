@@ -106,3 +106,21 @@ class SendOutcome:
 class ReadOutcome:
     moved: bool  # the reader's position advanced
     participants: list[int]
+
+
+ActivityKey = tuple[int, int]
+"""Where a list by activity stands: (``update_at``, ``id``) of the last conversation seen."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationPage:
+    conversations: list[Conversation]
+    has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UnreadPage:
+    counts: list[UnreadCount]
+    total: int  # over every conversation of the user, not only this page
+    has_more: bool
+    last: ActivityKey | None  # the key of the page's last conversation

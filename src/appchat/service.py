@@ -14,7 +14,7 @@ from . import defaults
 from . import events as ev
 from .auth import TokenVerifier, bind, parse_id
 from .errors import AppError, Forbidden, Internal, NotFound, Unauthorized
-from .models import Conversation, Principal, now_us
+from .models import Conversation, Message, MessagePage, Principal, now_us
 from .observability import Metrics
 from .ratelimit import Throttle
 from .store import Store
@@ -22,7 +22,8 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 MAX_KNOWN_CONVERSATIONS = 100_000  # application -> conversation, remembered per node
-MAX_INBOX = 1000  # conversations in a staff inbox (GetConversationList "all": true)
+MAX_REPLY_BYTES = 1024 * 1024  # messages in one GetMessageList reply, serialised
+PAGE_CHUNK = 50  # messages read at once for a longer GetMessageList page
 TYPING_INTERVAL_US = 2_000_000  # at most one forwarded Typing per connection and conversation
 
 
@@ -43,6 +44,7 @@ class Session(Protocol):
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_content: int = defaults.MAX_CONTENT
+    max_reply_bytes: int = MAX_REPLY_BYTES  # a page holds fewer messages beyond it
 
 
 class ChatService:
@@ -190,23 +192,60 @@ class ChatService:
         args = ev.parse_get_conversation_list(raw)
         user_id = self._actor(p, args.user_id, "user_id")
         await self._not_impersonating_staff_in_own(p, user_id)
-        if args.all and p.is_staff:
-            conversations = await self._store.list_all_conversations(limit=MAX_INBOX)
-        else:
-            conversations = await self._store.list_conversations(
-                user_id, application_id=p.application_id
-            )
-        return ev.conversation_list(conversations)
+        everyone = args.all and p.is_staff  # the staff inbox: every conversation
+        page = await self._store.conversation_page(
+            None if everyone else user_id,
+            application_id=p.application_id,
+            limit=args.limit,
+            after=args.cursor,
+        )
+        return ev.conversation_page(page.conversations, page.has_more)
 
     async def _get_message_list(self, session: Session, raw: dict[str, Any]) -> Any:
         p = session.principal
         args = ev.parse_get_message_list(raw)
         executor = self._actor(p, args.executor_id, "executor_id")
         conversation = await self._open(p, args.session_channel, executor)
-        page = await self._store.list_messages(
-            conversation, before_id=args.before_id, after_id=args.after_id, limit=args.limit
+        page = await self._message_page(conversation, args)
+        return ev.message_list_within(
+            page.messages,
+            page.has_more,
+            self._limits.max_reply_bytes,
+            keep_newest=args.after_id is None,
         )
-        return ev.message_list(page.messages, page.has_more)
+
+    async def _message_page(
+        self, conversation: Conversation, args: ev.GetMessageListArgs
+    ) -> MessagePage:
+        """The page asked for, read in chunks when it is long: no more is read than the
+        reply can hold (``max_reply_bytes``), however big the messages."""
+        if args.limit <= PAGE_CHUNK:
+            return await self._store.list_messages(
+                conversation, before_id=args.before_id, after_id=args.after_id, limit=args.limit
+            )
+        forward = args.after_id is not None
+        before_id, after_id = args.before_id, args.after_id
+        messages: list[Message] = []
+        chars = 0
+        while True:
+            chunk = await self._store.list_messages(
+                conversation,
+                before_id=before_id,
+                after_id=after_id,
+                limit=min(PAGE_CHUNK, args.limit - len(messages)),
+            )
+            if forward:
+                messages += chunk.messages
+            else:
+                messages[:0] = chunk.messages
+            chars += sum(len(m.content) for m in chunk.messages)
+            full = len(messages) >= args.limit or chars >= self._limits.max_reply_bytes
+            if not chunk.has_more or not chunk.messages or full:
+                return MessagePage(messages, chunk.has_more)
+            if forward:
+                after_id = chunk.messages[-1].id
+            else:
+                before_id = chunk.messages[0].id
 
     async def _send_message(self, session: Session, raw: dict[str, Any]) -> Any:
         p = session.principal
@@ -259,8 +298,10 @@ class ChatService:
         args = ev.parse_get_unread_info(raw)
         user_id = self._actor(p, args.user_id, "user_id")
         await self._not_impersonating_staff_in_own(p, user_id)
-        counts = await self._store.unread_counts(user_id, application_id=p.application_id)
-        return ev.unread_info(counts)
+        page = await self._store.unread_page(
+            user_id, application_id=p.application_id, limit=args.limit, after=args.cursor
+        )
+        return ev.unread_page(page)
 
     async def _refresh_token(self, session: Session, raw: dict[str, Any]) -> Any:
         p = session.principal

@@ -8,7 +8,16 @@ from typing import Protocol
 
 from .. import defaults
 from ..errors import ConfigError
-from ..models import Conversation, MessagePage, ReadOutcome, SendOutcome, UnreadCount
+from ..models import (
+    ActivityKey,
+    Conversation,
+    ConversationPage,
+    MessagePage,
+    ReadOutcome,
+    SendOutcome,
+    UnreadCount,
+    UnreadPage,
+)
 
 
 class Store(Protocol):
@@ -41,6 +50,29 @@ class Store(Protocol):
 
     async def list_all_conversations(self, *, limit: int) -> list[Conversation]:
         """Every conversation, newest activity first, at most ``limit``."""
+
+    async def conversation_page(
+        self,
+        user_id: int | None,
+        *,
+        application_id: int | None = None,
+        limit: int,
+        after: ActivityKey | None = None,
+    ) -> ConversationPage:
+        """Conversations ``user_id`` takes part in (``None``: every conversation), newest
+        activity first (``update_at``, then ``id``, descending): at most ``limit`` of those
+        after the key ``after`` (the (``update_at``, ``id``) of the last one seen)."""
+
+    async def unread_page(
+        self,
+        user_id: int,
+        *,
+        application_id: int | None = None,
+        limit: int,
+        after: ActivityKey | None = None,
+    ) -> UnreadPage:
+        """``unread_counts`` a page at a time, in ``conversation_page``'s order; ``total``
+        sums every conversation of the user."""
 
     async def list_messages(
         self,

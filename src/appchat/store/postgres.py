@@ -13,12 +13,22 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
 from ..errors import AppError, Forbidden, Internal, NotFound, Unavailable
-from ..models import Conversation, Message, MessagePage, ReadOutcome, SendOutcome, UnreadCount
+from ..models import (
+    ActivityKey,
+    Conversation,
+    ConversationPage,
+    Message,
+    MessagePage,
+    ReadOutcome,
+    SendOutcome,
+    UnreadCount,
+    UnreadPage,
+)
 from ..ratelog import RateLimitedLog
 from .migrate import apply_postgres_migrations
 from .rows import (
@@ -26,9 +36,14 @@ from .rows import (
     NEWEST,
     SELECT_ALL_CONVERSATIONS,
     SELECT_MESSAGES,
+    UNREAD_PAGE_COLUMNS,
+    UNREAD_TOTAL,
+    activity_query,
     conversation_of,
+    conversation_page_of,
     message_of,
     page_of,
+    unread_page_of,
 )
 
 log = logging.getLogger(__name__)
@@ -191,6 +206,57 @@ class PostgresStore:
         async def run(conn: asyncpg.Connection) -> list[Conversation]:
             rows = await conn.fetch(SELECT_ALL_CONVERSATIONS + "$1", limit)
             return [conversation_of(r) for r in rows]
+
+        return await self._run(run, tx=False)
+
+    async def conversation_page(
+        self,
+        user_id: int | None,
+        *,
+        application_id: int | None = None,
+        limit: int,
+        after: ActivityKey | None = None,
+    ) -> ConversationPage:
+        sql, params = activity_query(
+            CONVERSATION_COLUMNS,
+            user_id=user_id,
+            application_id=application_id,
+            after=after,
+            limit=limit,
+            numbered=True,
+        )
+
+        async def run(conn: asyncpg.Connection) -> ConversationPage:
+            return conversation_page_of(await conn.fetch(sql, *params), limit)
+
+        return await self._run(run, tx=False)
+
+    async def unread_page(
+        self,
+        user_id: int,
+        *,
+        application_id: int | None = None,
+        limit: int,
+        after: ActivityKey | None = None,
+    ) -> UnreadPage:
+        def query(columns: str, key: ActivityKey | None, n: int | None) -> tuple[str, list[Any]]:
+            return activity_query(
+                columns,
+                user_id=user_id,
+                application_id=application_id,
+                after=key,
+                limit=n,
+                numbered=True,
+            )
+
+        async def run(conn: asyncpg.Connection) -> UnreadPage:
+            sql, params = query(UNREAD_PAGE_COLUMNS, after, limit)
+            rows = await conn.fetch(sql, *params)
+            total = None
+            if after is not None or len(rows) > limit:
+                sql, params = query(UNREAD_TOTAL, None, None)
+                total = int(await conn.fetchval(sql, *params))
+            return unread_page_of(rows, limit, total)
 
         return await self._run(run, tx=False)
 

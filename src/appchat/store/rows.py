@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..models import Conversation, Message, MessagePage
+from ..models import (
+    ActivityKey,
+    Conversation,
+    ConversationPage,
+    Message,
+    MessagePage,
+    UnreadCount,
+    UnreadPage,
+)
 
 CONVERSATION_COLUMNS = "c.id, c.application_id, c.create_at, c.update_at"
 MESSAGE_COLUMNS = (
@@ -37,3 +45,65 @@ def page_of(rows: list[Any], limit: int, *, newest_first: bool) -> MessagePage:
     if newest_first:
         rows.reverse()
     return MessagePage(messages=[message_of(r) for r in rows], has_more=has_more)
+
+
+UNREAD = "c.message_count - p.read_count - p.own_unread"  # kept counters: O(1) each
+UNREAD_PAGE_COLUMNS = f"c.application_id, {UNREAD}, c.update_at, c.id"
+UNREAD_TOTAL = f"COALESCE(SUM({UNREAD}), 0)"
+
+
+def activity_query(
+    columns: str,
+    *,
+    user_id: int | None,
+    application_id: int | None,
+    after: ActivityKey | None,
+    limit: int | None,
+    numbered: bool,
+) -> tuple[str, list[Any]]:
+    """SQL and its parameters selecting ``columns`` of the conversations ``user_id`` takes
+    part in (``None``: every one; ``p`` is then not joined), newest activity first, after
+    the key ``after``; ``limit``: ``None`` for an aggregate. Placeholders are ``$n``
+    (``numbered``, PostgreSQL) or ``?`` (SQLite)."""
+    params: list[Any] = []
+
+    def param(value: int) -> str:
+        params.append(value)
+        return f"${len(params)}" if numbered else "?"
+
+    if user_id is None:
+        sql = f"SELECT {columns} FROM conversations c WHERE TRUE"
+    else:
+        sql = (
+            f"SELECT {columns} FROM participants p JOIN conversations c "
+            f"ON c.id = p.conversation_id WHERE p.user_id = {param(user_id)}"
+        )
+    if application_id is not None:
+        sql += f" AND c.application_id = {param(application_id)}"
+    if after is not None:
+        update_at, conversation_id = after
+        sql += (
+            f" AND (c.update_at < {param(update_at)}"
+            f" OR (c.update_at = {param(update_at)} AND c.id < {param(conversation_id)}))"
+        )
+    if limit is not None:
+        sql += f" ORDER BY c.update_at DESC, c.id DESC LIMIT {param(limit + 1)}"
+    return sql, params
+
+
+def conversation_page_of(rows: Sequence[Sequence[Any]], limit: int) -> ConversationPage:
+    """``rows`` were fetched with ``LIMIT limit + 1``: the extra one says there is more."""
+    return ConversationPage([conversation_of(r) for r in rows[:limit]], len(rows) > limit)
+
+
+def unread_page_of(rows: Sequence[Sequence[Any]], limit: int, total: int | None) -> UnreadPage:
+    """``rows`` of ``UNREAD_PAGE_COLUMNS`` fetched with ``LIMIT limit + 1``; ``total``
+    ``None`` when the page holds everything (it is then the page's sum)."""
+    page = rows[:limit]
+    counts = [UnreadCount(r[0], r[1]) for r in page]
+    return UnreadPage(
+        counts=counts,
+        total=sum(c.unread for c in counts) if total is None else total,
+        has_more=len(rows) > limit,
+        last=(page[-1][2], page[-1][3]) if page else None,
+    )

@@ -27,12 +27,15 @@ from typing import Any, TypeVar
 from .. import defaults
 from ..errors import AppError, ConfigError, Forbidden, Internal, NotFound, Unavailable
 from ..models import (
+    ActivityKey,
     Conversation,
+    ConversationPage,
     Message,
     MessagePage,
     ReadOutcome,
     SendOutcome,
     UnreadCount,
+    UnreadPage,
 )
 from ..ratelog import RateLimitedLog
 from .migrate import apply_sqlite_migrations
@@ -41,9 +44,14 @@ from .rows import (
     NEWEST,
     SELECT_ALL_CONVERSATIONS,
     SELECT_MESSAGES,
+    UNREAD_PAGE_COLUMNS,
+    UNREAD_TOTAL,
+    activity_query,
     conversation_of,
+    conversation_page_of,
     message_of,
     page_of,
+    unread_page_of,
 )
 from .writelock import WriterLock
 
@@ -290,6 +298,55 @@ class SqliteStore:
         def run(conn: sqlite3.Connection) -> list[Conversation]:
             rows = conn.execute(SELECT_ALL_CONVERSATIONS + "?", (limit,))
             return [conversation_of(r) for r in rows]
+
+        return await self._read(run)
+
+    async def conversation_page(
+        self,
+        user_id: int | None,
+        *,
+        application_id: int | None = None,
+        limit: int,
+        after: ActivityKey | None = None,
+    ) -> ConversationPage:
+        sql, params = activity_query(
+            CONVERSATION_COLUMNS,
+            user_id=user_id,
+            application_id=application_id,
+            after=after,
+            limit=limit,
+            numbered=False,
+        )
+
+        def run(conn: sqlite3.Connection) -> ConversationPage:
+            return conversation_page_of(conn.execute(sql, params).fetchall(), limit)
+
+        return await self._read(run)
+
+    async def unread_page(
+        self,
+        user_id: int,
+        *,
+        application_id: int | None = None,
+        limit: int,
+        after: ActivityKey | None = None,
+    ) -> UnreadPage:
+        def query(columns: str, key: ActivityKey | None, n: int | None) -> tuple[str, list[Any]]:
+            return activity_query(
+                columns,
+                user_id=user_id,
+                application_id=application_id,
+                after=key,
+                limit=n,
+                numbered=False,
+            )
+
+        def run(conn: sqlite3.Connection) -> UnreadPage:
+            rows = conn.execute(*query(UNREAD_PAGE_COLUMNS, after, limit)).fetchall()
+            total = None
+            if after is not None or len(rows) > limit:
+                total = conn.execute(*query(UNREAD_TOTAL, None, None)).fetchone()[0]
+            return unread_page_of(rows, limit, total)
 
         return await self._read(run)
 

@@ -23,6 +23,7 @@ from ..observability import Metrics
 from ..ratelimit import TokenBucket
 from ..service import ChatService
 from .connlog import ConnectionLog
+from .memory import MemoryRelease
 from .quota import ConnectionQuota, quota_key
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ SUBPROTOCOL = "access_token"
 CLOSE_TOKEN_EXPIRED = CloseCode.TOKEN_EXPIRED
 EXPIRY_SWEEP = 1.0  # seconds between checks for expired tokens
 CLOSE_TIMEOUT = 2.0  # seconds a client gets to take its last frames and the close frame
+ROOM_CHECK = 1.0  # how often a reader waiting for send room checks its transport is open
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,7 @@ class WebSocketEndpoint:
         self._sweeper: asyncio.Task[None] | None = None
         self._quota = ConnectionQuota(options.max_connections_per_user)
         self._connlog = ConnectionLog()
+        self._memory = MemoryRelease()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         remote = request.remote or "unknown"
@@ -166,9 +169,16 @@ class WebSocketEndpoint:
             await session.finish()
             await self._hub.unregister(conn)
             await conn.flush(CLOSE_TIMEOUT)
+            heavy = conn.closed or conn.overflowed or conn.queued_bytes > 0
             conn.abandon()
             if conn.draining:
                 await self._close(ws, transport, CloseCode.GOING_AWAY, "server shutdown")
+            if transport is not None and transport.is_closing():
+                # A graceful close still waiting to write (to a client that reads nothing)
+                # would keep the socket open for good: drop what it holds.
+                transport.abort()
+            if heavy:  # it ended holding buffers (or with a failed write): free the heap
+                self._memory.soon()
             self._metrics.connections.dec()
             if handler is not None:
                 self._handlers.discard(handler)
@@ -272,6 +282,7 @@ class _Session:
         "_expired",
         "_inbox",
         "_inbox_room",
+        "_read_done",
         "_server",
         "busy",
         "conn",
@@ -296,12 +307,15 @@ class _Session:
         self._inbox_room: asyncio.Event | None = None
         self._server: asyncio.Task[None] | None = None
         self._expired = False
+        self._read_done: asyncio.Event | None = None  # made when a reply waits for room
         self.busy = False  # a request is being served or waits to be
 
     async def read_loop(self) -> None:
         ws, conn = self.ws, self.conn
         while not conn.draining and not conn.closed:
-            await conn.room()  # a client that does not read its replies is not read either
+            if conn.full:  # a client that does not read its replies is not read either
+                await self._wait_room()
+                continue
             if len(self._inbox) >= self.PIPELINE:
                 await self._wait_inbox_room()
                 continue
@@ -336,6 +350,19 @@ class _Session:
             elif kind in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 return
 
+    async def _wait_room(self) -> None:
+        """Wait for room in the send buffer; if meanwhile the transport was closed (the
+        heartbeat found no pong, a close timed out), cut it: a graceful close would wait
+        for a client that reads nothing, and this connection would never end."""
+        conn, transport = self.conn, self.transport
+        while conn.full and not conn.draining:  # shutting down: stop waiting (within 1 s)
+            try:
+                async with asyncio.timeout(ROOM_CHECK):
+                    await conn.room()
+            except TimeoutError:
+                if transport is not None and transport.is_closing():
+                    transport.abort()  # the pending write fails: the connection is broken
+
     async def _wait_inbox_room(self) -> None:
         if self._inbox_room is None:
             self._inbox_room = asyncio.Event()
@@ -353,6 +380,10 @@ class _Session:
         service, conn, inbox = self._endpoint._service, self.conn, self._inbox
         try:
             while inbox:
+                if conn.full and not await self._room_for_reply():
+                    # The client reads nothing and is gone: what it asked is not served.
+                    inbox.clear()
+                    break
                 frame = inbox[0]
                 try:
                     conn.reply(await service.handle(conn, frame))
@@ -368,8 +399,28 @@ class _Session:
                 if reader is not None:
                     reader[1].cancel()  # the reader waits for a frame it will not serve
 
+    async def _room_for_reply(self) -> bool:
+        """Replies count against the send budget too: wait for room before serving the
+        next request, unless the reader has ended meanwhile. Whether there is room."""
+        if self._read_done is None:
+            self._read_done = asyncio.Event()
+        elif self._read_done.is_set():
+            return not self.conn.full
+        room = asyncio.ensure_future(self._wait_room())
+        ended = asyncio.ensure_future(self._read_done.wait())
+        try:
+            await asyncio.wait([room, ended], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            room.cancel()
+            ended.cancel()
+        return not self.conn.full
+
     async def finish(self) -> None:
-        """Let the request in flight (and those queued behind it) finish."""
+        """Let the request in flight (and those queued behind it) finish; those that wait
+        for room the client never makes are dropped."""
+        if self._read_done is None:
+            self._read_done = asyncio.Event()
+        self._read_done.set()
         server = self._server
         if server is not None:
             await asyncio.wait([server])
