@@ -22,7 +22,6 @@ from ..models import (
     ActivityKey,
     Conversation,
     ConversationPage,
-    Message,
     MessagePage,
     ReadOutcome,
     SendOutcome,
@@ -42,6 +41,7 @@ from .rows import (
     conversation_of,
     conversation_page_of,
     message_of,
+    new_message,
     page_of,
     unread_page_of,
 )
@@ -374,16 +374,14 @@ class PostgresStore:
                 elif not row["created"]:  # a retry: answered with the first, not pushed again
                     outcomes.append(SendOutcome(firsts[row["message_id"]], False, []))
                 else:
-                    message = Message(
-                        id=row["message_id"],
-                        application_id=job.conversation.application_id,
+                    message = new_message(
+                        row["message_id"],
+                        job.conversation,
                         sender_id=job.sender_id,
                         content=job.content,
                         content_type=job.content_type,
-                        status=0,
-                        create_at=job.now,
-                        update_at=job.now,
                         client_msg_id=job.client_msg_id,
+                        now=job.now,
                     )
                     outcomes.append(SendOutcome(message, True, list(row["participants"])))
             return outcomes

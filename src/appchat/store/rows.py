@@ -107,3 +107,27 @@ def unread_page_of(rows: Sequence[Sequence[Any]], limit: int, total: int | None)
         has_more=len(rows) > limit,
         last=(page[-1][2], page[-1][3]) if page else None,
     )
+
+
+def new_message(
+    message_id: int,
+    conversation: Conversation,
+    *,
+    sender_id: int,
+    content: str,
+    content_type: int,
+    client_msg_id: str | None,
+    now: int,
+) -> Message:
+    """The message a send just stored: unread (status 0), created and updated ``now``."""
+    return Message(
+        id=message_id,
+        application_id=conversation.application_id,
+        sender_id=sender_id,
+        content=content,
+        content_type=content_type,
+        status=0,
+        create_at=now,
+        update_at=now,
+        client_msg_id=client_msg_id,
+    )

@@ -50,6 +50,7 @@ from .rows import (
     conversation_of,
     conversation_page_of,
     message_of,
+    new_message,
     page_of,
     unread_page_of,
 )
@@ -511,16 +512,14 @@ class _SendMessage:
         )
 
     def message(self, message_id: int) -> Message:
-        return Message(
-            id=message_id,
-            application_id=self.conversation.application_id,
+        return new_message(
+            message_id,
+            self.conversation,
             sender_id=self.sender_id,
             content=self.content,
             content_type=self.content_type,
-            status=0,
-            create_at=self.now,
-            update_at=self.now,
             client_msg_id=self.client_msg_id,
+            now=self.now,
         )
 
     def __call__(self, conn: sqlite3.Connection) -> SendOutcome:
