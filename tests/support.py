@@ -100,6 +100,7 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             text=True,
             env=self.env,
+            start_new_session=True,  # its own process group: stop() can reach its children
         )
         self._pump_thread = threading.Thread(target=self._pump, args=(self.proc,), daemon=True)
         self._pump_thread.start()
@@ -139,7 +140,13 @@ class ServerProcess:
             self.proc.kill()
             code = self.proc.wait()
         self._pump_thread.join(5)
-        if self.proc.stdout is not None:
+        if self._pump_thread.is_alive():
+            # A child of the server (a worker) outlived it and holds the output pipe open:
+            # end the whole group, or the pump (and closing its pipe) would wait forever.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self._pump_thread.join(5)
+        if self.proc.stdout is not None and not self._pump_thread.is_alive():
             self.proc.stdout.close()
         self.proc = None
         return code

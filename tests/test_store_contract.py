@@ -405,3 +405,13 @@ async def test_unread_pages_and_a_total_over_every_conversation(store: Store) ->
     assert one.total == 2 and not one.has_more
     none = await store.unread_page(7, limit=5)
     assert none.counts == [] and none.total == 0 and none.last is None
+
+
+async def test_sqlite_that_cannot_be_opened_fails_fast_instead_of_hanging(tmp_path: Path) -> None:
+    """The writer thread's failure to connect reaches open() (it used to wait forever)."""
+    from appchat.errors import Unavailable
+    from appchat.store.sqlite import SqliteStore
+
+    store = SqliteStore(str(tmp_path), migrate=False)  # a folder: sqlite cannot open it
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(store.open(), 10)

@@ -18,6 +18,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext, suppress
@@ -93,6 +94,7 @@ class SqliteStore:
         self._readers: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._members = _Members()  # the writer thread's memory of participants
+        self._open_error: BaseException | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -112,6 +114,10 @@ class SqliteStore:
         )
         self._writer.start()
         await asyncio.to_thread(ready.wait)
+        if self._open_error is not None:
+            error, self._open_error = self._open_error, None
+            self._writer = None
+            raise Unavailable(f"cannot open {self.path}: {error}") from error
         self._readers = ThreadPoolExecutor(
             self._readers_count, thread_name_prefix="appchat-sqlite-reader"
         )
@@ -127,7 +133,18 @@ class SqliteStore:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout)
-        conn.execute("PRAGMA journal_mode=WAL")
+        # Switching a file to WAL takes it exclusively; workers opening one file at once
+        # can find it busy, which the busy timeout does not always cover: try again.
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    conn.close()
+                    raise
+                time.sleep(0.05)
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
         return conn
@@ -163,7 +180,12 @@ class SqliteStore:
             raise _translate(exc) from exc
 
     def _write_loop(self, ready: threading.Event) -> None:
-        conn = self._connect()
+        try:
+            conn = self._connect()
+        except Exception as exc:  # open() reports it; without this it would wait forever
+            self._open_error = exc
+            ready.set()
+            return
         turn = self._turn
         ready.set()
         try:
