@@ -37,8 +37,6 @@ class CloseCode(IntEnum):
     SLOW_CONSUMER = 4008
 
 
-CLOSE_SLOW_CONSUMER = CloseCode.SLOW_CONSUMER
-
 Send = Callable[[bytes], Coroutine[Any, Any, None]]
 """Writes one text frame; returns at once unless the socket's buffer is full."""
 
@@ -316,10 +314,6 @@ class Hub:
     @property
     def connections(self) -> list[Connection]:
         return [c for conns in self._by_user.values() for c in conns]
-
-    def connection_count(self, user_id: int) -> int:
-        """This node's connections of one participant."""
-        return len(self._by_user.get(user_id, ()))
 
     async def register(self, conn: Connection) -> None:
         """Route the participant's pushes to ``conn``; raises if the broker refuses."""

@@ -68,9 +68,6 @@ class EventStats(Collector):
         times[bisect_left(EVENT_BUCKETS, seconds)] += 1
         times[-1] += seconds
 
-    def count(self, event: str, outcome: str) -> int:
-        return self._counts.get((event, outcome), 0)
-
     def collect(self) -> Iterator[Metric]:
         total = CounterMetricFamily(
             "appchat_events",

@@ -726,8 +726,7 @@ class _Members:
         """Make ``user_id`` a participant (staff if ``staff``); ``sent``: they just sent a
         message, which is unread-by-others and their own past their read position."""
         known = self._load(conn, conversation_id)
-        current = known.get(user_id)
-        if current is not None and (current or not staff):
+        if not self.needs_join(conversation_id, user_id, staff):
             if sent:
                 conn.execute(
                     "UPDATE participants SET own_unread = own_unread + 1 "
@@ -743,7 +742,7 @@ class _Members:
             "own_unread = own_unread + excluded.own_unread",
             (conversation_id, user_id, int(staff), now, int(sent)),
         )
-        known[user_id] = bool(current) or staff
+        known[user_id] = known.get(user_id, False) or staff
 
 
 def _translate(exc: BaseException) -> AppError:

@@ -29,7 +29,6 @@ from .quota import ConnectionQuota, quota_key
 log = logging.getLogger(__name__)
 
 SUBPROTOCOL = "access_token"
-CLOSE_TOKEN_EXPIRED = CloseCode.TOKEN_EXPIRED
 EXPIRY_SWEEP = 1.0  # seconds between checks for expired tokens
 CLOSE_TIMEOUT = 2.0  # seconds a client gets to take its last frames and the close frame
 ROOM_CHECK = 1.0  # how often a reader waiting for send room checks its transport is open
