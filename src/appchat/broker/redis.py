@@ -45,8 +45,12 @@ class RedisBroker:
             retry=Retry(NoBackoff(), 1),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
-        # The pub/sub connection waits for messages indefinitely: no socket timeout.
-        self._subscriber = aioredis.from_url(url, socket_connect_timeout=2.0)
+        # The pub/sub connection waits for messages indefinitely: no socket timeout. And no
+        # retries: redis-py would reconnect and resubscribe silently, and pushes published
+        # meanwhile would be lost without the Resync that _reconnect sends.
+        self._subscriber = aioredis.from_url(
+            url, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
+        )
         self._max_backoff = max_backoff
         # Keeps the pub/sub connection open (and its loss noticed) with no participant on.
         self._own = f"{prefix}:node:{secrets.token_hex(8)}"
