@@ -256,8 +256,12 @@ async def test_restart_in_the_middle_loses_and_doubles_nothing(
             away.stop()
 
         server.start()  # the same port again
+        # Each page retries on its own backoff, which reaches 15 s (appchat.js backoffMax)
+        # when the server was away for long (a slow start of the other node, say).
         for page in (customer, staff):
-            await expect(page.locator("#status")).to_have_attribute("data-state", "online")
+            await expect(page.locator("#status")).to_have_attribute(
+                "data-state", "online", timeout=20_000
+            )
         await expect(bubble(customer, "sent while away 2")).to_be_visible()
         await expect(bubble(staff, "sent while away 2")).to_be_visible()
         await expect(bubble(staff, "written while offline")).to_be_visible()
