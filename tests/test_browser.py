@@ -33,6 +33,7 @@ PAGE = """<!doctype html><meta charset="utf-8"><title>appchat browser test</titl
 // Open a socket the way the original protocol document does, run requests, collect frames.
 window.chat = (url, jwt, requests, waitFor) => new Promise((resolve) => {
   const frames = [];
+  window.seen = frames;  // what came so far, for a test to wait on
   const ws = new WebSocket(url, ["access_token", jwt]);
   const done = (why) => resolve({why, protocol: ws.protocol, frames});
   ws.onerror = () => done("error");
@@ -137,7 +138,8 @@ async def test_browser_receives_pushes(server: ServerProcess, browser_page: Any)
             wait_for=2,
         )
         task = asyncio.ensure_future(pending)
-        await asyncio.sleep(1.0)  # the browser is connected and has its reply
+        # The browser is connected once it has its reply.
+        await browser_page.wait_for_function("() => (window.seen || []).length >= 1")
         sent = await staff.ok("Event.SendMessage", {"session_channel": "101", "content": "hi"})
         result = await asyncio.wait_for(task, 15)
         assert result["why"] == "ok", result

@@ -379,7 +379,9 @@ def test_never_reading_clients_asking_huge_pages_hold_their_budget_only(
         for a in attackers:
             assert a.status == 101
             a.sock.sendall(ask * asks)
-        # Wait until the server has served all it will: the count stops moving.
+        # Wait until the server has served all it will: every attacker had a page at
+        # least (so every budget is in use), then the count stops moving.
+        wait_until(lambda: served_pages(emoji) >= attackers_count, timeout=30)
         last = -1.0
         while (now := served_pages(emoji)) != last:
             last = now
