@@ -22,10 +22,18 @@ import pytest
 from aiohttp import web
 
 from appchat.cli import main
-from appchat.models import WebhookEvent
-from appchat.webhooks import WebhookOptions, event_body, retry_delay, sign
+from appchat.models import WebhookBacklog, WebhookEvent
+from appchat.observability import Metrics
+from appchat.webhooks import WebhookDispatcher, WebhookOptions, event_body, retry_delay, sign
 
-from .backends import REDIS_URL, free_port, postgres_database, require, unique_prefix
+from .backends import (
+    REDIS_URL,
+    free_port,
+    opened_store,
+    postgres_database,
+    require,
+    unique_prefix,
+)
 from .support import ServerProcess, customer, staff
 
 HOOK_SECRET = "hook-secret-" + "fedcba9876543210" * 3
@@ -448,3 +456,64 @@ async def until_outbox_empty(path: Path, timeout: float = 30) -> None:
     async with asyncio.timeout(timeout):
         while await asyncio.to_thread(count):  # noqa: ASYNC110
             await asyncio.sleep(0.05)  # polling the database, not waiting for time
+
+
+# --- the dispatcher in-process, on an injected clock --------------------------------------------
+
+NOW = 1_800_000_000_000_000
+
+
+async def test_failures_are_rescheduled_in_the_row_then_given_up(tmp_path: Path) -> None:
+    attempts: list[dict[str, str]] = []
+
+    async def broken(request: web.Request) -> web.Response:
+        body = await request.read()
+        header = request.headers["Appchat-Signature"]
+        assert verify(HOOK_SECRET.encode(), header, body, now=clock[0] / 1e6)
+        attempts.append(dict(request.headers))
+        return web.Response(status=500)
+
+    app = web.Application()
+    app.router.add_post("/hooks", broken)
+    receiver = await Receiver().start(app)
+    clock = [NOW]
+    metrics = Metrics()
+    options = WebhookOptions(timeout=2, retry_min=100, retry_max=1000, give_up=3600)
+
+    def count(outcome: str) -> float:
+        value = metrics.registry.get_sample_value(
+            "appchat_webhook_deliveries_total", {"outcome": outcome}
+        )
+        return value or 0.0
+
+    async def until_counted(outcome: str, n: float) -> None:
+        async with asyncio.timeout(20):
+            while count(outcome) < n:  # noqa: ASYNC110 - polling the dispatcher's counter
+                await asyncio.sleep(0.01)
+
+    async with opened_store("sqlite", tmp_path) as store:
+        dispatcher = WebhookDispatcher(
+            store,
+            [receiver.url],
+            HOOK_SECRET.encode(),
+            options=options,
+            metrics=metrics,
+            clock_us=lambda: clock[0],
+            jitter=lambda: 0.0,
+        )
+        await dispatcher.start()
+        try:
+            await store.add_conversation(1, 1, staff=True, now=NOW)  # wakes the dispatcher
+            await until_counted("failed", 1)
+            backlog = await store.webhook_backlog(receiver.url)
+            assert backlog == WebhookBacklog(1, 0, NOW + 100_000_000)  # kept in the row
+            clock[0] = NOW + 3600_000_000  # due, and the event is an hour old
+            dispatcher.wake()
+            await until_counted("given_up", 1)
+            assert await store.webhook_backlog(receiver.url) == WebhookBacklog(0, 1, None)
+            assert [a["Appchat-Delivery-Attempt"] for a in attempts] == ["1", "2"]
+            assert len({a["Appchat-Event-Id"] for a in attempts}) == 1
+            assert count("delivered") == 0
+        finally:
+            await dispatcher.stop()
+            await receiver.stop()

@@ -136,6 +136,8 @@ class WebhookDispatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         store.record_webhooks([lane.url for lane in self._lanes], self.wake)
+        for outcome in ("delivered", "failed", "given_up"):
+            self._metrics.webhook_deliveries.labels(outcome)  # shown as 0 from the start
 
     def wake(self) -> None:
         """Rows were committed: look at the outbox now (called on the event loop)."""
@@ -178,6 +180,9 @@ class WebhookDispatcher:
                 wait = await self._idle_wait(lane)
             except AppError as exc:
                 _failure_log.warning("outbox", "webhooks: the database failed: %s", exc.message)
+                wait = FAULT_PAUSE
+            except Exception:  # a bug must not end deliveries for good
+                log.exception("webhooks: delivering to %s failed", _host(lane.url))
                 wait = FAULT_PAUSE
             if wait > 0:
                 with suppress(TimeoutError):
@@ -248,7 +253,10 @@ class WebhookDispatcher:
     async def _deliver(self, event: WebhookEvent) -> str | None:
         """Post one event; ``None`` if a 2xx answered, else what went wrong."""
         assert self._session is not None
-        body = event_body(event)
+        try:
+            body = event_body(event)
+        except (ValueError, TypeError) as exc:  # a row this release cannot read
+            return f"cannot build the body: {exc}"[:MAX_ERROR]
         headers = {
             "Content-Type": "application/json",
             EVENT_ID_HEADER: event.event_id,
