@@ -316,6 +316,39 @@ async def test_headers_name_the_event_and_the_attempt(tmp_path: Path) -> None:
         await receiver.stop()
 
 
+async def test_acks_never_wait_for_a_receiver(tmp_path: Path) -> None:
+    """A receiver holds its first request unanswered: the chat goes on meanwhile."""
+    release, holding = asyncio.Event(), asyncio.Event()
+    received: list[str] = []
+
+    async def slow(request: web.Request) -> web.Response:
+        received.append(orjson.loads(await request.read())["type"])
+        holding.set()
+        await release.wait()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hooks", slow)
+    receiver = await Receiver().start(app)
+    srv = serve(tmp_path / "slow.db", receiver.url, more=("--webhook-timeout", "60"))
+    srv.start()
+    try:
+        async with staff(srv, 1) as s:
+            await s.ok("Event.AddConversation", {"application_id": 8})
+            async with asyncio.timeout(30):
+                await holding.wait()  # the conversation's event is being delivered, held
+            for k in range(5):
+                await s.ok("Event.SendMessage", {"session_channel": "8", "content": f"m{k}"})
+            assert received == ["conversation.created"]  # still held: the acks did not wait
+            release.set()
+        await until_metric(srv, DELIVERED, lambda n: n == 6)
+        assert sorted(received) == ["conversation.created"] + ["message.created"] * 5
+    finally:
+        release.set()
+        assert srv.stop() == 0
+        await receiver.stop()
+
+
 # --- receivers that are down -----------------------------------------------------------------
 
 
