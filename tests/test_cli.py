@@ -75,7 +75,8 @@ def test_migrate(tmp_path: Path) -> None:
     out = appchat("migrate", "--database", "sqlite:///data/x.db", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "data" / "x.db").exists()
-    assert "applied 2 migration(s)" in out.stdout  # 0001_initial, 0002_unread_counters
+    # 0001_initial, 0002_unread_counters, 0003_webhook_outbox
+    assert "applied 3 migration(s)" in out.stdout
     again = appchat("migrate", "--database", "sqlite:///data/x.db", cwd=tmp_path)
     assert again.returncode == 0 and "applied 0 migration(s)" in again.stdout
 

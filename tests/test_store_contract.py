@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
+import orjson
+import psycopg
 import pytest
 
-from appchat.errors import Forbidden, NotFound
-from appchat.models import Conversation, SendOutcome
+from appchat.errors import AppError, Forbidden, NotFound
+from appchat.models import (
+    CONVERSATION_CREATED,
+    MESSAGE_CREATED,
+    MESSAGE_READ,
+    Conversation,
+    Message,
+    SendOutcome,
+    WebhookBacklog,
+    WebhookEvent,
+    WebhookFailure,
+)
 from appchat.store import Store
 
 from .backends import ENGINES, opened_store, postgres_database
@@ -415,3 +429,198 @@ async def test_sqlite_that_cannot_be_opened_fails_fast_instead_of_hanging(tmp_pa
     store = SqliteStore(str(tmp_path), migrate=False)  # a folder: sqlite cannot open it
     with pytest.raises(Unavailable):
         await asyncio.wait_for(store.open(), 10)
+
+
+# --- the webhook outbox (issue 10) -------------------------------------------------------
+
+HOOKS = ["http://one.example/hooks", "http://two.example/hooks?key=k"]
+LATER = NOW + 10**12  # every recorded row is due by then
+
+
+def record(store: Store, urls: list[str] = HOOKS) -> list[int]:
+    """Turn recording on; the list grows by one for every wake-up."""
+    wakes: list[int] = []
+    store.record_webhooks(urls, lambda: wakes.append(1))
+    return wakes
+
+
+async def claim_all(store: Store, url: str, now: int = LATER) -> list[WebhookEvent]:
+    return await store.claim_webhooks(url, now=now, lease_until=now + 1, limit=1000)
+
+
+async def test_outbox_records_every_event_once_per_url_only_while_configured(
+    store: Store,
+) -> None:
+    before = await conversation(store, app=100)
+    await send(store, before, 1, "not recorded")  # webhooks off: nothing is written
+    wakes = record(store)
+    assert await store.webhook_backlog(HOOKS[0]) == WebhookBacklog(0, 0, None)
+
+    conv = await store.add_conversation(200, 1, staff=True, now=NOW)
+    await store.add_conversation(200, 2, staff=False, now=NOW + 1)  # exists: no event
+    sent = await store.add_message(
+        conv, sender_id=2, staff=False, content="hi", content_type=1, client_msg_id="k", now=NOW
+    )
+    retry = await store.add_message(
+        conv, sender_id=2, staff=False, content="hi", content_type=1, client_msg_id="k", now=NOW
+    )
+    assert not retry.created  # a retry: no second event
+    read = await store.read_messages(
+        conv, reader_id=1, staff=True, message_id=sent.message.id, now=NOW + 2
+    )
+    again = await store.read_messages(
+        conv, reader_id=1, staff=True, message_id=sent.message.id, now=NOW + 3
+    )
+    assert read.moved and not again.moved  # nothing moved: no event
+    assert len(wakes) >= 3  # after each commit that wrote rows
+
+    per_url = [await claim_all(store, url) for url in HOOKS]
+    for events in per_url:
+        assert [e.type for e in events] == [CONVERSATION_CREATED, MESSAGE_CREATED, MESSAGE_READ]
+        assert all(e.attempts == 0 for e in events)
+    one, two = per_url
+    assert [e.event_id for e in one] == [e.event_id for e in two]  # one id, every URL
+    assert len({e.event_id for e in one}) == 3
+    assert [e.url for e in two] == [HOOKS[1]] * 3
+    created, message, moved = (orjson.loads(e.data) for e in one)
+    assert Conversation(**created) == conv and one[0].occurred_at == conv.create_at
+    assert Message(**message) == sent.message and one[1].occurred_at == sent.message.create_at
+    assert moved == {"application_id": 200, "reader_id": 1, "message_id": sent.message.id}
+    assert one[2].occurred_at == NOW + 2
+
+
+async def test_outbox_records_every_message_of_a_batch(store: Store) -> None:
+    conv = await conversation(store)
+    record(store, HOOKS[:1])
+    outcomes = await asyncio.gather(
+        *(
+            store.add_message(
+                conv,
+                sender_id=2 + i % 3,
+                staff=False,
+                content=f"m{i}",
+                content_type=1,
+                client_msg_id=None,
+                now=NOW + i,
+            )
+            for i in range(30)
+        )
+    )
+    events = await claim_all(store, HOOKS[0])
+    assert [Message(**orjson.loads(e.data)) for e in events] == [o.message for o in outcomes]
+    assert len({e.event_id for e in events}) == 30
+
+
+async def test_outbox_rows_commit_with_their_change_or_not_at_all(store: Store) -> None:
+    """A change whose outbox row cannot be written is not made, and a change that fails
+    leaves no outbox row: both are one transaction."""
+    conv = await conversation(store, app=100, user=1)
+    await store.add_conversation(100, 77, staff=False, now=NOW)
+    record(store, HOOKS[:1])
+    await execute(
+        store,
+        sqlite=[
+            "CREATE TRIGGER no_boom BEFORE INSERT ON webhook_outbox "
+            "WHEN NEW.data LIKE '%boom%' OR NEW.data LIKE '%\"application_id\":300,%' "
+            "OR NEW.data LIKE '%\"reader_id\":77,%' BEGIN SELECT RAISE(ABORT, 'boom'); END",
+            "CREATE TRIGGER no_bang BEFORE INSERT ON messages WHEN NEW.content = 'bang' "
+            "BEGIN SELECT RAISE(ABORT, 'bang'); END",
+        ],
+        postgres=[
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'refused'; END $$",
+            "CREATE TRIGGER no_boom BEFORE INSERT ON webhook_outbox FOR EACH ROW "
+            "WHEN (NEW.data LIKE '%boom%' OR NEW.data LIKE '%\"application_id\":300,%' "
+            "OR NEW.data LIKE '%\"reader_id\":77,%') "
+            "EXECUTE FUNCTION refuse()",
+            "CREATE TRIGGER no_bang BEFORE INSERT ON messages FOR EACH ROW "
+            "WHEN (NEW.content = 'bang') EXECUTE FUNCTION refuse()",
+        ],
+    )
+    kept = await send(store, conv, 2, "kept")
+    for text in ("boom", "bang"):  # the event fails / the change fails
+        with pytest.raises(AppError):
+            await send(store, conv, 2, text)
+    with pytest.raises(AppError):  # the read's event fails: the position stays
+        await store.read_messages(conv, reader_id=77, staff=False, message_id=kept, now=NOW)
+    with pytest.raises(AppError):  # the new conversation's event fails
+        await store.add_conversation(300, 1, staff=True, now=NOW)
+
+    assert [m.content for m in (await store.list_messages(conv, limit=50)).messages] == ["kept"]
+    assert await unread_of(store, 77) == {100: 1}
+    assert await unread_of(store, 1) == {100: 1}  # the counters did not count the failed
+    assert await store.get_conversation(300) is None
+    events = await claim_all(store, HOOKS[0])
+    assert [(e.type, orjson.loads(e.data).get("content")) for e in events] == [
+        (MESSAGE_CREATED, "kept")
+    ]
+
+
+async def test_claims_lease_rows_and_settle_them(store: Store) -> None:
+    url = HOOKS[0]
+    record(store, [url])
+    conv = await conversation(store)  # an event
+    for i in range(3):
+        await send(store, conv, 2, f"m{i}")  # three more, due at NOW + 1
+    first = await store.claim_webhooks(url, now=NOW + 1, lease_until=NOW + 100, limit=2)
+    second = await store.claim_webhooks(url, now=NOW + 1, lease_until=NOW + 101, limit=10)
+    assert len(first) == 2 and len(second) == 2
+    assert [e.row for e in first + second] == sorted(e.row for e in first + second)  # oldest first
+    assert first[0].type == CONVERSATION_CREATED and first[0].lease == NOW + 100
+    assert await claim_all(store, url, now=NOW + 99) == []  # every row is held
+
+    await store.settle_webhooks(
+        [first[0].row],
+        [
+            WebhookFailure(first[1].row, first[1].lease, 1, NOW + 50, "HTTP 500"),
+            WebhookFailure(second[0].row, NOW + 7, 1, None, "a stale claim"),  # ignored
+        ],
+    )
+    assert await store.webhook_backlog(url) == WebhookBacklog(3, 0, NOW + 50)
+    assert await claim_all(store, url, now=NOW + 49) == []
+    retried = await claim_all(store, url, now=NOW + 50)
+    assert [(e.row, e.attempts, e.event_id) for e in retried] == [
+        (first[1].row, 1, first[1].event_id)
+    ]
+    await store.settle_webhooks(
+        [], [WebhookFailure(retried[0].row, retried[0].lease, 2, None, "given up")]
+    )
+    assert await store.webhook_backlog(url) == WebhookBacklog(2, 1, NOW + 101)
+    # the second claim's lease ended without an answer: its rows are due again
+    assert [e.row for e in await claim_all(store, url, now=NOW + 101)] == [e.row for e in second]
+    assert await store.webhook_backlog(HOOKS[1]) == WebhookBacklog(0, 0, None)
+
+
+async def test_claims_made_at_once_take_different_rows(store: Store) -> None:
+    url = HOOKS[0]
+    record(store, [url])
+    conv = await conversation(store)
+    await asyncio.gather(*(send(store, conv, 2, f"m{i}") for i in range(40)))
+    claims = await asyncio.gather(
+        *(
+            store.claim_webhooks(url, now=LATER, lease_until=LATER + 1000 + k, limit=7)
+            for k in range(8)
+        )
+    )
+    rows = [e.row for claim in claims for e in claim]
+    assert len(rows) == len(set(rows)) == 41
+
+
+async def execute(store: Store, *, sqlite: list[str], postgres: list[str]) -> None:
+    """Change the schema under an open store, from a connection of the test's own."""
+    from appchat.store.postgres import PostgresStore
+    from appchat.store.sqlite import SqliteStore
+
+    def run() -> None:
+        if isinstance(store, SqliteStore):
+            with contextlib.closing(sqlite3.connect(store.path)) as conn:
+                for statement in sqlite:
+                    conn.execute(statement)
+                conn.commit()
+        else:
+            assert isinstance(store, PostgresStore)
+            with psycopg.connect(store.dsn, autocommit=True) as conn:
+                for statement in postgres:
+                    conn.execute(statement.encode())
+
+    await asyncio.to_thread(run)

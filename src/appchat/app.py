@@ -11,7 +11,7 @@ from aiohttp import web
 
 from .auth import TokenVerifier, public_key
 from .broker import Broker, open_broker
-from .config import Settings
+from .config import Settings, resolve_webhook_secret
 from .hub import Hub
 from .observability import Metrics
 from .service import MAX_REPLY_BYTES, ChatService, Limits
@@ -20,6 +20,7 @@ from .transport.guard import HandshakeGuard, handler_args
 from .transport.http import HealthEndpoints
 from .transport.web import WebClient
 from .transport.ws import WebSocketEndpoint, WsOptions
+from .webhooks import WebhookDispatcher, WebhookOptions
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class Node:
         )
         self.broker = broker or open_broker(settings.broker, prefix=settings.channel_prefix)
         self.metrics = Metrics()
+        self.webhooks = self._webhooks(settings)
         self._dev_secret = secret if settings.dev else None  # mints tokens for the web client
         self.hub = Hub(self.broker, prefix=settings.channel_prefix)
         self.service = ChatService(
@@ -94,6 +96,21 @@ class Node:
         )
         self.port: int = settings.port
 
+    def _webhooks(self, settings: Settings) -> WebhookDispatcher | None:
+        """With --webhook-url: the store records events in its outbox, this delivers them."""
+        secret = resolve_webhook_secret(settings)
+        if secret is None:
+            return None
+        options = WebhookOptions(
+            timeout=settings.webhook_timeout,
+            retry_min=settings.webhook_retry_min,
+            retry_max=settings.webhook_retry_max,
+            give_up=settings.webhook_give_up,
+        )
+        return WebhookDispatcher(
+            self.store, settings.webhook_url, secret, options=options, metrics=self.metrics
+        )
+
     def web_app(self) -> web.Application:
         app = web.Application(middlewares=[self.guard.middleware()])
         health = HealthEndpoints(self.store, self.broker, self.metrics)
@@ -122,6 +139,8 @@ class Node:
     async def start(self) -> None:
         await self.store.open()
         await self.hub.start()
+        if self.webhooks is not None:
+            await self.webhooks.start()
         timeout = self.settings.handshake_timeout
         self._runner = web.AppRunner(
             self.web_app(),
@@ -161,5 +180,7 @@ class Node:
         if self._runner is not None:
             await self._runner.cleanup()
         await self.hub.stop()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         await self.broker.close()
         await self.store.close()

@@ -17,6 +17,7 @@ from .store import sqlite_path
 DEV_SECRET_NAME = "appchat-dev.secret"
 # Descriptors a process keeps beside its connections (database, broker, logs, listeners).
 RESERVED_FILES = 1000
+MIN_WEBHOOK_SECRET = 32  # bytes, as for the HS256 secret
 CONNECTIONS_CAP = 100_000
 
 
@@ -62,6 +63,13 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
     handshake_timeout: float = defaults.HANDSHAKE_TIMEOUT
     max_pending_handshakes: int = defaults.MAX_PENDING_HANDSHAKES
+    webhook_url: tuple[str, ...] = ()
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_secret_file: str | None = None
+    webhook_timeout: float = defaults.WEBHOOK_TIMEOUT
+    webhook_retry_min: float = defaults.WEBHOOK_RETRY_MIN
+    webhook_retry_max: float = defaults.WEBHOOK_RETRY_MAX
+    webhook_give_up: float = defaults.WEBHOOK_GIVE_UP
 
 
 # name -> (type, help); every option also reads APPCHAT_<NAME> from the environment.
@@ -115,9 +123,22 @@ OPTIONS: dict[str, tuple[type, str]] = {
         int,
         "connections still sending their HTTP request; one more closes the oldest of them",
     ),
+    "webhook_url": (str, "http(s) URL that receives the webhook events, repeatable"),
+    "webhook_secret": (
+        str,
+        "secret signing webhooks (HMAC-SHA256), at least 32 bytes (shows in ps: prefer the file)",
+    ),
+    "webhook_secret_file": (str, "file holding the webhook secret"),
+    "webhook_timeout": (float, "seconds one webhook delivery may take"),
+    "webhook_retry_min": (float, "seconds before a failed webhook is retried, doubled each time"),
+    "webhook_retry_max": (float, "seconds between two attempts of a webhook, at most"),
+    "webhook_give_up": (
+        float,
+        "seconds after an event when its webhook is given up (0: retry for ever)",
+    ),
 }
 # Options that may be given several times; their environment variable is comma-separated.
-LISTS = {"jwt_public_key", "allowed_origins"}
+LISTS = {"jwt_public_key", "allowed_origins", "webhook_url"}
 FLAGS = {
     "dev": "development mode: generate a secret beside the database, print tokens",
     "trust_query_sid": (
@@ -183,6 +204,47 @@ def check_limits(settings: Settings) -> None:
         raise ConfigError(
             f"--max-pending-handshakes {settings.max_pending_handshakes}: must be at least 1"
         )
+    check_webhooks(settings)
+
+
+def check_webhooks(settings: Settings) -> None:
+    for url in settings.webhook_url:
+        scheme, sep, rest = url.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest.split("/", 1)[0]:
+            raise ConfigError(f"--webhook-url {url!r}: expected http://HOST/… or https://HOST/…")
+    if not settings.webhook_timeout > 0:
+        raise ConfigError(f"--webhook-timeout {settings.webhook_timeout}: must be above 0")
+    if not 0 < settings.webhook_retry_min <= settings.webhook_retry_max:
+        raise ConfigError(
+            "--webhook-retry-min and --webhook-retry-max: need 0 < min <= max "
+            f"(got {settings.webhook_retry_min} and {settings.webhook_retry_max})"
+        )
+    if settings.webhook_give_up < 0:
+        raise ConfigError(f"--webhook-give-up {settings.webhook_give_up}: must be 0 or more")
+
+
+def resolve_webhook_secret(settings: Settings) -> bytes | None:
+    """The webhook signing secret (flag/env, else the file); ``None`` without webhook URLs."""
+    if not settings.webhook_url:
+        return None
+    secret: bytes | None = None
+    if settings.webhook_secret:
+        secret = settings.webhook_secret.encode()
+    elif settings.webhook_secret_file:
+        try:
+            secret = Path(settings.webhook_secret_file).read_text().strip().encode()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --webhook-secret-file: {exc}") from exc
+    if not secret:
+        raise ConfigError(
+            "--webhook-url needs a signing secret: set APPCHAT_WEBHOOK_SECRET (at least 32 "
+            "bytes) or pass --webhook-secret-file"
+        )
+    if len(secret) < MIN_WEBHOOK_SECRET:
+        raise ConfigError(
+            f"the webhook secret has {len(secret)} bytes: use at least {MIN_WEBHOOK_SECRET}"
+        )
+    return secret
 
 
 def dev_secret_path(database: str) -> Path | None:

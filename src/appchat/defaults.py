@@ -32,3 +32,9 @@ MAX_PENDING_HANDSHAKES = 1000
 # SQLite
 SQLITE_BUSY_TIMEOUT = 30.0  # seconds a write waits for a lock held elsewhere
 SQLITE_SYNCHRONOUS = "FULL"
+
+# webhooks
+WEBHOOK_TIMEOUT = 10.0  # seconds one delivery may take (connecting, sending, the answer)
+WEBHOOK_RETRY_MIN = 1.0  # seconds before the first retry; doubled for each one after
+WEBHOOK_RETRY_MAX = 600.0  # seconds between two attempts, at most
+WEBHOOK_GIVE_UP = 3 * 24 * 3600.0  # seconds after the event when retrying stops (0: never)

@@ -124,3 +124,43 @@ class UnreadPage:
     total: int  # over every conversation of the user, not only this page
     has_more: bool
     last: ActivityKey | None  # the key of the page's last conversation
+
+
+# Webhook events (docs/api.md, "Webhooks"): the stores record them, webhooks.py delivers them.
+MESSAGE_CREATED = "message.created"
+MESSAGE_READ = "message.read"
+CONVERSATION_CREATED = "conversation.created"
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEvent:
+    """One outbox row claimed for delivery to ``url``."""
+
+    row: int  # the outbox row
+    event_id: str  # the same for every URL and every attempt
+    url: str
+    type: str
+    occurred_at: int  # microseconds since the epoch, UTC
+    data: str  # the changed object, JSON (store/rows.py: outbox_*)
+    attempts: int  # failed attempts so far
+    lease: int  # the claim: the row's next_attempt while this delivery is under way
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookFailure:
+    """A delivery that failed: when to try again (``None``: given up)."""
+
+    row: int
+    lease: int  # only the claim that still holds the row may reschedule it
+    attempts: int
+    next_attempt: int | None
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookBacklog:
+    """The outbox rows of one URL: waiting, given up, and when the next one is due."""
+
+    pending: int
+    dead: int
+    next_due: int | None

@@ -32,6 +32,24 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.webhook_deliveries = Counter(
+            "appchat_webhook_deliveries_total",
+            "Webhook delivery attempts by this node, by outcome (delivered, failed: to be "
+            "retried, given_up)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.webhook_backlog = Gauge(
+            "appchat_webhook_backlog",
+            "Webhook deliveries waiting in the outbox (every node's, the configured URLs), "
+            "as last counted by this node",
+            registry=self.registry,
+        )
+        self.webhook_dead = Gauge(
+            "appchat_webhook_dead",
+            "Webhook deliveries given up, kept in the outbox for the operator",
+            registry=self.registry,
+        )
 
     def count_event(self, event: str, outcome: str, seconds: float) -> None:
         """One served request: its outcome and its time."""

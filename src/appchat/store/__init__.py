@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -17,6 +18,9 @@ from ..models import (
     SendOutcome,
     UnreadCount,
     UnreadPage,
+    WebhookBacklog,
+    WebhookEvent,
+    WebhookFailure,
 )
 
 
@@ -113,6 +117,27 @@ class Store(Protocol):
 
     async def participant_ids(self, conversation_id: int) -> list[int]:
         """Every participant of the conversation, in no particular order."""
+
+    # --- the webhook outbox (appchat/webhooks.py) ------------------------------------------------
+
+    def record_webhooks(self, urls: Sequence[str], wake: Callable[[], None]) -> None:
+        """From now on, write the events of every change into the outbox, one row per URL,
+        in the change's own transaction, and call ``wake`` on the event loop after a commit
+        that wrote some. Without this call nothing is recorded (and nothing is paid)."""
+
+    async def claim_webhooks(
+        self, url: str, *, now: int, lease_until: int, limit: int
+    ) -> list[WebhookEvent]:
+        """Take at most ``limit`` rows of ``url`` due at ``now``, oldest first, and hold
+        them until ``lease_until`` (their ``next_attempt``): a claim made at the same time,
+        on this node or another, gets other rows."""
+
+    async def settle_webhooks(
+        self, delivered: Sequence[int], failed: Sequence[WebhookFailure]
+    ) -> None:
+        """Delete the delivered rows; reschedule the failed ones whose claim still holds."""
+
+    async def webhook_backlog(self, url: str) -> WebhookBacklog: ...
 
 
 def open_store(

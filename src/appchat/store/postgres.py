@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -27,12 +27,16 @@ from ..models import (
     SendOutcome,
     UnreadCount,
     UnreadPage,
+    WebhookBacklog,
+    WebhookEvent,
+    WebhookFailure,
 )
 from ..ratelog import RateLimitedLog
 from .migrate import apply_postgres_migrations
 from .rows import (
     CONVERSATION_COLUMNS,
     NEWEST,
+    OUTBOX_COLUMNS,
     SELECT_ALL_CONVERSATIONS,
     SELECT_MESSAGES,
     UNREAD_PAGE_COLUMNS,
@@ -40,10 +44,13 @@ from .rows import (
     activity_query,
     conversation_of,
     conversation_page_of,
+    conversation_rows,
     message_of,
     new_message,
     page_of,
+    read_rows,
     unread_page_of,
+    webhook_event_of,
 )
 
 log = logging.getLogger(__name__)
@@ -91,6 +98,8 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._sends: list[_Send] = []
         self._sender: asyncio.Task[None] | None = None
+        self._hooks: tuple[str, ...] = ()  # webhook URLs: events are recorded for them
+        self._wake: Callable[[], None] | None = None
 
     async def open(self) -> None:
         if self._migrate:
@@ -169,22 +178,32 @@ class PostgresStore:
     async def add_conversation(
         self, application_id: int, user_id: int, *, staff: bool, now: int
     ) -> Conversation:
+        hooks = self._hooks
+        created = False
+
         async def run(conn: asyncpg.Connection) -> Conversation:
-            await conn.execute(
+            nonlocal created
+            status = await conn.execute(
                 "INSERT INTO conversations (application_id, create_at, update_at) "
                 "VALUES ($1, $2, $2) ON CONFLICT (application_id) DO NOTHING",
                 application_id,
                 now,
             )
+            created = status == "INSERT 0 1"
             row = await conn.fetchrow(
                 f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.application_id = $1",
                 application_id,
             )
             conversation = conversation_of(row)
             await _join(conn, conversation.id, user_id, staff, now)
+            if created and hooks:
+                await _record(conn, conversation_rows(hooks, conversation))
             return conversation
 
-        return await self._run(run, tx=True)
+        conversation = await self._run(run, tx=True)
+        if created:
+            self._woken(hooks)
+        return conversation
 
     async def list_conversations(
         self, user_id: int, *, application_id: int | None = None
@@ -349,10 +368,12 @@ class PostgresStore:
             self._sender = None
 
     async def _send_batch(self, batch: list[_Send]) -> list[SendOutcome | AppError]:
+        hooks = self._hooks
+
         async def run(conn: asyncpg.Connection) -> list[SendOutcome | AppError]:
             rows = await conn.fetch(
                 "SELECT message_id, created, refused, participants FROM appchat_send_batch("
-                "$1, $2, $3, $4, $5, $6, $7, $8)",
+                "$1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 [j.conversation.id for j in batch],
                 [j.sender_id for j in batch],
                 [j.staff for j in batch],
@@ -361,6 +382,7 @@ class PostgresStore:
                 [j.client_msg_id for j in batch],
                 [j.now for j in batch],
                 [j.guard_staff for j in batch],
+                hooks or None,
             )
             retried = [r["message_id"] for r in rows if not r["created"] and not r["refused"]]
             firsts = {}
@@ -386,11 +408,16 @@ class PostgresStore:
                     outcomes.append(SendOutcome(message, True, list(row["participants"])))
             return outcomes
 
-        return await self._run(run, tx=False)
+        outcomes = await self._run(run, tx=False)
+        if any(isinstance(o, SendOutcome) and o.created for o in outcomes):
+            self._woken(hooks)
+        return outcomes
 
     async def read_messages(
         self, conversation: Conversation, *, reader_id: int, staff: bool, message_id: int, now: int
     ) -> ReadOutcome:
+        hooks = self._hooks
+
         async def run(conn: asyncpg.Connection) -> ReadOutcome:
             found = await conn.fetchval(
                 "SELECT 1 FROM messages WHERE id = $1 AND conversation_id = $2",
@@ -431,9 +458,15 @@ class PostgresStore:
                 reader_id,
                 now,
             )
+            if hooks:
+                app = conversation.application_id
+                await _record(conn, read_rows(hooks, app, reader_id, message_id, now))
             return ReadOutcome(True, await _participants(conn, conversation.id))
 
-        return await self._run(run, tx=True)
+        outcome = await self._run(run, tx=True)
+        if outcome.moved:
+            self._woken(hooks)
+        return outcome
 
     async def unread_counts(
         self, user_id: int, *, application_id: int | None = None
@@ -457,6 +490,75 @@ class PostgresStore:
             return await _participants(conn, conversation_id)
 
         return await self._run(run, tx=False)
+
+    # --- the webhook outbox -------------------------------------------------------------------
+
+    def record_webhooks(self, urls: Sequence[str], wake: Callable[[], None]) -> None:
+        self._hooks = tuple(urls)
+        self._wake = wake
+
+    def _woken(self, hooks: tuple[str, ...]) -> None:
+        """After a commit that wrote outbox rows (for ``hooks``, the URLs it was made with)."""
+        if hooks and self._wake is not None:
+            self._wake()
+
+    async def claim_webhooks(
+        self, url: str, *, now: int, lease_until: int, limit: int
+    ) -> list[WebhookEvent]:
+        # SKIP LOCKED: a node claiming at the same moment passes over these rows and takes
+        # others; once committed, their next_attempt (the lease) keeps them from being due.
+        async def run(conn: asyncpg.Connection) -> list[WebhookEvent]:
+            rows = await conn.fetch(
+                "UPDATE webhook_outbox SET next_attempt = $1 WHERE id IN (SELECT id FROM "
+                "webhook_outbox WHERE url = $2 AND next_attempt <= $3 ORDER BY next_attempt, id "
+                f"LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING {OUTBOX_COLUMNS}",
+                lease_until,
+                url,
+                now,
+                limit,
+            )
+            events = [webhook_event_of(tuple(r), lease_until) for r in rows]
+            return sorted(events, key=lambda e: e.row)
+
+        return await self._run(run, tx=False)
+
+    async def settle_webhooks(
+        self, delivered: Sequence[int], failed: Sequence[WebhookFailure]
+    ) -> None:
+        async def run(conn: asyncpg.Connection) -> None:
+            if delivered:
+                await conn.execute(
+                    "DELETE FROM webhook_outbox WHERE id = ANY($1::bigint[])", list(delivered)
+                )
+            if failed:
+                await conn.executemany(
+                    "UPDATE webhook_outbox SET attempts = $1, next_attempt = $2, last_error = $3 "
+                    "WHERE id = $4 AND next_attempt = $5",
+                    [(f.attempts, f.next_attempt, f.error, f.row, f.lease) for f in failed],
+                )
+
+        await self._run(run, tx=True)
+
+    async def webhook_backlog(self, url: str) -> WebhookBacklog:
+        async def run(conn: asyncpg.Connection) -> WebhookBacklog:
+            row = await conn.fetchrow(
+                "SELECT count(next_attempt), count(*) - count(next_attempt), min(next_attempt) "
+                "FROM webhook_outbox WHERE url = $1",
+                url,
+            )
+            return WebhookBacklog(row[0], row[1], row[2])
+
+        return await self._run(run, tx=False)
+
+
+async def _record(
+    conn: asyncpg.Connection, rows: list[tuple[str, str, str, int, str, int]]
+) -> None:
+    await conn.executemany(
+        "INSERT INTO webhook_outbox (event_id, url, type, occurred_at, data, next_attempt) "
+        "VALUES ($1, $2, $3, $4, $5, $6)",
+        rows,
+    )
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

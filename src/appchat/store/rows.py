@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
+
 from ..models import (
+    CONVERSATION_CREATED,
+    MESSAGE_CREATED,
+    MESSAGE_READ,
     ActivityKey,
     Conversation,
     ConversationPage,
@@ -13,6 +19,7 @@ from ..models import (
     MessagePage,
     UnreadCount,
     UnreadPage,
+    WebhookEvent,
 )
 
 CONVERSATION_COLUMNS = "c.id, c.application_id, c.create_at, c.update_at"
@@ -131,3 +138,71 @@ def new_message(
         update_at=now,
         client_msg_id=client_msg_id,
     )
+
+
+# --- the webhook outbox ---------------------------------------------------------------------------
+
+OUTBOX_COLUMNS = "id, event_id, url, type, occurred_at, data, attempts"
+
+
+def outbox_message(m: Message) -> str:
+    """A stored message as outbox data (``appchat_send_batch`` writes the same keys)."""
+    return orjson.dumps(
+        {
+            "id": m.id,
+            "application_id": m.application_id,
+            "sender_id": m.sender_id,
+            "content": m.content,
+            "content_type": m.content_type,
+            "status": m.status,
+            "create_at": m.create_at,
+            "update_at": m.update_at,
+            "client_msg_id": m.client_msg_id,
+        }
+    ).decode()
+
+
+def outbox_conversation(c: Conversation) -> str:
+    return orjson.dumps(
+        {
+            "id": c.id,
+            "application_id": c.application_id,
+            "create_at": c.create_at,
+            "update_at": c.update_at,
+        }
+    ).decode()
+
+
+def outbox_read(application_id: int, reader_id: int, message_id: int) -> str:
+    return orjson.dumps(
+        {"application_id": application_id, "reader_id": reader_id, "message_id": message_id}
+    ).decode()
+
+
+def outbox_rows(
+    urls: Sequence[str], kind: str, occurred_at: int, data: str
+) -> list[tuple[str, str, str, int, str, int]]:
+    """One event's rows: (event_id, url, type, occurred_at, data, next_attempt), due now."""
+    event_id = str(uuid.uuid4())
+    return [(event_id, url, kind, occurred_at, data, occurred_at) for url in urls]
+
+
+def message_rows(urls: Sequence[str], m: Message) -> list[tuple[str, str, str, int, str, int]]:
+    return outbox_rows(urls, MESSAGE_CREATED, m.create_at, outbox_message(m))
+
+
+def read_rows(
+    urls: Sequence[str], application_id: int, reader_id: int, message_id: int, now: int
+) -> list[tuple[str, str, str, int, str, int]]:
+    return outbox_rows(urls, MESSAGE_READ, now, outbox_read(application_id, reader_id, message_id))
+
+
+def conversation_rows(
+    urls: Sequence[str], c: Conversation
+) -> list[tuple[str, str, str, int, str, int]]:
+    return outbox_rows(urls, CONVERSATION_CREATED, c.create_at, outbox_conversation(c))
+
+
+def webhook_event_of(row: Sequence[Any], lease: int) -> WebhookEvent:
+    row_id, event_id, url, kind, occurred_at, data, attempts = row
+    return WebhookEvent(row_id, event_id, url, kind, occurred_at, data, attempts, lease)

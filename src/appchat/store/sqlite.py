@@ -19,7 +19,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext, suppress
 from pathlib import Path
@@ -37,12 +37,16 @@ from ..models import (
     SendOutcome,
     UnreadCount,
     UnreadPage,
+    WebhookBacklog,
+    WebhookEvent,
+    WebhookFailure,
 )
 from ..ratelog import RateLimitedLog
 from .migrate import apply_sqlite_migrations
 from .rows import (
     CONVERSATION_COLUMNS,
     NEWEST,
+    OUTBOX_COLUMNS,
     SELECT_ALL_CONVERSATIONS,
     SELECT_MESSAGES,
     UNREAD_PAGE_COLUMNS,
@@ -50,10 +54,14 @@ from .rows import (
     activity_query,
     conversation_of,
     conversation_page_of,
+    conversation_rows,
     message_of,
+    message_rows,
     new_message,
     page_of,
+    read_rows,
     unread_page_of,
+    webhook_event_of,
 )
 from .writelock import WriterLock
 
@@ -95,6 +103,7 @@ class SqliteStore:
         self._local = threading.local()
         self._members = _Members()  # the writer thread's memory of participants
         self._open_error: BaseException | None = None
+        self._outbox: _Outbox | None = None  # webhooks configured: events are recorded
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -206,7 +215,7 @@ class SqliteStore:
                     batch.append(job)
                 with turn or nullcontext():
                     outcomes = self._commit_batch(conn, batch)
-                _settle_batch(batch, outcomes)
+                _settle_batch(batch, outcomes, self._outbox_written())
                 if stop:
                     return
         finally:
@@ -214,6 +223,14 @@ class SqliteStore:
             if turn is not None:
                 turn.close()
                 self._turn = None
+
+    def _outbox_written(self) -> Callable[[], None] | None:
+        """The webhooks' wake-up when the batch just done wrote outbox rows."""
+        outbox = self._outbox
+        if outbox is None or not outbox.written:
+            return None
+        outbox.written = False
+        return outbox.wake
 
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[Job]) -> list[tuple[bool, Any]]:
         in_job = False
@@ -282,20 +299,22 @@ class SqliteStore:
     async def add_conversation(
         self, application_id: int, user_id: int, *, staff: bool, now: int
     ) -> Conversation:
-        members = self._members
+        members, outbox = self._members, self._outbox
 
         def run(conn: sqlite3.Connection) -> Conversation:
-            conn.execute(
+            created = conn.execute(
                 "INSERT INTO conversations (application_id, create_at, update_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (application_id) DO NOTHING",
                 (application_id, now, now),
-            )
+            ).rowcount
             row = conn.execute(
                 f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.application_id = ?",
                 (application_id,),
             ).fetchone()
             conversation = conversation_of(row)
             members.join(conn, conversation.id, user_id, staff, now)
+            if created and outbox is not None:
+                outbox.add(conn, conversation_rows(outbox.urls, conversation))
             return conversation
 
         return await self._write(run)
@@ -412,6 +431,7 @@ class SqliteStore:
     ) -> SendOutcome:
         send = _SendMessage(
             self._members,
+            self._outbox,
             conversation,
             sender_id,
             staff,
@@ -426,7 +446,7 @@ class SqliteStore:
     async def read_messages(
         self, conversation: Conversation, *, reader_id: int, staff: bool, message_id: int, now: int
     ) -> ReadOutcome:
-        members = self._members
+        members, outbox = self._members, self._outbox
 
         def run(conn: sqlite3.Connection) -> ReadOutcome:
             found = conn.execute(
@@ -458,6 +478,11 @@ class SqliteStore:
                 "AND id > ? AND id <= ? AND sender_id != ? AND status = 0",
                 (now, conversation.id, position, message_id, reader_id),
             )
+            if outbox is not None:
+                rows = read_rows(
+                    outbox.urls, conversation.application_id, reader_id, message_id, now
+                )
+                outbox.add(conn, rows)
             return ReadOutcome(True, members.of(conn, conversation.id))
 
         return await self._write(run)
@@ -489,6 +514,77 @@ class SqliteStore:
 
         return await self._read(run)
 
+    # --- the webhook outbox -------------------------------------------------------------------
+
+    def record_webhooks(self, urls: Sequence[str], wake: Callable[[], None]) -> None:
+        self._outbox = _Outbox(tuple(urls), wake) if urls else None
+
+    async def claim_webhooks(
+        self, url: str, *, now: int, lease_until: int, limit: int
+    ) -> list[WebhookEvent]:
+        # Through the writer: claims of other workers on this file take turns with it.
+        def run(conn: sqlite3.Connection) -> list[WebhookEvent]:
+            rows = conn.execute(
+                "UPDATE webhook_outbox SET next_attempt = ? WHERE id IN (SELECT id FROM "
+                "webhook_outbox WHERE url = ? AND next_attempt <= ? ORDER BY next_attempt, id "
+                f"LIMIT ?) RETURNING {OUTBOX_COLUMNS}",
+                (lease_until, url, now, limit),
+            ).fetchall()
+            return sorted((webhook_event_of(r, lease_until) for r in rows), key=_by_row)
+
+        return await self._write(run)
+
+    async def settle_webhooks(
+        self, delivered: Sequence[int], failed: Sequence[WebhookFailure]
+    ) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.executemany("DELETE FROM webhook_outbox WHERE id = ?", [(r,) for r in delivered])
+            conn.executemany(
+                "UPDATE webhook_outbox SET attempts = ?, next_attempt = ?, last_error = ? "
+                "WHERE id = ? AND next_attempt = ?",
+                [(f.attempts, f.next_attempt, f.error, f.row, f.lease) for f in failed],
+            )
+
+        await self._write(run)
+
+    async def webhook_backlog(self, url: str) -> WebhookBacklog:
+        def run(conn: sqlite3.Connection) -> WebhookBacklog:
+            row = conn.execute(BACKLOG, (url,)).fetchone()
+            return WebhookBacklog(*row)
+
+        return await self._read(run)
+
+
+BACKLOG = (
+    "SELECT count(next_attempt), count(*) - count(next_attempt), min(next_attempt) "
+    "FROM webhook_outbox WHERE url = ?"
+)
+
+
+def _by_row(event: WebhookEvent) -> int:
+    return event.row
+
+
+class _Outbox:
+    """Webhooks are configured: the writer records each change's events (one row per URL)."""
+
+    __slots__ = ("urls", "wake", "written")
+
+    def __init__(self, urls: tuple[str, ...], wake: Callable[[], None]) -> None:
+        self.urls = urls
+        self.wake = wake
+        self.written = False  # since the last commit (read and reset by the writer)
+
+    def add(
+        self, conn: sqlite3.Connection, rows: list[tuple[str, str, str, int, str, int]]
+    ) -> None:
+        conn.executemany(
+            "INSERT INTO webhook_outbox (event_id, url, type, occurred_at, data, next_attempt) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        self.written = True
+
 
 class _SendMessage:
     """A SendMessage for the writer: alone (``__call__``) or with others (``_send_many``)."""
@@ -501,6 +597,7 @@ class _SendMessage:
         "guard_staff",
         "members",
         "now",
+        "outbox",
         "sender_id",
         "staff",
     )
@@ -508,6 +605,7 @@ class _SendMessage:
     def __init__(
         self,
         members: _Members,
+        outbox: _Outbox | None,
         conversation: Conversation,
         sender_id: int,
         staff: bool,
@@ -518,6 +616,7 @@ class _SendMessage:
         guard_staff: bool,
     ) -> None:
         self.members = members
+        self.outbox = outbox
         self.conversation = conversation
         self.sender_id = sender_id
         self.staff = staff
@@ -576,7 +675,10 @@ class _SendMessage:
             "message_count = message_count + 1 WHERE id = ?",
             (self.now, conversation.id),
         )
-        return SendOutcome(self.message(row[0]), True, members.of(conn, conversation.id))
+        message = self.message(row[0])
+        if self.outbox is not None:
+            self.outbox.add(conn, message_rows(self.outbox.urls, message))
+        return SendOutcome(message, True, members.of(conn, conversation.id))
 
 
 def _send_many(
@@ -656,14 +758,21 @@ def _send_many(
         [(newest, n, c) for c, (newest, n) in conversations.items()],
     )
     out: list[tuple[bool, Any]] = []
+    outbox = sends[0].outbox
+    hooks: list[tuple[str, str, str, int, str, int]] = []
     message_id = first
     for send, no in zip(sends, refused, strict=True):
         if no:
             out.append((False, Forbidden("you may not act as this participant")))
             continue
         participants = members.of(conn, send.conversation.id)
-        out.append((True, SendOutcome(send.message(message_id), True, participants)))
+        message = send.message(message_id)
+        if outbox is not None:
+            hooks += message_rows(outbox.urls, message)
+        out.append((True, SendOutcome(message, True, participants)))
         message_id += 1
+    if outbox is not None and hooks:
+        outbox.add(conn, hooks)
     return out
 
 
@@ -753,17 +862,25 @@ def _translate(exc: BaseException) -> AppError:
     return Internal()
 
 
-def _settle_batch(batch: list[Job], outcomes: list[tuple[bool, Any]]) -> None:
-    """Wake each event loop once for the whole batch (in practice there is one loop)."""
+def _settle_batch(
+    batch: list[Job], outcomes: list[tuple[bool, Any]], wake: Callable[[], None] | None
+) -> None:
+    """Wake each event loop once for the whole batch (in practice there is one loop);
+    ``wake``: the webhooks' wake-up, called on the first loop."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
     for (_fn, _args, fut, loop), (ok, value) in zip(batch, outcomes, strict=True):
         by_loop.setdefault(loop, []).append((fut, ok, value))
     for loop, settled in by_loop.items():
         with suppress(RuntimeError):  # that loop is closed: nobody waits any more
-            loop.call_soon_threadsafe(_settle_all, settled)
+            loop.call_soon_threadsafe(_settle_all, settled, wake)
+        wake = None
 
 
-def _settle_all(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+def _settle_all(
+    settled: list[tuple[asyncio.Future[Any], bool, Any]], wake: Callable[[], None] | None
+) -> None:
+    if wake is not None:
+        wake()
     for fut, ok, value in settled:
         if fut.done():
             continue
