@@ -66,17 +66,15 @@ def activity_query(
     application_id: int | None,
     after: ActivityKey | None,
     limit: int | None,
-    numbered: bool,
 ) -> tuple[str, list[Any]]:
     """SQL and its parameters selecting ``columns`` of the conversations ``user_id`` takes
     part in (``None``: every one; ``p`` is then not joined), newest activity first, after
-    the key ``after``; ``limit``: ``None`` for an aggregate. Placeholders are ``$n``
-    (``numbered``, PostgreSQL) or ``?`` (SQLite)."""
+    the key ``after``; ``limit``: ``None`` for an aggregate."""
     params: list[Any] = []
 
     def param(value: int) -> str:
         params.append(value)
-        return f"${len(params)}" if numbered else "?"
+        return "?"
 
     if user_id is None:
         sql = f"SELECT {columns} FROM conversations c WHERE TRUE"
@@ -143,6 +141,8 @@ def new_message(
 # --- the webhook outbox ---------------------------------------------------------------------------
 
 OUTBOX_COLUMNS = "id, event_id, url, type, occurred_at, data, attempts"
+# (event_id, url, type, occurred_at, data, next_attempt): one event for one URL, due now
+OutboxRow = tuple[str, str, str, int, str, int]
 
 
 def outbox_message(m: Message) -> str:
@@ -179,27 +179,23 @@ def outbox_read(application_id: int, reader_id: int, message_id: int) -> str:
     ).decode()
 
 
-def outbox_rows(
-    urls: Sequence[str], kind: str, occurred_at: int, data: str
-) -> list[tuple[str, str, str, int, str, int]]:
+def outbox_rows(urls: Sequence[str], kind: str, occurred_at: int, data: str) -> list[OutboxRow]:
     """One event's rows: (event_id, url, type, occurred_at, data, next_attempt), due now."""
     event_id = str(uuid.uuid4())
     return [(event_id, url, kind, occurred_at, data, occurred_at) for url in urls]
 
 
-def message_rows(urls: Sequence[str], m: Message) -> list[tuple[str, str, str, int, str, int]]:
+def message_rows(urls: Sequence[str], m: Message) -> list[OutboxRow]:
     return outbox_rows(urls, MESSAGE_CREATED, m.create_at, outbox_message(m))
 
 
 def read_rows(
     urls: Sequence[str], application_id: int, reader_id: int, message_id: int, now: int
-) -> list[tuple[str, str, str, int, str, int]]:
+) -> list[OutboxRow]:
     return outbox_rows(urls, MESSAGE_READ, now, outbox_read(application_id, reader_id, message_id))
 
 
-def conversation_rows(
-    urls: Sequence[str], c: Conversation
-) -> list[tuple[str, str, str, int, str, int]]:
+def conversation_rows(urls: Sequence[str], c: Conversation) -> list[OutboxRow]:
     return outbox_rows(urls, CONVERSATION_CREATED, c.create_at, outbox_conversation(c))
 
 

@@ -26,42 +26,28 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .. import defaults
-from ..errors import AppError, ConfigError, Forbidden, Internal, NotFound, Unavailable
+from ..errors import AppError, ConfigError, Forbidden, Internal, Unavailable
 from ..models import (
-    ActivityKey,
-    Conversation,
-    ConversationPage,
     Message,
-    MessagePage,
-    ReadOutcome,
     SendOutcome,
-    UnreadCount,
-    UnreadPage,
-    WebhookBacklog,
-    WebhookEvent,
-    WebhookFailure,
 )
 from ..ratelog import RateLimitedLog
 from .migrate import apply_sqlite_migrations
 from .rows import (
-    CONVERSATION_COLUMNS,
-    NEWEST,
-    OUTBOX_COLUMNS,
-    SELECT_ALL_CONVERSATIONS,
     SELECT_MESSAGES,
-    UNREAD_PAGE_COLUMNS,
-    UNREAD_TOTAL,
-    activity_query,
-    conversation_of,
-    conversation_page_of,
-    conversation_rows,
     message_of,
     message_rows,
     new_message,
-    page_of,
-    read_rows,
-    unread_page_of,
-    webhook_event_of,
+)
+from .sqlstore import (
+    ADD_OWN_UNREAD,
+    JOIN,
+    PARTICIPANTS_STAFF,
+    RECORD_EVENT,
+    Plan,
+    Send,
+    SqlStore,
+    expand,
 )
 from .writelock import WriterLock
 
@@ -76,7 +62,7 @@ READERS = 2
 MAX_CACHED_CONVERSATIONS = 50_000
 
 
-class SqliteStore:
+class SqliteStore(SqlStore):
     def __init__(
         self,
         path: str,
@@ -273,296 +259,19 @@ class SqliteStore:
 
     # --- the Store interface ------------------------------------------------------------------
 
-    async def ping(self) -> None:
-        await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
+    async def _read_plan(self, make: Callable[..., Plan[T]], *args: Any) -> T:
+        return await self._read(lambda conn: _drive(conn, make(*args), None))
 
-    async def get_conversation(self, application_id: int) -> Conversation | None:
-        def run(conn: sqlite3.Connection) -> Conversation | None:
-            row = conn.execute(
-                f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.application_id = ?",
-                (application_id,),
-            ).fetchone()
-            return conversation_of(row) if row else None
-
-        return await self._read(run)
-
-    async def is_staff_participant(self, conversation_id: int, user_id: int) -> bool:
-        def run(conn: sqlite3.Connection) -> bool:
-            row = conn.execute(
-                "SELECT is_staff FROM participants WHERE conversation_id = ? AND user_id = ?",
-                (conversation_id, user_id),
-            ).fetchone()
-            return bool(row and row[0])
-
-        return await self._read(run)
-
-    async def add_conversation(
-        self, application_id: int, user_id: int, *, staff: bool, now: int
-    ) -> Conversation:
-        members, outbox = self._members, self._outbox
-
-        def run(conn: sqlite3.Connection) -> Conversation:
-            created = conn.execute(
-                "INSERT INTO conversations (application_id, create_at, update_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (application_id) DO NOTHING",
-                (application_id, now, now),
-            ).rowcount
-            row = conn.execute(
-                f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.application_id = ?",
-                (application_id,),
-            ).fetchone()
-            conversation = conversation_of(row)
-            members.join(conn, conversation.id, user_id, staff, now)
-            if created and outbox is not None:
-                outbox.add(conn, conversation_rows(outbox.urls, conversation))
-            return conversation
-
-        return await self._write(run)
-
-    async def list_conversations(
-        self, user_id: int, *, application_id: int | None = None
-    ) -> list[Conversation]:
-        def run(conn: sqlite3.Connection) -> list[Conversation]:
-            sql = (
-                f"SELECT {CONVERSATION_COLUMNS} FROM participants p JOIN conversations c "
-                "ON c.id = p.conversation_id WHERE p.user_id = ?"
-            )
-            params: tuple[int, ...] = (user_id,)
-            if application_id is not None:
-                sql += " AND c.application_id = ?"
-                params += (application_id,)
-            sql += " ORDER BY c.update_at DESC, c.id DESC"
-            return [conversation_of(r) for r in conn.execute(sql, params)]
-
-        return await self._read(run)
-
-    async def list_all_conversations(self, *, limit: int) -> list[Conversation]:
-        def run(conn: sqlite3.Connection) -> list[Conversation]:
-            rows = conn.execute(SELECT_ALL_CONVERSATIONS + "?", (limit,))
-            return [conversation_of(r) for r in rows]
-
-        return await self._read(run)
-
-    async def conversation_page(
-        self,
-        user_id: int | None,
-        *,
-        application_id: int | None = None,
-        limit: int,
-        after: ActivityKey | None = None,
-    ) -> ConversationPage:
-        sql, params = activity_query(
-            CONVERSATION_COLUMNS,
-            user_id=user_id,
-            application_id=application_id,
-            after=after,
-            limit=limit,
-            numbered=False,
-        )
-
-        def run(conn: sqlite3.Connection) -> ConversationPage:
-            return conversation_page_of(conn.execute(sql, params).fetchall(), limit)
-
-        return await self._read(run)
-
-    async def unread_page(
-        self,
-        user_id: int,
-        *,
-        application_id: int | None = None,
-        limit: int,
-        after: ActivityKey | None = None,
-    ) -> UnreadPage:
-        def query(columns: str, key: ActivityKey | None, n: int | None) -> tuple[str, list[Any]]:
-            return activity_query(
-                columns,
-                user_id=user_id,
-                application_id=application_id,
-                after=key,
-                limit=n,
-                numbered=False,
-            )
-
-        def run(conn: sqlite3.Connection) -> UnreadPage:
-            rows = conn.execute(*query(UNREAD_PAGE_COLUMNS, after, limit)).fetchall()
-            total = None
-            if after is not None or len(rows) > limit:
-                total = conn.execute(*query(UNREAD_TOTAL, None, None)).fetchone()[0]
-            return unread_page_of(rows, limit, total)
-
-        return await self._read(run)
-
-    async def list_messages(
-        self,
-        conversation: Conversation,
-        *,
-        before_id: int | None = None,
-        after_id: int | None = None,
-        limit: int,
-    ) -> MessagePage:
-        def run(conn: sqlite3.Connection) -> MessagePage:
-            base = SELECT_MESSAGES + "WHERE m.conversation_id = ?"
-            if after_id is not None:
-                rows = conn.execute(
-                    base + " AND m.id > ? ORDER BY m.id ASC LIMIT ?",
-                    (conversation.id, after_id, limit + 1),
-                ).fetchall()
-            else:
-                cursor = before_id if before_id is not None else NEWEST
-                rows = conn.execute(
-                    base + " AND m.id < ? ORDER BY m.id DESC LIMIT ?",
-                    (conversation.id, cursor, limit + 1),
-                ).fetchall()
-            return page_of(rows, limit, newest_first=after_id is None)
-
-        return await self._read(run)
-
-    async def add_message(
-        self,
-        conversation: Conversation,
-        *,
-        sender_id: int,
-        staff: bool,
-        content: str,
-        content_type: int,
-        client_msg_id: str | None,
-        now: int,
-        guard_staff: bool = False,
-    ) -> SendOutcome:
-        send = _SendMessage(
-            self._members,
-            self._outbox,
-            conversation,
-            sender_id,
-            staff,
-            content,
-            content_type,
-            client_msg_id,
-            now,
-            guard_staff,
-        )
-        return await self._write(send)
-
-    async def read_messages(
-        self, conversation: Conversation, *, reader_id: int, staff: bool, message_id: int, now: int
-    ) -> ReadOutcome:
-        members, outbox = self._members, self._outbox
-
-        def run(conn: sqlite3.Connection) -> ReadOutcome:
-            found = conn.execute(
-                "SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?",
-                (message_id, conversation.id),
-            ).fetchone()
-            if not found:
-                raise NotFound(f"message {message_id} is not in this conversation")
-            members.join(conn, conversation.id, reader_id, staff, now)
-            (position,) = conn.execute(
-                "SELECT read_position FROM participants WHERE conversation_id = ? AND user_id = ?",
-                (conversation.id, reader_id),
-            ).fetchone()
-            if message_id <= position:
-                return ReadOutcome(False, [])  # nothing moved: nothing is pushed
-            read, own = conn.execute(
-                "SELECT count(*), coalesce(sum(sender_id = ?), 0) FROM messages "
-                "WHERE conversation_id = ? AND id > ? AND id <= ?",
-                (reader_id, conversation.id, position, message_id),
-            ).fetchone()
-            conn.execute(
-                "UPDATE participants SET read_position = ?, read_count = read_count + ?, "
-                "own_unread = own_unread - ? WHERE conversation_id = ? AND user_id = ?",
-                (message_id, read, own, conversation.id, reader_id),
-            )
-            # Messages up to the old position were marked when it was reached.
-            conn.execute(
-                "UPDATE messages SET status = 1, update_at = ? WHERE conversation_id = ? "
-                "AND id > ? AND id <= ? AND sender_id != ? AND status = 0",
-                (now, conversation.id, position, message_id, reader_id),
-            )
-            if outbox is not None:
-                rows = read_rows(
-                    outbox.urls, conversation.application_id, reader_id, message_id, now
-                )
-                outbox.add(conn, rows)
-            return ReadOutcome(True, members.of(conn, conversation.id))
-
-        return await self._write(run)
-
-    async def unread_counts(
-        self, user_id: int, *, application_id: int | None = None
-    ) -> list[UnreadCount]:
-        def run(conn: sqlite3.Connection) -> list[UnreadCount]:
-            sql = (
-                "SELECT c.application_id, c.message_count - p.read_count - p.own_unread "
-                "FROM participants p JOIN conversations c ON c.id = p.conversation_id "
-                "WHERE p.user_id = ?"
-            )
-            params: tuple[int, ...] = (user_id,)
-            if application_id is not None:
-                sql += " AND c.application_id = ?"
-                params += (application_id,)
-            sql += " ORDER BY c.update_at DESC, c.id DESC"
-            return [UnreadCount(a, n) for a, n in conn.execute(sql, params)]
-
-        return await self._read(run)
-
-    async def participant_ids(self, conversation_id: int) -> list[int]:
-        def run(conn: sqlite3.Connection) -> list[int]:
-            rows = conn.execute(
-                "SELECT user_id FROM participants WHERE conversation_id = ?", (conversation_id,)
-            )
-            return [r[0] for r in rows]
-
-        return await self._read(run)
-
-    # --- the webhook outbox -------------------------------------------------------------------
+    async def _write_plan(self, make: Callable[..., Plan[T]], *args: Any) -> T:
+        members = self._members
+        return await self._write(lambda conn: _drive(conn, make(*args), members))
 
     def record_webhooks(self, urls: Sequence[str], wake: Callable[[], None]) -> None:
+        super().record_webhooks(urls, wake)
         self._outbox = _Outbox(tuple(urls), wake) if urls else None
 
-    async def claim_webhooks(
-        self, url: str, *, now: int, lease_until: int, limit: int
-    ) -> list[WebhookEvent]:
-        # Through the writer: claims of other workers on this file take turns with it.
-        def run(conn: sqlite3.Connection) -> list[WebhookEvent]:
-            rows = conn.execute(
-                "UPDATE webhook_outbox SET next_attempt = ? WHERE id IN (SELECT id FROM "
-                "webhook_outbox WHERE url = ? AND next_attempt <= ? ORDER BY next_attempt, id "
-                f"LIMIT ?) RETURNING {OUTBOX_COLUMNS}",
-                (lease_until, url, now, limit),
-            ).fetchall()
-            return sorted((webhook_event_of(r, lease_until) for r in rows), key=_by_row)
-
-        return await self._write(run)
-
-    async def settle_webhooks(
-        self, delivered: Sequence[int], failed: Sequence[WebhookFailure]
-    ) -> None:
-        def run(conn: sqlite3.Connection) -> None:
-            conn.executemany("DELETE FROM webhook_outbox WHERE id = ?", [(r,) for r in delivered])
-            conn.executemany(
-                "UPDATE webhook_outbox SET attempts = ?, next_attempt = ?, last_error = ? "
-                "WHERE id = ? AND next_attempt = ?",
-                [(f.attempts, f.next_attempt, f.error, f.row, f.lease) for f in failed],
-            )
-
-        await self._write(run)
-
-    async def webhook_backlog(self, url: str) -> WebhookBacklog:
-        def run(conn: sqlite3.Connection) -> WebhookBacklog:
-            row = conn.execute(BACKLOG, (url,)).fetchone()
-            return WebhookBacklog(*row)
-
-        return await self._read(run)
-
-
-BACKLOG = (
-    "SELECT count(next_attempt), count(*) - count(next_attempt), min(next_attempt) "
-    "FROM webhook_outbox WHERE url = ?"
-)
-
-
-def _by_row(event: WebhookEvent) -> int:
-    return event.row
+    async def _send(self, send: Send) -> SendOutcome:
+        return await self._write(_SendMessage(self._members, self._outbox, send))
 
 
 class _Outbox:
@@ -578,11 +287,7 @@ class _Outbox:
     def add(
         self, conn: sqlite3.Connection, rows: list[tuple[str, str, str, int, str, int]]
     ) -> None:
-        conn.executemany(
-            "INSERT INTO webhook_outbox (event_id, url, type, occurred_at, data, next_attempt) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            rows,
-        )
+        conn.executemany(RECORD_EVENT, rows)
         self.written = True
 
 
@@ -602,29 +307,19 @@ class _SendMessage:
         "staff",
     )
 
-    def __init__(
-        self,
-        members: _Members,
-        outbox: _Outbox | None,
-        conversation: Conversation,
-        sender_id: int,
-        staff: bool,
-        content: str,
-        content_type: int,
-        client_msg_id: str | None,
-        now: int,
-        guard_staff: bool,
-    ) -> None:
+    def __init__(self, members: _Members, outbox: _Outbox | None, send: Send) -> None:
         self.members = members
         self.outbox = outbox
-        self.conversation = conversation
-        self.sender_id = sender_id
-        self.staff = staff
-        self.content = content
-        self.content_type = content_type
-        self.client_msg_id = client_msg_id
-        self.now = now
-        self.guard_staff = guard_staff
+        (
+            self.conversation,
+            self.sender_id,
+            self.staff,
+            self.content,
+            self.content_type,
+            self.client_msg_id,
+            self.now,
+            self.guard_staff,
+        ) = send
 
     def refused(self, conn: sqlite3.Connection) -> bool:
         """A customer acting as a staff participant (decided before anything is written)."""
@@ -670,11 +365,7 @@ class _SendMessage:
             ).fetchone()
             return SendOutcome(message_of(found), False, [])  # nothing is pushed again
         members.join(conn, conversation.id, self.sender_id, self.staff, self.now, sent=True)
-        conn.execute(
-            "UPDATE conversations SET update_at = max(update_at, ?), "
-            "message_count = message_count + 1 WHERE id = ?",
-            (self.now, conversation.id),
-        )
+        conn.execute(BUMP_CONVERSATION, (self.now, 1, conversation.id))
         message = self.message(row[0])
         if self.outbox is not None:
             self.outbox.add(conn, message_rows(self.outbox.urls, message))
@@ -747,15 +438,9 @@ def _send_many(
         else:  # a newcomer (or newly staff): joins on its own, its first message counted
             members.join(conn, key[0], key[1], send.staff, send.now, sent=True)
             senders[key] = 0
+    conn.executemany(ADD_OWN_UNREAD, [(n, c, u) for (c, u), n in senders.items() if n])
     conn.executemany(
-        "UPDATE participants SET own_unread = own_unread + ? "
-        "WHERE conversation_id = ? AND user_id = ?",
-        [(n, c, u) for (c, u), n in senders.items() if n],
-    )
-    conn.executemany(
-        "UPDATE conversations SET update_at = max(update_at, ?), "
-        "message_count = message_count + ? WHERE id = ?",
-        [(newest, n, c) for c, (newest, n) in conversations.items()],
+        BUMP_CONVERSATION, [(newest, n, c) for c, (newest, n) in conversations.items()]
     )
     out: list[tuple[bool, Any]] = []
     outbox = sends[0].outbox
@@ -809,10 +494,7 @@ class _Members:
         if known is None:
             if len(self._by_conversation) >= MAX_CACHED_CONVERSATIONS:
                 self._by_conversation.clear()
-            rows = conn.execute(
-                "SELECT user_id, is_staff FROM participants WHERE conversation_id = ?",
-                (conversation_id,),
-            )
+            rows = conn.execute(PARTICIPANTS_STAFF, (conversation_id,))
             known = self._by_conversation[conversation_id] = {u: bool(s) for u, s in rows}
         return known
 
@@ -837,20 +519,9 @@ class _Members:
         known = self._load(conn, conversation_id)
         if not self.needs_join(conversation_id, user_id, staff):
             if sent:
-                conn.execute(
-                    "UPDATE participants SET own_unread = own_unread + 1 "
-                    "WHERE conversation_id = ? AND user_id = ?",
-                    (conversation_id, user_id),
-                )
+                conn.execute(ADD_OWN_UNREAD, (1, conversation_id, user_id))
             return
-        conn.execute(
-            "INSERT INTO participants (conversation_id, user_id, is_staff, read_position, "
-            "joined_at, own_unread) VALUES (?, ?, ?, 0, ?, ?) "
-            "ON CONFLICT (conversation_id, user_id) DO UPDATE SET "
-            "is_staff = max(is_staff, excluded.is_staff), "
-            "own_unread = own_unread + excluded.own_unread",
-            (conversation_id, user_id, int(staff), now, int(sent)),
-        )
+        conn.execute(JOIN, (conversation_id, user_id, staff, now, int(sent)))
         known[user_id] = known.get(user_id, False) or staff
 
 
@@ -888,3 +559,45 @@ def _settle_all(
             fut.set_result(value)
         else:
             fut.set_exception(value)
+
+
+# The send path's own statement (PostgreSQL's is inside appchat_send_batch).
+BUMP_CONVERSATION = (
+    "UPDATE conversations SET update_at = max(update_at, ?), "
+    "message_count = message_count + ? WHERE id = ?"
+)
+
+
+def _drive(conn: sqlite3.Connection, plan: Plan[T], members: _Members | None) -> T:
+    """Run a plan (see sqlstore.py) on ``conn``; the writer's ``members`` answer ``join``
+    and ``members`` steps from memory."""
+    result: Any = None
+    try:
+        while True:
+            step = plan.send(result)
+            if members is not None and step.kind == "join":
+                members.join(conn, *step.params)
+                result = None
+                continue
+            if members is not None and step.kind == "members":
+                result = members.of(conn, step.params[0])
+                continue
+            kind, sql, params = expand(step)
+            if kind == "many":
+                conn.executemany(sql, params)
+                result = None
+                continue
+            cursor = conn.execute(sql, params)
+            if kind == "rows":
+                result = cursor.fetchall()
+            elif kind == "row":
+                result = cursor.fetchone()
+            elif kind == "value":
+                row = cursor.fetchone()
+                result = None if row is None else row[0]
+            elif kind == "column":
+                result = [r[0] for r in cursor]
+            else:
+                result = cursor.rowcount
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]  # a generator's return value

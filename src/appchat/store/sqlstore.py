@@ -1,0 +1,489 @@
+"""What the two SQL stores share, written once: the statements and the rules.
+
+Every statement is written once, with SQLite's ``?`` placeholders; PostgreSQL's ``$1``,
+``$2`` … are derived from it (:func:`postgres_sql`, as Synapse's ``convert_param_style``
+does). What only PostgreSQL has (row locks) is a comment SQLite ignores and PostgreSQL
+turns into the clause (``/*FOR UPDATE*/``).
+
+Every operation that is not about how an engine batches its writes is a *plan*: a
+generator that yields the statements it needs (:class:`Step`) and is sent their results.
+The same plan runs on the SQLite writer or reader threads (sqlite3, blocking) and on an
+asyncpg connection (awaiting): each store has a small driver, and :class:`SqlStore`
+implements the :class:`~appchat.store.Store` methods on top of two of them, ``_read_plan``
+and ``_write_plan``. What truly differs stays in the engine modules: SendMessage (SQLite's
+writer numbers a batch's messages itself; PostgreSQL sends a batch through
+``appchat_send_batch`` in one round trip), connections and transactions.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Generator, Sequence
+from functools import lru_cache
+from typing import Any, Literal, NamedTuple, TypeVar
+
+from ..errors import NotFound
+from ..models import (
+    ActivityKey,
+    Conversation,
+    ConversationPage,
+    MessagePage,
+    ReadOutcome,
+    SendOutcome,
+    UnreadCount,
+    UnreadPage,
+    WebhookBacklog,
+    WebhookEvent,
+    WebhookFailure,
+)
+from .rows import (
+    CONVERSATION_COLUMNS,
+    NEWEST,
+    OUTBOX_COLUMNS,
+    SELECT_ALL_CONVERSATIONS,
+    SELECT_MESSAGES,
+    UNREAD,
+    UNREAD_PAGE_COLUMNS,
+    UNREAD_TOTAL,
+    OutboxRow,
+    activity_query,
+    conversation_of,
+    conversation_page_of,
+    conversation_rows,
+    page_of,
+    read_rows,
+    unread_page_of,
+    webhook_event_of,
+)
+
+T = TypeVar("T")
+
+# --- the statements -------------------------------------------------------------------------------
+
+FOR_UPDATE = "/*FOR UPDATE*/"  # PostgreSQL locks the row; SQLite's writer is alone anyway
+SKIP_LOCKED = "/*FOR UPDATE SKIP LOCKED*/"
+
+GET_CONVERSATION = f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.application_id = ?"
+NEW_CONVERSATION = (
+    "INSERT INTO conversations (application_id, create_at, update_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (application_id) DO NOTHING"
+)
+IS_STAFF = "SELECT is_staff FROM participants WHERE conversation_id = ? AND user_id = ?"
+PARTICIPANTS = "SELECT user_id FROM participants WHERE conversation_id = ?"
+PARTICIPANTS_STAFF = "SELECT user_id, is_staff FROM participants WHERE conversation_id = ?"
+# Joining changes a row only to make a participant staff, or to count a message they sent
+# as their own unread one (a row rewritten for nothing is a dead tuple in PostgreSQL).
+JOIN = (
+    "INSERT INTO participants (conversation_id, user_id, is_staff, read_position, joined_at, "
+    "own_unread) VALUES (?, ?, ?, 0, ?, ?) ON CONFLICT (conversation_id, user_id) DO UPDATE SET "
+    "is_staff = participants.is_staff OR excluded.is_staff, "
+    "own_unread = participants.own_unread + excluded.own_unread "
+    "WHERE (excluded.is_staff AND NOT participants.is_staff) OR excluded.own_unread > 0"
+)
+ADD_OWN_UNREAD = (
+    "UPDATE participants SET own_unread = own_unread + ? WHERE conversation_id = ? AND user_id = ?"
+)
+MESSAGE_IN_CONVERSATION = "SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?"
+READ_POSITION = (
+    "SELECT read_position FROM participants WHERE conversation_id = ? AND user_id = ? " + FOR_UPDATE
+)
+NEWLY_READ = (
+    "SELECT count(*), count(*) FILTER (WHERE sender_id = ?) FROM messages "
+    "WHERE conversation_id = ? AND id > ? AND id <= ?"
+)
+MOVE_READ_POSITION = (
+    "UPDATE participants SET read_position = ?, read_count = read_count + ?, "
+    "own_unread = own_unread - ? WHERE conversation_id = ? AND user_id = ?"
+)
+MARK_READ = (
+    "UPDATE messages SET status = 1, update_at = ? WHERE conversation_id = ? "
+    "AND id > ? AND id <= ? AND sender_id <> ? AND status = 0"
+)
+RECORD_EVENT = (
+    "INSERT INTO webhook_outbox (event_id, url, type, occurred_at, data, next_attempt) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+# The lease is the claimed rows' next_attempt: until it passes they are not due again.
+# PostgreSQL: a node claiming at the same moment skips these rows and takes others.
+CLAIM_EVENTS = (
+    "UPDATE webhook_outbox SET next_attempt = ? WHERE id IN (SELECT id FROM webhook_outbox "
+    f"WHERE url = ? AND next_attempt <= ? ORDER BY next_attempt, id LIMIT ? {SKIP_LOCKED}) "
+    f"RETURNING {OUTBOX_COLUMNS}"
+)
+DELIVERED = "DELETE FROM webhook_outbox WHERE id = ?"
+RESCHEDULE = (
+    "UPDATE webhook_outbox SET attempts = ?, next_attempt = ?, last_error = ? "
+    "WHERE id = ? AND next_attempt = ?"
+)
+BACKLOG = (
+    "SELECT count(next_attempt), count(*) - count(next_attempt), min(next_attempt) "
+    "FROM webhook_outbox WHERE url = ?"
+)
+
+
+@lru_cache(maxsize=256)
+def postgres_sql(sql: str) -> str:
+    """A statement in PostgreSQL's terms: ``?`` numbered ``$1``, ``$2`` …, row locks on."""
+    parts = sql.split("?")
+    out = [parts[0]]
+    for n, part in enumerate(parts[1:], 1):
+        out.append(f"${n}{part}")
+    return re.sub(r"/\*(FOR UPDATE[A-Z ]*)\*/", r"\1", "".join(out))
+
+
+# --- plans ----------------------------------------------------------------------------------------
+
+Kind = Literal["rows", "row", "value", "column", "count", "many", "join", "members"]
+
+
+class Step(NamedTuple):
+    """One statement of a plan, and what it wants back: ``rows`` (every row), ``row`` (the
+    first or ``None``), ``value`` (its first column or ``None``), ``column`` (the first
+    column of every row), ``count`` (rows changed), ``many`` (``params`` is a list of
+    parameter tuples; nothing back). ``join`` and ``members`` (``params`` only) are
+    :func:`join` and :func:`participants`, which a store may answer from memory."""
+
+    kind: Kind
+    sql: str
+    params: Sequence[Any]
+
+
+Plan = Generator[Step, Any, T]
+
+
+def expand(step: Step) -> Step:
+    """``join`` and ``members`` as the statements they stand for."""
+    if step.kind == "join":
+        conversation_id, user_id, staff, now = step.params
+        return Step("count", JOIN, (conversation_id, user_id, staff, now, 0))
+    if step.kind == "members":
+        return Step("column", PARTICIPANTS, step.params)
+    return step
+
+
+def join(conversation_id: int, user_id: int, staff: bool, now: int) -> Step:
+    """Make ``user_id`` a participant (staff if ``staff``)."""
+    return Step("join", "", (conversation_id, user_id, staff, now))
+
+
+def participants(conversation_id: int) -> Step:
+    """Every participant of the conversation (a list of ids)."""
+    return Step("members", "", (conversation_id,))
+
+
+def ping() -> Plan[None]:
+    yield Step("value", "SELECT 1", ())
+
+
+def get_conversation(application_id: int) -> Plan[Conversation | None]:
+    row = yield Step("row", GET_CONVERSATION, (application_id,))
+    return conversation_of(row) if row else None
+
+
+def is_staff_participant(conversation_id: int, user_id: int) -> Plan[bool]:
+    return bool((yield Step("value", IS_STAFF, (conversation_id, user_id))))
+
+
+def add_conversation(
+    application_id: int, user_id: int, staff: bool, now: int, hooks: tuple[str, ...]
+) -> Plan[tuple[Conversation, bool]]:
+    """The conversation, and whether it is new (then recorded for ``hooks``)."""
+    created = yield Step("count", NEW_CONVERSATION, (application_id, now, now))
+    conversation = conversation_of((yield Step("row", GET_CONVERSATION, (application_id,))))
+    yield join(conversation.id, user_id, staff, now)
+    if created and hooks:
+        yield Step("many", RECORD_EVENT, conversation_rows(hooks, conversation))
+    return conversation, bool(created)
+
+
+def _mine(columns: str, user_id: int, application_id: int | None) -> tuple[str, list[Any]]:
+    """Every conversation of ``user_id`` (only ``application_id``'s when given), newest
+    activity first."""
+    sql = (
+        f"SELECT {columns} FROM participants p JOIN conversations c "
+        "ON c.id = p.conversation_id WHERE p.user_id = ?"
+    )
+    params: list[Any] = [user_id]
+    if application_id is not None:
+        sql += " AND c.application_id = ?"
+        params.append(application_id)
+    return sql + " ORDER BY c.update_at DESC, c.id DESC", params
+
+
+def list_conversations(user_id: int, application_id: int | None) -> Plan[list[Conversation]]:
+    rows = yield Step("rows", *_mine(CONVERSATION_COLUMNS, user_id, application_id))
+    return [conversation_of(r) for r in rows]
+
+
+def list_all_conversations(limit: int) -> Plan[list[Conversation]]:
+    rows = yield Step("rows", SELECT_ALL_CONVERSATIONS + "?", (limit,))
+    return [conversation_of(r) for r in rows]
+
+
+def unread_counts(user_id: int, application_id: int | None) -> Plan[list[UnreadCount]]:
+    rows = yield Step("rows", *_mine(f"c.application_id, {UNREAD}", user_id, application_id))
+    return [UnreadCount(r[0], r[1]) for r in rows]
+
+
+def conversation_page(
+    user_id: int | None, application_id: int | None, limit: int, after: ActivityKey | None
+) -> Plan[ConversationPage]:
+    sql, params = activity_query(
+        CONVERSATION_COLUMNS,
+        user_id=user_id,
+        application_id=application_id,
+        after=after,
+        limit=limit,
+    )
+    return conversation_page_of((yield Step("rows", sql, params)), limit)
+
+
+def unread_page(
+    user_id: int, application_id: int | None, limit: int, after: ActivityKey | None
+) -> Plan[UnreadPage]:
+    def query(columns: str, key: ActivityKey | None, n: int | None) -> tuple[str, list[Any]]:
+        return activity_query(
+            columns, user_id=user_id, application_id=application_id, after=key, limit=n
+        )
+
+    rows = yield Step("rows", *query(UNREAD_PAGE_COLUMNS, after, limit))
+    total = None
+    if after is not None or len(rows) > limit:
+        total = int((yield Step("value", *query(UNREAD_TOTAL, None, None))))
+    return unread_page_of(rows, limit, total)
+
+
+def list_messages(
+    conversation: Conversation, before_id: int | None, after_id: int | None, limit: int
+) -> Plan[MessagePage]:
+    base = SELECT_MESSAGES + "WHERE m.conversation_id = ?"
+    if after_id is not None:
+        sql = base + " AND m.id > ? ORDER BY m.id ASC LIMIT ?"
+        cursor = after_id
+    else:
+        sql = base + " AND m.id < ? ORDER BY m.id DESC LIMIT ?"
+        cursor = before_id if before_id is not None else NEWEST
+    rows = yield Step("rows", sql, (conversation.id, cursor, limit + 1))
+    return page_of(list(rows), limit, newest_first=after_id is None)
+
+
+def read_messages(
+    conversation: Conversation,
+    reader_id: int,
+    staff: bool,
+    message_id: int,
+    now: int,
+    hooks: tuple[str, ...],
+) -> Plan[ReadOutcome]:
+    """Move the reader's position forward to ``message_id`` (see the Store interface).
+
+    ``NotFound`` is raised before anything is written. The counts are final: PostgreSQL
+    commits a conversation's ids in order (see store/postgres.py), SQLite has one writer.
+    """
+    cid = conversation.id
+    if not (yield Step("value", MESSAGE_IN_CONVERSATION, (message_id, cid))):
+        raise NotFound(f"message {message_id} is not in this conversation")
+    yield join(cid, reader_id, staff, now)
+    position = yield Step("value", READ_POSITION, (cid, reader_id))
+    if message_id <= position:
+        return ReadOutcome(False, [])  # nothing moved: nothing is pushed
+    read, own = yield Step("row", NEWLY_READ, (reader_id, cid, position, message_id))
+    yield Step("count", MOVE_READ_POSITION, (message_id, read, own, cid, reader_id))
+    # Messages up to the old position were marked when it was reached.
+    yield Step("count", MARK_READ, (now, cid, position, message_id, reader_id))
+    if hooks:
+        app = conversation.application_id
+        yield Step("many", RECORD_EVENT, read_rows(hooks, app, reader_id, message_id, now))
+    return ReadOutcome(True, (yield participants(cid)))
+
+
+def participant_ids(conversation_id: int) -> Plan[list[int]]:
+    return list((yield participants(conversation_id)))
+
+
+def claim_webhooks(url: str, now: int, lease_until: int, limit: int) -> Plan[list[WebhookEvent]]:
+    rows = yield Step("rows", CLAIM_EVENTS, (lease_until, url, now, limit))
+    return sorted((webhook_event_of(tuple(r), lease_until) for r in rows), key=_by_row)
+
+
+def _by_row(event: WebhookEvent) -> int:
+    return event.row
+
+
+def settle_webhooks(delivered: Sequence[int], failed: Sequence[WebhookFailure]) -> Plan[None]:
+    if delivered:
+        yield Step("many", DELIVERED, [(r,) for r in delivered])
+    if failed:
+        rows = [(f.attempts, f.next_attempt, f.error, f.row, f.lease) for f in failed]
+        yield Step("many", RESCHEDULE, rows)
+
+
+def webhook_backlog(url: str) -> Plan[WebhookBacklog]:
+    row = yield Step("row", BACKLOG, (url,))
+    return WebhookBacklog(row[0], row[1], row[2])
+
+
+def record(rows: list[OutboxRow]) -> Step:
+    return Step("many", RECORD_EVENT, rows)
+
+
+# --- the Store interface on plans -----------------------------------------------------------------
+
+
+class Send(NamedTuple):
+    """A SendMessage for a store's own send path (see ``Store.add_message``)."""
+
+    conversation: Conversation
+    sender_id: int
+    staff: bool
+    content: str
+    content_type: int
+    client_msg_id: str | None
+    now: int
+    guard_staff: bool
+
+
+class SqlStore(ABC):
+    """The :class:`~appchat.store.Store` methods both SQL stores share, run as plans."""
+
+    _hooks: tuple[str, ...] = ()  # webhook URLs: events are recorded for them
+    _wake: Callable[[], None] | None = None
+
+    @abstractmethod
+    async def _read_plan(self, make: Callable[..., Plan[T]], *args: Any) -> T:
+        """Run the plan ``make(*args)`` outside a transaction."""
+
+    @abstractmethod
+    async def _write_plan(self, make: Callable[..., Plan[T]], *args: Any) -> T:
+        """Run the plan ``make(*args)`` in a transaction; return once it committed. ``make``
+        may be called again (a retry): a plan is made fresh for each run."""
+
+    @abstractmethod
+    async def _send(self, send: Send) -> SendOutcome:
+        """Store a message: each engine batches these its own way."""
+
+    async def add_message(
+        self,
+        conversation: Conversation,
+        *,
+        sender_id: int,
+        staff: bool,
+        content: str,
+        content_type: int,
+        client_msg_id: str | None,
+        now: int,
+        guard_staff: bool = False,
+    ) -> SendOutcome:
+        return await self._send(
+            Send(
+                conversation,
+                sender_id,
+                staff,
+                content,
+                content_type,
+                client_msg_id,
+                now,
+                guard_staff,
+            )
+        )
+
+    def record_webhooks(self, urls: Sequence[str], wake: Callable[[], None]) -> None:
+        self._hooks = tuple(urls)
+        self._wake = wake if urls else None
+
+    def _woken(self, hooks: tuple[str, ...]) -> None:
+        """After a commit that recorded events for ``hooks`` (the URLs it was made with)."""
+        if hooks and self._wake is not None:
+            self._wake()
+
+    async def ping(self) -> None:
+        await self._read_plan(ping)
+
+    async def get_conversation(self, application_id: int) -> Conversation | None:
+        return await self._read_plan(get_conversation, application_id)
+
+    async def is_staff_participant(self, conversation_id: int, user_id: int) -> bool:
+        return await self._read_plan(is_staff_participant, conversation_id, user_id)
+
+    async def add_conversation(
+        self, application_id: int, user_id: int, *, staff: bool, now: int
+    ) -> Conversation:
+        hooks = self._hooks
+        conversation, created = await self._write_plan(
+            add_conversation, application_id, user_id, staff, now, hooks
+        )
+        if created:
+            self._woken(hooks)
+        return conversation
+
+    async def list_conversations(
+        self, user_id: int, *, application_id: int | None = None
+    ) -> list[Conversation]:
+        return await self._read_plan(list_conversations, user_id, application_id)
+
+    async def list_all_conversations(self, *, limit: int) -> list[Conversation]:
+        return await self._read_plan(list_all_conversations, limit)
+
+    async def conversation_page(
+        self,
+        user_id: int | None,
+        *,
+        application_id: int | None = None,
+        limit: int,
+        after: ActivityKey | None = None,
+    ) -> ConversationPage:
+        return await self._read_plan(conversation_page, user_id, application_id, limit, after)
+
+    async def unread_page(
+        self,
+        user_id: int,
+        *,
+        application_id: int | None = None,
+        limit: int,
+        after: ActivityKey | None = None,
+    ) -> UnreadPage:
+        return await self._read_plan(unread_page, user_id, application_id, limit, after)
+
+    async def list_messages(
+        self,
+        conversation: Conversation,
+        *,
+        before_id: int | None = None,
+        after_id: int | None = None,
+        limit: int,
+    ) -> MessagePage:
+        return await self._read_plan(list_messages, conversation, before_id, after_id, limit)
+
+    async def read_messages(
+        self, conversation: Conversation, *, reader_id: int, staff: bool, message_id: int, now: int
+    ) -> ReadOutcome:
+        hooks = self._hooks
+        outcome = await self._write_plan(
+            read_messages, conversation, reader_id, staff, message_id, now, hooks
+        )
+        if outcome.moved:
+            self._woken(hooks)
+        return outcome
+
+    async def unread_counts(
+        self, user_id: int, *, application_id: int | None = None
+    ) -> list[UnreadCount]:
+        return await self._read_plan(unread_counts, user_id, application_id)
+
+    async def participant_ids(self, conversation_id: int) -> list[int]:
+        return await self._read_plan(participant_ids, conversation_id)
+
+    async def claim_webhooks(
+        self, url: str, *, now: int, lease_until: int, limit: int
+    ) -> list[WebhookEvent]:
+        # A write: on SQLite the claims of other workers on the file take turns with it.
+        return await self._write_plan(claim_webhooks, url, now, lease_until, limit)
+
+    async def settle_webhooks(
+        self, delivered: Sequence[int], failed: Sequence[WebhookFailure]
+    ) -> None:
+        await self._write_plan(settle_webhooks, delivered, failed)
+
+    async def webhook_backlog(self, url: str) -> WebhookBacklog:
+        return await self._read_plan(webhook_backlog, url)
