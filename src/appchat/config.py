@@ -62,6 +62,10 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
     handshake_timeout: float = defaults.HANDSHAKE_TIMEOUT
     max_pending_handshakes: int = defaults.MAX_PENDING_HANDSHAKES
+    max_upload: int = defaults.MAX_UPLOAD
+    upload_dir: str | None = None  # None: beside the SQLite file (upload_directory)
+    upload_s3: str | None = None
+    upload_s3_endpoint: str | None = None
 
 
 # name -> (type, help); every option also reads APPCHAT_<NAME> from the environment.
@@ -115,6 +119,18 @@ OPTIONS: dict[str, tuple[type, str]] = {
         int,
         "connections still sending their HTTP request; one more closes the oldest of them",
     ),
+    "max_upload": (int, "largest uploaded image in bytes (more is refused with 413)"),
+    "upload_dir": (
+        str,
+        "directory of uploaded images (default: appchat-uploads beside the SQLite file, "
+        "else in the working directory)",
+    ),
+    "upload_s3": (
+        str,
+        "s3://BUCKET[/PREFIX]: keep uploaded images in S3 instead of --upload-dir "
+        "(needs appchat[s3]; credentials and region from the usual AWS_* settings)",
+    ),
+    "upload_s3_endpoint": (str, "URL of an S3-compatible server for --upload-s3 (MinIO, …)"),
 }
 # Options that may be given several times; their environment variable is comma-separated.
 LISTS = {"jwt_public_key", "allowed_origins"}
@@ -179,10 +195,22 @@ def check_limits(settings: Settings) -> None:
         raise ConfigError(f"--port {settings.port}: use 0 to 65535 (0 picks a free port)")
     if not settings.handshake_timeout > 0:
         raise ConfigError(f"--handshake-timeout {settings.handshake_timeout}: must be above 0")
+    if settings.max_upload < 1:
+        raise ConfigError(f"--max-upload {settings.max_upload}: must be at least 1")
     if settings.max_pending_handshakes < 1:
         raise ConfigError(
             f"--max-pending-handshakes {settings.max_pending_handshakes}: must be at least 1"
         )
+
+
+def upload_directory(settings: Settings) -> Path:
+    """``--upload-dir``, else ``appchat-uploads`` beside the SQLite file (or in the working
+    directory for PostgreSQL)."""
+    if settings.upload_dir:
+        return Path(settings.upload_dir)
+    if settings.database.startswith("sqlite://"):
+        return Path(sqlite_path(settings.database)).parent / defaults.UPLOAD_DIR_NAME
+    return Path(defaults.UPLOAD_DIR_NAME)
 
 
 def dev_secret_path(database: str) -> Path | None:

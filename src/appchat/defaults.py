@@ -32,3 +32,9 @@ MAX_PENDING_HANDSHAKES = 1000
 # SQLite
 SQLITE_BUSY_TIMEOUT = 30.0  # seconds a write waits for a lock held elsewhere
 SQLITE_SYNCHRONOUS = "FULL"
+
+# image uploads (POST /upload)
+MAX_UPLOAD = 10 * 1024 * 1024  # bytes of one uploaded file
+UPLOAD_DIR_NAME = "appchat-uploads"  # beside the SQLite file, else in the working directory
+THUMBNAIL_SIZE = 320  # pixels, the longer side of a thumbnail
+MAX_IMAGE_PIXELS = 50_000_000  # width x height of an accepted image (decoding costs memory)
