@@ -31,9 +31,7 @@ def s3_store(endpoint: str, bucket: str, prefix: str = "") -> BlobStore:
 
 
 @pytest.fixture(params=["local", "s3"])
-async def blobs(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[BlobStore]:
+async def blobs(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
     store: BlobStore
     if request.param == "local":
         store = LocalBlobStore(tmp_path / "uploads")
