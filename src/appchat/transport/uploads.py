@@ -155,9 +155,8 @@ class UploadEndpoints:
         # The thumbnail first: an image that exists always has one.
         await self._blobs.put(upload.thumbnail_key, info.thumbnail)
         await self._blobs.put(upload.key, data)
-        log.info(
-            "upload %s (%s, %d bytes) for application %d by %s",
-            upload.id,
+        log.info(  # not the id: it is what messages carry, and logs hold no content
+            "upload (%s, %d bytes) for application %d by %s",
             info.content_type,
             len(data),
             application_id,
