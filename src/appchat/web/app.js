@@ -6,7 +6,8 @@ import {
 const SESSION_KEY = "appchat.session";
 const PAGE = 30; // messages per history page
 const TYPING_SHOWN_MS = 5000; // how long "is typing" shows without news
-const TYPING_EVERY_MS = 2000; // how often we tell others while the user types
+const TYPING_EVERY_MS = 2500; // how often we tell others while the user types: above the
+// server's 2 s, or timer jitter lands one inside its window and it is dropped unseen
 const TYPING_IDLE_MS = 3000; // the user stopped typing this long ago: stop telling
 const INBOX_REFRESH_MS = 30000; // staff: conversations nobody pushed to us about
 
