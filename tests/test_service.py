@@ -239,7 +239,10 @@ async def test_send_message_result_and_storage(chat: Chat) -> None:
 async def test_send_message_content_type_and_integer_channel(chat: Chat) -> None:
     staff = chat.staff(1)
     await chat.add(staff, 100)
-    image = await chat.send(staff, 100, "https://img/1.png", content_type=2)
+    # Without a blob store the service checks the reference's form and conversation only.
+    image = await chat.send(staff, 100, "/files/100/" + "ab" * 16, content_type=2)
+    with pytest.raises(AssertionError, match="bad_request"):
+        await chat.send(staff, 100, "/files/101/" + "ab" * 16, content_type=2)
     odd = await chat.send(staff, 100, "x", content_type=9)
     as_int = await chat.ok(staff, "Event.SendMessage", {"session_channel": 100, "content": "i"})
     assert image["content_type"] == 2
@@ -758,7 +761,8 @@ async def test_client_msg_id_makes_a_retry_return_the_first_message(chat: Chat) 
     first = await chat.send(customer, 100, "hello", client_msg_id="abc")
     assert first["client_msg_id"] == "abc"
     assert len(chat.fanout.calls) == 1
-    retry = await chat.send(customer, 100, "hello again", client_msg_id="abc", content_type=2)
+    image = "/files/100/" + "0f" * 16
+    retry = await chat.send(customer, 100, image, client_msg_id="abc", content_type=2)
     assert retry == first
     assert len(chat.fanout.calls) == 1  # nothing pushed again
     assert page_ids(await chat.messages(staff, 100)) == [first["id"]]

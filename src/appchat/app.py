@@ -10,14 +10,17 @@ import ssl
 from aiohttp import web
 
 from .auth import TokenVerifier, public_key
+from .blobs import BlobStore, open_blob_store
 from .broker import Broker, open_broker
-from .config import Settings, resolve_webhook_secret
+from .config import Settings, resolve_webhook_secret, upload_directory
 from .hub import Hub
+from .images import ImageReferences
 from .observability import Metrics
 from .service import MAX_REPLY_BYTES, ChatService, Limits
 from .store import Store, open_store
 from .transport.guard import HandshakeGuard, handler_args
 from .transport.http import HealthEndpoints
+from .transport.uploads import UploadEndpoints
 from .transport.web import WebClient
 from .transport.ws import WebSocketEndpoint, WsOptions
 from .webhooks import WebhookDispatcher, WebhookOptions
@@ -39,6 +42,7 @@ class Node:
         *,
         store: Store | None = None,
         broker: Broker | None = None,
+        blobs: BlobStore | None = None,
         worker: int | None = None,
     ) -> None:
         """``worker``: this node is worker number ``worker`` of ``serve --workers`` (its port
@@ -60,6 +64,11 @@ class Node:
         self.webhooks = self._webhooks(settings)
         self._dev_secret = secret if settings.dev else None  # mints tokens for the web client
         self.hub = Hub(self.broker, prefix=settings.channel_prefix)
+        self.blobs = blobs or open_blob_store(
+            str(upload_directory(settings)),
+            s3_url=settings.upload_s3,
+            s3_endpoint=settings.upload_s3_endpoint,
+        )
         self.service = ChatService(
             self.store,
             self.hub,
@@ -70,6 +79,14 @@ class Node:
             ),
             trust_query_sid=settings.trust_query_sid,
             metrics=self.metrics,
+            images=ImageReferences(self.blobs),
+        )
+        self.uploads = UploadEndpoints(
+            self.service,
+            self.verifier,
+            self.blobs,
+            max_upload=settings.max_upload,
+            trust_query_sid=settings.trust_query_sid,
         )
         self.ws = WebSocketEndpoint(
             self.service,
@@ -119,6 +136,7 @@ class Node:
         app.router.add_get("/readyz", health.readyz)
         app.router.add_get("/metrics", health.metrics)
         WebClient(dev_secret=self._dev_secret).add_routes(app)
+        self.uploads.add_routes(app)
         app.on_shutdown.append(self._on_shutdown)
         if self.worker is not None:
             app.on_response_prepare.append(self._name_worker)
@@ -138,6 +156,7 @@ class Node:
 
     async def start(self) -> None:
         await self.store.open()
+        await self.blobs.open()
         await self.hub.start()
         if self.webhooks is not None:
             await self.webhooks.start()
@@ -183,4 +202,5 @@ class Node:
         if self.webhooks is not None:
             await self.webhooks.stop()
         await self.broker.close()
+        await self.blobs.close()
         await self.store.close()

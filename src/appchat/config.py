@@ -70,6 +70,10 @@ class Settings:
     webhook_retry_min: float = defaults.WEBHOOK_RETRY_MIN
     webhook_retry_max: float = defaults.WEBHOOK_RETRY_MAX
     webhook_give_up: float = defaults.WEBHOOK_GIVE_UP
+    max_upload: int = defaults.MAX_UPLOAD
+    upload_dir: str | None = None  # None: beside the SQLite file (upload_directory)
+    upload_s3: str | None = None
+    upload_s3_endpoint: str | None = None
 
 
 # name -> (type, help); every option also reads APPCHAT_<NAME> from the environment.
@@ -136,6 +140,18 @@ OPTIONS: dict[str, tuple[type, str]] = {
         float,
         "seconds after an event when its webhook is given up (0: retry for ever)",
     ),
+    "max_upload": (int, "largest uploaded image in bytes (more is refused with 413)"),
+    "upload_dir": (
+        str,
+        "directory of uploaded images (default: appchat-uploads beside the SQLite file, "
+        "else in the working directory)",
+    ),
+    "upload_s3": (
+        str,
+        "s3://BUCKET[/PREFIX]: keep uploaded images in S3 instead of --upload-dir "
+        "(needs appchat[s3]; credentials and region from the usual AWS_* settings)",
+    ),
+    "upload_s3_endpoint": (str, "URL of an S3-compatible server for --upload-s3 (MinIO, …)"),
 }
 # Options that may be given several times; their environment variable is comma-separated.
 LISTS = {"jwt_public_key", "allowed_origins", "webhook_url"}
@@ -200,6 +216,8 @@ def check_limits(settings: Settings) -> None:
         raise ConfigError(f"--port {settings.port}: use 0 to 65535 (0 picks a free port)")
     if not settings.handshake_timeout > 0:
         raise ConfigError(f"--handshake-timeout {settings.handshake_timeout}: must be above 0")
+    if settings.max_upload < 1:
+        raise ConfigError(f"--max-upload {settings.max_upload}: must be at least 1")
     if settings.max_pending_handshakes < 1:
         raise ConfigError(
             f"--max-pending-handshakes {settings.max_pending_handshakes}: must be at least 1"
@@ -245,6 +263,16 @@ def resolve_webhook_secret(settings: Settings) -> bytes | None:
             f"the webhook secret has {len(secret)} bytes: use at least {MIN_WEBHOOK_SECRET}"
         )
     return secret
+
+
+def upload_directory(settings: Settings) -> Path:
+    """``--upload-dir``, else ``appchat-uploads`` beside the SQLite file (or in the working
+    directory for PostgreSQL)."""
+    if settings.upload_dir:
+        return Path(settings.upload_dir)
+    if settings.database.startswith("sqlite://"):
+        return Path(sqlite_path(settings.database)).parent / defaults.UPLOAD_DIR_NAME
+    return Path(defaults.UPLOAD_DIR_NAME)
 
 
 def dev_secret_path(database: str) -> Path | None:

@@ -38,3 +38,8 @@ WEBHOOK_TIMEOUT = 10.0  # seconds one delivery may take (connecting, sending, th
 WEBHOOK_RETRY_MIN = 1.0  # seconds before the first retry; doubled for each one after
 WEBHOOK_RETRY_MAX = 600.0  # seconds between two attempts, at most
 WEBHOOK_GIVE_UP = 3 * 24 * 3600.0  # seconds after the event when retrying stops (0: never)
+# image uploads (POST /upload)
+MAX_UPLOAD = 10 * 1024 * 1024  # bytes of one uploaded file
+UPLOAD_DIR_NAME = "appchat-uploads"  # beside the SQLite file, else in the working directory
+THUMBNAIL_SIZE = 320  # pixels, the longer side of a thumbnail
+MAX_IMAGE_PIXELS = 50_000_000  # width x height of an accepted image (decoding costs memory)

@@ -34,6 +34,16 @@ class NotFound(AppError):
     default_message = "not found"
 
 
+class TooLarge(AppError):
+    code = "too_large"
+    default_message = "the upload is too large"
+
+
+class UnsupportedType(AppError):
+    code = "unsupported_type"
+    default_message = "the file is not a PNG, JPEG, WebP or GIF image"
+
+
 class RateLimited(AppError):
     code = "rate_limited"
     default_message = "too many events, slow down"

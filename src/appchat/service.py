@@ -14,6 +14,7 @@ from . import defaults
 from . import events as ev
 from .auth import TokenVerifier, bind, parse_id
 from .errors import AppError, Forbidden, Internal, NotFound, Unauthorized
+from .images import IMAGE, ImageReferences
 from .models import Conversation, Message, MessagePage, Principal, now_us
 from .observability import Metrics
 from .ratelimit import Throttle
@@ -60,8 +61,11 @@ class ChatService:
         trust_query_sid: bool = False,
         metrics: Metrics | None = None,
         clock_us: Callable[[], int] = now_us,
+        images: ImageReferences | None = None,
     ) -> None:
+        """``images`` checks image messages; without one only their form is checked."""
         self._store = store
+        self._images = images or ImageReferences()
         self._fanout = fanout
         self._verifier = verifier
         self._limits = limits or Limits()
@@ -161,6 +165,16 @@ class ChatService:
             await self._not_impersonating_staff(principal, conversation.id, actor)
         return conversation
 
+    async def conversation_for(self, principal: Principal, application_id: int) -> Conversation:
+        """The conversation of ``application_id`` if ``principal`` may use it (uploads);
+        ``NotFound`` alike for a missing one and one the caller may not see."""
+        conversation = None
+        if principal.may_read_application(application_id):
+            conversation = await self._conversation(application_id)
+        if conversation is None:
+            raise NotFound("no such conversation")
+        return conversation
+
     async def _conversation(self, application_id: int) -> Conversation | None:
         """Which conversation belongs to an application never changes once created, so this
         node remembers it (only ``id`` and ``application_id`` of the result are used)."""
@@ -254,6 +268,8 @@ class ChatService:
         args = ev.parse_send_message(raw, self._limits.max_content)
         sender = self._actor(p, args.sender_id, "sender_id")
         conversation = await self._open(p, args.session_channel, sender, guard=False)
+        if args.content_type == IMAGE:
+            await self._images.check(args.content, conversation.application_id)
         outcome = await self._store.add_message(
             conversation,
             sender_id=sender,

@@ -398,9 +398,53 @@ function messageNode(m) {
   return li;
 }
 
-// content_type 1 is text; 2 is an image reference (shown when it is a URL a browser can load).
+// content_type 1 is text; 2 is an image: the reference of an upload (/files/<app>/<id>),
+// fetched with the token (downloads need it) and shown through a blob: URL.
+const IMAGE_REFERENCE = /^\/files\/\d+\/[0-9a-f]{32}$/;
+const imageUrls = new Map(); // path -> Promise of a blob: URL
+
+function imageUrl(path) {
+  let url = imageUrls.get(path);
+  if (!url) {
+    url = chat.fetchImage(path).then((blob) => URL.createObjectURL(blob));
+    url.catch(() => imageUrls.delete(path)); // try again when shown again
+    imageUrls.set(path, url);
+  }
+  return url;
+}
+
 function contentNode(m) {
-  if (m.content_type === 2 && /^(https:\/\/|\/)/.test(m.content)) {
+  if (m.content_type === 2 && m.preview) {
+    const img = el("img", "image");
+    img.src = m.preview; // our own pending upload, still on this device
+    img.alt = "image being sent";
+    return img;
+  }
+  if (m.content_type === 2 && IMAGE_REFERENCE.test(m.content)) {
+    const link = el("a", "image-link");
+    link.href = "#";
+    link.title = "Open the full image";
+    const img = el("img", "image loading");
+    img.alt = "image";
+    link.append(img);
+    imageUrl(`${m.content}/thumb`).then(
+      (url) => {
+        img.src = url;
+        img.classList.remove("loading");
+      },
+      () => link.replaceChildren(el("div", "text image-missing", "Image unavailable")),
+    );
+    link.addEventListener("click", async (event) => {
+      event.preventDefault();
+      try {
+        window.open(await imageUrl(m.content), "_blank", "noopener");
+      } catch (err) {
+        showBanner(`Could not open the image: ${err.message}`);
+      }
+    });
+    return link;
+  }
+  if (m.content_type === 2 && /^https:\/\//.test(m.content)) {
     const img = el("img", "image");
     img.src = m.content;
     img.alt = "image";
@@ -535,6 +579,31 @@ function submit(event) {
   );
 }
 
+// An image from the file picker: shown at once as pending, uploaded, then sent as a message.
+function attach(event) {
+  const input = event.target;
+  const file = input.files && input.files[0];
+  input.value = ""; // the same file may be picked again
+  const channel = openChannel;
+  if (!file || !channel) return;
+  const clientMsgId = randomId();
+  const preview = URL.createObjectURL(file);
+  pending.set(clientMsgId, { channel, content: "", content_type: 2, preview, create_at: new Date().toISOString() });
+  renderThread({ stick: true });
+  chat.sendImage(channel, file, { clientMsgId }).then(
+    () => {
+      pending.delete(clientMsgId);
+      URL.revokeObjectURL(preview);
+      if (channel === openChannel) renderThread();
+    },
+    (err) => {
+      const p = pending.get(clientMsgId);
+      if (p) p.failed = err instanceof AppChatError ? err.message : String(err);
+      if (channel === openChannel) renderThread();
+    },
+  );
+}
+
 // While the user types, and for a few seconds after the last keystroke, tell the others every
 // TYPING_EVERY_MS: twice the server's interval, so that a frame the network delayed is never
 // dropped as too soon after the one before.
@@ -573,6 +642,8 @@ async function boot() {
   $("signout").addEventListener("click", signOut);
   $("retry").addEventListener("click", () => chat && chat.retryNow());
   $("composer").addEventListener("submit", submit);
+  $("attach").addEventListener("change", attach);
+  $("attach-button").addEventListener("click", () => $("attach").click());
   $("input").addEventListener("input", onInput);
   $("input").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey) submit(event);

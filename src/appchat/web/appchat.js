@@ -10,6 +10,8 @@
 //   chat.start();
 //   const { messages } = await chat.history("100"); // the newest page; "100" is now followed
 //   await chat.send("100", "Hello");                // survives reconnects (client_msg_id)
+//   await chat.sendImage("100", fileInput.files[0]); // POST /upload, then an image message
+//   const blob = await chat.fetchImage(message.content + "/thumb"); // with the token
 //
 // What it does for you: request/reply matched by id, with a timeout; pushes as events;
 // reconnects with backoff; after a reconnect or an Event.Resync push it fetches, for every
@@ -446,6 +448,65 @@ export class AppChat extends EventTarget {
       this._outbox.push(item);
       if (this.state === ONLINE) this._sendItem(item);
     });
+  }
+
+  // --- images -------------------------------------------------------------------------------
+
+  /** The server's HTTP origin, from the WebSocket URL (ws -> http, wss -> https). */
+  get httpBase() {
+    const url = new URL(this.url);
+    url.protocol = url.protocol === "wss:" ? "https:" : "http:";
+    return url.origin;
+  }
+
+  _authorized(path) {
+    // The sid of the WebSocket URL names the participant, as it does for the socket.
+    const url = new URL(path, this.httpBase);
+    const sid = new URL(this.url).searchParams.get("sid");
+    if (sid) url.searchParams.set("sid", sid);
+    return { url: url.href, headers: { Authorization: `Bearer ${this.token}` } };
+  }
+
+  /**
+   * Upload an image (a File or Blob: PNG, JPEG, WebP or GIF) for a conversation.
+   * Resolves with {reference, content_type, size, width, height, url, thumbnail_url}.
+   */
+  async upload(channel, file) {
+    const body = new FormData();
+    body.append("application_id", String(channel));
+    body.append("file", file, file.name || "image");
+    const { url, headers } = this._authorized("/upload");
+    let response;
+    try {
+      response = await fetch(url, { method: "POST", headers, body });
+    } catch (err) {
+      throw new AppChatError("offline", `the upload did not reach the server: ${err.message}`);
+    }
+    const doc = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      const error = doc.error || {};
+      throw new AppChatError(error.code || "http_" + response.status, error.message || `the server answered ${response.status}`);
+    }
+    return doc;
+  }
+
+  /** Upload an image and send it as a message (content_type 2). Resolves with the message. */
+  async sendImage(channel, file, { clientMsgId = randomId() } = {}) {
+    const uploaded = await this.upload(channel, file);
+    return this.send(channel, uploaded.reference, { contentType: 2, clientMsgId });
+  }
+
+  /** The bytes behind an image reference (or its thumbnail_url) as a Blob. */
+  async fetchImage(path) {
+    const { url, headers } = this._authorized(path);
+    let response;
+    try {
+      response = await fetch(url, { headers });
+    } catch (err) {
+      throw new AppChatError("offline", `the image could not be fetched: ${err.message}`);
+    }
+    if (!response.ok) throw new AppChatError(response.status === 404 ? "not_found" : "http_" + response.status, `the server answered ${response.status}`);
+    return response.blob();
   }
 
   /** Messages accepted by send() and not stored yet (to show as pending). */

@@ -1,0 +1,86 @@
+"""The web client in headless Chromium: a customer attaches an image, both sides see it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from .support import ServerProcess
+from .test_browser import CHROMIUM, CHROMIUM_ARGS, chromium_available
+from .test_web import join_as_customer, join_as_staff, open_page, screenshot
+
+
+@pytest.fixture(scope="module")
+def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    db = tmp_path_factory.mktemp("web-images") / "appchat.db"
+    proc = ServerProcess(db, "--dev", "--rate", "0").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    chromium_available()
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+async def natural_size(image: Any) -> list[int]:
+    size: list[int] = await image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    return size
+
+
+async def test_a_customer_attaches_an_image_and_staff_sees_it(
+    dev_server: ServerProcess, browser: Any, tmp_path: Path
+) -> None:
+    from playwright.async_api import expect
+
+    picture = tmp_path / "receipt.png"
+    Image.new("RGB", (800, 600), (250, 180, 20)).save(picture)
+    pretender = tmp_path / "fake.png"
+    pretender.write_bytes(b"\x89PNG\r\n\x1a\n<html><script>alert(1)</script></html>")
+
+    errors: list[str] = []
+    customer = await open_page(browser, dev_server, errors)
+    await join_as_customer(customer, 2, 300)
+    await expect(customer.locator("#status")).to_have_attribute("data-state", "online")
+    staff = await open_page(browser, dev_server, errors)
+    await join_as_staff(staff, 1)
+    await expect(staff.locator("#status")).to_have_attribute("data-state", "online")
+    await staff.locator("#conversations li[data-channel='300']").click()
+    await expect(staff.locator("#thread-empty")).to_be_visible()
+
+    await customer.locator("#attach").set_input_files(str(picture))
+    # The customer's own bubble: stored (ticks), showing the thumbnail through a blob: URL.
+    own = customer.locator("#message-list .msg.own")
+    await expect(own.locator(".ticks")).to_have_text("✓✓")  # staff has it open: read
+    own_image = own.locator("img.image")
+    await expect(own_image).to_have_attribute("src", _blob())
+    assert await natural_size(own_image) == [320, 240]
+
+    # Staff got it as a push and shows it the same way.
+    theirs = staff.locator("#message-list .msg.theirs img.image")
+    await expect(theirs).to_have_attribute("src", _blob())
+    assert await natural_size(theirs) == [320, 240]
+    await screenshot(staff, tmp_path, "web-image.png")
+
+    # A file that only pretends to be a PNG is refused, and the page says so.
+    await customer.locator("#attach").set_input_files(str(pretender))
+    failed = customer.locator("#message-list .msg.failed .ticks")
+    await expect(failed).to_contain_text("Not sent: the file is not a PNG, JPEG, WebP or GIF")
+    assert errors == []
+
+
+def _blob() -> re.Pattern[str]:
+    return re.compile(r"^blob:http://127\.0\.0\.1:\d+/")
