@@ -104,6 +104,28 @@ async def test_add_message_and_participants(store: Store) -> None:
     assert page.messages == [m] and not page.has_more
 
 
+async def test_activity_time_never_moves_back(store: Store) -> None:
+    """A node whose clock is behind sends after one whose clock is ahead: the conversation's
+    activity time keeps the later one, alone and in a batch (the engines once disagreed)."""
+    conv = await conversation(store)
+
+    async def send_at(now: int) -> None:
+        await store.add_message(
+            conv, sender_id=1, staff=True, content="t", content_type=1, client_msg_id=None, now=now
+        )
+
+    await send_at(NOW + 5_000)
+    await send_at(NOW + 3_000)
+    got = await store.get_conversation(100)
+    assert got is not None and got.update_at == NOW + 5_000
+    await asyncio.gather(*(send_at(NOW + 1_000 + i) for i in range(5)))
+    got = await store.get_conversation(100)
+    assert got is not None and got.update_at == NOW + 5_000
+    await send_at(NOW + 9_000)
+    got = await store.get_conversation(100)
+    assert got is not None and got.update_at == NOW + 9_000
+
+
 async def test_client_msg_id_is_idempotent_per_sender_and_conversation(store: Store) -> None:
     conv = await conversation(store)
     other = await conversation(store, app=200)
