@@ -9,6 +9,7 @@ import ssl
 
 from aiohttp import web
 
+from .apikeys import ApiKeys, parse_key_spec
 from .auth import TokenVerifier, public_key
 from .broker import Broker, open_broker
 from .config import Settings
@@ -16,6 +17,7 @@ from .hub import Hub
 from .observability import Metrics
 from .service import MAX_REPLY_BYTES, ChatService, Limits
 from .store import Store, open_store
+from .transport.api import ServerApi
 from .transport.guard import HandshakeGuard, handler_args
 from .transport.http import HealthEndpoints
 from .transport.web import WebClient
@@ -87,6 +89,16 @@ class Node:
             ),
             metrics=self.metrics,
         )
+        self.api = ServerApi(
+            self.service,
+            self.hub,
+            ApiKeys(
+                [parse_key_spec(spec) for spec in settings.api_key],
+                settings.api_keys_file,
+            ),
+            max_content=settings.max_content,
+            max_body=settings.max_frame,
+        )
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self.guard = HandshakeGuard(
@@ -102,6 +114,7 @@ class Node:
         app.router.add_get("/readyz", health.readyz)
         app.router.add_get("/metrics", health.metrics)
         WebClient(dev_secret=self._dev_secret).add_routes(app)
+        app.add_subapp("/api/", self.api.app())
         app.on_shutdown.append(self._on_shutdown)
         if self.worker is not None:
             app.on_response_prepare.append(self._name_worker)

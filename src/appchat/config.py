@@ -62,6 +62,8 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
     handshake_timeout: float = defaults.HANDSHAKE_TIMEOUT
     max_pending_handshakes: int = defaults.MAX_PENDING_HANDSHAKES
+    api_key: tuple[str, ...] = field(default=(), repr=False)
+    api_keys_file: str | None = None
 
 
 # name -> (type, help); every option also reads APPCHAT_<NAME> from the environment.
@@ -115,9 +117,17 @@ OPTIONS: dict[str, tuple[type, str]] = {
         int,
         "connections still sending their HTTP request; one more closes the oldest of them",
     ),
+    "api_key": (
+        str,
+        "[NAME:]KEY of the server API (/api/), repeatable; shows in ps: prefer the file",
+    ),
+    "api_keys_file": (
+        str,
+        "file of server API keys, `KEY` or `NAME KEY` a line; edits apply without a restart",
+    ),
 }
 # Options that may be given several times; their environment variable is comma-separated.
-LISTS = {"jwt_public_key", "allowed_origins"}
+LISTS = {"jwt_public_key", "allowed_origins", "api_key"}
 FLAGS = {
     "dev": "development mode: generate a secret beside the database, print tokens",
     "trust_query_sid": (
