@@ -317,6 +317,7 @@ async def test_message_list_pages_like_get_message_list(api: Api) -> None:
         {"limit": "x"},
         {"before_id": -1},
         {"after_id": str(2**63)},
+        {"befor_id": 3},  # misspelt: refused, not ignored
     ):
         assert error_code(*await api.messages(app, **params), 400) == "bad_request", params
     assert error_code(*await api.messages(999_999), 404) == "not_found"

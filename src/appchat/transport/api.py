@@ -251,7 +251,7 @@ class ServerApi:
                 header_model=PostHeaders,
                 body_model=post_message_body(max_content),
                 description="Stored like Event.SendMessage (answered after the commit, the "
-                "next id of the conversation) and pushed as Event.ReceiveMessage to every live "
+                "next message id) and pushed as Event.ReceiveMessage to every live "
                 "connection of every participant, on every node. The conversation is created "
                 "if the application has none; the sender becomes a staff participant.",
                 tags=("messages",),
@@ -326,7 +326,7 @@ class ServerApi:
             call = Call(
                 path=_validate(route.path_model, dict(request.match_info), "path"),
                 query=_validate(
-                    route.query_model, _pick(route.query_model, request.query), "query"
+                    route.query_model, _pick(route.query_model, request.query, True), "query"
                 ),
                 headers=_validate(
                     route.header_model, _pick(route.header_model, request.headers), "header"
@@ -467,12 +467,17 @@ async def _json_errors(
         return response
 
 
-def _pick(model: type[BaseModel] | None, values: Any) -> dict[str, str]:
-    """The values of a query or header multidict that ``model`` reads; once each."""
+def _pick(model: type[BaseModel] | None, values: Any, only: bool = False) -> dict[str, str]:
+    """The values of a query or header multidict that ``model`` reads, once each;
+    ``only``: any other name is refused (a misspelt query parameter is not ignored)."""
     out: dict[str, str] = {}
-    if model is None:
-        return out
-    for name, info in model.model_fields.items():
+    fields = {} if model is None else model.model_fields
+    if only:
+        known = {info.alias or name for name, info in fields.items()}
+        for name in values:
+            if name not in known:
+                raise BadRequest(f"query {name[:64]}: unknown parameter")
+    for name, info in fields.items():
         wire = info.alias or name
         given = values.getall(wire, [])
         if len(given) > 1:
