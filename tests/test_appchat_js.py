@@ -22,6 +22,7 @@ EXPECTED = {
     "the token is renewed through getToken before it expires",
     "close 4001 asks for a new token and reconnects with it",
     "close 4001 without a way to renew ends in token_expired",
+    "close 4009 (disconnected by the server API) does not reconnect",
 }
 
 

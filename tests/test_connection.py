@@ -405,3 +405,50 @@ async def test_a_broker_message_that_cannot_be_read_is_dropped(
     await MemoryBroker(bus).publish("appchat:user:1", b"no envelope")
     assert sock.written == []
     assert "malformed broker message" in caplog.text
+
+
+class Closer:
+    """The WebSocket endpoint's part of a disconnect: records what it was asked to close."""
+
+    def __init__(self) -> None:
+        self.closed: list[tuple[str, int, str]] = []
+        self.arrived: asyncio.Queue[str] = asyncio.Queue()
+
+    def __call__(self, conn: Connection, code: int, reason: str) -> bool:
+        self.closed.append((conn.id, code, reason))
+        self.arrived.put_nowait(conn.id)
+        return True
+
+
+async def test_disconnect_closes_the_users_connections_on_every_node(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bus = MemoryBus()
+    a, b = await hub_on(bus), await hub_on(bus)
+    closers = Closer(), Closer()
+    a.closer, b.closer = closers
+    here, _ = await join(a, customer_principal(7, 100))
+    there, _ = await join(b, customer_principal(7, 100))
+    other, _ = await join(b, staff_principal(8))
+    assert await a.disconnect(7, 4009, "disconnected by the server") == 1
+    assert closers[0].closed == [(here.id, 4009, "disconnected by the server")]
+    assert await asyncio.wait_for(closers[1].arrived.get(), 2) == there.id
+    assert closers[1].closed == [(there.id, 4009, "disconnected by the server")]
+    assert other.id not in [c for c, _, _ in closers[1].closed]
+    # a control message that cannot be read is dropped, like a bad envelope
+    await MemoryBroker(bus).publish("appchat:user:7", b"!disconnect\tno-code")
+    assert "malformed broker message" in caplog.text
+    assert len(closers[1].closed) == 1
+
+
+async def test_disconnect_reports_a_broker_that_refuses() -> None:
+    bus = MemoryBus()
+    broker = FailingBroker(bus)
+    hub, _other_node = await hub_on(broker=broker), await hub_on(bus)
+    closer = Closer()
+    hub.closer = closer
+    conn, _ = await join(hub, staff_principal(9))
+    broker.failing = True
+    with pytest.raises(Unavailable):
+        await hub.disconnect(9, 4009, "disconnected by the server")
+    assert closer.closed == [(conn.id, 4009, "disconnected by the server")]  # local: done

@@ -9,6 +9,7 @@ import ssl
 
 from aiohttp import web
 
+from .apikeys import ApiKeys, parse_key_spec
 from .auth import TokenVerifier, public_key
 from .blobs import BlobStore, open_blob_store
 from .broker import Broker, open_broker
@@ -18,6 +19,7 @@ from .images import ImageReferences
 from .observability import Metrics
 from .service import MAX_REPLY_BYTES, ChatService, Limits
 from .store import Store, open_store
+from .transport.api import ServerApi
 from .transport.guard import HandshakeGuard, handler_args
 from .transport.http import HealthEndpoints
 from .transport.uploads import UploadEndpoints
@@ -106,6 +108,16 @@ class Node:
             ),
             metrics=self.metrics,
         )
+        self.api = ServerApi(
+            self.service,
+            self.hub,
+            ApiKeys(
+                [parse_key_spec(spec) for spec in settings.api_key],
+                settings.api_keys_file,
+            ),
+            max_content=settings.max_content,
+            max_body=settings.max_frame,
+        )
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self.guard = HandshakeGuard(
@@ -137,6 +149,7 @@ class Node:
         app.router.add_get("/metrics", health.metrics)
         WebClient(dev_secret=self._dev_secret).add_routes(app)
         self.uploads.add_routes(app)
+        app.add_subapp("/api/", self.api.app())
         app.on_shutdown.append(self._on_shutdown)
         if self.worker is not None:
             app.on_response_prepare.append(self._name_worker)

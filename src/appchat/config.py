@@ -74,6 +74,8 @@ class Settings:
     upload_dir: str | None = None  # None: beside the SQLite file (upload_directory)
     upload_s3: str | None = None
     upload_s3_endpoint: str | None = None
+    api_key: tuple[str, ...] = field(default=(), repr=False)
+    api_keys_file: str | None = None
 
 
 # name -> (type, help); every option also reads APPCHAT_<NAME> from the environment.
@@ -152,9 +154,17 @@ OPTIONS: dict[str, tuple[type, str]] = {
         "(needs appchat[s3]; credentials and region from the usual AWS_* settings)",
     ),
     "upload_s3_endpoint": (str, "URL of an S3-compatible server for --upload-s3 (MinIO, …)"),
+    "api_key": (
+        str,
+        "[NAME:]KEY of the server API (/api/), repeatable; shows in ps: prefer the file",
+    ),
+    "api_keys_file": (
+        str,
+        "file of server API keys, `KEY` or `NAME KEY` a line; edits apply without a restart",
+    ),
 }
 # Options that may be given several times; their environment variable is comma-separated.
-LISTS = {"jwt_public_key", "allowed_origins", "webhook_url"}
+LISTS = {"jwt_public_key", "allowed_origins", "webhook_url", "api_key"}
 FLAGS = {
     "dev": "development mode: generate a secret beside the database, print tokens",
     "trust_query_sid": (

@@ -35,6 +35,7 @@ class CloseCode(IntEnum):
     MESSAGE_TOO_BIG = 1009
     TOKEN_EXPIRED = 4001
     SLOW_CONSUMER = 4008
+    DISCONNECTED = 4009  # by the server API (POST /api/connections/{sid}/disconnect)
 
 
 Send = Callable[[bytes], Coroutine[Any, Any, None]]
@@ -261,6 +262,14 @@ class _Yield:
 RESYNC_RETRY = 0.1  # seconds before retrying Event.Resync to a broker that did not answer
 
 
+# A control message on a participant's channel (not a push): ``!disconnect\t<node>\t<code>``.
+# Node ids are hex, so no push envelope starts with ``!``.
+_DISCONNECT = b"!disconnect\t"
+
+Closer = Callable[[Connection, int, str], bool]
+"""Closes one connection with a close code and reason; whether it was open to close."""
+
+
 def _envelope(node: str, origin: str | None, application_id: int, frame: bytes) -> bytes:
     return f"{node}\t{origin or ''}\t{application_id}\n".encode() + frame
 
@@ -293,6 +302,7 @@ class Hub:
         self._missed: set[int] = set()  # users whose pushes could not be published
         self._wake: asyncio.Event | None = None  # a push came while the publisher waits
         self._started = False
+        self.closer: Closer | None = None  # set by the WebSocket endpoint
 
     async def start(self) -> None:
         await self._broker.start(self._on_broker_message, self.resync)
@@ -428,6 +438,9 @@ class Hub:
         return True
 
     def _on_broker_message(self, channel: str, data: bytes) -> None:
+        if data.startswith(_DISCONNECT):
+            self._on_disconnect(channel, data)
+            return
         try:
             user_id = int(channel.rsplit(":", 1)[1])
             node, origin, application_id, frame = _open_envelope(data)
@@ -441,6 +454,36 @@ class Hub:
                 application_id == 0 or conn.principal.may_read_application(application_id)
             ):
                 conn.push(frame)
+
+    async def disconnect(self, user_id: int, code: int, reason: str) -> int:
+        """Close every connection of ``user_id`` on every node: this node's at once, the
+        others' through the broker (raises ``Unavailable`` if it refuses). Returns how many
+        this node closed."""
+        closed = self._close_local(user_id, code, reason)
+        if self._broker.shared:
+            data = _DISCONNECT + f"{self.node_id}\t{code}\n".encode() + reason.encode()
+            try:
+                async with asyncio.timeout(self._publish_timeout):
+                    await self._broker.publish_many([(self._channel(user_id), data)])
+            except TimeoutError:
+                raise Unavailable("the broker did not answer in time") from None
+        return closed
+
+    def _close_local(self, user_id: int, code: int, reason: str) -> int:
+        closer = self.closer
+        if closer is None:
+            return 0
+        return sum(closer(conn, code, reason) for conn in list(self._by_user.get(user_id, ())))
+
+    def _on_disconnect(self, channel: str, data: bytes) -> None:
+        try:
+            user_id = int(channel.rsplit(":", 1)[1])
+            head, _, reason = data[len(_DISCONNECT) :].partition(b"\n")
+            node, code = head.decode().split("\t")
+            if node != self.node_id:
+                self._close_local(user_id, int(code), reason.decode())
+        except (ValueError, IndexError, UnicodeDecodeError):
+            log.warning("dropping a malformed broker message on %s", channel)
 
     async def resync(self) -> None:
         """Tell every local connection it may have missed pushes and should refetch."""

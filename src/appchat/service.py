@@ -15,7 +15,7 @@ from . import events as ev
 from .auth import TokenVerifier, bind, parse_id
 from .errors import AppError, Forbidden, Internal, NotFound, Unauthorized
 from .images import IMAGE, ImageReferences
-from .models import Conversation, Message, MessagePage, Principal, now_us
+from .models import Conversation, Message, MessagePage, Principal, SendOutcome, now_us
 from .observability import Metrics
 from .ratelimit import Throttle
 from .store import Store
@@ -280,13 +280,16 @@ class ChatService:
             now=self._now(),
             guard_staff=not (p.is_staff or p.bound),
         )
+        return self._deliver_message(conversation, outcome, session.id)
+
+    def _deliver_message(
+        self, conversation: Conversation, outcome: SendOutcome, origin: str | None
+    ) -> orjson.Fragment:
         # Serialised once, for the reply and for the push.
         body = orjson.Fragment(orjson.dumps({"message": ev.message_obj(outcome.message)}))
         if outcome.created:
             frame = ev.push(ev.RECEIVE_MESSAGE, body)
-            self._fanout.deliver(
-                outcome.participants, conversation.application_id, frame, session.id
-            )
+            self._fanout.deliver(outcome.participants, conversation.application_id, frame, origin)
         return body
 
     async def _read_message(self, session: Session, raw: dict[str, Any]) -> Any:
@@ -348,3 +351,92 @@ class ChatService:
             )
             self._fanout.deliver(others, conversation.application_id, frame, session.id)
         return None
+
+    # --- trusted callers (the server API, transport/api.py) -------------------------------------
+    # A backend holding an API key acts for the system: no principal, every conversation.
+    # Arguments go through the protocol's own parsers, so both surfaces share every limit.
+
+    async def post_message(
+        self,
+        application_id: int,
+        *,
+        sender_id: int,
+        content: str,
+        content_type: int,
+        client_msg_id: str | None,
+    ) -> tuple[bool, orjson.Fragment]:
+        """A staff or system message: SendMessage's write, ordering and pushes, without a
+        connection (every live connection of the participants gets the push). The
+        conversation is created if the application has none. Returns whether the message
+        was stored now (``False``: a retry of ``client_msg_id``) and ``{"message": …}``."""
+        args = ev.parse_send_message(
+            {
+                "session_channel": str(application_id),
+                "sender_id": sender_id,
+                "content": content,
+                "content_type": content_type,
+                "client_msg_id": client_msg_id,
+            },
+            self._limits.max_content,
+        )
+        assert args.sender_id is not None
+        conversation = await self._conversation(application_id)
+        if conversation is None:
+            conversation = await self._store.add_conversation(
+                application_id, args.sender_id, staff=True, now=self._now()
+            )
+        elif not await self._store.is_staff_participant(
+            conversation.id, args.sender_id
+        ) and args.sender_id in await self._store.participant_ids(conversation.id):
+            raise Forbidden(
+                "sender_id is the customer of this conversation: the server API posts as staff"
+            )
+        if args.content_type == IMAGE:
+            await self._images.check(args.content, conversation.application_id)
+        outcome = await self._store.add_message(
+            conversation,
+            sender_id=args.sender_id,
+            staff=True,
+            content=args.content,
+            content_type=args.content_type,
+            client_msg_id=args.client_msg_id,
+            now=self._now(),
+        )
+        return outcome.created, self._deliver_message(conversation, outcome, None)
+
+    async def message_list(
+        self, application_id: int, *, before_id: int | None, after_id: int | None, limit: int
+    ) -> dict[str, Any]:
+        """GetMessageList for any conversation: ``{"messages": […], "has_more": …}``."""
+        args = ev.parse_get_message_list(
+            {
+                "session_channel": str(application_id),
+                "before_id": before_id,
+                "after_id": after_id,
+                "limit": limit,
+            }
+        )
+        conversation = await self._conversation(application_id)
+        if conversation is None:
+            raise NotFound("no such conversation")
+        page = await self._message_page(conversation, args)
+        result = ev.message_list_within(
+            page.messages,
+            page.has_more,
+            self._limits.max_reply_bytes,
+            keep_newest=args.after_id is None,
+        )
+        return {"messages": result["Messages"], "has_more": result["has_more"]}
+
+    async def conversation_list(
+        self, *, user_id: int | None, limit: int, cursor: str | None
+    ) -> dict[str, Any]:
+        """Every conversation (or those ``user_id`` takes part in), newest activity first,
+        paged like GetConversationList."""
+        args = ev.parse_get_conversation_list(
+            {"user_id": user_id, "limit": limit, "cursor": cursor}
+        )
+        page = await self._store.conversation_page(
+            args.user_id, limit=args.limit, after=args.cursor
+        )
+        return ev.conversation_page(page.conversations, page.has_more)

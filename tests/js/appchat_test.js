@@ -362,6 +362,17 @@ export const tests = {
     await until(server, () => expired.state === "token_expired", "an expired token");
     equal(server.sockets.length, 1, "an expired token is not even tried");
   },
+
+  async "close 4009 (disconnected by the server API) does not reconnect"() {
+    const server = fakeServer();
+    const { chat, seen } = client(server);
+    chat.start();
+    await chat.ready();
+    server.last().drop(4009);
+    await until(server, () => chat.state === "closed", "closed");
+    equal([server.sockets.length, chat._timers.reconnect], [1, null], "no reconnect planned");
+    equal(seen.states.at(-1), "closed", "the last state");
+  },
 };
 
 window.appchatTests = tests;

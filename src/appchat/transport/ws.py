@@ -104,6 +104,7 @@ class WebSocketEndpoint:
         self._quota = ConnectionQuota(options.max_connections_per_user)
         self._connlog = ConnectionLog()
         self._memory = MemoryRelease()
+        hub.closer = self._disconnect
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         remote = request.remote or "unknown"
@@ -215,6 +216,20 @@ class WebSocketEndpoint:
         )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _disconnect(self, conn: Connection, code: int, reason: str) -> bool:
+        """Close ``conn`` for the server API (``Hub.disconnect``); whether it was open."""
+        live = self._live.get(conn)
+        if live is None or conn.closed:
+            return False
+        session = live[0]
+        self._metrics.disconnects.labels("disconnected").inc()
+        task = asyncio.get_running_loop().create_task(
+            self._close(session.ws, session.transport, code, reason)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return True
 
     @staticmethod
     async def _close(

@@ -26,6 +26,7 @@ export const TOKEN_EXPIRED = "token_expired";
 export const CLOSED = "closed";
 
 const CLOSE_TOKEN_EXPIRED = 4001;
+const CLOSE_DISCONNECTED = 4009; // by the server API (a request closed, a user banned)
 const RETRYABLE = new Set(["offline", "disconnected", "timeout", "unavailable", "rate_limited"]);
 
 /** An error reply ({code, message}), or a local one: offline, disconnected, timeout. */
@@ -190,6 +191,10 @@ export class AppChat extends EventTarget {
       clearTimeout(this._timers.refresh);
       if (event.code === CLOSE_TOKEN_EXPIRED) {
         this._renewExpired().then((renewed) => renewed && this._connect());
+        return;
+      }
+      if (event.code === CLOSE_DISCONNECTED) {
+        this.close(); // on purpose: no reconnect; the state becomes "closed"
         return;
       }
       this._scheduleReconnect(event.code, event.reason);

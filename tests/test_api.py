@@ -1,0 +1,617 @@
+"""The server API over real HTTP: every route, its pushes on live WebSocket connections,
+idempotent retries, API keys (revoked while the server runs), disconnects on two nodes,
+and schemathesis against the OpenAPI document the server serves."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import hypothesis
+import pytest
+import schemathesis
+from schemathesis.checks import CheckFunction
+from schemathesis.generation.case import Case
+from schemathesis.schemas import BaseSchema
+from schemathesis.specs.openapi.checks import ignored_auth, positive_data_acceptance
+from websockets.exceptions import InvalidStatus
+
+from .backends import REDIS_URL, postgres_database, require, unique_prefix
+from .support import MESSAGE_KEYS, RFC3339_UTC, ServerProcess, client, customer, staff, token
+
+MAX_CONTENT = 200  # the server's --max-content: small, so the limit is cheap to reach
+
+
+def new_key() -> str:
+    return secrets.token_urlsafe(32)
+
+
+class Keys:
+    """The server's keys file and the keys the tests use."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.backend = new_key()
+        self.other = new_key()
+        self.static = new_key()  # given with --api-key
+        self.write({"backend": self.backend, "other": self.other})
+
+    def write(self, keys: dict[str, str]) -> None:
+        text = "# name key\n" + "".join(f"{name} {key}\n" for name, key in keys.items())
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.path)  # as an operator's editor or a config tool would
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    return Keys(tmp_path_factory.mktemp("keys") / "api-keys")
+
+
+@pytest.fixture(scope="module")
+def api_server(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Iterator[ServerProcess]:
+    db = tmp_path_factory.mktemp("db") / "appchat.db"
+    proc = ServerProcess(
+        db,
+        "--rate",
+        "0",
+        "--max-content",
+        str(MAX_CONTENT),
+        "--api-keys-file",
+        str(keys.path),
+        "--api-key",
+        f"static:{keys.static}",
+    ).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+class Api:
+    """Requests to one server with one key; answers as (status, JSON body)."""
+
+    def __init__(self, session: aiohttp.ClientSession, server: ServerProcess, key: str) -> None:
+        self.session = session
+        self.server = server
+        self.key = key
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        data: bytes | None = None,
+        params: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        key: str | None = None,
+    ) -> tuple[int, Any]:
+        sent = {"Authorization": f"Bearer {key or self.key}", **(headers or {})}
+        async with self.session.request(
+            method, self.server.http(path), json=json, data=data, params=params, headers=sent
+        ) as resp:
+            assert resp.content_type == "application/json", await resp.text()
+            return resp.status, await resp.json()
+
+    async def post(
+        self, app: int, body: Any, *, idempotency_key: str | None = None
+    ) -> tuple[int, Any]:
+        headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
+        return await self.request(
+            "POST", f"/api/conversations/{app}/messages", json=body, headers=headers
+        )
+
+    async def messages(self, app: int | str, **params: Any) -> tuple[int, Any]:
+        return await self.request("GET", f"/api/conversations/{app}/messages", params=params)
+
+    async def conversations(self, key: str | None = None, **params: Any) -> tuple[int, Any]:
+        return await self.request("GET", "/api/conversations", params=params, key=key)
+
+    async def disconnect(self, sid: int | str) -> tuple[int, Any]:
+        return await self.request("POST", f"/api/connections/{sid}/disconnect")
+
+
+@pytest.fixture
+def api(http: aiohttp.ClientSession, api_server: ServerProcess, keys: Keys) -> Api:
+    return Api(http, api_server, keys.backend)
+
+
+def error_code(status: int, body: Any, expected_status: int) -> str:
+    assert status == expected_status, body
+    assert set(body) == {"error"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    code: str = body["error"]["code"]
+    return code
+
+
+# --- POST /api/conversations/{application_id}/messages --------------------------------------
+
+
+async def test_posted_message_is_pushed_to_customer_and_staff(
+    api: Api, api_server: ServerProcess
+) -> None:
+    app = 1001
+    async with customer(api_server, app, 2001) as c, staff(api_server, 11) as s:
+        await c.ok("Event.AddConversation", {"application_id": app})
+        await s.ok("Event.AddConversation", {"application_id": app})
+        first = await c.ok("Event.SendMessage", {"session_channel": str(app), "content": "help"})
+        assert (await s.push("Event.ReceiveMessage"))["result"] == first
+
+        status, body = await api.post(
+            app, {"sender_id": 90, "content": "Your request is approved", "content_type": 1}
+        )
+        assert status == 201, body
+        message = body["message"]
+        assert set(MESSAGE_KEYS) <= set(message)
+        assert message["id"] > first["message"]["id"]  # ordered after what came before
+        assert message["sender_id"] == 90
+        assert message["session_channel"] == str(app)
+        assert message["content"] == "Your request is approved"
+        assert RFC3339_UTC.match(message["create_at"])
+        for conn in (c, s):
+            assert (await conn.push("Event.ReceiveMessage"))["result"] == body
+
+        # durable: answered after the commit, so a read at once sees it
+        page = await c.ok("Event.GetMessageList", {"session_channel": str(app)})
+        assert page["Messages"][-1] == message
+        # the sender is now a staff participant: the customer has one unread message
+        unread = await c.ok("Event.GetUnreadInfo")
+        assert unread["total"] == 1
+
+
+async def test_staff_sender_sees_its_own_posted_message_live(
+    api: Api, api_server: ServerProcess
+) -> None:
+    app = 1002
+    async with staff(api_server, 12) as s:
+        await s.ok("Event.AddConversation", {"application_id": app})
+        status, body = await api.post(app, {"sender_id": 12, "content": "sent from the CRM"})
+        assert status == 201, body
+        # the posting backend is no connection of the sender: every one of them gets it
+        assert (await s.push("Event.ReceiveMessage"))["result"] == body
+
+
+async def test_idempotent_retry_returns_first_message_and_pushes_once(
+    api: Api, api_server: ServerProcess
+) -> None:
+    app = 1003
+    async with customer(api_server, app, 2003) as c:
+        await c.ok("Event.AddConversation", {"application_id": app})
+        status, first = await api.post(
+            app, {"sender_id": 91, "content": "status: closed"}, idempotency_key="crm-7-closed"
+        )
+        assert status == 201, first
+        assert first["message"]["client_msg_id"] == "crm-7-closed"
+        assert (await c.push("Event.ReceiveMessage"))["result"] == first
+
+        # the retry (even with another body) answers the first message, 200, and pushes nothing
+        for body in (
+            {"sender_id": 91, "content": "status: closed"},
+            {"sender_id": 91, "content": "changed"},
+        ):
+            status, again = await api.post(app, body, idempotency_key="crm-7-closed")
+            assert status == 200, again
+            assert again == first
+        # a new key is a new message; it is the very next push: the retries pushed nothing
+        status, other = await api.post(
+            app, {"sender_id": 91, "content": "reopened"}, idempotency_key="crm-7-reopened"
+        )
+        assert status == 201, other
+        assert other["message"]["id"] > first["message"]["id"]
+        assert (await c.push("Event.ReceiveMessage"))["result"] == other
+        status, page = await api.messages(app)
+        assert [m["content"] for m in page["messages"]] == ["status: closed", "reopened"]
+
+
+async def test_post_creates_the_missing_conversation(api: Api, api_server: ServerProcess) -> None:
+    app = 1004
+    assert error_code(*await api.messages(app), 404) == "not_found"
+    status, body = await api.post(app, {"sender_id": 92, "content": "We got your request"})
+    assert status == 201, body
+    status, listed = await api.conversations(user_id=92)
+    assert status == 200
+    assert [c["application_id"] for c in listed["conversations"]] == [app]
+    # the customer who opens the chat later finds it
+    async with customer(api_server, app, 2004) as c:
+        await c.ok("Event.AddConversation", {"application_id": app})
+        page = await c.ok("Event.GetMessageList", {"session_channel": str(app)})
+        assert [m["content"] for m in page["Messages"]] == ["We got your request"]
+
+
+async def test_post_refuses_bad_requests_and_stores_nothing(
+    api: Api, api_server: ServerProcess
+) -> None:
+    app = 1005
+    status, _ = await api.post(app, {"sender_id": 93, "content": "first"})
+    assert status == 201
+    bad_bodies: list[Any] = [
+        {"content": "no sender"},
+        {"sender_id": 93},
+        {"sender_id": 93, "content": ""},
+        {"sender_id": 93, "content": "x" * (MAX_CONTENT + 1)},
+        {"sender_id": 93, "content": "nul \x00 inside"},
+        {"sender_id": 93, "content": "hi", "content_type": 3},
+        # an image must be the reference of an upload to this conversation (as SendMessage)
+        {"sender_id": 93, "content": "https://example.com/a.png", "content_type": 2},
+        {"sender_id": 93, "content": "/files/9999/" + "a" * 32, "content_type": 2},
+        {"sender_id": 93, "content": f"/files/{app}/" + "a" * 32, "content_type": 2},
+        {"sender_id": "93", "content": "a string id"},
+        {"sender_id": True, "content": "a boolean id"},
+        {"sender_id": 0, "content": "id zero"},
+        {"sender_id": 2**63, "content": "id too big"},
+        {"sender_id": 93, "content": "hi", "extra": 1},
+        {"sender_id": 93, "content": 5},
+        [1, 2],
+        "text",
+    ]
+    for body in bad_bodies:
+        assert error_code(*await api.post(app, body), 400) == "bad_request", body
+    status, body = await api.request(
+        "POST", f"/api/conversations/{app}/messages", data=b"{not json"
+    )
+    assert error_code(status, body, 400) == "bad_request"
+    for path_id in ("0", "abc", str(2**63), "-5"):
+        status, body = await api.request(
+            "POST",
+            f"/api/conversations/{path_id}/messages",
+            json={"sender_id": 93, "content": "hi"},
+        )
+        assert error_code(status, body, 400) == "bad_request", path_id
+    for idem in ("k" * 65,):
+        status, body = await api.post(app, {"sender_id": 93, "content": "hi"}, idempotency_key=idem)
+        assert error_code(status, body, 400) == "bad_request"
+    # bigger than a WebSocket frame may be (--max-frame, 64 KiB by default)
+    huge = b'{"sender_id": 93, "content": "' + b"x" * 70_000 + b'"}'
+    status, body = await api.request("POST", f"/api/conversations/{app}/messages", data=huge)
+    assert error_code(status, body, 413) == "bad_request"
+    # the customer's participant id cannot be used: the server API posts as staff
+    async with customer(api_server, app, 2005) as c:
+        await c.ok("Event.AddConversation", {"application_id": app})
+    assert error_code(*await api.post(app, {"sender_id": 2005, "content": "x"}), 403) == (
+        "forbidden"
+    )
+    # a content of exactly the limit is fine
+    status, body = await api.post(app, {"sender_id": 93, "content": "y" * MAX_CONTENT})
+    assert status == 201, body
+    status, page = await api.messages(app)
+    assert [m["content"][:5] for m in page["messages"]] == ["first", "yyyyy"]
+
+
+# --- GET /api/conversations/{application_id}/messages ---------------------------------------
+
+
+async def test_message_list_pages_like_get_message_list(api: Api) -> None:
+    app = 1006
+    ids = []
+    for i in range(5):
+        status, body = await api.post(app, {"sender_id": 94, "content": f"m{i}"})
+        assert status == 201
+        ids.append(body["message"]["id"])
+    assert ids == sorted(ids)
+
+    def got(page: Any) -> list[int]:
+        return [m["id"] for m in page["messages"]]
+
+    status, page = await api.messages(app, limit=2)
+    assert status == 200
+    assert got(page) == ids[3:] and page["has_more"] is True
+    status, page = await api.messages(app, limit=2, before_id=ids[3])
+    assert got(page) == ids[1:3] and page["has_more"] is True
+    status, page = await api.messages(app, limit=2, before_id=ids[1])
+    assert got(page) == ids[:1] and page["has_more"] is False
+    status, page = await api.messages(app, limit=3, after_id=0)
+    assert got(page) == ids[:3] and page["has_more"] is True
+    status, page = await api.messages(app, after_id=ids[2])
+    assert got(page) == ids[3:] and page["has_more"] is False
+    status, page = await api.messages(app)  # the default page: the newest 50
+    assert [m["id"] for m in page["messages"]] == ids and page["has_more"] is False
+
+    for params in (
+        {"before_id": 3, "after_id": 1},
+        {"limit": 0},
+        {"limit": 501},
+        {"limit": "x"},
+        {"before_id": -1},
+        {"after_id": str(2**63)},
+        {"befor_id": 3},  # misspelt: refused, not ignored
+    ):
+        assert error_code(*await api.messages(app, **params), 400) == "bad_request", params
+    assert error_code(*await api.messages(999_999), 404) == "not_found"
+    assert error_code(*await api.messages("abc"), 400) == "bad_request"
+
+
+# --- GET /api/conversations -----------------------------------------------------------------
+
+
+async def test_conversation_list_pages_with_a_cursor(api: Api) -> None:
+    apps = [1101, 1102, 1103]
+    for app in apps:  # in this order: the last one has the newest activity
+        status, _ = await api.post(app, {"sender_id": 95, "content": f"to {app}"})
+        assert status == 201
+    seen: list[int] = []
+    cursor: str | None = None
+    while True:
+        params: dict[str, Any] = {"user_id": 95, "limit": 1}
+        if cursor is not None:
+            params["cursor"] = cursor
+        status, page = await api.conversations(**params)
+        assert status == 200, page
+        seen += [c["application_id"] for c in page["conversations"]]
+        if not page["has_more"]:
+            assert page["next_cursor"] is None
+            break
+        cursor = page["next_cursor"]
+        assert isinstance(cursor, str)
+    assert seen == apps[::-1]
+
+    # every conversation (no user_id), paged without repeats
+    everything: list[int] = []
+    cursor = None
+    while True:
+        params = {"limit": 2} if cursor is None else {"limit": 2, "cursor": cursor}
+        status, page = await api.conversations(**params)
+        assert status == 200, page
+        everything += [c["id"] for c in page["conversations"]]
+        if not page["has_more"]:
+            break
+        cursor = page["next_cursor"]
+    assert len(everything) == len(set(everything))
+    assert set(apps) <= {
+        c["application_id"] for c in (await api.conversations(limit=1000))[1]["conversations"]
+    }
+
+    for params in (
+        {"cursor": "nonsense"},
+        {"cursor": "1_0"},
+        {"limit": 1001},
+        {"limit": 0},
+        {"user_id": 0},
+    ):
+        assert error_code(*await api.conversations(**params), 400) == "bad_request", params
+
+
+# --- API keys -------------------------------------------------------------------------------
+
+
+async def test_requests_without_a_valid_key_are_refused(
+    http: aiohttp.ClientSession, api_server: ServerProcess, api: Api, keys: Keys
+) -> None:
+    routes = [
+        ("POST", "/api/conversations/1/messages"),
+        ("GET", "/api/conversations/1/messages"),
+        ("GET", "/api/conversations"),
+        ("POST", "/api/connections/1/disconnect"),
+    ]
+    for method, path in routes:
+        for headers in (
+            {},
+            {"Authorization": "Bearer"},
+            {"Authorization": f"Basic {keys.backend}"},
+            {"Authorization": f"Bearer {new_key()}"},
+            {"Authorization": f"Bearer {keys.backend}x"},
+            # a WebSocket token is no API key
+            {"Authorization": f"Bearer {token(admin_id=1)}"},
+        ):
+            async with http.request(method, api_server.http(path), headers=headers) as resp:
+                assert resp.status == 401, (method, path, headers)
+                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+                body = await resp.json()
+                assert body["error"]["code"] == "unauthorized"
+    # each configured key works: from the file and from --api-key
+    for key in (keys.backend, keys.other, keys.static):
+        status, _ = await api.conversations(key=key, limit=1)
+        assert status == 200
+    # and an API key is no WebSocket token
+    with pytest.raises(InvalidStatus) as refused:
+        async with client(api_server, 5, keys.backend):
+            pass
+    assert refused.value.response.status_code == 401
+
+
+async def test_a_key_removed_from_the_file_is_refused_without_restart(
+    api: Api, keys: Keys, api_server: ServerProcess
+) -> None:
+    status, _ = await api.conversations(key=keys.other, limit=1)
+    assert status == 200
+    added = new_key()
+    keys.write({"backend": keys.backend, "added": added})  # "other" revoked, "added" new
+    try:
+        status, body = await api.conversations(key=keys.other, limit=1)
+        assert error_code(status, body, 401) == "unauthorized"
+        status, _ = await api.conversations(key=added, limit=1)
+        assert status == 200
+        status, _ = await api.conversations(key=keys.backend, limit=1)
+        assert status == 200
+    finally:
+        keys.write({"backend": keys.backend, "other": keys.other})
+    status, _ = await api.conversations(key=keys.other, limit=1)
+    assert status == 200
+    assert "key other" in api_server.output and keys.other not in api_server.output
+
+
+async def test_api_is_off_without_keys(http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "off.db")
+    server.start()
+    try:
+        async with http.get(
+            server.http("/api/conversations"), headers={"Authorization": f"Bearer {new_key()}"}
+        ) as resp:
+            assert resp.status == 404
+            body = await resp.json()
+            assert body["error"]["code"] == "not_found"
+            assert "--api-keys-file" in body["error"]["message"]
+        async with http.get(server.http("/api/openapi.json")) as resp:
+            assert resp.status == 200  # the description stays readable
+    finally:
+        server.stop()
+
+
+async def test_unknown_routes_and_methods_answer_json(
+    http: aiohttp.ClientSession, api_server: ServerProcess
+) -> None:
+    async with http.get(api_server.http("/api/nothing")) as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"]["code"] == "not_found"
+    async with http.delete(api_server.http("/api/conversations")) as resp:
+        assert resp.status == 405
+        assert resp.headers["Allow"] == "GET"
+        assert (await resp.json())["error"]["code"] == "bad_request"
+
+
+# --- POST /api/connections/{sid}/disconnect -------------------------------------------------
+
+
+async def test_disconnect_closes_every_connection_of_the_participant(
+    api: Api, api_server: ServerProcess
+) -> None:
+    app = 1201
+    async with (
+        customer(api_server, app, 2201) as phone,
+        customer(api_server, app, 2201) as laptop,
+        staff(api_server, 13) as other,
+    ):
+        await phone.ok("Event.AddConversation", {"application_id": app})
+        status, body = await api.disconnect(2201)
+        assert status == 202, body
+        assert body == {"sid": 2201, "code": 4009, "closed_here": 2}
+        assert await phone.close_code() == 4009
+        assert await laptop.close_code() == 4009
+        assert phone.ws.close_reason == "disconnected by the server"
+        # others keep theirs
+        await other.ok("Event.AddConversation", {"application_id": app})
+    status, body = await api.disconnect(2201)  # nobody left: still accepted
+    assert (status, body["closed_here"]) == (202, 0)
+    for sid in ("0", "x", str(2**63)):
+        assert error_code(*await api.disconnect(sid), 400) == "bad_request"
+
+
+@pytest.fixture(scope="module")
+def two_nodes(keys: Keys) -> Iterator[list[ServerProcess]]:
+    require("Redis", "127.0.0.1", 6379)
+    prefix = unique_prefix()
+    with postgres_database() as url:
+        nodes = [
+            ServerProcess(
+                url,
+                "--broker",
+                REDIS_URL,
+                "--channel-prefix",
+                prefix,
+                "--rate",
+                "0",
+                "--api-keys-file",
+                str(keys.path),
+            )
+            for _ in range(2)
+        ]
+        nodes[0].start()  # the first migrates the database
+        nodes[1].start()
+        try:
+            yield nodes
+        finally:
+            for n in nodes:
+                n.stop()
+
+
+async def test_post_and_disconnect_reach_the_other_node(
+    http: aiohttp.ClientSession, two_nodes: list[ServerProcess], keys: Keys
+) -> None:
+    a, b = two_nodes
+    app = 1301
+    api_a = Api(http, a, keys.backend)
+    async with customer(b, app, 2301) as far, customer(a, app, 2301) as near, staff(b, 14) as s:
+        await far.ok("Event.AddConversation", {"application_id": app})
+        await s.ok("Event.AddConversation", {"application_id": app})
+        status, body = await api_a.post(app, {"sender_id": 96, "content": "across nodes"})
+        assert status == 201, body
+        for conn in (far, near, s):
+            assert (await conn.push("Event.ReceiveMessage"))["result"] == body
+
+        status, body = await api_a.disconnect(2301)
+        assert status == 202, body
+        assert body["closed_here"] == 1  # node A closed its own; node B closes the other
+        assert await near.close_code() == 4009
+        assert await far.close_code() == 4009
+        await s.ok("Event.AddConversation", {"application_id": app})  # staff stays
+
+
+# --- the OpenAPI document, and schemathesis against it ---------------------------------------
+
+
+async def test_openapi_document_describes_every_route(
+    http: aiohttp.ClientSession, api_server: ServerProcess
+) -> None:
+    async with http.get(api_server.http("/api/openapi.json")) as resp:
+        assert resp.status == 200
+        doc = await resp.json()
+    assert doc["openapi"].startswith("3.1")
+    assert doc["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": doc["components"]["securitySchemes"]["apiKey"]["description"],
+    }
+    operations = {
+        (method.upper(), path): op
+        for path, item in doc["paths"].items()
+        for method, op in item.items()
+    }
+    assert set(operations) == {
+        ("POST", "/api/conversations/{application_id}/messages"),
+        ("GET", "/api/conversations/{application_id}/messages"),
+        ("GET", "/api/conversations"),
+        ("POST", "/api/connections/{sid}/disconnect"),
+        ("GET", "/api/openapi.json"),
+    }
+    post = operations[("POST", "/api/conversations/{application_id}/messages")]
+    body = doc["components"]["schemas"]["PostMessage"]
+    assert body["properties"]["content"]["maxLength"] == MAX_CONTENT  # the server's setting
+    assert body["required"] == ["sender_id", "content"]
+    assert {p["name"] for p in post["parameters"]} == {"application_id", "Idempotency-Key"}
+    assert {"200", "201", "400", "401", "403", "413", "503"} <= set(post["responses"])
+    assert post["responses"]["400"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorReply"
+    }
+
+
+@pytest.fixture
+def api_schema(api_server: ServerProcess, keys: Keys, request: pytest.FixtureRequest) -> BaseSchema:
+    # schemathesis 4.32 renames the test node through ``_nodeid``, which pytest 9.2 no
+    # longer has: give it one (only the reported name of the subtests depends on it).
+    node: Any = request.node
+    if not hasattr(node, "_nodeid"):
+        node._nodeid = node.nodeid
+    schema = schemathesis.openapi.from_url(api_server.http("/api/openapi.json"))
+    # The key as configuration: schemathesis then generates no request without it that it
+    # would expect to be refused (a key added per call would turn those into false alarms).
+    schema.config.update(headers={"Authorization": f"Bearer {keys.static}"})
+    return schema
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@hypothesis.settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=list(hypothesis.HealthCheck),
+    derandomize=True,
+)
+def test_schemathesis_finds_no_errors(case: Case[Any]) -> None:
+    """Generated requests (valid and invalid) get no 5xx and answers that fit the schema."""
+    # ignored_auth probes without the key, but the configured key goes back in: refusals
+    # without a key (or with a wrong or revoked one) are tested above, route by route.
+    excluded: list[CheckFunction] = [ignored_auth]
+    if case.query and case.query.get("before_id") is not None and "after_id" in case.query:
+        # "at most one of before_id and after_id" (GetMessageList's rule, the same error
+        # here) is beyond what OpenAPI can say of two parameters: the 400 is right.
+        excluded.append(positive_data_acceptance)
+    case.call_and_validate(excluded_checks=excluded)
