@@ -63,7 +63,6 @@ class Connection:
         "_queue",
         "_room",
         "_send",
-        "draining",
         "id",
         "overflowed",
         "queued_bytes",
@@ -93,7 +92,6 @@ class Connection:
         self._on_broken = on_broken
         self.overflowed = False
         self._closed = False  # the socket failed: nothing more is written
-        self.draining = False  # the node is shutting down: finish, then close
 
     @property
     def principal(self) -> Principal:

@@ -161,7 +161,7 @@ class WebSocketEndpoint:
                 self._live[conn] = (session, reader)
             await session.read_loop()
         except asyncio.CancelledError:
-            if not conn.draining:
+            if not session.draining:
                 raise
         finally:
             self._quota.give_back(quota)  # first: nothing below may keep it if cancelled
@@ -171,7 +171,7 @@ class WebSocketEndpoint:
             await conn.flush(CLOSE_TIMEOUT)
             heavy = conn.closed or conn.overflowed or conn.queued_bytes > 0
             conn.abandon()
-            if conn.draining:
+            if session.draining:
                 await self._close(ws, transport, CloseCode.GOING_AWAY, "server shutdown")
             if transport is not None and transport.is_closing():
                 # A graceful close still waiting to write (to a client that reads nothing)
@@ -263,8 +263,8 @@ class WebSocketEndpoint:
     async def close_all(self, grace: float = 10.0) -> None:
         """Shutdown: take no new requests, let the ones in flight finish and their replies
         go out, then close every connection with 1001."""
-        for conn, (session, reader) in list(self._live.items()):
-            conn.draining = True
+        for session, reader in list(self._live.values()):
+            session.draining = True
             if not session.busy:
                 reader.cancel()  # waiting for a frame: nothing in flight
         handlers = [h for h in self._handlers if h is not asyncio.current_task()]
@@ -300,6 +300,7 @@ class _Session:
         "_server",
         "busy",
         "conn",
+        "draining",
         "transport",
         "ws",
     )
@@ -323,10 +324,11 @@ class _Session:
         self._expired = False
         self._read_done: asyncio.Event | None = None  # made when a reply waits for room
         self.busy = False  # a request is being served or waits to be
+        self.draining = False  # the node is shutting down: finish, then close
 
     async def read_loop(self) -> None:
         ws, conn = self.ws, self.conn
-        while not conn.draining and not conn.closed:
+        while not self.draining and not conn.closed:
             if conn.full:  # a client that does not read its replies is not read either
                 await self._wait_room()
                 continue
@@ -369,7 +371,7 @@ class _Session:
         heartbeat found no pong, a close timed out), cut it: a graceful close would wait
         for a client that reads nothing, and this connection would never end."""
         conn, transport = self.conn, self.transport
-        while conn.full and not conn.draining:  # shutting down: stop waiting (within 1 s)
+        while conn.full and not self.draining:  # shutting down: stop waiting (within 1 s)
             try:
                 async with asyncio.timeout(ROOM_CHECK):
                     await conn.room()
@@ -408,7 +410,7 @@ class _Session:
         finally:
             self._server = None
             self.busy = False
-            if conn.draining:
+            if self.draining:
                 reader = self._endpoint._live.get(conn)
                 if reader is not None:
                     reader[1].cancel()  # the reader waits for a frame it will not serve
