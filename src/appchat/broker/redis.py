@@ -32,6 +32,7 @@ from . import Handler, ResyncHandler
 log = logging.getLogger(__name__)
 
 _FAULTS = (RedisError, OSError, TimeoutError)
+SUBSCRIBE_TIMEOUT = 5.0  # seconds to connect the pub/sub connection and subscribe
 
 # PUBLISH channel data for each pair of arguments: a batch costs one reply.
 _PUBLISH_ALL = """
@@ -61,7 +62,11 @@ class RedisBroker:
         # retries: redis-py would reconnect and resubscribe silently, and pushes published
         # meanwhile would be lost without the Resync that _reconnect sends.
         self._subscriber = aioredis.from_url(
-            url, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0), protocol=2
+            url,
+            socket_connect_timeout=2.0,
+            socket_timeout=None,  # redis-py's default is 5 s: an idle node would reconnect
+            retry=Retry(NoBackoff(), 0),
+            protocol=2,
         )
         self._publish_all = self._client.register_script(_PUBLISH_ALL)
         self._max_backoff = max_backoff
@@ -155,8 +160,9 @@ class RedisBroker:
     async def _subscribe_all(self) -> AbstractConnection:
         conn: AbstractConnection = self._subscriber.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         try:
-            await conn.connect()  # type: ignore[no-untyped-call]
-            await conn.send_command("SUBSCRIBE", *self._channels)
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT):  # the connection has no timeout
+                await conn.connect()  # type: ignore[no-untyped-call]
+                await conn.send_command("SUBSCRIBE", *self._channels)
         except BaseException:
             with contextlib.suppress(*_FAULTS):
                 await conn.disconnect()
