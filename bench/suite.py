@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from common import Server, percentile, source_version  # bench/common.py
+from common import TICKS, Server, percentile, source_version  # bench/common.py
 from tqdm import tqdm
 from wsclient import LeanClient, connect
 
@@ -86,7 +86,7 @@ def server(kind: str, workdir: Path, extra: list[str] | None = None) -> Iterator
 @contextlib.contextmanager
 def cluster(
     workdir: Path, args: argparse.Namespace, rev: str | None = None
-) -> Iterator[tuple[Server, Server]]:
+) -> Iterator[tuple[Server, Server, Callable[[], float]]]:
     """Two appchat nodes on a fresh PostgreSQL database and Redis (nothing pinned); as of
     git ``rev`` (a ``--baseline``) when given."""
     import psycopg
@@ -105,7 +105,17 @@ def cluster(
     try:
         for n in range(2):
             nodes.append(Server([], SECRET, name=f"node {n}", command=common, env=env).start())
-        yield nodes[0], nodes[1]
+
+        def db_cpu() -> float:
+            """CPU seconds of the database's server processes (the nodes' connections),
+            when they run on this machine."""
+            with psycopg.connect(args.pg_admin, autocommit=True, connect_timeout=10) as admin:
+                pids = admin.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,)
+                ).fetchall()
+            return sum(process_cpu(pid) for (pid,) in pids)
+
+        yield nodes[0], nodes[1], db_cpu
     finally:
         for node in nodes:
             node.stop()
@@ -319,7 +329,12 @@ def wire_pair(
 
 
 async def throughput(
-    kind: str, port: int, args: argparse.Namespace, *servers: Server, staff_port: int = 0
+    kind: str,
+    port: int,
+    args: argparse.Namespace,
+    *servers: Server,
+    staff_port: int = 0,
+    db_cpu: Callable[[], float] | None = None,
 ) -> dict[str, float]:
     """Closed loop: each customer keeps ``window`` sends unanswered; pushes counted per second."""
     wire = Wire(kind, port, staff_port)
@@ -339,11 +354,13 @@ async def throughput(
     def cpu() -> float:
         return sum(srv.cpu_seconds() for srv in servers)
 
+    db0 = db_cpu() if db_cpu else 0.0
     pushed0, cpu0, t0 = sum(p.pushed for p in pairs), cpu(), time.perf_counter()
     gen0 = time.process_time()
     await asyncio.sleep(args.duration)
     pushed1, cpu1, t1 = sum(p.pushed for p in pairs), cpu(), time.perf_counter()
     gen1 = time.process_time()
+    db1 = db_cpu() if db_cpu else 0.0
     running = False
     errors = sum(p.errors for p in pairs)
     for p in pairs:
@@ -353,6 +370,7 @@ async def throughput(
     return {
         "msg_s": delivered / (t1 - t0),
         "cpu_us": (cpu1 - cpu0) / max(delivered, 1) * 1e6,
+        "db_cpu_us": (db1 - db0) / max(delivered, 1) * 1e6,
         "srv_cpu": (cpu1 - cpu0) / (t1 - t0) * 100,
         "gen_cpu": (gen1 - gen0) / (t1 - t0) * 100,
         "errors": errors,
@@ -475,6 +493,16 @@ async def unpinned_sqlite(
         srv.stop()
 
 
+def process_cpu(pid: int) -> float:
+    """User plus system CPU seconds of any process of this machine (0 if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def worker_processes(parent: Server) -> list[Server]:
     """The worker processes of ``appchat serve --workers N`` (for their CPU time)."""
     out = []
@@ -561,8 +589,10 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 bar.update()
                 for rev in [*args.baseline, None]:  # --baseline: the same as of each REV
                     bar.set_postfix_str(two_nodes(rev))
-                    with cluster(workdir, args, rev) as (a, b):
-                        two = await throughput("appchat", a.port, args, a, b, staff_port=b.port)
+                    with cluster(workdir, args, rev) as (a, b, db_cpu):
+                        two = await throughput(
+                            "appchat", a.port, args, a, b, staff_port=b.port, db_cpu=db_cpu
+                        )
                     results["cluster"][two_nodes(rev)].append(two)
                     bar.update()
             if "workers" in parts:
@@ -619,7 +649,9 @@ def summarise(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
     cl = results["cluster"]
     if all(cl.values()):
         for label, runs in cl.items():
-            s["cluster"][label] = {k: median([r[k] for r in runs]) for k in ("msg_s", "cpu_us")}
+            s["cluster"][label] = {
+                k: median([r.get(k, 0.0) for r in runs]) for k in ("msg_s", "cpu_us", "db_cpu_us")
+            }
         one = cl[ONE_NODE]
         for label, runs in cl.items():
             s["cluster"][label]["ratio"] = median(
@@ -694,13 +726,18 @@ def report(args: argparse.Namespace, s: dict[str, Any]) -> str:
             "**Two nodes against one**, side by side, nothing pinned (customers on node A,",
         ]
         lines += ["staff on node B, so every push crosses nodes through Redis):", ""]
-        lines += ["| deployment | delivered msg/s | CPU per message (all nodes) | ratio |"]
-        lines += ["|---|---|---|---|"]
+        lines += [
+            "| deployment | delivered msg/s | CPU per message (all nodes) "
+            "| PostgreSQL CPU per message | ratio |"
+        ]
+        lines += ["|---|---|---|---|---|"]
         for label in c:
             if label != "ratio":
                 r = c[label]
+                db = f"{r['db_cpu_us']:.1f} µs" if r["db_cpu_us"] else "in the node"
                 lines.append(
-                    f"| {label} | {r['msg_s']:,.0f} | {r['cpu_us']:.1f} µs | {r['ratio']:.2f} |"
+                    f"| {label} | {r['msg_s']:,.0f} | {r['cpu_us']:.1f} µs | {db} "
+                    f"| {r['ratio']:.2f} |"
                 )
         lines += [
             "",
