@@ -587,7 +587,9 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 single = await unpinned_sqlite(workdir, args)
                 results["cluster"][ONE_NODE].append(single)
                 bar.update()
-                for rev in [*args.baseline, None]:  # --baseline: the same as of each REV
+                revs = [*args.baseline, None]  # --baseline: the same as of each REV,
+                shift = _run % len(revs)  # in turns first, so that no order favours one
+                for rev in revs[shift:] + revs[:shift]:
                     bar.set_postfix_str(two_nodes(rev))
                     with cluster(workdir, args, rev) as (a, b, db_cpu):
                         two = await throughput(
