@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from common import Server, percentile, source_version  # bench/common.py
+from common import TICKS, Server, percentile, source_version  # bench/common.py
 from tqdm import tqdm
 from wsclient import LeanClient, connect
 
@@ -84,9 +84,14 @@ def server(kind: str, workdir: Path, extra: list[str] | None = None) -> Iterator
 
 
 @contextlib.contextmanager
-def cluster(workdir: Path, args: argparse.Namespace) -> Iterator[tuple[Server, Server]]:
-    """Two appchat nodes on a fresh PostgreSQL database and Redis (nothing pinned)."""
+def cluster(
+    workdir: Path, args: argparse.Namespace, rev: str | None = None
+) -> Iterator[tuple[Server, Server, Callable[[], float]]]:
+    """Two appchat nodes on a fresh PostgreSQL database and Redis (nothing pinned); as of
+    git ``rev`` (a ``--baseline``) when given."""
     import psycopg
+
+    env = {"PYTHONPATH": str(BASELINE_TREE / rev / "src")} if rev else None
 
     name = f"appchat_bench_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(args.pg_admin, autocommit=True, connect_timeout=10) as admin:
@@ -99,8 +104,18 @@ def cluster(workdir: Path, args: argparse.Namespace) -> Iterator[tuple[Server, S
     nodes: list[Server] = []
     try:
         for n in range(2):
-            nodes.append(Server([], SECRET, name=f"node {n}", command=common).start())
-        yield nodes[0], nodes[1]
+            nodes.append(Server([], SECRET, name=f"node {n}", command=common, env=env).start())
+
+        def db_cpu() -> float:
+            """CPU seconds of the database's server processes (the nodes' connections),
+            when they run on this machine."""
+            with psycopg.connect(args.pg_admin, autocommit=True, connect_timeout=10) as admin:
+                pids = admin.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,)
+                ).fetchall()
+            return sum(process_cpu(pid) for (pid,) in pids)
+
+        yield nodes[0], nodes[1], db_cpu
     finally:
         for node in nodes:
             node.stop()
@@ -314,7 +329,12 @@ def wire_pair(
 
 
 async def throughput(
-    kind: str, port: int, args: argparse.Namespace, *servers: Server, staff_port: int = 0
+    kind: str,
+    port: int,
+    args: argparse.Namespace,
+    *servers: Server,
+    staff_port: int = 0,
+    db_cpu: Callable[[], float] | None = None,
 ) -> dict[str, float]:
     """Closed loop: each customer keeps ``window`` sends unanswered; pushes counted per second."""
     wire = Wire(kind, port, staff_port)
@@ -334,11 +354,13 @@ async def throughput(
     def cpu() -> float:
         return sum(srv.cpu_seconds() for srv in servers)
 
+    db0 = db_cpu() if db_cpu else 0.0
     pushed0, cpu0, t0 = sum(p.pushed for p in pairs), cpu(), time.perf_counter()
     gen0 = time.process_time()
     await asyncio.sleep(args.duration)
     pushed1, cpu1, t1 = sum(p.pushed for p in pairs), cpu(), time.perf_counter()
     gen1 = time.process_time()
+    db1 = db_cpu() if db_cpu else 0.0
     running = False
     errors = sum(p.errors for p in pairs)
     for p in pairs:
@@ -348,6 +370,7 @@ async def throughput(
     return {
         "msg_s": delivered / (t1 - t0),
         "cpu_us": (cpu1 - cpu0) / max(delivered, 1) * 1e6,
+        "db_cpu_us": (db1 - db0) / max(delivered, 1) * 1e6,
         "srv_cpu": (cpu1 - cpu0) / (t1 - t0) * 100,
         "gen_cpu": (gen1 - gen0) / (t1 - t0) * 100,
         "errors": errors,
@@ -470,6 +493,16 @@ async def unpinned_sqlite(
         srv.stop()
 
 
+def process_cpu(pid: int) -> float:
+    """User plus system CPU seconds of any process of this machine (0 if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def worker_processes(parent: Server) -> list[Server]:
     """The worker processes of ``appchat serve --workers N`` (for their CPU time)."""
     out = []
@@ -494,6 +527,13 @@ class _Pid:
 # --- running and reporting ----------------------------------------------------------------------
 
 
+ONE_NODE = "one SQLite node"
+
+
+def two_nodes(rev: str | None) -> str:
+    return "two nodes, PostgreSQL + Redis" + (f", appchat@{rev}" if rev else "")
+
+
 def median(values: list[float]) -> float:
     values = [v for v in values if not math.isnan(v)]
     return statistics.median(values) if values else math.nan
@@ -506,18 +546,20 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "latency": {k: {r: [] for r in args.rates} for k in kinds},
         "memory": {k: [] for k in kinds},
         "unread": [],
-        "cluster": {"one SQLite node": [], "two nodes, PostgreSQL + Redis": []},
+        "cluster": {ONE_NODE: [], **{two_nodes(rev): [] for rev in [*args.baseline, None]}},
         "workers": {1: [], 2: []},
     }
     parts = set(args.parts)
     rates = args.rates if "latency" in parts else []
     per_server = ("throughput" in parts) + len(rates) + ("memory" in parts)
     steps = args.runs * (
-        len(kinds) * per_server + ("unread" in parts) + 2 * ("cluster" in parts)
+        len(kinds) * per_server
+        + ("unread" in parts)
+        + (2 + len(args.baseline)) * ("cluster" in parts)
     ) + args.runs * 2 * ("workers" in parts)
     with tqdm(total=steps, desc="bench", unit="step", file=sys.stderr) as bar:
         for _run in range(args.runs):
-            for kind in kinds:
+            for kind in kinds if per_server else []:
                 with server(kind, workdir) as srv:
                     if "throughput" in parts:
                         bar.set_postfix_str(f"{kind} throughput")
@@ -543,13 +585,18 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 # Side by side, nothing pinned: customers on node A, staff on node B.
                 bar.set_postfix_str("one SQLite node (unpinned)")
                 single = await unpinned_sqlite(workdir, args)
-                results["cluster"]["one SQLite node"].append(single)
+                results["cluster"][ONE_NODE].append(single)
                 bar.update()
-                bar.set_postfix_str("two nodes, PostgreSQL + Redis")
-                with cluster(workdir, args) as (a, b):
-                    two = await throughput("appchat", a.port, args, a, b, staff_port=b.port)
-                results["cluster"]["two nodes, PostgreSQL + Redis"].append(two)
-                bar.update()
+                revs = [*args.baseline, None]  # --baseline: the same as of each REV,
+                shift = _run % len(revs)  # in turns first, so that no order favours one
+                for rev in revs[shift:] + revs[:shift]:
+                    bar.set_postfix_str(two_nodes(rev))
+                    with cluster(workdir, args, rev) as (a, b, db_cpu):
+                        two = await throughput(
+                            "appchat", a.port, args, a, b, staff_port=b.port, db_cpu=db_cpu
+                        )
+                    results["cluster"][two_nodes(rev)].append(two)
+                    bar.update()
             if "workers" in parts:
                 # --workers 1 and 2 on one SQLite file and Redis, nothing pinned.
                 for n in (1, 2):
@@ -604,11 +651,15 @@ def summarise(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
     cl = results["cluster"]
     if all(cl.values()):
         for label, runs in cl.items():
-            s["cluster"][label] = {k: median([r[k] for r in runs]) for k in ("msg_s", "cpu_us")}
-        one, two = cl["one SQLite node"], cl["two nodes, PostgreSQL + Redis"]
-        s["cluster"]["ratio"] = median(
-            [t["msg_s"] / o["msg_s"] for o, t in zip(one, two, strict=True)]
-        )
+            s["cluster"][label] = {
+                k: median([r.get(k, 0.0) for r in runs]) for k in ("msg_s", "cpu_us", "db_cpu_us")
+            }
+        one = cl[ONE_NODE]
+        for label, runs in cl.items():
+            s["cluster"][label]["ratio"] = median(
+                [t["msg_s"] / o["msg_s"] for o, t in zip(one, runs, strict=True)]
+            )
+        s["cluster"]["ratio"] = s["cluster"][two_nodes(None)]["ratio"]
     s["workers"] = {}
     if all(results["workers"].values()):
         for n, runs in results["workers"].items():
@@ -677,9 +728,19 @@ def report(args: argparse.Namespace, s: dict[str, Any]) -> str:
             "**Two nodes against one**, side by side, nothing pinned (customers on node A,",
         ]
         lines += ["staff on node B, so every push crosses nodes through Redis):", ""]
-        lines += ["| deployment | delivered msg/s | CPU per message (all nodes) |", "|---|---|---|"]
-        for label in ("one SQLite node", "two nodes, PostgreSQL + Redis"):
-            lines.append(f"| {label} | {c[label]['msg_s']:,.0f} | {c[label]['cpu_us']:.1f} µs |")
+        lines += [
+            "| deployment | delivered msg/s | CPU per message (all nodes) "
+            "| PostgreSQL CPU per message | ratio |"
+        ]
+        lines += ["|---|---|---|---|---|"]
+        for label in c:
+            if label != "ratio":
+                r = c[label]
+                db = f"{r['db_cpu_us']:.1f} µs" if r["db_cpu_us"] else "in the node"
+                lines.append(
+                    f"| {label} | {r['msg_s']:,.0f} | {r['cpu_us']:.1f} µs | {db} "
+                    f"| {r['ratio']:.2f} |"
+                )
         lines += [
             "",
             f"Ratio two nodes / one node: **{c['ratio']:.2f}** (median of the runs' ratios).",

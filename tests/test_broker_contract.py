@@ -111,6 +111,48 @@ async def test_order_is_kept_per_publisher(nodes: list[tuple[Broker, Inbox]]) ->
     assert got == list(range(100))
 
 
+async def test_publish_many_keeps_order_and_bytes_on_every_channel(
+    nodes: list[tuple[Broker, Inbox]],
+) -> None:
+    (a, _), (b, inbox_b) = nodes
+    prefix = unique_prefix()
+    one, two, unheard = f"{prefix}:user:1", f"{prefix}:user:2", f"{prefix}:user:3"
+    await b.subscribe(one)
+    await b.subscribe(two)
+    await settle(b)
+    batch = [(one if i % 3 else two, str(i).encode() + b"\x00\xff\r\n") for i in range(200)]
+    await a.publish_many([*batch[:100], (unheard, b"nobody listens"), *batch[100:], (one, b"")])
+    got = [await inbox_b.next() for _ in range(201)]
+    for channel in (one, two):
+        sent = [d for c, d in [*batch, (one, b"")] if c == channel]
+        assert [d for c, d in got if c == channel] == sent
+    await inbox_b.nothing()
+
+
+async def test_an_idle_redis_subscription_stays_up() -> None:
+    """No read timeout on the pub/sub connection (redis-py's default is 5 s): a quiet node
+    keeps its subscriptions and tells nobody to refetch."""
+    require("Redis", "127.0.0.1", 6379)
+    inbox, resyncs = Inbox(), 0
+
+    def resynced() -> None:
+        nonlocal resyncs
+        resyncs += 1
+
+    broker = open_broker(REDIS_URL, prefix=unique_prefix())
+    await broker.start(inbox, resynced)
+    try:
+        channel = f"{unique_prefix()}:user:1"
+        await broker.subscribe(channel)
+        await settle(broker)
+        await asyncio.sleep(6)  # idle for longer than redis-py's default socket timeout
+        await broker.publish(channel, b"still here")
+        assert await inbox.next() == (channel, b"still here")
+        assert resyncs == 0
+    finally:
+        await broker.close()
+
+
 async def test_ping(nodes: list[tuple[Broker, Inbox]]) -> None:
     for broker, _ in nodes:
         await broker.ping()

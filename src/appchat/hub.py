@@ -290,6 +290,7 @@ class Hub:
         self._broker = broker
         self._prefix = prefix
         self.node_id = secrets.token_hex(4)
+        self._own_head = f"{self.node_id}\t".encode()  # how this node's envelopes start
         self._ids = itertools.count(1)
         self._by_user: dict[int, set[Connection]] = {}
         self._lock = asyncio.Lock()
@@ -436,17 +437,17 @@ class Hub:
         return True
 
     def _on_broker_message(self, channel: str, data: bytes) -> None:
+        if data.startswith(self._own_head):
+            return  # this node's own publication: delivered locally when published
         if data.startswith(_DISCONNECT):
             self._on_disconnect(channel, data)
             return
         try:
             user_id = int(channel.rsplit(":", 1)[1])
-            node, origin, application_id, frame = _open_envelope(data)
+            _node, origin, application_id, frame = _open_envelope(data)
         except (ValueError, IndexError, UnicodeDecodeError):
             log.warning("dropping a malformed broker message on %s", channel)
             return
-        if node == self.node_id:
-            return  # delivered locally when published
         for conn in list(self._by_user.get(user_id, ())):
             if conn.id != origin and (
                 application_id == 0 or conn.principal.may_read_application(application_id)

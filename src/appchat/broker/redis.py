@@ -4,6 +4,10 @@ One pub/sub connection per node reads every subscribed channel; publishing goes 
 the client's pool. When the pub/sub connection drops, the node reconnects with backoff,
 subscribes to every channel again and calls ``on_resync``: pushes published meanwhile
 are lost, and clients are told to refetch.
+
+The hot path is kept lean: a batch of publishes is one script call (one reply for the
+whole batch instead of one per channel), and the subscriber reads replies straight from
+its connection (RESP2, parsed by hiredis) rather than through redis-py's ``PubSub``.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -28,6 +32,15 @@ from . import Handler, ResyncHandler
 log = logging.getLogger(__name__)
 
 _FAULTS = (RedisError, OSError, TimeoutError)
+SUBSCRIBE_TIMEOUT = 5.0  # seconds to connect the pub/sub connection and subscribe
+
+# PUBLISH channel data for each pair of arguments: a batch costs one reply.
+_PUBLISH_ALL = """
+for i = 1, #ARGV, 2 do
+    redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+end
+return 0
+"""
 
 
 class RedisBroker:
@@ -49,13 +62,18 @@ class RedisBroker:
         # retries: redis-py would reconnect and resubscribe silently, and pushes published
         # meanwhile would be lost without the Resync that _reconnect sends.
         self._subscriber = aioredis.from_url(
-            url, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
+            url,
+            socket_connect_timeout=2.0,
+            socket_timeout=None,  # redis-py's default is 5 s: an idle node would reconnect
+            retry=Retry(NoBackoff(), 0),
+            protocol=2,
         )
+        self._publish_all = self._client.register_script(_PUBLISH_ALL)
         self._max_backoff = max_backoff
         # Keeps the pub/sub connection open (and its loss noticed) with no participant on.
         self._own = f"{prefix}:node:{secrets.token_hex(8)}"
         self._channels: set[str] = {self._own}
-        self._pubsub: Any = None
+        self._pubsub: AbstractConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._handler: Handler | None = None
         self._on_resync: ResyncHandler | None = None
@@ -82,7 +100,7 @@ class RedisBroker:
             self._reader = None
         if self._pubsub is not None:
             with contextlib.suppress(*_FAULTS):
-                await self._pubsub.aclose()
+                await self._pubsub.disconnect()
             self._pubsub = None
         await self._client.aclose()
         await self._subscriber.aclose()
@@ -112,65 +130,72 @@ class RedisBroker:
             raise Unavailable("the broker is unreachable") from exc
 
     async def publish_many(self, messages: list[tuple[str, bytes]]) -> None:
-        """One pipelined round trip (no MULTI) for the whole batch."""
+        """One round trip and one reply for the whole batch (a script that publishes each
+        in order; no MULTI)."""
         if not messages:
             return
         self._check_open()
+        args = [part for message in messages for part in message]
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for channel, data in messages:
-                    pipe.publish(channel, data)
-                await pipe.execute()
+            await self._publish_all(args=args)
         except _FAULTS as exc:
             raise Unavailable("the broker is unreachable") from exc
 
     async def subscribe(self, channel: str) -> None:
         self._channels.add(channel)
-        if self._healthy:
-            with contextlib.suppress(*_FAULTS):  # the reader reconnects and resubscribes
-                await self._pubsub.subscribe(channel)
+        await self._send_subscription("SUBSCRIBE", channel)
 
     async def unsubscribe(self, channel: str) -> None:
         self._channels.discard(channel)
-        if self._healthy:
-            with contextlib.suppress(*_FAULTS):
-                await self._pubsub.unsubscribe(channel)
+        await self._send_subscription("UNSUBSCRIBE", channel)
 
-    async def _subscribe_all(self) -> Any:
-        pubsub: Any = self._subscriber.pubsub()
+    async def _send_subscription(self, command: str, channel: str) -> None:
+        conn = self._pubsub
+        # Never on a connection that dropped: that would reconnect it silently, without
+        # the Resync. The reader reconnects, and subscribes to what is wanted by then.
+        if self._healthy and conn is not None and conn.is_connected:
+            with contextlib.suppress(*_FAULTS):
+                await conn.send_command(command, channel)
+
+    async def _subscribe_all(self) -> AbstractConnection:
+        conn: AbstractConnection = self._subscriber.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         try:
-            await pubsub.subscribe(*self._channels)
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT):  # the connection has no timeout
+                await conn.connect()  # type: ignore[no-untyped-call]
+                await conn.send_command("SUBSCRIBE", *self._channels)
         except BaseException:
             with contextlib.suppress(*_FAULTS):
-                await pubsub.aclose()
+                await conn.disconnect()
             raise
-        return pubsub
+        return conn
 
     async def _read_loop(self) -> None:
+        """Every reply of the pub/sub connection: messages go to the handler; the
+        confirmations of (un)subscriptions are skipped."""
+        own = self._own.encode()
         while True:
+            conn = self._pubsub
+            assert conn is not None
             try:
-                message = await self._pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=None
-                )
+                reply = await conn.read_response()  # no socket timeout: waits for the next
             except _FAULTS as exc:
                 log.warning("broker connection lost (%s); reconnecting", exc)
                 await self._reconnect()
                 continue
-            if message is None or message.get("type") != "message":
+            if type(reply) is not list or len(reply) != 3 or reply[0] != b"message":
                 continue
-            channel = message["channel"]
-            if isinstance(channel, bytes):
-                channel = channel.decode()
-            if self._handler is not None and channel != self._own:
+            channel = reply[1]
+            if self._handler is not None and channel != own:
                 try:
-                    self._handler(channel, message["data"])
+                    self._handler(channel.decode(), reply[2])
                 except Exception:
                     log.exception("push handler failed")
 
     async def _reconnect(self) -> None:
         self._healthy = False
-        with contextlib.suppress(*_FAULTS):
-            await self._pubsub.aclose()
+        if self._pubsub is not None:
+            with contextlib.suppress(*_FAULTS):
+                await self._pubsub.disconnect()
         delay = 0.05
         while True:
             try:
@@ -182,9 +207,9 @@ class RedisBroker:
                     added, removed = self._channels - wanted, wanted - self._channels
                     wanted = set(self._channels)
                     if added:
-                        await self._pubsub.subscribe(*added)
+                        await self._pubsub.send_command("SUBSCRIBE", *added)
                     if removed:
-                        await self._pubsub.unsubscribe(*removed)
+                        await self._pubsub.send_command("UNSUBSCRIBE", *removed)
                 break
             except _FAULTS:
                 self._healthy = False
