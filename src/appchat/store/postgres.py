@@ -25,10 +25,11 @@ from ..ratelog import RateLimitedLog
 from .migrate import apply_postgres_migrations
 from .rows import (
     SELECT_MESSAGES,
+    Send,
     message_of,
     new_message,
 )
-from .sqlstore import Plan, Send, SqlStore, expand, postgres_sql
+from .sqlstore import Plan, SqlStore, expand, postgres_sql
 
 log = logging.getLogger(__name__)
 _outage_log = RateLimitedLog(log)  # an outage fails every request: log a few
@@ -195,15 +196,7 @@ class PostgresStore(SqlStore):
                 elif not row["created"]:  # a retry: answered with the first, not pushed again
                     outcomes.append(SendOutcome(firsts[row["message_id"]], False, []))
                 else:
-                    message = new_message(
-                        row["message_id"],
-                        job.conversation,
-                        sender_id=job.sender_id,
-                        content=job.content,
-                        content_type=job.content_type,
-                        client_msg_id=job.client_msg_id,
-                        now=job.now,
-                    )
+                    message = new_message(row["message_id"], job)
                     outcomes.append(SendOutcome(message, True, list(row["participants"])))
             return outcomes
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -114,27 +114,31 @@ def unread_page_of(rows: Sequence[Sequence[Any]], limit: int, total: int | None)
     )
 
 
-def new_message(
-    message_id: int,
-    conversation: Conversation,
-    *,
-    sender_id: int,
-    content: str,
-    content_type: int,
-    client_msg_id: str | None,
-    now: int,
-) -> Message:
+class Send(NamedTuple):
+    """A SendMessage for a store's own send path (see ``Store.add_message``)."""
+
+    conversation: Conversation
+    sender_id: int
+    staff: bool
+    content: str
+    content_type: int
+    client_msg_id: str | None
+    now: int
+    guard_staff: bool
+
+
+def new_message(message_id: int, send: Send) -> Message:
     """The message a send just stored: unread (status 0), created and updated ``now``."""
     return Message(
         id=message_id,
-        application_id=conversation.application_id,
-        sender_id=sender_id,
-        content=content,
-        content_type=content_type,
+        application_id=send.conversation.application_id,
+        sender_id=send.sender_id,
+        content=send.content,
+        content_type=send.content_type,
         status=0,
-        create_at=now,
-        update_at=now,
-        client_msg_id=client_msg_id,
+        create_at=send.now,
+        update_at=send.now,
+        client_msg_id=send.client_msg_id,
     )
 
 

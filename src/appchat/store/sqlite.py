@@ -35,6 +35,7 @@ from ..ratelog import RateLimitedLog
 from .migrate import apply_sqlite_migrations
 from .rows import (
     SELECT_MESSAGES,
+    Send,
     message_of,
     message_rows,
     new_message,
@@ -45,7 +46,6 @@ from .sqlstore import (
     PARTICIPANTS_STAFF,
     RECORD_EVENT,
     Plan,
-    Send,
     SqlStore,
     expand,
 )
@@ -303,6 +303,7 @@ class _SendMessage:
         "members",
         "now",
         "outbox",
+        "send",
         "sender_id",
         "staff",
     )
@@ -310,6 +311,7 @@ class _SendMessage:
     def __init__(self, members: _Members, outbox: _Outbox | None, send: Send) -> None:
         self.members = members
         self.outbox = outbox
+        self.send = send
         (
             self.conversation,
             self.sender_id,
@@ -328,15 +330,7 @@ class _SendMessage:
         )
 
     def message(self, message_id: int) -> Message:
-        return new_message(
-            message_id,
-            self.conversation,
-            sender_id=self.sender_id,
-            content=self.content,
-            content_type=self.content_type,
-            client_msg_id=self.client_msg_id,
-            now=self.now,
-        )
+        return new_message(message_id, self.send)
 
     def __call__(self, conn: sqlite3.Connection) -> SendOutcome:
         members, conversation = self.members, self.conversation

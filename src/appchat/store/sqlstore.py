@@ -47,6 +47,7 @@ from .rows import (
     UNREAD_PAGE_COLUMNS,
     UNREAD_TOTAL,
     OutboxRow,
+    Send,
     activity_query,
     conversation_of,
     conversation_page_of,
@@ -329,19 +330,6 @@ def record(rows: list[OutboxRow]) -> Step:
 
 
 # --- the Store interface on plans -----------------------------------------------------------------
-
-
-class Send(NamedTuple):
-    """A SendMessage for a store's own send path (see ``Store.add_message``)."""
-
-    conversation: Conversation
-    sender_id: int
-    staff: bool
-    content: str
-    content_type: int
-    client_msg_id: str | None
-    now: int
-    guard_staff: bool
 
 
 class SqlStore(ABC):
