@@ -23,6 +23,7 @@ EXPECTED = {
     "close 4001 asks for a new token and reconnects with it",
     "close 4001 without a way to renew ends in token_expired",
     "close 4009 (disconnected by the server API) does not reconnect",
+    "the token goes only to this server's upload and file paths",
 }
 
 

@@ -69,6 +69,17 @@ def test_secret_file_and_token_without_secret(tmp_path: Path) -> None:
     TokenVerifier(SECRET.encode()).verify(out.stdout.strip())
     out = appchat("token", "--admin-id", "1", cwd=tmp_path)
     assert out.returncode == 2 and "no JWT secret" in out.stderr
+    # Given twice (the environment and a file): refused, never one silently preferred.
+    out = appchat(
+        "token",
+        "--admin-id",
+        "1",
+        "--jwt-secret-file",
+        str(tmp_path / "s"),
+        cwd=tmp_path,
+        env={"APPCHAT_JWT_SECRET": "y" * 40},
+    )
+    assert out.returncode == 2 and "not both" in out.stderr
 
 
 def test_migrate(tmp_path: Path) -> None:

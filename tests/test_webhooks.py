@@ -219,6 +219,11 @@ def test_an_event_body_is_the_same_bytes_every_time() -> None:
             {"APPCHAT_WEBHOOK_SECRET": HOOK_SECRET},
             "min <= max",
         ),
+        (
+            ["--webhook-url", "http://x/h", "--webhook-secret-file", "/nonexistent"],
+            {"APPCHAT_WEBHOOK_SECRET": HOOK_SECRET},
+            "not both",
+        ),
     ],
 )
 def test_bad_webhook_settings_refuse_to_start(

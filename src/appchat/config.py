@@ -256,6 +256,11 @@ def resolve_webhook_secret(settings: Settings) -> bytes | None:
     if not settings.webhook_url:
         return None
     secret: bytes | None = None
+    if settings.webhook_secret and settings.webhook_secret_file:
+        raise ConfigError(
+            "the webhook secret is given twice: use --webhook-secret (APPCHAT_WEBHOOK_SECRET) "
+            "or --webhook-secret-file (APPCHAT_WEBHOOK_SECRET_FILE), not both"
+        )
     if settings.webhook_secret:
         secret = settings.webhook_secret.encode()
     elif settings.webhook_secret_file:
@@ -265,8 +270,8 @@ def resolve_webhook_secret(settings: Settings) -> bytes | None:
             raise ConfigError(f"cannot read --webhook-secret-file: {exc}") from exc
     if not secret:
         raise ConfigError(
-            "--webhook-url needs a signing secret: set APPCHAT_WEBHOOK_SECRET (at least 32 "
-            "bytes) or pass --webhook-secret-file"
+            "--webhook-url needs a signing secret: --webhook-secret-file (or "
+            "APPCHAT_WEBHOOK_SECRET, at least 32 bytes)"
         )
     if len(secret) < MIN_WEBHOOK_SECRET:
         raise ConfigError(
@@ -296,6 +301,11 @@ def resolve_secret(
     settings: Settings, *, use_dev_file: bool, create_dev_file: bool = False
 ) -> bytes:
     """The HS256 secret: flag/env, else the secret file, else the dev secret beside the database."""
+    if settings.jwt_secret and settings.jwt_secret_file:
+        raise ConfigError(
+            "the JWT secret is given twice: use --jwt-secret (APPCHAT_JWT_SECRET) "
+            "or --jwt-secret-file (APPCHAT_JWT_SECRET_FILE), not both"
+        )
     if settings.jwt_secret:
         return settings.jwt_secret.encode()
     if settings.jwt_secret_file:

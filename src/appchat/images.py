@@ -102,8 +102,10 @@ def inspect(
             if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # shown turned by 90 degrees
                 width, height = height, width
             im.draft("RGB", (thumbnail_size, thumbnail_size))  # JPEG: decode at a lower scale
-            oriented = ImageOps.exif_transpose(im)  # decodes: a corrupt image fails here
-            thumbnail, thumbnail_type = _thumbnail(oriented, thumbnail_size)
+            # Decoded once, made small in place (a corrupt image fails here); only the small
+            # image is turned upright and copied: memory is one decoded image at most.
+            im.thumbnail((thumbnail_size, thumbnail_size))
+            thumbnail, thumbnail_type = _encode_thumbnail(ImageOps.exif_transpose(im))
     except (TooLarge, UnsupportedType):
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError):
@@ -114,10 +116,8 @@ def inspect(
     return ImageInfo(kind, width, height, thumbnail, thumbnail_type)
 
 
-def _thumbnail(im: Image.Image, size: int) -> tuple[bytes, str]:
-    """At most ``size`` pixels on its longer side; WebP (with alpha) where Pillow has it."""
-    im = im.copy()
-    im.thumbnail((size, size))
+def _encode_thumbnail(im: Image.Image) -> tuple[bytes, str]:
+    """The thumbnail's bytes and type: WebP (with alpha) where Pillow has it."""
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
     im = im.convert("RGBA" if has_alpha else "RGB")
     out = io.BytesIO()

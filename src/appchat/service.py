@@ -380,6 +380,8 @@ class ChatService:
             self._limits.max_content,
         )
         assert args.sender_id is not None
+        if args.content_type == IMAGE:  # before a conversation may be created for it
+            await self._images.check(args.content, application_id)
         conversation = await self._conversation(application_id)
         if conversation is None:
             conversation = await self._store.add_conversation(
@@ -391,8 +393,6 @@ class ChatService:
             raise Forbidden(
                 "sender_id is the customer of this conversation: the server API posts as staff"
             )
-        if args.content_type == IMAGE:
-            await self._images.check(args.content, conversation.application_id)
         outcome = await self._store.add_message(
             conversation,
             sender_id=args.sender_id,

@@ -373,6 +373,34 @@ export const tests = {
     equal([server.sockets.length, chat._timers.reconnect], [1, null], "no reconnect planned");
     equal(seen.states.at(-1), "closed", "the last state");
   },
+
+  async "the token goes only to this server's upload and file paths"() {
+    const server = fakeServer();
+    const token = jwt({ request_id: 100, sid: 2, exp: inAnHour() });
+    const chat = new AppChat({ url: "ws://test/ws?sid=2", token, WebSocket: server.Socket });
+    const calls = [];
+    const realFetch = window.fetch;
+    window.fetch = async (url, init) => {
+      calls.push([url, init.headers.Authorization]);
+      return new Response(new Blob(["x"]), { status: 200 });
+    };
+    try {
+      for (const path of ["https://evil.example/a.png", "//evil.example/files/100/" + "a".repeat(32), "/files/100/../../api/x"]) {
+        let code = null;
+        try {
+          await chat.fetchImage(path);
+        } catch (err) {
+          code = err.code;
+        }
+        equal(code, "bad_request", `refused: ${path}`);
+      }
+      equal(calls.length, 0, "nothing fetched, no token sent");
+      await chat.fetchImage("/files/100/" + "a".repeat(32) + "/thumb");
+      equal(calls, [["http://test/files/100/" + "a".repeat(32) + "/thumb?sid=2", `Bearer ${token}`]], "this server");
+    } finally {
+      window.fetch = realFetch;
+    }
+  },
 };
 
 window.appchatTests = tests;

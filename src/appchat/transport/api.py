@@ -379,9 +379,15 @@ class ServerApi:
             return None
         if request.content_length is not None and request.content_length > self._max_body:
             raise _TooLarge(self._max_body)
-        raw = await request.content.read(self._max_body + 1)
-        if len(raw) > self._max_body:
-            raise _TooLarge(self._max_body)
+        # The whole body, however the network cut it (a read returns what has arrived).
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > self._max_body:
+                raise _TooLarge(self._max_body)
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Any
 
 from aiohttp import BodyPartReader, MultipartReader, web
@@ -38,6 +37,7 @@ READ_IDLE = 30.0  # seconds an upload may send nothing before it is refused
 FORM_OVERHEAD = 16 * 1024  # bytes of a request beyond the file: boundaries, small fields
 MAX_FIELD = 64  # bytes of a text field
 MAX_PARTS = 8
+DECODING_AT_ONCE = 2  # images decoded at once per node
 STATUS = {
     BadRequest.code: 400,
     Unauthorized.code: 401,
@@ -79,8 +79,9 @@ class UploadEndpoints:
         self._trust_query_sid = trust_query_sid
         self._thumbnail_size = thumbnail_size
         self._max_pixels = max_pixels
-        # Decoding an image takes a core and up to ~4 bytes a pixel: one per core at a time.
-        self._decoding = asyncio.Semaphore(os.cpu_count() or 2)
+        # Decoding an image takes a core and up to ~4 bytes a pixel (200 MB at the pixel
+        # limit): two at a time, whatever the cores, so uploads cannot exhaust memory.
+        self._decoding = asyncio.Semaphore(DECODING_AT_ONCE)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/upload", self.upload)
@@ -123,10 +124,13 @@ class UploadEndpoints:
             raise self._too_large()
         if request.content_type != "multipart/form-data":
             raise BadRequest("send multipart/form-data with the fields application_id and file")
-        reader = await request.multipart()
+        try:
+            reader = await request.multipart()
+        except ValueError as exc:  # aiohttp: no boundary, or one too long
+            raise BadRequest(f"malformed multipart body: {exc}") from None
         application_id: int | None = None
         data: bytes | None = None
-        for _ in range(MAX_PARTS):
+        for _ in range(MAX_PARTS + 1):
             part = await _next_part(reader)
             if part is None:
                 break

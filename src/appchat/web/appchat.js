@@ -465,6 +465,11 @@ export class AppChat extends EventTarget {
   }
 
   _authorized(path) {
+    // The token goes to this server's /upload and /files/... only: an image message whose
+    // content names another origin (or any other path) never receives it.
+    if (typeof path !== "string" || !/^\/(upload|files\/\d+\/[0-9a-f]{32}(\/thumb)?)$/.test(path)) {
+      throw new AppChatError("bad_request", "not an upload path of this server");
+    }
     // The sid of the WebSocket URL names the participant, as it does for the socket.
     const url = new URL(path, this.httpBase);
     const sid = new URL(this.url).searchParams.get("sid");

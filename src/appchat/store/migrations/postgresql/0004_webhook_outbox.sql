@@ -30,6 +30,8 @@ DECLARE
     i INTEGER;
     v_application BIGINT;
     v_hooks BOOLEAN := coalesce(cardinality(p_webhooks), 0) > 0;
+    v_event TEXT;
+    v_data TEXT;
 BEGIN
     PERFORM 1 FROM conversations WHERE id = ANY (p_conversation) ORDER BY id FOR UPDATE;
     FOR i IN 1 .. coalesce(array_length(p_conversation, 1), 0) LOOP
@@ -68,16 +70,18 @@ BEGIN
         SELECT array_agg(pa.user_id) INTO participants FROM participants pa
         WHERE pa.conversation_id = p_conversation[i];
         IF v_hooks THEN
+            -- One event id for every URL: drawn once here, not per row of a query plan.
+            v_event := gen_random_uuid()::text;
             -- the keys of appchat.store.rows.outbox_message (models.Message's fields)
+            v_data := json_build_object(
+                'id', message_id, 'application_id', v_application,
+                'sender_id', p_sender[i], 'content', p_content[i],
+                'content_type', p_content_type[i], 'status', 0,
+                'create_at', p_now[i], 'update_at', p_now[i],
+                'client_msg_id', p_client_msg_id[i])::text;
             INSERT INTO webhook_outbox (event_id, url, type, occurred_at, data, next_attempt)
-            SELECT e.id, u.url, 'message.created', p_now[i], e.data, p_now[i]
-            FROM (SELECT gen_random_uuid()::text AS id, json_build_object(
-                    'id', message_id, 'application_id', v_application,
-                    'sender_id', p_sender[i], 'content', p_content[i],
-                    'content_type', p_content_type[i], 'status', 0,
-                    'create_at', p_now[i], 'update_at', p_now[i],
-                    'client_msg_id', p_client_msg_id[i])::text AS data) e,
-                 unnest(p_webhooks) AS u (url);
+            SELECT v_event, u.url, 'message.created', p_now[i], v_data, p_now[i]
+            FROM unnest(p_webhooks) AS u (url);
         END IF;
         RETURN NEXT;
     END LOOP;
