@@ -4,6 +4,7 @@ and schemathesis against the OpenAPI document the server serves."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import hypothesis
+import orjson
 import pytest
 import schemathesis
 from schemathesis.checks import CheckFunction
@@ -283,6 +285,31 @@ async def test_post_refuses_bad_requests_and_stores_nothing(
     assert status == 201, body
     status, page = await api.messages(app)
     assert [m["content"][:5] for m in page["messages"]] == ["first", "yyyyy"]
+
+
+async def test_a_body_the_network_delivers_in_pieces_is_read_whole(
+    api_server: ServerProcess, keys: Keys
+) -> None:
+    """A post whose body arrives in two TCP segments (as over a real network) is read
+    whole, not cut at the first segment."""
+    body = orjson.dumps({"sender_id": 93, "content": "z" * MAX_CONTENT})
+    head = (
+        f"POST /api/conversations/1007/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {keys.static}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", api_server.port)
+    writer.write(head + body[:40])
+    await writer.drain()
+    await asyncio.sleep(0.2)  # pacing of the probe: the rest comes as a later segment
+    writer.write(body[40:])
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert b" 201 " in status_line, answer[:300]
+    doc = orjson.loads(rest.partition(b"\r\n\r\n")[2])
+    assert doc["message"]["content"] == "z" * MAX_CONTENT
 
 
 # --- GET /api/conversations/{application_id}/messages ---------------------------------------

@@ -310,6 +310,27 @@ async def test_malformed_forms_are_refused_with_400(
         status, doc = await upload(http, server, tok, body)
         assert status == 400, doc
         assert doc["error"]["code"] == "bad_request"
+    # multipart/form-data without a boundary, or with one longer than allowed
+    for content_type in ("multipart/form-data", "multipart/form-data; boundary=" + "b" * 80):
+        async with http.post(
+            server.http("/upload"),
+            data=b"--x\r\n",
+            headers={**bearer(tok), "Content-Type": content_type},
+        ) as response:
+            doc = await response.json()
+            assert response.status == 400, doc
+            assert doc["error"]["code"] == "bad_request"
+    # exactly 8 form fields are taken (the file among them), a 9th is refused
+    eight = aiohttp.FormData()
+    eight.add_field("application_id", str(app))
+    for n in range(6):
+        eight.add_field(f"note{n}", "x")
+    eight.add_field("file", png(20, 20), filename="a.png")
+    status, doc = await upload(http, server, tok, eight)
+    assert status == 201, doc
+    eight.add_field("one_more", "x")
+    status, doc = await upload(http, server, tok, eight)
+    assert status == 400 and "at most 8" in doc["error"]["message"], doc
 
 
 async def test_an_image_message_must_reference_an_upload_of_its_conversation(
