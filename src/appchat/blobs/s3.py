@@ -13,6 +13,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from urllib3.exceptions import HTTPError
 
 from ..errors import Unavailable
 from . import check_key
@@ -86,7 +87,7 @@ class S3BlobStore:
             return None
         try:
             data: bytes = await asyncio.to_thread(reply["Body"].read)
-        except BotoCoreError as exc:
+        except (BotoCoreError, HTTPError, OSError) as exc:  # botocore streams raise urllib3's
             raise Unavailable(f"cannot read the upload from S3: {type(exc).__name__}") from exc
         return data
 
