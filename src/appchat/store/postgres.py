@@ -1,6 +1,6 @@
 """PostgreSQL storage on an asyncpg pool.
 
-Gap-free history: a new message first locks its conversation's row, and only then
+History no reader skips: a new message first locks its conversation's row, and only then
 draws its id from the sequence (``appchat_send_batch``, migration 0003, does this for a
 whole batch of messages in one round trip, locking rows in id order). Two nodes writing to one
 conversation therefore take turns, and a message id is drawn only after every smaller id

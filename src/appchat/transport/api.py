@@ -81,7 +81,7 @@ class ErrorReply(BaseModel):
 class MessageOut(BaseModel):
     """A message, as in the WebSocket protocol."""
 
-    id: Id = Field(description="gap-free and increasing within a conversation")
+    id: Id = Field(description="grows in commit order within a conversation (may skip numbers)")
     session_channel: str = Field(description="the application id as a string")
     content: str
     sender_id: Id
@@ -250,8 +250,8 @@ class ServerApi:
                 path_model=ApplicationPath,
                 header_model=PostHeaders,
                 body_model=post_message_body(max_content),
-                description="Stored like Event.SendMessage (answered after the commit, the "
-                "next message id) and pushed as Event.ReceiveMessage to every live "
+                description="Stored like Event.SendMessage (answered after the commit, with an "
+                "id above every earlier one of the conversation) and pushed as Event.ReceiveMessage to every live "
                 "connection of every participant, on every node. The conversation is created "
                 "if the application has none; the sender becomes a staff participant.",
                 tags=("messages",),
