@@ -252,8 +252,9 @@ class ServerApi:
                 body_model=post_message_body(max_content),
                 description="Stored like Event.SendMessage (answered after the commit, with an "
                 "id above every earlier one of the conversation) and pushed as "
-                "Event.ReceiveMessage to every live connection of every participant, on every node. The conversation is created "
-                "if the application has none; the sender becomes a staff participant.",
+                "Event.ReceiveMessage to every live connection of every participant, on "
+                "every node. The conversation is created if the application has none; the "
+                "sender becomes a staff participant.",
                 tags=("messages",),
             ),
             Route(
