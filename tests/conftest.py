@@ -1,11 +1,14 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
 from .support import ServerProcess
+from .test_browser import CHROMIUM, CHROMIUM_ARGS, chromium_available
 
 
 @pytest.fixture(scope="module")
@@ -15,3 +18,24 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     proc = ServerProcess(db, "--rate", "0").start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    """Headless Chromium (Debian's, never a download) for one test."""
+    chromium_available()
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client session for one test."""
+    async with aiohttp.ClientSession() as session:
+        yield session

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +16,9 @@ import pytest
 
 from .backends import free_port
 from .support import ServerProcess, client, token
-from .test_browser import CHROMIUM, CHROMIUM_ARGS, chromium_available
 
 DOCS_IMG = Path(__file__).parent.parent / "docs" / "img"
 TIMEOUT = 15_000  # ms: the longest any page condition may take (reconnect backoff included)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    chromium_available()
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            await b.close()
 
 
 async def open_page(browser: Any, server: ServerProcess, errors: list[str]) -> Any:

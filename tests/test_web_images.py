@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 from .support import ServerProcess
-from .test_browser import CHROMIUM, CHROMIUM_ARGS, chromium_available
 from .test_web import join_as_customer, join_as_staff, open_page, screenshot
 
 
@@ -21,19 +20,6 @@ def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
     proc = ServerProcess(db, "--dev", "--rate", "0").start()
     yield proc
     proc.stop()
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    chromium_available()
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            await b.close()
 
 
 async def natural_size(image: Any) -> list[int]:
