@@ -223,11 +223,18 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 
 
-def bind(claims: Claims, query_sid: int, *, trust_query_sid: bool = False) -> Principal:
-    """Decide who a connection is: the token names the participant, the query must agree."""
+def named_participant(claims: Claims, *, trust_query_sid: bool = False) -> int | None:
+    """The participant the token names: its ``sid``/``sub``, else a staff token's own id
+    (unless query sids are trusted); ``None``: the request must name one."""
     named = claims.participant_id
     if named is None and claims.role is Role.STAFF and not trust_query_sid:
         named = claims.subject_id
+    return named
+
+
+def bind(claims: Claims, query_sid: int, *, trust_query_sid: bool = False) -> Principal:
+    """Decide who a connection is: the token names the participant, the query must agree."""
+    named = named_participant(claims, trust_query_sid=trust_query_sid)
     if named is not None and named != query_sid:
         raise Unauthorized(f"sid {query_sid} does not match the token's participant {named}")
     return Principal(

@@ -222,6 +222,12 @@ class ChatService:
         args = ev.parse_get_message_list(raw)
         executor = self._actor(p, args.executor_id, "executor_id")
         conversation = await self._open(p, args.session_channel, executor)
+        return await self._message_list_reply(conversation, args)
+
+    async def _message_list_reply(
+        self, conversation: Conversation, args: ev.GetMessageListArgs
+    ) -> dict[str, Any]:
+        """``{"Messages": […], "has_more": …}``: the page, within the reply's byte budget."""
         page = await self._message_page(conversation, args)
         return ev.message_list_within(
             page.messages,
@@ -419,13 +425,7 @@ class ChatService:
         conversation = await self._conversation(application_id)
         if conversation is None:
             raise NotFound("no such conversation")
-        page = await self._message_page(conversation, args)
-        result = ev.message_list_within(
-            page.messages,
-            page.has_more,
-            self._limits.max_reply_bytes,
-            keep_newest=args.after_id is None,
-        )
+        result = await self._message_list_reply(conversation, args)
         return {"messages": result["Messages"], "has_more": result["has_more"]}
 
     async def conversation_list(

@@ -149,32 +149,10 @@ OUTBOX_COLUMNS = "id, event_id, url, type, occurred_at, data, attempts"
 OutboxRow = tuple[str, str, str, int, str, int]
 
 
-def outbox_message(m: Message) -> str:
-    """A stored message as outbox data (``appchat_send_batch`` writes the same keys)."""
-    return orjson.dumps(
-        {
-            "id": m.id,
-            "application_id": m.application_id,
-            "sender_id": m.sender_id,
-            "content": m.content,
-            "content_type": m.content_type,
-            "status": m.status,
-            "create_at": m.create_at,
-            "update_at": m.update_at,
-            "client_msg_id": m.client_msg_id,
-        }
-    ).decode()
-
-
-def outbox_conversation(c: Conversation) -> str:
-    return orjson.dumps(
-        {
-            "id": c.id,
-            "application_id": c.application_id,
-            "create_at": c.create_at,
-            "update_at": c.update_at,
-        }
-    ).decode()
+def outbox_data(obj: Message | Conversation) -> str:
+    """A stored message or conversation as outbox data: its fields by name (orjson writes a
+    dataclass as its fields; ``appchat_send_batch`` writes a message's the same way)."""
+    return orjson.dumps(obj).decode()
 
 
 def outbox_read(application_id: int, reader_id: int, message_id: int) -> str:
@@ -190,7 +168,7 @@ def outbox_rows(urls: Sequence[str], kind: str, occurred_at: int, data: str) -> 
 
 
 def message_rows(urls: Sequence[str], m: Message) -> list[OutboxRow]:
-    return outbox_rows(urls, MESSAGE_CREATED, m.create_at, outbox_message(m))
+    return outbox_rows(urls, MESSAGE_CREATED, m.create_at, outbox_data(m))
 
 
 def read_rows(
@@ -200,7 +178,7 @@ def read_rows(
 
 
 def conversation_rows(urls: Sequence[str], c: Conversation) -> list[OutboxRow]:
-    return outbox_rows(urls, CONVERSATION_CREATED, c.create_at, outbox_conversation(c))
+    return outbox_rows(urls, CONVERSATION_CREATED, c.create_at, outbox_data(c))
 
 
 def webhook_event_of(row: Sequence[Any], lease: int) -> WebhookEvent:

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import BodyPartReader, MultipartReader, web
 
 from .. import defaults
-from ..auth import TokenVerifier, bind, parse_id
+from ..auth import TokenVerifier, bind, named_participant, parse_id
 from ..blobs import BlobStore
 from ..errors import (
     AppError,
@@ -27,7 +27,7 @@ from ..errors import (
     UnsupportedType,
 )
 from ..images import EXTENSIONS, Upload, inspect, sniff
-from ..models import Principal, Role
+from ..models import Principal
 from ..service import ChatService
 
 log = logging.getLogger(__name__)
@@ -101,12 +101,10 @@ class UploadEndpoints:
             sid = parse_id(raw)
             if sid is None:
                 raise BadRequest("sid must be a positive 64-bit integer")
-        elif claims.participant_id is not None:
-            sid = claims.participant_id
-        elif claims.role is Role.STAFF and not self._trust_query_sid:
-            sid = claims.subject_id
         else:
-            raise Unauthorized("this token names no participant: add ?sid=<your id>")
+            sid = named_participant(claims, trust_query_sid=self._trust_query_sid)
+            if sid is None:
+                raise Unauthorized("this token names no participant: add ?sid=<your id>")
         return bind(claims, sid, trust_query_sid=self._trust_query_sid)
 
     # --- POST /upload ----------------------------------------------------------------------------

@@ -94,7 +94,7 @@ BEGIN
     WHERE c.id = t.c;
     IF coalesce(cardinality(p_webhooks), 0) > 0 THEN
         -- MATERIALIZED: one event id per message, shared by its rows for every URL.
-        -- The keys of appchat.store.rows.outbox_message (models.Message's fields).
+        -- The keys of appchat.store.rows.outbox_data (models.Message's fields).
         WITH e AS MATERIALIZED (
             SELECT gen_random_uuid()::text AS event_id, u.nw, u.k, json_build_object(
                 'id', u.id, 'application_id', c.application_id, 'sender_id', u.s,
