@@ -367,6 +367,63 @@ async def test_sends_batched_together_keep_every_rule(store: Store) -> None:
         assert await unread_of(store, user) == expected, user
 
 
+async def test_a_batch_sees_its_own_earlier_messages(store: Store) -> None:
+    """Within one batch: a client_msg_id sent twice is stored once (the second is answered
+    with the first), and the staff rule sees who an earlier message of the batch made staff.
+    Twice: a plain batch, and one where a staff message precedes a guarded one of the same
+    sender (PostgreSQL checks that kind message by message)."""
+    conv = await conversation(store, app=300, user=1)  # 1 is staff
+
+    def add(
+        sender: int, text: str, cmid: str | None, *, staff: bool = False, guard: bool = False
+    ) -> Coroutine[Any, Any, SendOutcome]:
+        return store.add_message(
+            conv,
+            sender_id=sender,
+            staff=staff,
+            content=text,
+            content_type=1,
+            client_msg_id=cmid,
+            now=NOW + 10,
+            guard_staff=guard,
+        )
+
+    plain = await asyncio.gather(
+        add(5, "first", "dup"),
+        add(5, "second", "dup"),
+        add(1, "customer as 1", None, guard=True),
+        add(6, "customer 6", "c6", guard=True),
+        return_exceptions=True,
+    )
+    mixed = await asyncio.gather(
+        add(7, "staff 7", "s7", staff=True),
+        add(7, "customer as 7", None, guard=True),
+        add(8, "again", "dup"),
+        add(6, "customer 6 again", "c6", guard=True),
+        add(8, "customer 8", None, guard=True),
+        return_exceptions=True,
+    )
+    first, second, refused, customer = plain
+    assert not isinstance(first, BaseException) and first.created
+    assert not isinstance(second, BaseException) and not second.created
+    assert second.message.id == first.message.id and second.message.content == "first"
+    assert isinstance(refused, Forbidden)
+    assert not isinstance(customer, BaseException) and customer.created
+    assert customer.message.id > first.message.id
+    staff7, refused7, again, retried6, customer8 = mixed
+    assert not isinstance(staff7, BaseException) and staff7.created
+    assert isinstance(refused7, Forbidden)
+    assert not isinstance(again, BaseException) and again.created  # another sender's "dup"
+    assert not isinstance(retried6, BaseException) and not retried6.created
+    assert retried6.message.id == customer.message.id
+    assert not isinstance(customer8, BaseException) and customer8.created
+    ids = [staff7.message.id, again.message.id, customer8.message.id]
+    assert ids == sorted(ids) and ids[0] > customer.message.id
+    stored = (await store.list_messages(conv, limit=50)).messages
+    assert [m.content for m in stored] == ["first", "customer 6", "staff 7", "again", "customer 8"]
+    assert sorted(await store.participant_ids(conv.id)) == [1, 5, 6, 7, 8]
+
+
 # --- paged lists by activity (issue 12, item 6) ------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """PostgreSQL storage on an asyncpg pool.
 
 History no reader skips: a new message first locks its conversation's row, and only then
-draws its id from the sequence (``appchat_send_batch``, migration 0003, does this for a
+draws its id from the sequence (``appchat_send_batch_v2``, migration 0005, does this for a
 whole batch of messages in one round trip, locking rows in id order). Two nodes writing to one
 conversation therefore take turns, and a message id is drawn only after every smaller id
 of that conversation committed: a reader resuming with ``after_id`` never skips one.
@@ -36,7 +36,7 @@ _outage_log = RateLimitedLog(log)  # an outage fails every request: log a few
 
 T = TypeVar("T")
 
-MAX_SEND_BATCH = 500  # messages in one call of appchat_send_batch
+MAX_SEND_BATCH = 500  # messages in one call of appchat_send_batch_v2
 
 # Connection trouble, a transaction rolled back by a deadlock or serialization failure,
 # a server out of resources or shutting down: try again later.
@@ -172,7 +172,7 @@ class PostgresStore(SqlStore):
 
         async def run(conn: asyncpg.Connection) -> list[SendOutcome | AppError]:
             rows = await conn.fetch(
-                "SELECT message_id, created, refused, participants FROM appchat_send_batch("
+                "SELECT message_id, created, refused, participants FROM appchat_send_batch_v2("
                 "$1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 [j.conversation.id for j in batch],
                 [j.sender_id for j in batch],

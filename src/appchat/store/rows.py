@@ -151,7 +151,7 @@ OutboxRow = tuple[str, str, str, int, str, int]
 
 def outbox_data(obj: Message | Conversation) -> str:
     """A stored message or conversation as outbox data: its fields by name (orjson writes a
-    dataclass as its fields; ``appchat_send_batch`` writes a message's the same way)."""
+    dataclass as its fields; ``appchat_send_batch_v2`` writes a message's the same way)."""
     return orjson.dumps(obj).decode()
 
 

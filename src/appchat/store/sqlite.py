@@ -555,7 +555,7 @@ def _settle_all(
             fut.set_exception(value)
 
 
-# The send path's own statement (PostgreSQL's is inside appchat_send_batch).
+# The send path's own statement (PostgreSQL's is inside appchat_send_batch_v2).
 BUMP_CONVERSATION = (
     "UPDATE conversations SET update_at = max(update_at, ?), "
     "message_count = message_count + ? WHERE id = ?"

@@ -12,7 +12,7 @@ asyncpg connection (awaiting): each store has a small driver, and :class:`SqlSto
 implements the :class:`~appchat.store.Store` methods on top of two of them, ``_read_plan``
 and ``_write_plan``. What truly differs stays in the engine modules: SendMessage (SQLite's
 writer numbers a batch's messages itself; PostgreSQL sends a batch through
-``appchat_send_batch`` in one round trip), connections and transactions.
+``appchat_send_batch_v2`` in one round trip), connections and transactions.
 """
 
 from __future__ import annotations
