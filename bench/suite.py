@@ -86,9 +86,10 @@ def server(kind: str, workdir: Path, extra: list[str] | None = None) -> Iterator
 @contextlib.contextmanager
 def cluster(
     workdir: Path, args: argparse.Namespace, rev: str | None = None
-) -> Iterator[tuple[Server, Server, Callable[[], float]]]:
+) -> Iterator[tuple[Server, Server, Callable[[], float], Callable[[], float]]]:
     """Two appchat nodes on a fresh PostgreSQL database and Redis (nothing pinned); as of
-    git ``rev`` (a ``--baseline``) when given."""
+    git ``rev`` (a ``--baseline``) when given. Also yields the CPU seconds so far of the
+    database's server processes and of Redis."""
     import psycopg
 
     env = {"PYTHONPATH": str(BASELINE_TREE / rev / "src")} if rev else None
@@ -115,12 +116,24 @@ def cluster(
                 ).fetchall()
             return sum(process_cpu(pid) for (pid,) in pids)
 
-        yield nodes[0], nodes[1], db_cpu
+        yield nodes[0], nodes[1], db_cpu, redis_cpu(args.redis)
     finally:
         for node in nodes:
             node.stop()
         with psycopg.connect(args.pg_admin, autocommit=True, connect_timeout=10) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def redis_cpu(url: str) -> Callable[[], float]:
+    """CPU seconds of the Redis server at ``url`` (0 when it runs elsewhere)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        pid = int(client.info("server")["process_id"])
+    finally:
+        client.close()
+    return lambda: process_cpu(pid)
 
 
 # --- the two wire formats -----------------------------------------------------------------------
@@ -335,6 +348,7 @@ async def throughput(
     *servers: Server,
     staff_port: int = 0,
     db_cpu: Callable[[], float] | None = None,
+    redis_cpu: Callable[[], float] | None = None,
 ) -> dict[str, float]:
     """Closed loop: each customer keeps ``window`` sends unanswered; pushes counted per second."""
     wire = Wire(kind, port, staff_port)
@@ -355,12 +369,14 @@ async def throughput(
         return sum(srv.cpu_seconds() for srv in servers)
 
     db0 = db_cpu() if db_cpu else 0.0
+    redis0 = redis_cpu() if redis_cpu else 0.0
     pushed0, cpu0, t0 = sum(p.pushed for p in pairs), cpu(), time.perf_counter()
     gen0 = time.process_time()
     await asyncio.sleep(args.duration)
     pushed1, cpu1, t1 = sum(p.pushed for p in pairs), cpu(), time.perf_counter()
     gen1 = time.process_time()
     db1 = db_cpu() if db_cpu else 0.0
+    redis1 = redis_cpu() if redis_cpu else 0.0
     running = False
     errors = sum(p.errors for p in pairs)
     for p in pairs:
@@ -371,6 +387,7 @@ async def throughput(
         "msg_s": delivered / (t1 - t0),
         "cpu_us": (cpu1 - cpu0) / max(delivered, 1) * 1e6,
         "db_cpu_us": (db1 - db0) / max(delivered, 1) * 1e6,
+        "redis_cpu_us": (redis1 - redis0) / max(delivered, 1) * 1e6,
         "srv_cpu": (cpu1 - cpu0) / (t1 - t0) * 100,
         "gen_cpu": (gen1 - gen0) / (t1 - t0) * 100,
         "errors": errors,
@@ -591,9 +608,16 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 shift = _run % len(revs)  # in turns first, so that no order favours one
                 for rev in revs[shift:] + revs[:shift]:
                     bar.set_postfix_str(two_nodes(rev))
-                    with cluster(workdir, args, rev) as (a, b, db_cpu):
+                    with cluster(workdir, args, rev) as (a, b, db_cpu, rd_cpu):
                         two = await throughput(
-                            "appchat", a.port, args, a, b, staff_port=b.port, db_cpu=db_cpu
+                            "appchat",
+                            a.port,
+                            args,
+                            a,
+                            b,
+                            staff_port=b.port,
+                            db_cpu=db_cpu,
+                            redis_cpu=rd_cpu,
                         )
                     results["cluster"][two_nodes(rev)].append(two)
                     bar.update()
@@ -652,7 +676,8 @@ def summarise(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
     if all(cl.values()):
         for label, runs in cl.items():
             s["cluster"][label] = {
-                k: median([r.get(k, 0.0) for r in runs]) for k in ("msg_s", "cpu_us", "db_cpu_us")
+                k: median([r.get(k, 0.0) for r in runs])
+                for k in ("msg_s", "cpu_us", "db_cpu_us", "redis_cpu_us")
             }
         one = cl[ONE_NODE]
         for label, runs in cl.items():
@@ -730,15 +755,16 @@ def report(args: argparse.Namespace, s: dict[str, Any]) -> str:
         lines += ["staff on node B, so every push crosses nodes through Redis):", ""]
         lines += [
             "| deployment | delivered msg/s | CPU per message (all nodes) "
-            "| PostgreSQL CPU per message | ratio |"
+            "| PostgreSQL CPU per message | Redis CPU per message | ratio |"
         ]
-        lines += ["|---|---|---|---|---|"]
+        lines += ["|---|---|---|---|---|---|"]
         for label in c:
             if label != "ratio":
                 r = c[label]
                 db = f"{r['db_cpu_us']:.1f} µs" if r["db_cpu_us"] else "in the node"
+                rd = f"{r['redis_cpu_us']:.1f} µs" if r["db_cpu_us"] else "none"
                 lines.append(
-                    f"| {label} | {r['msg_s']:,.0f} | {r['cpu_us']:.1f} µs | {db} "
+                    f"| {label} | {r['msg_s']:,.0f} | {r['cpu_us']:.1f} µs | {db} | {rd} "
                     f"| {r['ratio']:.2f} |"
                 )
         lines += [

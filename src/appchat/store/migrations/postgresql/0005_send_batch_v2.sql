@@ -38,9 +38,13 @@ BEGIN
     END IF;
     -- Locks first, in id order; ids only after (see 0003).
     PERFORM 1 FROM conversations WHERE id = ANY (p_conversation) ORDER BY id FOR UPDATE;
-    SELECT array_agg(t.gu AND coalesce(pa.is_staff, FALSE) ORDER BY t.k) INTO v_refused
-    FROM unnest(p_guard, p_conversation, p_sender) WITH ORDINALITY AS t (gu, c, s, k)
-    LEFT JOIN participants pa ON pa.conversation_id = t.c AND pa.user_id = t.s;
+    IF TRUE = ANY (p_guard) THEN
+        SELECT array_agg(t.gu AND coalesce(pa.is_staff, FALSE) ORDER BY t.k) INTO v_refused
+        FROM unnest(p_guard, p_conversation, p_sender) WITH ORDINALITY AS t (gu, c, s, k)
+        LEFT JOIN participants pa ON pa.conversation_id = t.c AND pa.user_id = t.s;
+    ELSE
+        v_refused := array_fill(FALSE, ARRAY[n]);
+    END IF;
     -- Ids in the batch's order: a connection's messages keep the order it sent them in.
     v_ids := array_fill(NULL::BIGINT, ARRAY[n]);
     FOR i IN 1 .. n LOOP
