@@ -210,7 +210,14 @@ class Node:
             self._listener.close()  # what web.TCPSite.stop does before the runner cleans up
             self._listener = None
         if self._runner is not None:
+            server = self._runner.server
+            handlers = server.connections if server is not None else []
+            transports = [h.transport for h in handlers if h.transport is not None]
             await self._runner.cleanup()
+            # A peer that reads nothing leaves its transport closing for ever, the last
+            # replies still in its buffer: end it, as the exit of the process would.
+            for transport in transports:
+                transport.abort()
         await self.hub.stop()
         if self.webhooks is not None:
             await self.webhooks.stop()
