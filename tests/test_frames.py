@@ -15,7 +15,7 @@ from appchat.app import Node
 from appchat.config import Settings
 from appchat.store.sqlite import SqliteStore
 
-from .support import SECRET, Client, ServerProcess, client, staff, token
+from .support import SECRET, Client, InProcessServer, Server, ServerProcess, client, staff, token
 
 APP = 3000
 
@@ -45,7 +45,7 @@ BAD_FRAMES: list[tuple[str, str | None, str]] = [
 
 @pytest.mark.parametrize(("frame", "name", "code"), BAD_FRAMES)
 async def test_bad_frame_gets_error_and_connection_stays(
-    server: ServerProcess, frame: str, name: str | None, code: str
+    server: Server, frame: str, name: str | None, code: str
 ) -> None:
     async with staff(server) as s:
         await s.send_raw(frame)
@@ -85,7 +85,7 @@ BAD_ARGS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-async def test_bad_arguments_are_bad_request_and_store_nothing(server: ServerProcess) -> None:
+async def test_bad_arguments_are_bad_request_and_store_nothing(server: Server) -> None:
     async with staff(server) as s:
         await s.ok("Event.AddConversation", {"application_id": APP})
         for name, args in BAD_ARGS:
@@ -96,7 +96,7 @@ async def test_bad_arguments_are_bad_request_and_store_nothing(server: ServerPro
         await s.ok("Event.SendMessage", {"session_channel": str(APP), "content": "é" * 4000})
 
 
-async def test_hostile_content_is_stored_verbatim(server: ServerProcess) -> None:
+async def test_hostile_content_is_stored_verbatim(server: Server) -> None:
     async with staff(server) as s:
         await s.ok("Event.AddConversation", {"application_id": APP + 1})
         texts = [
@@ -111,7 +111,7 @@ async def test_hostile_content_is_stored_verbatim(server: ServerProcess) -> None
         assert [m["content"] for m in page["Messages"]] == texts
 
 
-async def test_binary_frame_is_bad_request(server: ServerProcess) -> None:
+async def test_binary_frame_is_bad_request(server: Server) -> None:
     async with staff(server) as s:
         await s.send_raw(b'{"name": "Event.GetUnreadInfo"}')
         reply = await s.unmatched()
@@ -129,7 +129,7 @@ async def closed_with(c: Client) -> int:
     return info.value.rcvd.code
 
 
-async def test_oversize_frame_closes_1009(server: ServerProcess) -> None:
+async def test_oversize_frame_closes_1009(server: Server) -> None:
     async with staff(server) as s:
         await s.send_raw("x" * (64 * 1024 + 1))
         assert await closed_with(s) == 1009
@@ -137,14 +137,14 @@ async def test_oversize_frame_closes_1009(server: ServerProcess) -> None:
         await s.ok("Event.GetUnreadInfo", {})  # the server goes on
 
 
-async def test_invalid_utf8_closes_1007(server: ServerProcess) -> None:
+async def test_invalid_utf8_closes_1007(server: Server) -> None:
     async with staff(server) as s:
         await s.send_raw(b'{"name": "\xff\xfe"}', text=True)
         assert await closed_with(s) == 1007
 
 
 async def test_rate_limited(tmp_path: Path) -> None:
-    srv = ServerProcess(tmp_path / "r.db", "--rate", "5", "--burst", "5").start()
+    srv = InProcessServer(tmp_path / "r.db", "--rate", "5", "--burst", "5").start()
     try:
         async with client(srv, 1, token(admin_id=1)) as s:
             for i in range(12):
@@ -163,7 +163,7 @@ async def test_rate_limited(tmp_path: Path) -> None:
 
 async def test_storage_locked_is_unavailable_and_stores_nothing(tmp_path: Path) -> None:
     db = tmp_path / "u.db"
-    srv = ServerProcess(db, "--sqlite-busy-timeout", "0.3").start()
+    srv = InProcessServer(db, "--sqlite-busy-timeout", "0.3").start()
     try:
         async with client(srv, 1, token(admin_id=1)) as s:
             await s.ok("Event.AddConversation", {"application_id": 5})

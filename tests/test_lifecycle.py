@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from .support import ServerProcess, client, token
+from .support import InProcessServer, Server, ServerProcess, client, token
 
 
 async def test_restart_on_the_same_database_file(tmp_path: Path) -> None:
     db = tmp_path / "restart.db"
-    srv = ServerProcess(db).start()
+    srv = InProcessServer(db).start()
     try:
         async with client(srv, 1, token(admin_id=1)) as s:
             conv = await s.ok("Event.AddConversation", {"application_id": 77})
@@ -48,7 +48,7 @@ async def test_restart_on_the_same_database_file(tmp_path: Path) -> None:
         assert srv.stop() == 0
 
 
-async def test_expired_token_closes_4001_unless_refreshed(server: ServerProcess) -> None:
+async def test_expired_token_closes_4001_unless_refreshed(server: Server) -> None:
     async with (
         client(server, 1, token(admin_id=1, ttl=2)) as lapsing,
         client(server, 1, token(admin_id=1, ttl=2)) as refreshed,
@@ -63,7 +63,7 @@ async def test_expired_token_closes_4001_unless_refreshed(server: ServerProcess)
         await refreshed.ok("Event.GetUnreadInfo", {})  # still up past the first exp
 
 
-async def test_refresh_to_an_earlier_expiry_closes_then(server: ServerProcess) -> None:
+async def test_refresh_to_an_earlier_expiry_closes_then(server: Server) -> None:
     async with client(server, 1, token(admin_id=1, ttl=600)) as c:
         await c.ok("Event.RefreshToken", {"token": token(admin_id=1, ttl=2)})
         assert await c.close_code(timeout=10) == 4001
@@ -77,7 +77,7 @@ def get(url: str) -> tuple[int, dict[str, object]]:
         return e.code, json.loads(e.read())
 
 
-def test_health_and_readiness(server: ServerProcess) -> None:
+def test_health_and_readiness(server: Server) -> None:
     assert get(server.http("/healthz")) == (200, {"status": "ok"})
     status, body = get(server.http("/readyz"))
     assert status == 200 and body["checks"] == {"database": "ok", "broker": "ok"}
@@ -125,7 +125,7 @@ async def test_repeated_sigterm_during_shutdown_still_exits_0(tmp_path: Path) ->
     srv.stop()
 
 
-async def test_metrics_count_connections_and_events(server: ServerProcess) -> None:
+async def test_metrics_count_connections_and_events(server: Server) -> None:
     def scrape() -> str:
         with urllib.request.urlopen(server.http("/metrics"), timeout=5) as r:
             assert r.headers["Content-Type"].startswith("text/plain")

@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 
 from .backends import free_port
-from .support import ServerProcess, client, token
+from .support import InProcessServer, Server, client, token
 
 DOCS_IMG = Path(__file__).parent.parent / "docs" / "img"
 TIMEOUT = 15_000  # ms: the longest any page condition may take (reconnect backoff included)
 
 
-async def open_page(browser: Any, server: ServerProcess, errors: list[str]) -> Any:
+async def open_page(browser: Any, server: Server, errors: list[str]) -> Any:
     context = await browser.new_context(viewport={"width": 1180, "height": 720})
     page = await context.new_page()
     page.set_default_timeout(TIMEOUT)
@@ -63,13 +63,13 @@ async def screenshot(page: Any, tmp_path: Path, name: str) -> None:
 @pytest.fixture(scope="module")
 def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     db = tmp_path_factory.mktemp("web") / "appchat.db"
-    proc = ServerProcess(db, "--dev", "--rate", "0").start()
+    proc = InProcessServer(db, "--dev", "--rate", "0").start()
     yield proc
     proc.stop()
 
 
 async def test_customer_and_staff_chat_through_the_web_client(
-    dev_server: ServerProcess, browser: Any, tmp_path: Path
+    dev_server: Server, browser: Any, tmp_path: Path
 ) -> None:
     from playwright.async_api import expect
 
@@ -136,9 +136,7 @@ async def test_customer_and_staff_chat_through_the_web_client(
     assert errors == []
 
 
-async def test_history_pages_in_on_scroll(
-    dev_server: ServerProcess, browser: Any, tmp_path: Path
-) -> None:
+async def test_history_pages_in_on_scroll(dev_server: Server, browser: Any, tmp_path: Path) -> None:
     from playwright.async_api import expect
 
     async with client(dev_server, 1, token(admin_id=1)) as s:
@@ -162,7 +160,7 @@ async def test_history_pages_in_on_scroll(
 
 
 async def test_bad_tokens_are_explained_on_the_sign_in_page(
-    dev_server: ServerProcess, browser: Any
+    dev_server: Server, browser: Any
 ) -> None:
     from playwright.async_api import expect
 
@@ -183,7 +181,7 @@ async def test_bad_tokens_are_explained_on_the_sign_in_page(
     assert errors == []
 
 
-async def test_an_expired_session_says_so(dev_server: ServerProcess, browser: Any) -> None:
+async def test_an_expired_session_says_so(dev_server: Server, browser: Any) -> None:
     from playwright.async_api import expect
 
     errors: list[str] = []
@@ -208,7 +206,7 @@ async def test_restart_in_the_middle_loses_and_doubles_nothing(
 
     port = free_port()
     db = tmp_path / "restart.db"
-    server = ServerProcess(db, "--dev", "--rate", "0", "--port", str(port)).start()
+    server = InProcessServer(db, "--dev", "--rate", "0", "--port", str(port)).start()
     try:
         errors: list[str] = []
         customer = await open_page(browser, server, errors)
@@ -232,7 +230,7 @@ async def test_restart_in_the_middle_loses_and_doubles_nothing(
         await expect(bubble(customer, "written while offline")).to_have_class("msg own pending")
 
         # While the pages are away, messages arrive through another node on the same data.
-        away = ServerProcess(db, "--rate", "0").start()
+        away = InProcessServer(db, "--rate", "0").start()
         try:
             async with client(away, 1, token(admin_id=1)) as s:
                 for text in ("sent while away 1", "sent while away 2"):
@@ -280,7 +278,7 @@ def readme_snippets() -> tuple[str, str]:
 
 @pytest.mark.parametrize("who", ["staff 1:", "customer 2 of application 100:"])
 async def test_the_readme_browser_snippets_work_with_both_printed_tokens(
-    dev_server: ServerProcess, browser: Any, who: str
+    dev_server: Server, browser: Any, who: str
 ) -> None:
     printed = next(line for line in dev_server.lines if line.strip().startswith(who))
     jwt = printed.split()[-1]
