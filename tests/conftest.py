@@ -7,8 +7,16 @@ from typing import Any
 import aiohttp
 import pytest
 
+from .backends import AHEAD
 from .support import InProcessServer
 from .test_browser import CHROMIUM, CHROMIUM_ARGS, chromium_available
+
+
+@pytest.fixture(scope="session", autouse=True)
+def databases_ahead() -> Iterator[None]:
+    """Drop, when the session ends, the PostgreSQL databases made ahead and never used."""
+    yield
+    AHEAD.close()
 
 
 @pytest.fixture(scope="module")
