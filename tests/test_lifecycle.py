@@ -105,6 +105,20 @@ async def test_sigterm_closes_1001_keeps_acked_messages_and_exits_0(tmp_path: Pa
         srv.stop()
 
 
+async def test_shutdown_reads_the_clients_answer_to_its_close(tmp_path: Path) -> None:
+    """SIGTERM closes each connection with 1001 and reads the client's close frame back:
+    the connection ends as going away, not lost after the close timeout."""
+    srv = ServerProcess(tmp_path / "answer.db", "--log-level", "INFO").start()
+    async with client(srv, 1, token(admin_id=1)) as s:
+        await s.ok("Event.GetUnreadInfo", {})
+        assert srv.proc is not None
+        srv.proc.send_signal(signal.SIGTERM)
+        assert await s.close_code() == 1001
+    assert srv.stop() == 0
+    closed = [line for line in srv.lines if " closed: sid 1 " in line]
+    assert len(closed) == 1 and "code 1001 (going away)" in closed[0], srv.output
+
+
 async def test_repeated_sigterm_during_shutdown_still_exits_0(tmp_path: Path) -> None:
     """A supervisor that keeps signalling while the server drains (and after its event loop
     has closed) must not turn a clean exit into death by signal."""

@@ -150,7 +150,6 @@ class Node:
         WebClient(dev_secret=self._dev_secret).add_routes(app)
         self.uploads.add_routes(app)
         app.add_subapp("/api/", self.api.app())
-        app.on_shutdown.append(self._on_shutdown)
         if self.worker is not None:
             app.on_response_prepare.append(self._name_worker)
         return app
@@ -158,10 +157,6 @@ class Node:
     async def _name_worker(self, request: web.Request, response: web.StreamResponse) -> None:
         # Which process answered: for operators and tests of ``serve --workers``.
         response.headers["Appchat-Worker"] = f"{self.worker} pid={os.getpid()}"
-
-    async def _on_shutdown(self, app: web.Application) -> None:
-        # Listening sockets are closed already; in-flight handlers finish after this.
-        await self.ws.close_all()
 
     @property
     def scheme(self) -> str:
@@ -210,6 +205,10 @@ class Node:
             self._listener.close()  # what web.TCPSite.stop does before the runner cleans up
             self._listener = None
         if self._runner is not None:
+            # Before the runner's cleanup, which first marks every connection as closing:
+            # from then on aiohttp drops what clients send, so their answers to our close
+            # frames would never be read and each close would wait out its timeout.
+            await self.ws.close_all()
             server = self._runner.server
             handlers = server.connections if server is not None else []
             transports = [h.transport for h in handlers if h.transport is not None]
