@@ -21,10 +21,14 @@ DOCS_IMG = Path(__file__).parent.parent / "docs" / "img"
 TIMEOUT = 15_000  # ms: the longest any page condition may take (reconnect backoff included)
 
 
-async def open_page(browser: Any, server: Server, errors: list[str]) -> Any:
+async def open_page(browser: Any, server: Server, errors: list[str], *, clock: bool = False) -> Any:
+    """A page of its own browser context; ``clock``: with Playwright's clock installed (time
+    flows as usual until the test moves it on: ``page.clock.fast_forward``)."""
     context = await browser.new_context(viewport={"width": 1180, "height": 720})
     page = await context.new_page()
     page.set_default_timeout(TIMEOUT)
+    if clock:
+        await page.clock.install()
     page.on("pageerror", lambda e: errors.append(str(e)))
     await page.goto(server.http("/"))
     return page
@@ -80,14 +84,14 @@ async def test_customer_and_staff_chat_through_the_web_client(
         await other.ok("Event.SendMessage", {"session_channel": "101", "content": "Invoice?"})
 
     errors: list[str] = []
-    customer = await open_page(browser, server, errors)
+    customer = await open_page(browser, server, errors, clock=True)
     await join_as_customer(customer, 2, 100)
     await expect(customer.locator("#status")).to_have_attribute("data-state", "online")
     await expect(customer.locator("#thread-empty")).to_be_visible()
     await send(customer, "Hello, my parcel has not arrived")
     await expect(bubble(customer, "my parcel").locator(".ticks")).to_have_text("✓")
 
-    staff = await open_page(browser, server, errors)
+    staff = await open_page(browser, server, errors, clock=True)
     await join_as_staff(staff, 1)
     await expect(staff.locator("#status")).to_have_attribute("data-state", "online")
     inbox = staff.locator("#conversations li")
@@ -122,6 +126,11 @@ async def test_customer_and_staff_chat_through_the_web_client(
     await expect(staff.locator("#conversations li[data-channel='100'] .sub")).to_have_text(
         "typing…"
     )
+    # The page stops telling 3 s after the last keystroke and the other hides the notice
+    # 5 s after the last news (app.js TYPING_IDLE_MS, TYPING_SHOWN_MS): their clocks move on
+    # instead of the test waiting (a notice still under way shows again, for 5 s at most).
+    await customer.clock.fast_forward(3_000)
+    await staff.clock.fast_forward(5_000)
     await expect(staff.locator("#typing")).to_have_text("", timeout=12_000)
     await customer.locator("#input").fill("")
 
@@ -209,10 +218,10 @@ async def test_restart_in_the_middle_loses_and_doubles_nothing(
     server = InProcessServer(db, "--dev", "--rate", "0", "--port", str(port)).start()
     try:
         errors: list[str] = []
-        customer = await open_page(browser, server, errors)
+        customer = await open_page(browser, server, errors, clock=True)
         await join_as_customer(customer, 2, 400)
         await expect(customer.locator("#status")).to_have_attribute("data-state", "online")
-        staff = await open_page(browser, server, errors)
+        staff = await open_page(browser, server, errors, clock=True)
         await join_as_staff(staff, 1)
         await staff.locator("#conversations li[data-channel='400']").click()
         await expect(staff.locator("#thread-empty")).to_be_visible()
@@ -239,8 +248,10 @@ async def test_restart_in_the_middle_loses_and_doubles_nothing(
             away.stop()
 
         server.start()  # the same port again
-        # Each page retries on its own backoff, which reaches 15 s (appchat.js backoffMax)
-        # when the server was away for long (a slow start of the other node, say).
+        # Each page retries on its own backoff, which reaches 15 s at most (appchat.js
+        # backoffMax): its clock moves past the retry instead of the test waiting it out.
+        for page in (customer, staff):
+            await page.clock.fast_forward(15_000)
         for page in (customer, staff):
             await expect(page.locator("#status")).to_have_attribute(
                 "data-state", "online", timeout=20_000
