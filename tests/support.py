@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -172,12 +172,15 @@ class InProcessServer:
         *args: str,
         env: dict[str, str] | None = None,
         secret: str | None = SECRET,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.database = database if isinstance(database, str) else f"sqlite:///{database}"
         self.args = args
         self.env = {**os.environ, **(env or {})}
         if secret is not None:
             self.env["APPCHAT_JWT_SECRET"] = secret
+        self.clock, self.monotonic = clock, monotonic  # the Node's (see Node.__init__)
         self.node: Node | None = None
         self.port = 0
         self.scheme = "ws"
@@ -196,7 +199,7 @@ class InProcessServer:
         if worker_count(ns.workers) != 1:
             raise ValueError("--workers needs processes: use ServerProcess")
         secret = cli.serve_secret(settings)
-        node = Node(settings, secret)
+        node = Node(settings, secret, clock=self.clock, monotonic=self.monotonic)
         started = threading.Event()
         failed: list[BaseException] = []
 
@@ -259,6 +262,21 @@ class InProcessServer:
         if self._failed:
             raise RuntimeError("the in-process server failed") from self._failed[0]
         return 0
+
+
+class Clock:
+    """A clock the test moves on: ``now`` (time.time, time.monotonic) plus what
+    ``advance`` added. For a server's clocks (``InProcessServer(clock=..., monotonic=...)``)."""
+
+    def __init__(self, now: Callable[[], float]) -> None:
+        self._now = now
+        self._offset = 0.0
+
+    def __call__(self) -> float:
+        return self._now() + self._offset
+
+    def advance(self, seconds: float) -> None:
+        self._offset += seconds
 
 
 def _loop_factory() -> Any:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from .support import InProcessServer, Server, ServerProcess, client, token
+from .support import Clock, InProcessServer, Server, ServerProcess, client, token
 
 
 async def test_restart_on_the_same_database_file(tmp_path: Path) -> None:
@@ -48,13 +49,23 @@ async def test_restart_on_the_same_database_file(tmp_path: Path) -> None:
         assert srv.stop() == 0
 
 
-async def test_expired_token_closes_4001_unless_refreshed(server: Server) -> None:
+async def test_expired_token_closes_4001_unless_refreshed(tmp_path: Path) -> None:
+    clock = Clock(time.time)  # the server's: the test moves it past exp
+    server = InProcessServer(tmp_path / "expiry.db", clock=clock).start()
+    try:
+        await expired_token_closes_4001_unless_refreshed(server, clock)
+    finally:
+        server.stop()
+
+
+async def expired_token_closes_4001_unless_refreshed(server: Server, clock: Clock) -> None:
     async with (
         client(server, 1, token(admin_id=1, ttl=2)) as lapsing,
         client(server, 1, token(admin_id=1, ttl=2)) as refreshed,
     ):
         result = await refreshed.ok("Event.RefreshToken", {"token": token(admin_id=1, ttl=60)})
         assert result["exp"] > 0
+        clock.advance(2)  # past the first exp, long before the refreshed one
         with pytest.raises(ConnectionClosed) as info:
             for _ in range(60):
                 await lapsing.ws.send('{"name": "Event.GetUnreadInfo"}')
@@ -63,10 +74,16 @@ async def test_expired_token_closes_4001_unless_refreshed(server: Server) -> Non
         await refreshed.ok("Event.GetUnreadInfo", {})  # still up past the first exp
 
 
-async def test_refresh_to_an_earlier_expiry_closes_then(server: Server) -> None:
-    async with client(server, 1, token(admin_id=1, ttl=600)) as c:
-        await c.ok("Event.RefreshToken", {"token": token(admin_id=1, ttl=2)})
-        assert await c.close_code(timeout=10) == 4001
+async def test_refresh_to_an_earlier_expiry_closes_then(tmp_path: Path) -> None:
+    clock = Clock(time.time)  # the server's: the test moves it past the new exp
+    server = InProcessServer(tmp_path / "earlier.db", clock=clock).start()
+    try:
+        async with client(server, 1, token(admin_id=1, ttl=600)) as c:
+            await c.ok("Event.RefreshToken", {"token": token(admin_id=1, ttl=2)})
+            clock.advance(2)
+            assert await c.close_code(timeout=10) == 4001
+    finally:
+        server.stop()
 
 
 def get(url: str) -> tuple[int, dict[str, object]]:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from .backends import free_port
-from .support import InProcessServer, Server, client, token
+from .support import Clock, InProcessServer, Server, client, token
 
 DOCS_IMG = Path(__file__).parent.parent / "docs" / "img"
 TIMEOUT = 15_000  # ms: the longest any page condition may take (reconnect backoff included)
@@ -190,22 +191,28 @@ async def test_bad_tokens_are_explained_on_the_sign_in_page(
     assert errors == []
 
 
-async def test_an_expired_session_says_so(dev_server: Server, browser: Any) -> None:
+async def test_an_expired_session_says_so(browser: Any, tmp_path: Path) -> None:
     from playwright.async_api import expect
 
-    errors: list[str] = []
-    page = await open_page(browser, dev_server, errors)
-    form = page.locator("#token-form")
-    await form.locator("textarea").fill(token(request_id=700, sid=9, ttl=4))
-    await form.get_by_role("button", name="Sign in").click()
-    await expect(page.locator("#who")).to_have_text("Customer #9 · request #700")
-    await expect(page.locator("#thread-empty")).to_be_visible()  # joined its conversation
-    # The server closes the connection with 4001 at exp; a pasted token cannot be renewed.
-    await expect(page.locator("#status")).to_have_attribute("data-state", "token_expired")
-    await expect(page.locator("#banner")).to_contain_text("Your session has expired.")
-    await page.locator("#banner").get_by_role("button", name="Sign in again").click()
-    await expect(page.locator("#token-form")).to_be_visible()
-    assert errors == []
+    clock = Clock(time.time)  # the server's: the test moves it past exp
+    server = InProcessServer(tmp_path / "expiry.db", "--dev", "--rate", "0", clock=clock).start()
+    try:
+        errors: list[str] = []
+        page = await open_page(browser, server, errors)
+        form = page.locator("#token-form")
+        await form.locator("textarea").fill(token(request_id=700, sid=9, ttl=4))
+        await form.get_by_role("button", name="Sign in").click()
+        await expect(page.locator("#who")).to_have_text("Customer #9 · request #700")
+        await expect(page.locator("#thread-empty")).to_be_visible()  # joined its conversation
+        # The server closes the connection with 4001 at exp; a pasted token cannot be renewed.
+        clock.advance(4)
+        await expect(page.locator("#status")).to_have_attribute("data-state", "token_expired")
+        await expect(page.locator("#banner")).to_contain_text("Your session has expired.")
+        await page.locator("#banner").get_by_role("button", name="Sign in again").click()
+        await expect(page.locator("#token-form")).to_be_visible()
+        assert errors == []
+    finally:
+        server.stop()
 
 
 async def test_restart_in_the_middle_loses_and_doubles_nothing(

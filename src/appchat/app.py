@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 import ssl
+import time
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -46,13 +48,17 @@ class Node:
         broker: Broker | None = None,
         blobs: BlobStore | None = None,
         worker: int | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """``worker``: this node is worker number ``worker`` of ``serve --workers`` (its port
-        is shared through SO_REUSEPORT, the parent migrated the database)."""
+        is shared through SO_REUSEPORT, the parent migrated the database). ``clock`` tells
+        the time tokens expire by (their check and the sweep that closes connections at
+        ``exp``); ``monotonic`` paces each connection's frame budget (``--rate``)."""
         self.settings = settings
         self.worker = worker
         self.verifier = TokenVerifier(
-            secret, keys=[public_key(spec) for spec in settings.jwt_public_key]
+            secret, keys=[public_key(spec) for spec in settings.jwt_public_key], clock=clock
         )
         self.store = store or open_store(
             settings.database,
@@ -107,6 +113,8 @@ class Node:
                 allowed_origins=frozenset(settings.allowed_origins),
             ),
             metrics=self.metrics,
+            clock=clock,
+            monotonic=monotonic,
         )
         self.api = ServerApi(
             self.service,
