@@ -242,6 +242,15 @@ class Peer:
             self.client.abort()
 
 
+async def close_peers(*peers: Peer) -> None:
+    """Abort each connection and wait until its socket is gone: a server stopped next then
+    has no client left to wait for (it gives each one its close timeout, 2 s)."""
+    for p in peers:
+        p.close()
+    closing = [p.client.closed for p in peers if p.client is not None]
+    await asyncio.wait_for(asyncio.gather(*closing), 10)
+
+
 # --- the workload -------------------------------------------------------------------------------
 
 
@@ -379,9 +388,7 @@ async def throughput(
     redis1 = redis_cpu() if redis_cpu else 0.0
     running = False
     errors = sum(p.errors for p in pairs)
-    for p in pairs:
-        p.customer.close()
-        p.staff.close()
+    await close_peers(*(peer for p in pairs for peer in (p.customer, p.staff)))
     delivered = pushed1 - pushed0
     return {
         "msg_s": delivered / (t1 - t0),
@@ -425,9 +432,7 @@ async def latency(
     await tally.wait_for(wanted, 10)
     pushed = tally.count
     cpu_us = (srv.cpu_seconds() - cpu0) / max(pushed, 1) * 1e6
-    for p in pairs:
-        p.customer.close()
-        p.staff.close()
+    await close_peers(*(peer for p in pairs for peer in (p.customer, p.staff)))
     return {
         "offered": rate,
         "msg_s": pushed / max(time.perf_counter() - started, 1e-9) if pushed < wanted else rate,
@@ -438,8 +443,11 @@ async def latency(
     }
 
 
-async def idle_memory(kind: str, port: int, srv: Server, counts: list[int]) -> dict[int, float]:
-    """Server RSS (MiB) with ``counts`` idle connections open (each a different staff id)."""
+async def idle_memory(
+    kind: str, port: int, srv: Server, counts: list[int], settle: float
+) -> dict[int, float]:
+    """Server RSS (MiB) with ``counts`` idle connections open (each a different staff id),
+    read ``settle`` seconds after the last one opened."""
     wire = Wire(kind, port)
     held: list[Peer] = []
     out: dict[int, float] = {}
@@ -451,10 +459,9 @@ async def idle_memory(kind: str, port: int, srv: Server, counts: list[int]) -> d
 
     for target in counts:
         held += await asyncio.gather(*(one(300_000 + n) for n in range(len(held), target)))
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(settle)
         out[target] = srv.status()["rss"]
-    for p in held:
-        p.close()
+    await close_peers(*held)
     return out
 
 
@@ -492,8 +499,7 @@ async def unread_timing(port: int, counts: list[int], calls: int) -> dict[int, f
             await staff.call("Event.GetUnreadInfo", {}, 10**9 + c + 1)
             times.append(time.perf_counter() - t)
         out[unread] = statistics.median(times) * 1000
-        staff.close()
-        customer.close()
+        await close_peers(staff, customer)
     return out
 
 
@@ -595,7 +601,7 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 with server(kind, workdir) as srv:
                     bar.set_postfix_str(f"{kind} idle memory")
                     results["memory"][kind].append(
-                        await idle_memory(kind, srv.port, srv, args.idle)
+                        await idle_memory(kind, srv.port, srv, args.idle, args.settle)
                     )
                     bar.update()
             if "cluster" in parts:
@@ -909,6 +915,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--rates", type=float, nargs="+", default=[500, 1000, 2000, 5000, 10000])
     p.add_argument("--idle", type=int, nargs="+", default=[1000, 5000])
+    p.add_argument(
+        "--settle", type=float, default=1.0, help="seconds idle connections rest before RSS"
+    )
     p.add_argument("--unread", type=int, nargs="+", default=[10, 100_000])
     p.add_argument("--calls", type=int, default=50)
     p.add_argument(
@@ -920,8 +929,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="a smoke run of every part")
     args = p.parse_args(argv)
     if args.tiny:
-        args.runs, args.pairs, args.window, args.duration, args.warmup = 1, 4, 2, 0.5, 0.2
+        args.runs, args.pairs, args.window, args.duration, args.warmup = 1, 4, 2, 0.3, 0.1
         args.rates, args.idle, args.unread, args.calls = [100], [10, 20], [3, 30], 3
+        args.settle = 0.1
     return args
 
 

@@ -7,15 +7,24 @@ from typing import Any
 import aiohttp
 import pytest
 
-from .support import ServerProcess
+from .backends import AHEAD
+from .support import InProcessServer
 from .test_browser import CHROMIUM, CHROMIUM_ARGS, chromium_available
 
 
+@pytest.fixture(scope="session", autouse=True)
+def databases_ahead() -> Iterator[None]:
+    """Drop, when the session ends, the PostgreSQL databases made ahead and never used."""
+    yield
+    AHEAD.close()
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One real ``appchat serve`` process per test module, on a fresh SQLite file."""
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    """One real ``appchat serve`` node per test module (in this process, on a real socket),
+    on a fresh SQLite file."""
     db: Path = tmp_path_factory.mktemp("db") / "appchat.db"
-    proc = ServerProcess(db, "--rate", "0").start()
+    proc = InProcessServer(db, "--rate", "0").start()
     yield proc
     proc.stop()
 

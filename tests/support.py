@@ -1,4 +1,5 @@
-"""Test support: real server processes, real WebSocket clients, tokens."""
+"""Test support: real servers (in a child process or in this one), real WebSocket clients,
+tokens."""
 
 from __future__ import annotations
 
@@ -13,17 +14,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import jwt
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
+from appchat import cli
+from appchat.app import Node
 from appchat.auth import mint
+from appchat.supervisor import worker_count
 
 SECRET = "test-secret-" + "0123456789abcdef" * 4
 # The wire shapes SPEC fixes: RFC 3339 UTC with microseconds; the objects' field names.
@@ -152,6 +156,141 @@ class ServerProcess:
         return code
 
 
+class InProcessServer:
+    """``appchat serve`` in this process: the same command line (parsed by the CLI's own
+    parser and checks), one ``Node`` on an event loop of its own in a daemon thread, listening
+    on a real socket on a port of its own choosing.
+
+    What it does not have is what only a process has: signals, an exit code, a log on stdout,
+    ``--workers``. Tests of those use ``ServerProcess``. ``lines`` holds what ``serve`` would
+    announce (the ``--dev`` tokens and the "listening on" line).
+    """
+
+    def __init__(
+        self,
+        database: Path | str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        secret: str | None = SECRET,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.database = database if isinstance(database, str) else f"sqlite:///{database}"
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
+        if secret is not None:
+            self.env["APPCHAT_JWT_SECRET"] = secret
+        self.clock, self.monotonic = clock, monotonic  # the Node's (see Node.__init__)
+        self.node: Node | None = None
+        self.port = 0
+        self.scheme = "ws"
+        self.lines: list[str] = []
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._failed: list[BaseException] = []
+
+    def command(self) -> list[str]:
+        return ["serve", "--port", "0", "--database", self.database, *self.args]
+
+    def start(self, timeout: float = 20) -> InProcessServer:
+        ns = cli.build_parser(self.env).parse_args(self.command())
+        settings = cli.checked_settings(ns)
+        if worker_count(ns.workers) != 1:
+            raise ValueError("--workers needs processes: use ServerProcess")
+        secret = cli.serve_secret(settings)
+        node = Node(settings, secret, clock=self.clock, monotonic=self.monotonic)
+        started = threading.Event()
+        failed: list[BaseException] = []
+
+        async def serve() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            try:
+                await node.start()
+            except BaseException as exc:
+                failed.append(exc)
+                await node.stop()
+                raise
+            finally:
+                started.set()
+            await self._stop.wait()
+            await node.stop()
+
+        def run() -> None:
+            try:
+                with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                    runner.run(serve())
+            except BaseException as exc:  # handed to start() or stop(), in the test's thread
+                if not failed:
+                    failed.append(exc)
+
+        self.node, self._failed = node, failed
+        self._thread = threading.Thread(target=run, name="appchat-in-process", daemon=True)
+        self._thread.start()
+        if not started.wait(timeout) or failed:
+            self._thread.join(timeout)
+            self.node = self._thread = None
+            raise RuntimeError("server did not start") from (failed[0] if failed else None)
+        self.scheme, self.port = node.scheme, node.port
+        url = f"{node.scheme}://{settings.host}:{node.port}/ws"
+        self.lines = cli.announcement(settings, secret, url).splitlines(keepends=True)
+        return self
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def url(self, sid: int | str | None = None, path: str = "/ws") -> str:
+        query = "" if sid is None else f"?sid={sid}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}{query}"
+
+    def http(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self, *, timeout: float = 20) -> int:
+        """What SIGTERM does to ``serve``: close every WebSocket with 1001, drain, close."""
+        thread, loop, stop = self._thread, self._loop, self._stop
+        if thread is None or loop is None or stop is None:
+            return 0
+        with contextlib.suppress(RuntimeError):  # the loop closed already
+            loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout)
+        if thread.is_alive():
+            raise RuntimeError("the in-process server did not stop")
+        self.node = self._thread = self._loop = self._stop = None
+        if self._failed:
+            raise RuntimeError("the in-process server failed") from self._failed[0]
+        return 0
+
+
+class Clock:
+    """A clock the test moves on: ``now`` (time.time, time.monotonic) plus what
+    ``advance`` added. For a server's clocks (``InProcessServer(clock=..., monotonic=...)``)."""
+
+    def __init__(self, now: Callable[[], float]) -> None:
+        self._now = now
+        self._offset = 0.0
+
+    def __call__(self) -> float:
+        return self._now() + self._offset
+
+    def advance(self, seconds: float) -> None:
+        self._offset += seconds
+
+
+def _loop_factory() -> Any:
+    """The event loop ``serve`` runs on: uvloop where it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+Server: TypeAlias = ServerProcess | InProcessServer
+
+
 class Client:
     """A WebSocket client that pairs replies with requests by ``id`` and keeps pushes aside."""
 
@@ -247,7 +386,7 @@ def subprotocols(tok: str | None, *more: str) -> list[Subprotocol]:
 
 
 @contextlib.asynccontextmanager
-async def client(server: ServerProcess, sid: int, tok: str, **kwargs: Any) -> AsyncIterator[Client]:
+async def client(server: Server, sid: int, tok: str, **kwargs: Any) -> AsyncIterator[Client]:
     ws = await connect(server.url(sid), subprotocols=subprotocols(tok), **kwargs)
     c = Client(ws)
     try:
@@ -256,12 +395,12 @@ async def client(server: ServerProcess, sid: int, tok: str, **kwargs: Any) -> As
         await c.close()
 
 
-def staff(server: ServerProcess, admin_id: int = 1) -> AbstractAsyncContextManager[Client]:
+def staff(server: Server, admin_id: int = 1) -> AbstractAsyncContextManager[Client]:
     """A client of staff member ``admin_id`` (a token naming the admin, sid = admin_id)."""
     return client(server, admin_id, token(admin_id=admin_id))
 
 
-def customer(server: ServerProcess, app: int, sid: int) -> AbstractAsyncContextManager[Client]:
+def customer(server: Server, app: int, sid: int) -> AbstractAsyncContextManager[Client]:
     """A client of the customer of application ``app``, participant ``sid``."""
     return client(server, sid, token(request_id=app, sid=sid))
 

@@ -22,7 +22,17 @@ from schemathesis.specs.openapi.checks import ignored_auth, positive_data_accept
 from websockets.exceptions import InvalidStatus
 
 from .backends import REDIS_URL, postgres_database, require, unique_prefix
-from .support import MESSAGE_KEYS, RFC3339_UTC, ServerProcess, client, customer, staff, token
+from .support import (
+    MESSAGE_KEYS,
+    RFC3339_UTC,
+    InProcessServer,
+    Server,
+    ServerProcess,
+    client,
+    customer,
+    staff,
+    token,
+)
 
 MAX_CONTENT = 200  # the server's --max-content: small, so the limit is cheap to reach
 
@@ -54,7 +64,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 
 
 @pytest.fixture(scope="module")
-def api_server(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Iterator[ServerProcess]:
+def api_server(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Iterator[Server]:
     db = tmp_path_factory.mktemp("db") / "appchat.db"
     proc = ServerProcess(
         db,
@@ -74,7 +84,7 @@ def api_server(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Iterator
 class Api:
     """Requests to one server with one key; answers as (status, JSON body)."""
 
-    def __init__(self, session: aiohttp.ClientSession, server: ServerProcess, key: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, server: Server, key: str) -> None:
         self.session = session
         self.server = server
         self.key = key
@@ -116,7 +126,7 @@ class Api:
 
 
 @pytest.fixture
-def api(http: aiohttp.ClientSession, api_server: ServerProcess, keys: Keys) -> Api:
+def api(http: aiohttp.ClientSession, api_server: Server, keys: Keys) -> Api:
     return Api(http, api_server, keys.backend)
 
 
@@ -131,9 +141,7 @@ def error_code(status: int, body: Any, expected_status: int) -> str:
 # --- POST /api/conversations/{application_id}/messages --------------------------------------
 
 
-async def test_posted_message_is_pushed_to_customer_and_staff(
-    api: Api, api_server: ServerProcess
-) -> None:
+async def test_posted_message_is_pushed_to_customer_and_staff(api: Api, api_server: Server) -> None:
     app = 1001
     async with customer(api_server, app, 2001) as c, staff(api_server, 11) as s:
         await c.ok("Event.AddConversation", {"application_id": app})
@@ -163,9 +171,7 @@ async def test_posted_message_is_pushed_to_customer_and_staff(
         assert unread["total"] == 1
 
 
-async def test_staff_sender_sees_its_own_posted_message_live(
-    api: Api, api_server: ServerProcess
-) -> None:
+async def test_staff_sender_sees_its_own_posted_message_live(api: Api, api_server: Server) -> None:
     app = 1002
     async with staff(api_server, 12) as s:
         await s.ok("Event.AddConversation", {"application_id": app})
@@ -176,7 +182,7 @@ async def test_staff_sender_sees_its_own_posted_message_live(
 
 
 async def test_idempotent_retry_returns_first_message_and_pushes_once(
-    api: Api, api_server: ServerProcess
+    api: Api, api_server: Server
 ) -> None:
     app = 1003
     async with customer(api_server, app, 2003) as c:
@@ -207,7 +213,7 @@ async def test_idempotent_retry_returns_first_message_and_pushes_once(
         assert [m["content"] for m in page["messages"]] == ["status: closed", "reopened"]
 
 
-async def test_post_creates_the_missing_conversation(api: Api, api_server: ServerProcess) -> None:
+async def test_post_creates_the_missing_conversation(api: Api, api_server: Server) -> None:
     app = 1004
     assert error_code(*await api.messages(app), 404) == "not_found"
     status, body = await api.post(app, {"sender_id": 92, "content": "We got your request"})
@@ -222,9 +228,7 @@ async def test_post_creates_the_missing_conversation(api: Api, api_server: Serve
         assert [m["content"] for m in page["Messages"]] == ["We got your request"]
 
 
-async def test_post_refuses_bad_requests_and_stores_nothing(
-    api: Api, api_server: ServerProcess
-) -> None:
+async def test_post_refuses_bad_requests_and_stores_nothing(api: Api, api_server: Server) -> None:
     app = 1005
     status, _ = await api.post(app, {"sender_id": 93, "content": "first"})
     assert status == 201
@@ -282,7 +286,7 @@ async def test_post_refuses_bad_requests_and_stores_nothing(
 
 
 async def test_a_body_the_network_delivers_in_pieces_is_read_whole(
-    api_server: ServerProcess, keys: Keys
+    api_server: Server, keys: Keys
 ) -> None:
     """A post whose body arrives in two TCP segments (as over a real network) is read
     whole, not cut at the first segment."""
@@ -403,7 +407,7 @@ async def test_conversation_list_pages_with_a_cursor(api: Api) -> None:
 
 
 async def test_requests_without_a_valid_key_are_refused(
-    http: aiohttp.ClientSession, api_server: ServerProcess, api: Api, keys: Keys
+    http: aiohttp.ClientSession, api_server: Server, api: Api, keys: Keys
 ) -> None:
     routes = [
         ("POST", "/api/conversations/1/messages"),
@@ -438,7 +442,7 @@ async def test_requests_without_a_valid_key_are_refused(
 
 
 async def test_a_key_removed_from_the_file_is_refused_without_restart(
-    api: Api, keys: Keys, api_server: ServerProcess
+    api: Api, keys: Keys, api_server: Server
 ) -> None:
     status, _ = await api.conversations(key=keys.other, limit=1)
     assert status == 200
@@ -459,7 +463,7 @@ async def test_a_key_removed_from_the_file_is_refused_without_restart(
 
 
 async def test_api_is_off_without_keys(http: aiohttp.ClientSession, tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path / "off.db")
+    server = InProcessServer(tmp_path / "off.db")
     server.start()
     try:
         async with http.get(
@@ -476,7 +480,7 @@ async def test_api_is_off_without_keys(http: aiohttp.ClientSession, tmp_path: Pa
 
 
 async def test_unknown_routes_and_methods_answer_json(
-    http: aiohttp.ClientSession, api_server: ServerProcess
+    http: aiohttp.ClientSession, api_server: Server
 ) -> None:
     async with http.get(api_server.http("/api/nothing")) as resp:
         assert resp.status == 404
@@ -491,7 +495,7 @@ async def test_unknown_routes_and_methods_answer_json(
 
 
 async def test_disconnect_closes_every_connection_of_the_participant(
-    api: Api, api_server: ServerProcess
+    api: Api, api_server: Server
 ) -> None:
     app = 1201
     async with (
@@ -515,12 +519,12 @@ async def test_disconnect_closes_every_connection_of_the_participant(
 
 
 @pytest.fixture(scope="module")
-def two_nodes(keys: Keys) -> Iterator[list[ServerProcess]]:
+def two_nodes(keys: Keys) -> Iterator[list[InProcessServer]]:
     require("Redis", "127.0.0.1", 6379)
     prefix = unique_prefix()
     with postgres_database() as url:
         nodes = [
-            ServerProcess(
+            InProcessServer(
                 url,
                 "--broker",
                 REDIS_URL,
@@ -543,7 +547,7 @@ def two_nodes(keys: Keys) -> Iterator[list[ServerProcess]]:
 
 
 async def test_post_and_disconnect_reach_the_other_node(
-    http: aiohttp.ClientSession, two_nodes: list[ServerProcess], keys: Keys
+    http: aiohttp.ClientSession, two_nodes: list[Server], keys: Keys
 ) -> None:
     a, b = two_nodes
     app = 1301
@@ -568,7 +572,7 @@ async def test_post_and_disconnect_reach_the_other_node(
 
 
 async def test_openapi_document_describes_every_route(
-    http: aiohttp.ClientSession, api_server: ServerProcess
+    http: aiohttp.ClientSession, api_server: Server
 ) -> None:
     async with http.get(api_server.http("/api/openapi.json")) as resp:
         assert resp.status == 200
@@ -603,7 +607,7 @@ async def test_openapi_document_describes_every_route(
 
 
 @pytest.fixture
-def api_schema(api_server: ServerProcess, keys: Keys, request: pytest.FixtureRequest) -> BaseSchema:
+def api_schema(api_server: Server, keys: Keys, request: pytest.FixtureRequest) -> BaseSchema:
     # schemathesis 4.32 renames the test node through ``_nodeid``, which pytest 9.2 no
     # longer has: give it one (only the reported name of the subtests depends on it).
     node: Any = request.node

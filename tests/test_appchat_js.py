@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .support import ServerProcess
+from .support import Server
 from .test_browser import CHROMIUM, CHROMIUM_ARGS, chromium_available
 
 TESTS = Path(__file__).parent / "js" / "appchat_test.js"
@@ -27,7 +27,7 @@ EXPECTED = {
 }
 
 
-async def test_appchat_js_unit_tests(server: ServerProcess) -> None:
+async def test_appchat_js_unit_tests(server: Server) -> None:
     chromium_available()
     from playwright.async_api import async_playwright
 

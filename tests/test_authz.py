@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from .support import ServerProcess, client, staff, token
+from .support import Server, client, staff, token
 
 _apps = itertools.count(2000)
 
@@ -16,7 +16,7 @@ def app() -> int:
     return next(_apps)
 
 
-async def test_acting_ids_must_be_the_connections_sid(server: ServerProcess, app: int) -> None:
+async def test_acting_ids_must_be_the_connections_sid(server: Server, app: int) -> None:
     async with staff(server, 11) as s:
         await s.ok("Event.AddConversation", {"application_id": app})
         ch = str(app)
@@ -31,7 +31,7 @@ async def test_acting_ids_must_be_the_connections_sid(server: ServerProcess, app
             assert await s.error(name, args) == "forbidden", name
 
 
-async def test_staff_reads_and_writes_any_conversation(server: ServerProcess, app: int) -> None:
+async def test_staff_reads_and_writes_any_conversation(server: Server, app: int) -> None:
     async with client(server, 700, token(request_id=app, sid=700)) as c, staff(server, 13) as s:
         await c.ok("Event.AddConversation", {"application_id": app})
         sent = await c.ok("Event.SendMessage", {"session_channel": str(app), "content": "help"})
@@ -47,7 +47,7 @@ async def test_staff_reads_and_writes_any_conversation(server: ServerProcess, ap
         assert app in [x["application_id"] for x in mine["conversations"]]
 
 
-async def test_staff_gets_not_found_for_missing_conversation(server: ServerProcess) -> None:
+async def test_staff_gets_not_found_for_missing_conversation(server: Server) -> None:
     async with staff(server, 14) as s:
         for channel in ("999999", "abc", "0100"):
             args = {"session_channel": channel}
@@ -56,7 +56,7 @@ async def test_staff_gets_not_found_for_missing_conversation(server: ServerProce
             assert await s.error("Event.ReadMessage", {**args, "message_id": 1}) == "not_found"
 
 
-async def test_customer_is_confined_to_their_application(server: ServerProcess, app: int) -> None:
+async def test_customer_is_confined_to_their_application(server: Server, app: int) -> None:
     other = next(_apps)
     async with staff(server, 15) as s:
         await s.ok("Event.AddConversation", {"application_id": other})
@@ -89,7 +89,7 @@ async def test_customer_is_confined_to_their_application(server: ServerProcess, 
 
 
 async def test_customer_sees_only_their_applications_conversations(
-    server: ServerProcess, app: int
+    server: Server, app: int
 ) -> None:
     other = next(_apps)
     # participant 703 takes part in two applications, through staff adding them
@@ -109,9 +109,7 @@ async def test_customer_sees_only_their_applications_conversations(
             await c.no_push()
 
 
-async def test_unbound_customer_cannot_act_as_a_staff_participant(
-    server: ServerProcess, app: int
-) -> None:
+async def test_unbound_customer_cannot_act_as_a_staff_participant(server: Server, app: int) -> None:
     async with staff(server, 17) as s:
         await s.ok("Event.AddConversation", {"application_id": app})
     # a customer token naming no participant, connecting as sid 17 (a staff participant)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from .support import ServerProcess, client, token
+from .support import InProcessServer, Server, client, token
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -98,7 +98,7 @@ async def chat(page: Any, url: str, jwt: str, requests: list[dict[str, Any]], wa
     )
 
 
-async def test_browser_customer_chats_with_staff(server: ServerProcess, browser_page: Any) -> None:
+async def test_browser_customer_chats_with_staff(server: Server, browser_page: Any) -> None:
     async with client(server, 1, token(admin_id=1)) as staff:
         await staff.ok("Event.AddConversation", {"application_id": 100})
         requests = [
@@ -126,7 +126,7 @@ async def test_browser_customer_chats_with_staff(server: ServerProcess, browser_
         assert pushed["result"]["message"] == sent
 
 
-async def test_browser_receives_pushes(server: ServerProcess, browser_page: Any) -> None:
+async def test_browser_receives_pushes(server: Server, browser_page: Any) -> None:
     async with client(server, 1, token(admin_id=1)) as staff:
         await staff.ok("Event.AddConversation", {"application_id": 101})
         await staff.ok("Event.AddConversation", {"application_id": 101, "user_id": 3})
@@ -147,9 +147,7 @@ async def test_browser_receives_pushes(server: ServerProcess, browser_page: Any)
         assert push["result"] == sent and "id" not in push
 
 
-async def test_browser_with_a_bad_token_never_opens(
-    server: ServerProcess, browser_page: Any
-) -> None:
+async def test_browser_with_a_bad_token_never_opens(server: Server, browser_page: Any) -> None:
     result = await chat(browser_page, server.url(1), "not-a-jwt", [], wait_for=1)
     assert result["why"] in ("error", "closed 1006"), result
     assert result["frames"] == []
@@ -158,8 +156,8 @@ async def test_browser_with_a_bad_token_never_opens(
 async def test_origin_allow_list_in_the_browser(
     tmp_path: Path, page_origin: str, browser_page: Any
 ) -> None:
-    allowed = ServerProcess(tmp_path / "a.db", "--allowed-origins", page_origin).start()
-    other = ServerProcess(tmp_path / "b.db", "--allowed-origins", "https://app.example").start()
+    allowed = InProcessServer(tmp_path / "a.db", "--allowed-origins", page_origin).start()
+    other = InProcessServer(tmp_path / "b.db", "--allowed-origins", "https://app.example").start()
     try:
         tok = token(admin_id=1)
         req = [{"name": "Event.GetUnreadInfo", "args": {}, "id": 1}]

@@ -8,7 +8,7 @@ from .support import (
     MESSAGE_KEYS,
     RFC3339_UTC,
     Client,
-    ServerProcess,
+    Server,
     customer,
     staff,
     token,
@@ -30,7 +30,7 @@ def check_message(m: dict[str, object], app: int, sender: int, content: str) -> 
     assert RFC3339_UTC.match(str(m["create_at"])) and RFC3339_UTC.match(str(m["update_at"]))
 
 
-async def test_add_conversation_once_per_application(server: ServerProcess) -> None:
+async def test_add_conversation_once_per_application(server: Server) -> None:
     app = new_app()
     async with staff(server) as s, customer(server, app, 500) as c:
         first = await c.ok("Event.AddConversation", {"user_id": 500, "application_id": app})
@@ -46,7 +46,7 @@ async def test_add_conversation_once_per_application(server: ServerProcess) -> N
         assert [c["application_id"] for c in listed["conversations"]] == [app]
 
 
-async def test_conversation_list_newest_activity_first(server: ServerProcess) -> None:
+async def test_conversation_list_newest_activity_first(server: Server) -> None:
     a, b = new_app(), new_app()
     async with staff(server, 3) as s:
         await s.ok("Event.AddConversation", {"user_id": 3, "application_id": a})
@@ -62,7 +62,7 @@ async def test_conversation_list_newest_activity_first(server: ServerProcess) ->
         assert apps.index(b) < apps.index(a)
 
 
-async def test_send_receive_and_devices(server: ServerProcess) -> None:
+async def test_send_receive_and_devices(server: Server) -> None:
     app = new_app()
     async with (
         staff(server) as s,
@@ -83,7 +83,7 @@ async def test_send_receive_and_devices(server: ServerProcess) -> None:
         await phone.no_push()
 
 
-async def test_content_type_and_client_msg_id(server: ServerProcess) -> None:
+async def test_content_type_and_client_msg_id(server: Server) -> None:
     app = new_app()
     async with staff(server) as s, customer(server, app, 601) as c:
         await c.ok("Event.AddConversation", {"application_id": app})
@@ -110,7 +110,7 @@ async def test_content_type_and_client_msg_id(server: ServerProcess) -> None:
         assert [m["content"] for m in page["Messages"]].count("once") == 1
 
 
-async def test_message_list_paging(server: ServerProcess) -> None:
+async def test_message_list_paging(server: Server) -> None:
     app = new_app()
     async with staff(server, 4) as s:
         await s.ok("Event.AddConversation", {"application_id": app})
@@ -143,7 +143,7 @@ async def test_message_list_paging(server: ServerProcess) -> None:
             assert code == "bad_request"
 
 
-async def test_read_message_status_unread_and_push(server: ServerProcess) -> None:
+async def test_read_message_status_unread_and_push(server: Server) -> None:
     app = new_app()
     async with (
         staff(server, 5) as s,
@@ -199,7 +199,7 @@ async def test_read_message_status_unread_and_push(server: ServerProcess) -> Non
         )
 
 
-async def test_message_read_reaches_the_readers_other_device(server: ServerProcess) -> None:
+async def test_message_read_reaches_the_readers_other_device(server: Server) -> None:
     app = new_app()
     async with staff(server, 6) as s, customer(server, app, 603) as c, staff(server, 6) as s2:
         await c.ok("Event.AddConversation", {"application_id": app})
@@ -213,7 +213,7 @@ async def test_message_read_reaches_the_readers_other_device(server: ServerProce
         await s.no_push()
 
 
-async def test_unread_info_lists_every_conversation(server: ServerProcess) -> None:
+async def test_unread_info_lists_every_conversation(server: Server) -> None:
     a, b = new_app(), new_app()
     async with staff(server, 7) as s:
         await s.ok("Event.AddConversation", {"application_id": a})
@@ -223,7 +223,7 @@ async def test_unread_info_lists_every_conversation(server: ServerProcess) -> No
         assert {x["application_id"]: x["unread"] for x in info["conversations"]} == {a: 0, b: 0}
 
 
-async def test_refresh_token(server: ServerProcess) -> None:
+async def test_refresh_token(server: Server) -> None:
     async with staff(server, 8) as s:
         new = token(admin_id=8, ttl=7200)
         result = await s.ok("Event.RefreshToken", {"token": new})
@@ -233,7 +233,7 @@ async def test_refresh_token(server: ServerProcess) -> None:
         assert await s.error("Event.RefreshToken", {}) == "bad_request"
 
 
-async def test_request_id_echo_and_pipelining(server: ServerProcess) -> None:
+async def test_request_id_echo_and_pipelining(server: Server) -> None:
     async with staff(server, 9) as s:
         raw: Client = s
         frames = [

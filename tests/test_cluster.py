@@ -28,27 +28,36 @@ from .backends import (
     require,
     unique_prefix,
 )
-from .support import ServerProcess, TcpProxy, client, customer, staff, token
+from .support import (
+    InProcessServer,
+    Server,
+    ServerProcess,
+    TcpProxy,
+    client,
+    customer,
+    staff,
+    token,
+)
 
 
-def start_nodes(count: int, database: str, broker: str, prefix: str) -> list[ServerProcess]:
+def start_nodes(count: int, database: str, broker: str, prefix: str) -> list[InProcessServer]:
     """Start ``count`` nodes at once (they race to migrate the same database)."""
     return _start_all(
         [
-            ServerProcess(database, "--broker", broker, "--channel-prefix", prefix, "--rate", "0")
+            InProcessServer(database, "--broker", broker, "--channel-prefix", prefix, "--rate", "0")
             for _ in range(count)
         ]
     )
 
 
-def _start_all(nodes: list[ServerProcess]) -> list[ServerProcess]:
+def _start_all(nodes: list[InProcessServer]) -> list[InProcessServer]:
     with concurrent.futures.ThreadPoolExecutor(len(nodes)) as pool:
         list(pool.map(lambda n: n.start(), nodes))
     return nodes
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[list[ServerProcess]]:
+def cluster() -> Iterator[list[InProcessServer]]:
     require("Redis", "127.0.0.1", 6379)
     with postgres_database() as url:
         nodes = start_nodes(2, url, REDIS_URL, unique_prefix())
@@ -59,7 +68,7 @@ def cluster() -> Iterator[list[ServerProcess]]:
                 n.stop()
 
 
-async def test_chat_across_nodes_both_ways(cluster: list[ServerProcess]) -> None:
+async def test_chat_across_nodes_both_ways(cluster: list[Server]) -> None:
     a, b = cluster
     async with customer(a, 100, 900) as c, staff(b, 1) as s:
         await c.ok("Event.AddConversation", {"application_id": 100})
@@ -77,7 +86,7 @@ async def test_chat_across_nodes_both_ways(cluster: list[ServerProcess]) -> None
         await s.no_push()
 
 
-async def test_second_device_on_the_other_node(cluster: list[ServerProcess]) -> None:
+async def test_second_device_on_the_other_node(cluster: list[Server]) -> None:
     a, b = cluster
     async with (
         customer(a, 101, 901) as c,
@@ -99,7 +108,7 @@ async def test_second_device_on_the_other_node(cluster: list[ServerProcess]) -> 
         await desk.no_push()
 
 
-async def test_racing_nodes_leave_no_gap_for_after_id(cluster: list[ServerProcess]) -> None:
+async def test_racing_nodes_leave_no_gap_for_after_id(cluster: list[Server]) -> None:
     """Writers on both nodes race into one conversation while readers page with after_id;
     every reader must collect every message, never skipping an id it passed."""
     a, b = cluster
@@ -108,14 +117,14 @@ async def test_racing_nodes_leave_no_gap_for_after_id(cluster: list[ServerProces
         await s.ok("Event.AddConversation", {"application_id": app})
     done = asyncio.Event()
 
-    async def writer(node: ServerProcess, sid: int) -> None:
+    async def writer(node: Server, sid: int) -> None:
         async with staff(node, sid) as w:
             for i in range(per_writer):
                 await w.ok(
                     "Event.SendMessage", {"session_channel": str(app), "content": f"{sid}-{i}"}
                 )
 
-    async def reader(node: ServerProcess, sid: int) -> list[int]:
+    async def reader(node: Server, sid: int) -> list[int]:
         seen: list[int] = []
         async with staff(node, sid) as r:
             cursor = 0
@@ -155,7 +164,7 @@ async def test_racing_nodes_leave_no_gap_for_after_id(cluster: list[ServerProces
         assert seen == everything
 
 
-def _readyz(node: ServerProcess) -> int:
+def _readyz(node: Server) -> int:
     try:
         with urllib.request.urlopen(node.http("/readyz"), timeout=10) as r:
             return int(r.status)
@@ -168,7 +177,7 @@ async def test_postgres_down_is_unavailable_never_a_false_ack(tmp_path: Path) ->
         proxy = await TcpProxy(5432).start()
         proxied = url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
         # the proxy runs on this event loop: start the node without blocking it
-        node = await asyncio.to_thread(ServerProcess(proxied, "--rate", "0").start)
+        node = await asyncio.to_thread(InProcessServer(proxied, "--rate", "0").start)
         try:
             async with staff(node, 1) as s:
                 await s.ok("Event.AddConversation", {"application_id": 5})
@@ -209,7 +218,7 @@ async def test_redis_restart_mid_traffic(tmp_path: Path) -> None:
     try:
         with postgres_database() as url:
             a, b = _start_all(
-                [ServerProcess(url, "--broker", redis.url, "--rate", "0") for _ in range(2)]
+                [InProcessServer(url, "--broker", redis.url, "--rate", "0") for _ in range(2)]
             )
             try:
                 async with customer(a, 300, 950) as c, staff(b, 1) as s:
@@ -254,7 +263,7 @@ async def test_redis_restart_mid_traffic(tmp_path: Path) -> None:
         redis.kill()
 
 
-def test_nodes_report_ready(cluster: list[ServerProcess]) -> None:
+def test_nodes_report_ready(cluster: list[Server]) -> None:
     for node in cluster:
         with urllib.request.urlopen(node.http("/readyz"), timeout=5) as r:
             body = json.loads(r.read())
@@ -264,9 +273,7 @@ def test_nodes_report_ready(cluster: list[ServerProcess]) -> None:
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-def nginx_in_front(
-    nodes: list[ServerProcess], workdir: Path
-) -> tuple[subprocess.Popen[bytes], int]:
+def nginx_in_front(nodes: list[Server], workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     """Run nginx with deploy/nginx/appchat.conf (as shipped), pointed at these nodes."""
     from .test_hardening import self_signed
 
@@ -310,7 +317,7 @@ def require_nginx() -> None:
         pytest.skip("SKIPPED LOUDLY: nginx is not installed")
 
 
-def _connections(node: ServerProcess) -> float:
+def _connections(node: Server) -> float:
     with urllib.request.urlopen(node.http("/metrics"), timeout=5) as r:
         for line in r.read().decode().splitlines():
             if line.startswith("appchat_connections "):
@@ -319,7 +326,7 @@ def _connections(node: ServerProcess) -> float:
 
 
 async def test_behind_nginx_with_tls_no_sticky_sessions(
-    cluster: list[ServerProcess], tmp_path: Path
+    cluster: list[Server], tmp_path: Path
 ) -> None:
     require_nginx()
     proc, port = nginx_in_front(cluster, tmp_path)

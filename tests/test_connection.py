@@ -303,8 +303,10 @@ async def test_flush_waits_at_most_its_bound() -> None:
 # --- the hub's routing -----------------------------------------------------------------------
 
 
-async def hub_on(bus: MemoryBus | None = None, broker: MemoryBroker | None = None) -> Hub:
-    hub = Hub(broker or MemoryBroker(bus))
+async def hub_on(
+    bus: MemoryBus | None = None, broker: MemoryBroker | None = None, publish_timeout: float = 2.0
+) -> Hub:
+    hub = Hub(broker or MemoryBroker(bus), publish_timeout=publish_timeout)
     await hub.start()
     return hub
 
@@ -376,7 +378,9 @@ async def test_users_whose_push_was_not_published_get_resync_when_the_broker_is_
 ) -> None:
     bus = MemoryBus()
     broker = FailingBroker(bus)
-    a, b = await hub_on(broker=broker), await hub_on(bus)
+    # stop() gives the publisher, retrying Event.Resync while the broker is down, the
+    # publish timeout to finish before it cancels it: a short one, the broker stays down.
+    a, b = await hub_on(broker=broker, publish_timeout=0.3), await hub_on(bus)
     _, lost_sock = await join(b, staff_principal(5))
     _, later_sock = await join(b, staff_principal(6))
     broker.failing = True

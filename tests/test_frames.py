@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,17 @@ from appchat.app import Node
 from appchat.config import Settings
 from appchat.store.sqlite import SqliteStore
 
-from .support import SECRET, Client, ServerProcess, client, staff, token
+from .support import (
+    SECRET,
+    Client,
+    Clock,
+    InProcessServer,
+    Server,
+    ServerProcess,
+    client,
+    staff,
+    token,
+)
 
 APP = 3000
 
@@ -45,7 +56,7 @@ BAD_FRAMES: list[tuple[str, str | None, str]] = [
 
 @pytest.mark.parametrize(("frame", "name", "code"), BAD_FRAMES)
 async def test_bad_frame_gets_error_and_connection_stays(
-    server: ServerProcess, frame: str, name: str | None, code: str
+    server: Server, frame: str, name: str | None, code: str
 ) -> None:
     async with staff(server) as s:
         await s.send_raw(frame)
@@ -85,7 +96,7 @@ BAD_ARGS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-async def test_bad_arguments_are_bad_request_and_store_nothing(server: ServerProcess) -> None:
+async def test_bad_arguments_are_bad_request_and_store_nothing(server: Server) -> None:
     async with staff(server) as s:
         await s.ok("Event.AddConversation", {"application_id": APP})
         for name, args in BAD_ARGS:
@@ -96,7 +107,7 @@ async def test_bad_arguments_are_bad_request_and_store_nothing(server: ServerPro
         await s.ok("Event.SendMessage", {"session_channel": str(APP), "content": "é" * 4000})
 
 
-async def test_hostile_content_is_stored_verbatim(server: ServerProcess) -> None:
+async def test_hostile_content_is_stored_verbatim(server: Server) -> None:
     async with staff(server) as s:
         await s.ok("Event.AddConversation", {"application_id": APP + 1})
         texts = [
@@ -111,7 +122,7 @@ async def test_hostile_content_is_stored_verbatim(server: ServerProcess) -> None
         assert [m["content"] for m in page["Messages"]] == texts
 
 
-async def test_binary_frame_is_bad_request(server: ServerProcess) -> None:
+async def test_binary_frame_is_bad_request(server: Server) -> None:
     async with staff(server) as s:
         await s.send_raw(b'{"name": "Event.GetUnreadInfo"}')
         reply = await s.unmatched()
@@ -129,7 +140,7 @@ async def closed_with(c: Client) -> int:
     return info.value.rcvd.code
 
 
-async def test_oversize_frame_closes_1009(server: ServerProcess) -> None:
+async def test_oversize_frame_closes_1009(server: Server) -> None:
     async with staff(server) as s:
         await s.send_raw("x" * (64 * 1024 + 1))
         assert await closed_with(s) == 1009
@@ -137,14 +148,16 @@ async def test_oversize_frame_closes_1009(server: ServerProcess) -> None:
         await s.ok("Event.GetUnreadInfo", {})  # the server goes on
 
 
-async def test_invalid_utf8_closes_1007(server: ServerProcess) -> None:
+async def test_invalid_utf8_closes_1007(server: Server) -> None:
     async with staff(server) as s:
         await s.send_raw(b'{"name": "\xff\xfe"}', text=True)
         assert await closed_with(s) == 1007
 
 
 async def test_rate_limited(tmp_path: Path) -> None:
-    srv = ServerProcess(tmp_path / "r.db", "--rate", "5", "--burst", "5").start()
+    monotonic = Clock(time.monotonic)  # what the frame budget is paced by
+    srv = InProcessServer(tmp_path / "r.db", "--rate", "5", "--burst", "5", monotonic=monotonic)
+    srv.start()
     try:
         async with client(srv, 1, token(admin_id=1)) as s:
             for i in range(12):
@@ -155,7 +168,7 @@ async def test_rate_limited(tmp_path: Path) -> None:
             assert all(r["error"]["code"] == "rate_limited" for r in limited)
             assert all(r["name"] == "Event.GetUnreadInfo" for r in limited)
             assert sorted(r["id"] for r in replies) == list(range(12))
-            await asyncio.sleep(1.2)
+            monotonic.advance(1.2)
             await s.ok("Event.GetUnreadInfo", {})  # the bucket refilled
     finally:
         srv.stop()
@@ -163,7 +176,7 @@ async def test_rate_limited(tmp_path: Path) -> None:
 
 async def test_storage_locked_is_unavailable_and_stores_nothing(tmp_path: Path) -> None:
     db = tmp_path / "u.db"
-    srv = ServerProcess(db, "--sqlite-busy-timeout", "0.3").start()
+    srv = InProcessServer(db, "--sqlite-busy-timeout", "0.3").start()
     try:
         async with client(srv, 1, token(admin_id=1)) as s:
             await s.ok("Event.AddConversation", {"application_id": 5})

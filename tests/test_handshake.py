@@ -15,7 +15,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
 
-from .support import SECRET, Client, ServerProcess, client, raw_token, token
+from .support import SECRET, Client, InProcessServer, Server, client, raw_token, token
 
 ORIGINAL_SHAPE = {"iss": "", "iat": None, "aud": "", "sub": "", "admin_id": "1"}
 
@@ -24,7 +24,7 @@ def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-async def refused(server: ServerProcess, query: str, protocols: list[str] | None) -> InvalidStatus:
+async def refused(server: Server, query: str, protocols: list[str] | None) -> InvalidStatus:
     url = f"ws://127.0.0.1:{server.port}/ws{query}"
     with pytest.raises(InvalidStatus) as info:
         await connect(
@@ -40,14 +40,14 @@ def reason(exc: InvalidStatus) -> str:
     return text.strip()
 
 
-async def test_accepts_and_selects_access_token(server: ServerProcess) -> None:
+async def test_accepts_and_selects_access_token(server: Server) -> None:
     async with client(server, 1, token(admin_id=1)) as c:
         assert c.ws.subprotocol == "access_token"
         result = await c.ok("Event.GetConversationList", {"user_id": 1})
         assert result == {"conversations": [], "has_more": False, "next_cursor": None}
 
 
-async def test_accepts_the_originals_claim_shape(server: ServerProcess) -> None:
+async def test_accepts_the_originals_claim_shape(server: Server) -> None:
     claims = {**ORIGINAL_SHAPE, "exp": int(time.time()) + 600}
     tok = raw_token(claims)
     header = json.loads(base64.urlsafe_b64decode(tok.split(".")[0] + "=="))
@@ -58,7 +58,7 @@ async def test_accepts_the_originals_claim_shape(server: ServerProcess) -> None:
 
 
 async def test_originals_sid_beside_admin_id_is_refused_without_trust(
-    server: ServerProcess,
+    server: Server,
 ) -> None:
     claims = {**ORIGINAL_SHAPE, "exp": int(time.time()) + 600}
     exc = await refused(server, "?sid=2", ["access_token", raw_token(claims)])
@@ -69,13 +69,13 @@ async def test_originals_sid_beside_admin_id_is_refused_without_trust(
 @pytest.mark.parametrize(
     "sid", ["", "abc", "0", "-1", "1.5", "18446744073709551616", "9223372036854775808", "\uff11"]
 )
-async def test_bad_sid_is_400(server: ServerProcess, sid: str) -> None:
+async def test_bad_sid_is_400(server: Server, sid: str) -> None:
     exc = await refused(server, f"?sid={sid}", ["access_token", token(admin_id=1)])
     assert exc.response.status_code == 400
     assert "sid" in reason(exc)
 
 
-async def test_missing_sid_is_400(server: ServerProcess) -> None:
+async def test_missing_sid_is_400(server: Server) -> None:
     exc = await refused(server, "", ["access_token", token(admin_id=1)])
     assert exc.response.status_code == 400
 
@@ -144,14 +144,14 @@ BAD_TOKENS = _bad_tokens()
 
 
 @pytest.mark.parametrize("case", list(BAD_TOKENS))
-async def test_bad_credentials_are_401(server: ServerProcess, case: str) -> None:
+async def test_bad_credentials_are_401(server: Server, case: str) -> None:
     sid = 2 if case == "sid claim differs" else 1
     exc = await refused(server, f"?sid={sid}", BAD_TOKENS[case])
     assert exc.response.status_code == 401, case
     assert reason(exc)
 
 
-def test_plain_http_get_is_refused_with_a_reason(server: ServerProcess) -> None:
+def test_plain_http_get_is_refused_with_a_reason(server: Server) -> None:
     request = urllib.request.Request(
         server.http("/ws?sid=1"),
         headers={"Sec-WebSocket-Protocol": f"access_token, {token(admin_id=1)}"},
@@ -162,13 +162,13 @@ def test_plain_http_get_is_refused_with_a_reason(server: ServerProcess) -> None:
     assert "WebSocket" in info.value.read().decode()
 
 
-async def test_customer_without_participant_claim_takes_query_sid(server: ServerProcess) -> None:
+async def test_customer_without_participant_claim_takes_query_sid(server: Server) -> None:
     async with client(server, 77, token(request_id=300)) as c:
         conv = await c.ok("Event.AddConversation", {"user_id": 77, "application_id": 300})
         assert conv["session_channel"] == "300"
 
 
-async def test_numeric_sub_claim_names_the_participant(server: ServerProcess) -> None:
+async def test_numeric_sub_claim_names_the_participant(server: Server) -> None:
     exp = int(time.time()) + 600
     tok = raw_token({"admin_id": 1, "sub": "5", "exp": exp})
     async with client(server, 5, tok) as c:
@@ -180,7 +180,7 @@ async def test_numeric_sub_claim_names_the_participant(server: ServerProcess) ->
 async def test_trust_query_sid_takes_the_sid_for_staff(tmp_path: object) -> None:
     from pathlib import Path
 
-    srv = ServerProcess(Path(str(tmp_path)) / "t.db", "--trust-query-sid").start()
+    srv = InProcessServer(Path(str(tmp_path)) / "t.db", "--trust-query-sid").start()
     try:
         claims = {**ORIGINAL_SHAPE, "exp": int(time.time()) + 600}
         async with client(srv, 2, raw_token(claims)) as c:

@@ -23,7 +23,7 @@ from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from .support import SECRET, ServerProcess, client, subprotocols, token
+from .support import SECRET, InProcessServer, Server, ServerProcess, client, subprotocols, token
 
 
 def pem_private(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
@@ -44,7 +44,7 @@ def signed(key: bytes, algorithm: str, kid: str | None = None, **claims: object)
     return jwt.encode(payload, key, algorithm=algorithm, headers=headers)
 
 
-async def status_of(srv: ServerProcess, tok: str, sid: int = 1, **kw: object) -> int:
+async def status_of(srv: Server, tok: str, sid: int = 1, **kw: object) -> int:
     try:
         async with client(srv, sid, tok, **kw) as c:
             await c.ok("Event.GetUnreadInfo", {})
@@ -58,7 +58,7 @@ async def test_public_keys_and_rotation_by_kid(tmp_path: Path) -> None:
     es = ec.generate_private_key(ec.SECP256R1())
     for name, key in (("old", old), ("new", new), ("es", es)):
         (tmp_path / f"{name}.pem").write_bytes(pem_public(key))
-    srv = ServerProcess(
+    srv = InProcessServer(
         tmp_path / "k.db",
         "--jwt-public-key",
         f"old={tmp_path / 'old.pem'}",
@@ -85,7 +85,7 @@ async def test_public_keys_and_rotation_by_kid(tmp_path: Path) -> None:
 async def test_public_keys_alone_need_no_secret(tmp_path: Path) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     (tmp_path / "es.pem").write_bytes(pem_public(key))
-    srv = ServerProcess(
+    srv = InProcessServer(
         tmp_path / "p.db", "--jwt-public-key", str(tmp_path / "es.pem"), secret=None
     )
     srv.env.pop("APPCHAT_JWT_SECRET", None)
@@ -125,7 +125,7 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
 
 async def test_tls_serves_wss(tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path)
-    srv = ServerProcess(tmp_path / "t.db", "--tls-cert", str(cert), "--tls-key", str(key)).start()
+    srv = InProcessServer(tmp_path / "t.db", "--tls-cert", str(cert), "--tls-key", str(key)).start()
     try:
         assert srv.scheme == "wss"
         ctx = ssl.create_default_context(cafile=str(cert))
@@ -148,7 +148,7 @@ async def test_tls_serves_wss(tmp_path: Path) -> None:
 
 
 async def test_origin_allow_list(tmp_path: Path) -> None:
-    srv = ServerProcess(
+    srv = InProcessServer(
         tmp_path / "o.db",
         "--allowed-origins",
         "https://app.example",
@@ -166,7 +166,7 @@ async def test_origin_allow_list(tmp_path: Path) -> None:
 
 
 async def test_connection_limits(tmp_path: Path) -> None:
-    srv = ServerProcess(
+    srv = InProcessServer(
         tmp_path / "l.db", "--max-connections", "3", "--max-connections-per-user", "2"
     ).start()
     try:
@@ -179,7 +179,7 @@ async def test_connection_limits(tmp_path: Path) -> None:
         srv.stop()
 
 
-def metric(srv: ServerProcess, name: str) -> float:
+def metric(srv: Server, name: str) -> float:
     with urllib.request.urlopen(srv.http("/metrics"), timeout=5) as r:
         for line in r.read().decode().splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
@@ -192,7 +192,7 @@ def incompressible() -> str:
     return base64.b64encode(os.urandom(2900)).decode()
 
 
-async def store_messages(srv: ServerProcess, app: int, count: int) -> None:
+async def store_messages(srv: Server, app: int, count: int) -> None:
     async with client(srv, 1, token(admin_id=1)) as s:
         await s.ok("Event.AddConversation", {"application_id": app})
         for _ in range(count):
@@ -201,7 +201,7 @@ async def store_messages(srv: ServerProcess, app: int, count: int) -> None:
             )
 
 
-async def non_reader(srv: ServerProcess, sid: int, **kwargs: Any) -> ClientConnection:
+async def non_reader(srv: Server, sid: int, **kwargs: Any) -> ClientConnection:
     """A client that stops reading: a tiny receive buffer and nobody calling recv."""
     sock = socket.create_connection(("127.0.0.1", srv.port))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -216,7 +216,7 @@ async def non_reader(srv: ServerProcess, sid: int, **kwargs: Any) -> ClientConne
 
 
 async def test_slow_consumer_is_dropped_and_never_delays_others(tmp_path: Path) -> None:
-    srv = ServerProcess(
+    srv = InProcessServer(
         tmp_path / "s.db", "--send-queue", "16", "--rate", "0", "--sqlite-synchronous", "NORMAL"
     ).start()
     try:
@@ -271,7 +271,7 @@ def raw_handshake(port: int, sid: int, tok: str) -> socket.socket:
 
 
 async def test_dead_connections_are_reaped_other_devices_unaffected(tmp_path: Path) -> None:
-    srv = ServerProcess(tmp_path / "h.db", "--heartbeat", "1").start()
+    srv = InProcessServer(tmp_path / "h.db", "--heartbeat", "1").start()
     try:
         async with (
             client(srv, 5, token(admin_id=5)) as alive,
@@ -297,14 +297,14 @@ async def test_dead_connections_are_reaped_other_devices_unaffected(tmp_path: Pa
         srv.stop()
 
 
-def events_served(srv: ServerProcess, event: str) -> float:
+def events_served(srv: Server, event: str) -> float:
     return metric(srv, f'appchat_events_total{{event="{event}",outcome="ok"}}')
 
 
 async def test_a_client_that_reads_no_replies_is_not_read_either(tmp_path: Path) -> None:
     """Replies wait in a bounded buffer; while it is full the server takes no new request,
     so a client pipelining big requests without reading cannot grow the server's memory."""
-    srv = ServerProcess(
+    srv = InProcessServer(
         tmp_path / "b.db",
         "--rate",
         "0",
@@ -328,7 +328,7 @@ async def test_a_client_that_reads_no_replies_is_not_read_either(tmp_path: Path)
         finally:
             greedy.transport.abort()
     finally:
-        srv.stop()
+        await asyncio.to_thread(srv.stop)  # this loop ends greedy's socket meanwhile
 
 
 async def test_sigterm_finishes_although_a_client_reads_nothing(tmp_path: Path) -> None:

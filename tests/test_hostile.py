@@ -28,6 +28,8 @@ from .backends import postgres_database
 from .support import (
     SECRET,
     Client,
+    InProcessServer,
+    Server,
     ServerProcess,
     TcpProxy,
     client,
@@ -42,7 +44,7 @@ PER_USER = 3
 
 
 @pytest.fixture(scope="module")
-def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     db = tmp_path_factory.mktemp("hostile") / "appchat.db"
     proc = ServerProcess(
         db,
@@ -63,7 +65,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
 
 @contextlib.asynccontextmanager
 async def connected(
-    srv: ServerProcess, sid: int, tok: str, *, source: str = "127.0.0.1"
+    srv: Server, sid: int, tok: str, *, source: str = "127.0.0.1"
 ) -> AsyncIterator[Client]:
     ws = await connect(
         srv.url(sid),
@@ -77,7 +79,7 @@ async def connected(
         await c.close()
 
 
-async def status(srv: ServerProcess, sid: int, tok: str, *, source: str = "127.0.0.1") -> int:
+async def status(srv: Server, sid: int, tok: str, *, source: str = "127.0.0.1") -> int:
     try:
         async with connected(srv, sid, tok, source=source) as c:
             await c.ok("Event.GetUnreadInfo", {})
@@ -91,11 +93,11 @@ def http_status(url: str) -> int:
         return int(r.status)
 
 
-def lines_with(srv: ServerProcess, *parts: str) -> list[str]:
+def lines_with(srv: Server, *parts: str) -> list[str]:
     return [line for line in list(srv.lines) if all(p in line for p in parts)]
 
 
-def logged(srv: ServerProcess, *parts: str, timeout: float = 10) -> str:
+def logged(srv: Server, *parts: str, timeout: float = 10) -> str:
     """The first log line holding every part (waits for the output pipe)."""
     wait_until(lambda: bool(lines_with(srv, *parts)), timeout)
     return lines_with(srv, *parts)[0]
@@ -104,7 +106,7 @@ def logged(srv: ServerProcess, *parts: str, timeout: float = 10) -> str:
 # --- item 2: a foreign token cannot use up a participant's connection allowance -------
 
 
-async def test_unbound_customer_cannot_lock_staff_out(hostile: ServerProcess) -> None:
+async def test_unbound_customer_cannot_lock_staff_out(hostile: Server) -> None:
     # A customer token of application 500 naming no participant, as ?sid=31 (the issue's
     # attack with 32 connections; the module's server allows 3).
     customer = token(request_id=500)
@@ -122,7 +124,7 @@ async def test_unbound_customer_cannot_lock_staff_out(hostile: ServerProcess) ->
 
 
 async def test_each_identity_keeps_its_own_limit_and_gets_it_back(
-    hostile: ServerProcess,
+    hostile: Server,
 ) -> None:
     staff = token(admin_id=33)
     async with contextlib.AsyncExitStack() as stack:
@@ -140,7 +142,7 @@ async def test_each_identity_keeps_its_own_limit_and_gets_it_back(
 # --- item 3: handshakes without an end --------------------------------------------------
 
 
-async def open_raw(srv: ServerProcess, source: str) -> tuple[asyncio.StreamReader, Any]:
+async def open_raw(srv: Server, source: str) -> tuple[asyncio.StreamReader, Any]:
     return await asyncio.open_connection("127.0.0.1", srv.port, local_addr=(source, 0))
 
 
@@ -153,7 +155,7 @@ async def closed_after(reader: asyncio.StreamReader, within: float) -> float:
     return time.monotonic() - start
 
 
-async def test_silent_and_half_sent_handshakes_are_dropped(hostile: ServerProcess) -> None:
+async def test_silent_and_half_sent_handshakes_are_dropped(hostile: Server) -> None:
     silent_r, silent_w = await open_raw(hostile, "127.0.0.31")
     half_r, half_w = await open_raw(hostile, "127.0.0.31")
     half_w.write(b"GET /ws?sid=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nSec-WebSocket-Pro")
@@ -181,7 +183,7 @@ async def test_silent_and_half_sent_handshakes_are_dropped(hostile: ServerProces
             w.close()
 
 
-async def test_a_client_gets_in_while_half_open_sockets_pile_up(hostile: ServerProcess) -> None:
+async def test_a_client_gets_in_while_half_open_sockets_pile_up(hostile: Server) -> None:
     idle = [await open_raw(hostile, "127.0.0.32") for _ in range(MAX_PENDING * 5)]
     try:
         # Beyond the cap the oldest waiting sockets are closed at once, not after the
@@ -206,7 +208,7 @@ async def test_a_client_gets_in_while_half_open_sockets_pile_up(hostile: ServerP
 
 
 async def test_an_upgraded_connection_outlives_the_handshake_deadline(
-    hostile: ServerProcess,
+    hostile: Server,
 ) -> None:
     # The deadline ends with the request: a WebSocket stays open long after it.
     async with connected(hostile, 35, token(admin_id=35)) as c:
@@ -219,7 +221,7 @@ async def test_an_upgraded_connection_outlives_the_handshake_deadline(
 INBOX = 260  # conversations of staff 46 (the issue's had 20,000: the paging is the same)
 
 
-async def test_conversation_list_and_unread_info_are_paged(hostile: ServerProcess) -> None:
+async def test_conversation_list_and_unread_info_are_paged(hostile: Server) -> None:
     async with (
         client(hostile, 46, token(admin_id=46)) as s,
         client(hostile, 47, token(admin_id=47)) as other,
@@ -285,7 +287,7 @@ async def test_conversation_list_and_unread_info_are_paged(hostile: ServerProces
 
 
 @pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
-async def test_a_huge_time_claim_is_401_not_500(hostile: ServerProcess, claim: str) -> None:
+async def test_a_huge_time_claim_is_401_not_500(hostile: Server, claim: str) -> None:
     claims: dict[str, Any] = {"admin_id": 36, "exp": int(time.time()) + 600}
     claims[claim] = 10**400
     assert await status(hostile, 36, raw_token(claims)) == 401
@@ -297,16 +299,14 @@ async def test_a_huge_time_claim_is_401_not_500(hostile: ServerProcess, claim: s
 
 
 @pytest.mark.parametrize("aud", [0, False, {}, [], "api", ["api"]])
-async def test_only_an_absent_or_empty_audience_is_accepted(
-    hostile: ServerProcess, aud: Any
-) -> None:
+async def test_only_an_absent_or_empty_audience_is_accepted(hostile: Server, aud: Any) -> None:
     exp = int(time.time()) + 600
     assert await status(hostile, 37, raw_token({"admin_id": 37, "exp": exp, "aud": aud})) == 401
     assert await status(hostile, 37, raw_token({"admin_id": 37, "exp": exp, "aud": ""})) == 101
     assert await status(hostile, 37, raw_token({"admin_id": 37, "exp": exp, "aud": None})) == 101
 
 
-async def nul_client_msg_id_is_refused(srv: ServerProcess) -> None:
+async def nul_client_msg_id_is_refused(srv: Server) -> None:
     async with client(srv, 38, token(admin_id=38)) as c:
         await c.ok("Event.AddConversation", {"application_id": 380})
         args = {"session_channel": "380", "content": "hi", "client_msg_id": "a\x00b"}
@@ -316,13 +316,13 @@ async def nul_client_msg_id_is_refused(srv: ServerProcess) -> None:
     assert "Traceback" not in srv.output
 
 
-async def test_nul_in_client_msg_id_is_bad_request_on_sqlite(hostile: ServerProcess) -> None:
+async def test_nul_in_client_msg_id_is_bad_request_on_sqlite(hostile: Server) -> None:
     await nul_client_msg_id_is_refused(hostile)
 
 
 async def test_nul_in_client_msg_id_is_bad_request_on_postgres() -> None:
     with postgres_database() as url:
-        srv = await asyncio.to_thread(ServerProcess(url, "--rate", "0").start)
+        srv = await asyncio.to_thread(InProcessServer(url, "--rate", "0").start)
         try:
             await nul_client_msg_id_is_refused(srv)
         finally:
@@ -364,7 +364,7 @@ def test_a_port_out_of_range_is_refused(port: str, tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
-async def test_an_oversize_header_is_one_line_without_the_token(hostile: ServerProcess) -> None:
+async def test_an_oversize_header_is_one_line_without_the_token(hostile: Server) -> None:
     tok = token(admin_id=39) + "x" * 9000  # over aiohttp's 8190-byte field limit
     r, w = await open_raw(hostile, "127.0.0.33")
     w.write(
@@ -408,7 +408,7 @@ async def test_a_database_outage_logs_a_few_lines_not_one_per_request() -> None:
 
 
 async def test_open_and_close_are_logged_with_id_sid_remote_code_and_duration(
-    hostile: ServerProcess,
+    hostile: Server,
 ) -> None:
     tok = token(admin_id=41)
     async with connected(hostile, 41, tok, source="127.0.0.41") as c:
@@ -421,7 +421,7 @@ async def test_open_and_close_are_logged_with_id_sid_remote_code_and_duration(
     assert tok not in hostile.output and tok.split(".")[1] not in hostile.output
 
 
-async def test_refused_handshakes_are_logged_with_their_reason(hostile: ServerProcess) -> None:
+async def test_refused_handshakes_are_logged_with_their_reason(hostile: Server) -> None:
     bad = token(admin_id=42, secret="another-secret-" + "9" * 40)
     assert await status(hostile, 42, bad, source="127.0.0.42") == 401
     line = logged(hostile, "handshake refused from 127.0.0.42 (sid 42): 401")
@@ -431,7 +431,7 @@ async def test_refused_handshakes_are_logged_with_their_reason(hostile: ServerPr
     logged(hostile, "refused from 127.0.0.42 (sid 42): 401 sid 42 does not match")
 
 
-async def test_connection_lines_are_rate_limited_per_remote(hostile: ServerProcess) -> None:
+async def test_connection_lines_are_rate_limited_per_remote(hostile: Server) -> None:
     flood = 60
     bad = token(admin_id=44, secret="another-secret-" + "9" * 40)
     for _ in range(flood):

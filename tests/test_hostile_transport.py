@@ -26,7 +26,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from .backends import PrivateRedis, postgres_database, require
-from .support import ServerProcess, client, token, wait_until
+from .support import InProcessServer, Server, ServerProcess, client, token, wait_until
 from .test_cluster import _start_all
 
 BIG_ID = "x" * 60_000  # echoed back in every reply: a 60 KB reply to a 60 KB request
@@ -45,7 +45,7 @@ def close_attackers() -> Iterator[None]:
 class RawSocket:
     """A WebSocket client on a plain socket: it writes frames and reads only when told."""
 
-    def __init__(self, srv: ServerProcess, sid: int, tok: str, *, rcvbuf: int = 4096) -> None:
+    def __init__(self, srv: Server, sid: int, tok: str, *, rcvbuf: int = 4096) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         OPEN.append(self.sock)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -105,7 +105,7 @@ class RawSocket:
             self.sock.close()
 
 
-def metric(srv: ServerProcess, name: str) -> float:
+def metric(srv: Server, name: str) -> float:
     with urllib.request.urlopen(srv.http("/metrics"), timeout=10) as r:
         for line in r.read().decode().splitlines():
             if line.startswith(name + " "):
@@ -113,7 +113,7 @@ def metric(srv: ServerProcess, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def connections(srv: ServerProcess) -> int:
+def connections(srv: Server) -> int:
     return int(metric(srv, "appchat_connections"))
 
 
@@ -125,7 +125,7 @@ def rss_mb(srv: ServerProcess) -> float:
     raise AssertionError("no VmRSS")
 
 
-def served(srv: ServerProcess, sid: int, tok: str) -> int:
+def served(srv: Server, sid: int, tok: str) -> int:
     """Connect, ask, close; the handshake's status (101 when served)."""
 
     async def run() -> int:
@@ -163,7 +163,7 @@ def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     proc.stop()
 
 
-def attack_and_reset(srv: ServerProcess, sid: int) -> None:
+def attack_and_reset(srv: Server, sid: int) -> None:
     """Fill the server with clients that pipeline big replies, never read, then reset."""
     attackers = [RawSocket(srv, sid + i, token(admin_id=sid + i)) for i in range(MAX_CONNECTIONS)]
     try:
@@ -192,7 +192,7 @@ def test_reset_connections_with_backlogs_are_ended(capped: ServerProcess) -> Non
             assert served(capped, 1500 + i, token(admin_id=1500 + i)) == 101
 
 
-def test_a_closed_connection_is_ended(capped: ServerProcess) -> None:
+def test_a_closed_connection_is_ended(capped: Server) -> None:
     async def run() -> None:
         async with client(capped, 1600, token(admin_id=1600)) as c:
             await c.ok("Event.GetUnreadInfo", {})
@@ -203,7 +203,7 @@ def test_a_closed_connection_is_ended(capped: ServerProcess) -> None:
     wait_until(lambda: connections(capped) == 0, timeout=15)
 
 
-def test_a_closed_connection_with_a_backlog_is_ended(capped: ServerProcess) -> None:
+def test_a_closed_connection_with_a_backlog_is_ended(capped: Server) -> None:
     wait_until(lambda: connections(capped) == 0, timeout=15)
     a = RawSocket(capped, 1601, token(admin_id=1601))
     assert a.status == 101
@@ -214,7 +214,7 @@ def test_a_closed_connection_with_a_backlog_is_ended(capped: ServerProcess) -> N
 
 
 def test_a_heartbeat_timeout_ends_a_connection_with_a_backlog(tmp_path: Path) -> None:
-    srv = ServerProcess(tmp_path / "hb.db", "--rate", "0", "--heartbeat", "1").start()
+    srv = InProcessServer(tmp_path / "hb.db", "--rate", "0", "--heartbeat", "1").start()
     try:
         quiet = RawSocket(srv, 1700, token(admin_id=1700))  # answers no ping
         stuck = RawSocket(srv, 1701, token(admin_id=1701))  # nor reads its replies
@@ -231,7 +231,7 @@ def test_a_heartbeat_timeout_ends_a_connection_with_a_backlog(tmp_path: Path) ->
 
 
 def test_a_slow_consumer_is_closed_4008_and_ended(tmp_path: Path) -> None:
-    srv = ServerProcess(
+    srv = InProcessServer(
         tmp_path / "slow.db", "--rate", "0", "--send-buffer", "200000", "--heartbeat", "0"
     ).start()
     try:
@@ -262,7 +262,7 @@ def test_a_slow_consumer_is_closed_4008_and_ended(tmp_path: Path) -> None:
         srv.stop()
 
 
-def metrics_text(srv: ServerProcess) -> str:
+def metrics_text(srv: Server) -> str:
     with urllib.request.urlopen(srv.http("/metrics"), timeout=10) as r:
         body: bytes = r.read()
     return body.decode()
@@ -305,7 +305,7 @@ def page_bytes(reply: dict[str, object]) -> int:
     return len(json.dumps(reply, ensure_ascii=False).encode())
 
 
-async def test_a_reading_client_pages_through_every_big_message(emoji: ServerProcess) -> None:
+async def test_a_reading_client_pages_through_every_big_message(emoji: Server) -> None:
     async with client(emoji, 2001, token(admin_id=2001), max_size=None) as c:
         # Back from the newest, 500 at a time asked: each page stays within the bound
         # (the reply bound is the send buffer when that is below 1 MiB).
@@ -354,7 +354,7 @@ def peak_rss_mb(srv: ServerProcess) -> float:
     raise AssertionError("no VmHWM")
 
 
-def served_pages(srv: ServerProcess) -> float:
+def served_pages(srv: Server) -> float:
     text = metrics_text(srv)
     for line in text.splitlines():
         if line.startswith('appchat_events_total{event="Event.GetMessageList",outcome="ok"}'):
@@ -402,7 +402,8 @@ def test_never_reading_clients_asking_huge_pages_hold_their_budget_only(
 
 
 async def test_a_ping_flood_is_closed_1008_and_others_stay_fast(tmp_path: Path) -> None:
-    # The default budget: --rate 50 --burst 100.
+    # The default budget: --rate 50 --burst 100. A process of its own: the flood comes
+    # from this one, and would take the server's turns here.
     srv = await asyncio.to_thread(ServerProcess(tmp_path / "ping.db").start)
     try:
         async with client(srv, 1900, token(admin_id=1900)) as other:
@@ -479,7 +480,7 @@ async def test_a_ping_flood_is_closed_1008_and_others_stay_fast(tmp_path: Path) 
 # --- item 9: a hung broker -------------------------------------------------------------
 
 
-async def handshake_status(srv: ServerProcess, sid: int, tok: str) -> int:
+async def handshake_status(srv: Server, sid: int, tok: str) -> int:
     try:
         async with client(srv, sid, tok) as c:
             await c.ok("Event.GetUnreadInfo", {})
@@ -500,7 +501,7 @@ async def test_a_stopped_broker_stalls_no_ack_and_silences_no_connection(
         with postgres_database() as url:
             a, b = await asyncio.to_thread(
                 _start_all,
-                [ServerProcess(url, "--broker", redis.url, "--rate", "0") for _ in range(2)],
+                [InProcessServer(url, "--broker", redis.url, "--rate", "0") for _ in range(2)],
             )
             try:
                 async with (

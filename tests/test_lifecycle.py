@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,12 +14,12 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from .support import ServerProcess, client, token
+from .support import Clock, InProcessServer, Server, ServerProcess, client, token
 
 
 async def test_restart_on_the_same_database_file(tmp_path: Path) -> None:
     db = tmp_path / "restart.db"
-    srv = ServerProcess(db).start()
+    srv = InProcessServer(db).start()
     try:
         async with client(srv, 1, token(admin_id=1)) as s:
             conv = await s.ok("Event.AddConversation", {"application_id": 77})
@@ -48,13 +49,23 @@ async def test_restart_on_the_same_database_file(tmp_path: Path) -> None:
         assert srv.stop() == 0
 
 
-async def test_expired_token_closes_4001_unless_refreshed(server: ServerProcess) -> None:
+async def test_expired_token_closes_4001_unless_refreshed(tmp_path: Path) -> None:
+    clock = Clock(time.time)  # the server's: the test moves it past exp
+    server = InProcessServer(tmp_path / "expiry.db", clock=clock).start()
+    try:
+        await expired_token_closes_4001_unless_refreshed(server, clock)
+    finally:
+        server.stop()
+
+
+async def expired_token_closes_4001_unless_refreshed(server: Server, clock: Clock) -> None:
     async with (
         client(server, 1, token(admin_id=1, ttl=2)) as lapsing,
         client(server, 1, token(admin_id=1, ttl=2)) as refreshed,
     ):
         result = await refreshed.ok("Event.RefreshToken", {"token": token(admin_id=1, ttl=60)})
         assert result["exp"] > 0
+        clock.advance(2)  # past the first exp, long before the refreshed one
         with pytest.raises(ConnectionClosed) as info:
             for _ in range(60):
                 await lapsing.ws.send('{"name": "Event.GetUnreadInfo"}')
@@ -63,10 +74,16 @@ async def test_expired_token_closes_4001_unless_refreshed(server: ServerProcess)
         await refreshed.ok("Event.GetUnreadInfo", {})  # still up past the first exp
 
 
-async def test_refresh_to_an_earlier_expiry_closes_then(server: ServerProcess) -> None:
-    async with client(server, 1, token(admin_id=1, ttl=600)) as c:
-        await c.ok("Event.RefreshToken", {"token": token(admin_id=1, ttl=2)})
-        assert await c.close_code(timeout=10) == 4001
+async def test_refresh_to_an_earlier_expiry_closes_then(tmp_path: Path) -> None:
+    clock = Clock(time.time)  # the server's: the test moves it past the new exp
+    server = InProcessServer(tmp_path / "earlier.db", clock=clock).start()
+    try:
+        async with client(server, 1, token(admin_id=1, ttl=600)) as c:
+            await c.ok("Event.RefreshToken", {"token": token(admin_id=1, ttl=2)})
+            clock.advance(2)
+            assert await c.close_code(timeout=10) == 4001
+    finally:
+        server.stop()
 
 
 def get(url: str) -> tuple[int, dict[str, object]]:
@@ -77,7 +94,7 @@ def get(url: str) -> tuple[int, dict[str, object]]:
         return e.code, json.loads(e.read())
 
 
-def test_health_and_readiness(server: ServerProcess) -> None:
+def test_health_and_readiness(server: Server) -> None:
     assert get(server.http("/healthz")) == (200, {"status": "ok"})
     status, body = get(server.http("/readyz"))
     assert status == 200 and body["checks"] == {"database": "ok", "broker": "ok"}
@@ -105,6 +122,20 @@ async def test_sigterm_closes_1001_keeps_acked_messages_and_exits_0(tmp_path: Pa
         srv.stop()
 
 
+async def test_shutdown_reads_the_clients_answer_to_its_close(tmp_path: Path) -> None:
+    """SIGTERM closes each connection with 1001 and reads the client's close frame back:
+    the connection ends as going away, not lost after the close timeout."""
+    srv = ServerProcess(tmp_path / "answer.db", "--log-level", "INFO").start()
+    async with client(srv, 1, token(admin_id=1)) as s:
+        await s.ok("Event.GetUnreadInfo", {})
+        assert srv.proc is not None
+        srv.proc.send_signal(signal.SIGTERM)
+        assert await s.close_code() == 1001
+    assert srv.stop() == 0
+    closed = [line for line in srv.lines if " closed: sid 1 " in line]
+    assert len(closed) == 1 and "code 1001 (going away)" in closed[0], srv.output
+
+
 async def test_repeated_sigterm_during_shutdown_still_exits_0(tmp_path: Path) -> None:
     """A supervisor that keeps signalling while the server drains (and after its event loop
     has closed) must not turn a clean exit into death by signal."""
@@ -125,7 +156,7 @@ async def test_repeated_sigterm_during_shutdown_still_exits_0(tmp_path: Path) ->
     srv.stop()
 
 
-async def test_metrics_count_connections_and_events(server: ServerProcess) -> None:
+async def test_metrics_count_connections_and_events(server: Server) -> None:
     def scrape() -> str:
         with urllib.request.urlopen(server.http("/metrics"), timeout=5) as r:
             assert r.headers["Content-Type"].startswith("text/plain")

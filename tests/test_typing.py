@@ -16,7 +16,7 @@ from appchat.service import TYPING_INTERVAL_US, ChatService
 from appchat.store.sqlite import SqliteStore
 
 from .backends import REDIS_URL, postgres_database, require, unique_prefix
-from .support import ServerProcess, client, token
+from .support import Server, client, token
 from .test_cluster import start_nodes
 from .test_service import RecordingFanout, Session
 
@@ -28,7 +28,7 @@ def typing(app: int | str, **extra: Any) -> dict[str, Any]:
 
 
 async def test_typing_reaches_every_connection_of_the_other_participants(
-    server: ServerProcess,
+    server: Server,
 ) -> None:
     app = next(_apps)
     async with (
@@ -65,7 +65,7 @@ async def test_typing_reaches_every_connection_of_the_other_participants(
             assert push["result"] == sent
 
 
-async def test_typing_is_throttled_per_connection_and_conversation(server: ServerProcess) -> None:
+async def test_typing_is_throttled_per_connection_and_conversation(server: Server) -> None:
     app = next(_apps)
     async with (
         client(server, 1, token(admin_id=1)) as staff,
@@ -82,7 +82,7 @@ async def test_typing_is_throttled_per_connection_and_conversation(server: Serve
         assert names == ["Event.ReceiveTyping", "Event.ReceiveTyping", "Event.ReceiveMessage"]
 
 
-async def test_typing_is_authorized_like_send_message(server: ServerProcess) -> None:
+async def test_typing_is_authorized_like_send_message(server: Server) -> None:
     app, other, missing = next(_apps), next(_apps), next(_apps)
     async with (
         client(server, 1, token(admin_id=1)) as staff,

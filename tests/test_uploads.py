@@ -14,7 +14,16 @@ import pytest
 from PIL import Image
 
 from .motoserver import ENV, moto_server, new_bucket
-from .support import ServerProcess, client, customer, raw_token, staff, token
+from .support import (
+    InProcessServer,
+    Server,
+    ServerProcess,
+    client,
+    customer,
+    raw_token,
+    staff,
+    token,
+)
 
 MAX_UPLOAD = 400_000  # bytes: small, so the oversize test sends little
 _apps = itertools.count(7000)
@@ -40,9 +49,9 @@ def jpeg(width: int, height: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("uploads")
-    proc = ServerProcess(root / "appchat.db", "--max-upload", str(MAX_UPLOAD)).start()
+    proc = InProcessServer(root / "appchat.db", "--max-upload", str(MAX_UPLOAD)).start()
     yield proc
     proc.stop()
 
@@ -60,7 +69,7 @@ def form(application: int | str, data: bytes, *, filename: str = "photo.png") ->
 
 async def upload(
     http: aiohttp.ClientSession,
-    server: ServerProcess,
+    server: Server,
     tok: str,
     body: Any,
     *,
@@ -75,21 +84,21 @@ async def upload(
 
 
 async def fetch(
-    http: aiohttp.ClientSession, server: ServerProcess, path: str, tok: str | None
+    http: aiohttp.ClientSession, server: Server, path: str, tok: str | None
 ) -> tuple[int, bytes, Any]:
     headers = {} if tok is None else bearer(tok)
     async with http.get(server.http(path), headers=headers) as r:
         return r.status, await r.read(), r.headers
 
 
-async def conversation(server: ServerProcess, app: int, customer_sid: int) -> None:
+async def conversation(server: Server, app: int, customer_sid: int) -> None:
     """Application ``app`` has its conversation, with customer ``customer_sid`` in it."""
     async with customer(server, app, customer_sid) as c:
         await c.ok("Event.AddConversation", {"application_id": app})
 
 
 async def test_a_png_is_uploaded_sent_pushed_and_fetched_by_participants_only(
-    server: ServerProcess, http: aiohttp.ClientSession
+    server: Server, http: aiohttp.ClientSession
 ) -> None:
     app, other_app = new_app(), new_app()
     await conversation(server, other_app, 21)
@@ -148,9 +157,7 @@ async def test_a_png_is_uploaded_sent_pushed_and_fetched_by_participants_only(
     assert (await fetch(http, server, ref, "not-a-token"))[0] == 401
 
 
-async def test_a_revalidation_is_answered_304(
-    server: ServerProcess, http: aiohttp.ClientSession
-) -> None:
+async def test_a_revalidation_is_answered_304(server: Server, http: aiohttp.ClientSession) -> None:
     app = new_app()
     await conversation(server, app, 22)
     tok = token(request_id=app, sid=22)
@@ -177,7 +184,7 @@ async def test_a_revalidation_is_answered_304(
     ],
 )
 async def test_a_file_that_only_pretends_to_be_a_png_is_refused_with_415(
-    server: ServerProcess, http: aiohttp.ClientSession, body: bytes
+    server: Server, http: aiohttp.ClientSession, body: bytes
 ) -> None:
     app = new_app()
     await conversation(server, app, 23)
@@ -187,7 +194,7 @@ async def test_a_file_that_only_pretends_to_be_a_png_is_refused_with_415(
 
 
 async def test_an_svg_or_bmp_is_refused_even_though_pillow_could_read_some(
-    server: ServerProcess, http: aiohttp.ClientSession
+    server: Server, http: aiohttp.ClientSession
 ) -> None:
     app = new_app()
     await conversation(server, app, 24)
@@ -199,9 +206,7 @@ async def test_an_svg_or_bmp_is_refused_even_though_pillow_could_read_some(
         assert status == 415, doc
 
 
-async def test_jpeg_webp_and_gif_are_accepted(
-    server: ServerProcess, http: aiohttp.ClientSession
-) -> None:
+async def test_jpeg_webp_and_gif_are_accepted(server: Server, http: aiohttp.ClientSession) -> None:
     app = new_app()
     await conversation(server, app, 25)
     for fmt, kind in (("JPEG", "image/jpeg"), ("WEBP", "image/webp"), ("GIF", "image/gif")):
@@ -218,7 +223,7 @@ async def test_jpeg_webp_and_gif_are_accepted(
 
 
 async def test_an_oversize_upload_is_refused_with_413(
-    server: ServerProcess, http: aiohttp.ClientSession
+    server: Server, http: aiohttp.ClientSession
 ) -> None:
     app = new_app()
     await conversation(server, app, 26)
@@ -248,7 +253,7 @@ async def test_an_oversize_upload_is_refused_with_413(
 
 
 async def test_no_token_or_a_bad_one_is_refused_with_401(
-    server: ServerProcess, http: aiohttp.ClientSession
+    server: Server, http: aiohttp.ClientSession
 ) -> None:
     app = new_app()
     await conversation(server, app, 27)
@@ -274,7 +279,7 @@ async def test_no_token_or_a_bad_one_is_refused_with_401(
 
 
 async def test_another_application_looks_exactly_like_a_missing_conversation(
-    server: ServerProcess, http: aiohttp.ClientSession
+    server: Server, http: aiohttp.ClientSession
 ) -> None:
     mine, theirs, nobody = new_app(), new_app(), new_app()
     await conversation(server, mine, 30)
@@ -291,7 +296,7 @@ async def test_another_application_looks_exactly_like_a_missing_conversation(
 
 
 async def test_malformed_forms_are_refused_with_400(
-    server: ServerProcess, http: aiohttp.ClientSession
+    server: Server, http: aiohttp.ClientSession
 ) -> None:
     app = new_app()
     await conversation(server, app, 32)
@@ -328,7 +333,7 @@ async def test_malformed_forms_are_refused_with_400(
 
 
 async def test_an_image_message_must_reference_an_upload_of_its_conversation(
-    server: ServerProcess, http: aiohttp.ClientSession
+    server: Server, http: aiohttp.ClientSession
 ) -> None:
     app, other = new_app(), new_app()
     await conversation(server, other, 34)
@@ -359,7 +364,7 @@ async def test_an_image_message_must_reference_an_upload_of_its_conversation(
 async def test_uploads_land_in_the_upload_dir(tmp_path: Path) -> None:
     """``--upload-dir`` is where the files go; the thumbnail sits beside the original."""
     uploads = tmp_path / "files"
-    proc = ServerProcess(tmp_path / "db" / "appchat.db", "--upload-dir", str(uploads)).start()
+    proc = InProcessServer(tmp_path / "db" / "appchat.db", "--upload-dir", str(uploads)).start()
     try:
         app = new_app()
         await conversation(proc, app, 40)

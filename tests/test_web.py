@@ -9,22 +9,27 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from .backends import free_port
-from .support import ServerProcess, client, token
+from .support import Clock, InProcessServer, Server, client, token
 
 DOCS_IMG = Path(__file__).parent.parent / "docs" / "img"
 TIMEOUT = 15_000  # ms: the longest any page condition may take (reconnect backoff included)
 
 
-async def open_page(browser: Any, server: ServerProcess, errors: list[str]) -> Any:
+async def open_page(browser: Any, server: Server, errors: list[str], *, clock: bool = False) -> Any:
+    """A page of its own browser context; ``clock``: with Playwright's clock installed (time
+    flows as usual until the test moves it on: ``page.clock.fast_forward``)."""
     context = await browser.new_context(viewport={"width": 1180, "height": 720})
     page = await context.new_page()
     page.set_default_timeout(TIMEOUT)
+    if clock:
+        await page.clock.install()
     page.on("pageerror", lambda e: errors.append(str(e)))
     await page.goto(server.http("/"))
     return page
@@ -63,13 +68,13 @@ async def screenshot(page: Any, tmp_path: Path, name: str) -> None:
 @pytest.fixture(scope="module")
 def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     db = tmp_path_factory.mktemp("web") / "appchat.db"
-    proc = ServerProcess(db, "--dev", "--rate", "0").start()
+    proc = InProcessServer(db, "--dev", "--rate", "0").start()
     yield proc
     proc.stop()
 
 
 async def test_customer_and_staff_chat_through_the_web_client(
-    dev_server: ServerProcess, browser: Any, tmp_path: Path
+    dev_server: Server, browser: Any, tmp_path: Path
 ) -> None:
     from playwright.async_api import expect
 
@@ -80,14 +85,14 @@ async def test_customer_and_staff_chat_through_the_web_client(
         await other.ok("Event.SendMessage", {"session_channel": "101", "content": "Invoice?"})
 
     errors: list[str] = []
-    customer = await open_page(browser, server, errors)
+    customer = await open_page(browser, server, errors, clock=True)
     await join_as_customer(customer, 2, 100)
     await expect(customer.locator("#status")).to_have_attribute("data-state", "online")
     await expect(customer.locator("#thread-empty")).to_be_visible()
     await send(customer, "Hello, my parcel has not arrived")
     await expect(bubble(customer, "my parcel").locator(".ticks")).to_have_text("✓")
 
-    staff = await open_page(browser, server, errors)
+    staff = await open_page(browser, server, errors, clock=True)
     await join_as_staff(staff, 1)
     await expect(staff.locator("#status")).to_have_attribute("data-state", "online")
     inbox = staff.locator("#conversations li")
@@ -122,6 +127,11 @@ async def test_customer_and_staff_chat_through_the_web_client(
     await expect(staff.locator("#conversations li[data-channel='100'] .sub")).to_have_text(
         "typing…"
     )
+    # The page stops telling 3 s after the last keystroke and the other hides the notice
+    # 5 s after the last news (app.js TYPING_IDLE_MS, TYPING_SHOWN_MS): their clocks move on
+    # instead of the test waiting (a notice still under way shows again, for 5 s at most).
+    await customer.clock.fast_forward(3_000)
+    await staff.clock.fast_forward(5_000)
     await expect(staff.locator("#typing")).to_have_text("", timeout=12_000)
     await customer.locator("#input").fill("")
 
@@ -136,9 +146,7 @@ async def test_customer_and_staff_chat_through_the_web_client(
     assert errors == []
 
 
-async def test_history_pages_in_on_scroll(
-    dev_server: ServerProcess, browser: Any, tmp_path: Path
-) -> None:
+async def test_history_pages_in_on_scroll(dev_server: Server, browser: Any, tmp_path: Path) -> None:
     from playwright.async_api import expect
 
     async with client(dev_server, 1, token(admin_id=1)) as s:
@@ -162,7 +170,7 @@ async def test_history_pages_in_on_scroll(
 
 
 async def test_bad_tokens_are_explained_on_the_sign_in_page(
-    dev_server: ServerProcess, browser: Any
+    dev_server: Server, browser: Any
 ) -> None:
     from playwright.async_api import expect
 
@@ -183,22 +191,28 @@ async def test_bad_tokens_are_explained_on_the_sign_in_page(
     assert errors == []
 
 
-async def test_an_expired_session_says_so(dev_server: ServerProcess, browser: Any) -> None:
+async def test_an_expired_session_says_so(browser: Any, tmp_path: Path) -> None:
     from playwright.async_api import expect
 
-    errors: list[str] = []
-    page = await open_page(browser, dev_server, errors)
-    form = page.locator("#token-form")
-    await form.locator("textarea").fill(token(request_id=700, sid=9, ttl=4))
-    await form.get_by_role("button", name="Sign in").click()
-    await expect(page.locator("#who")).to_have_text("Customer #9 · request #700")
-    await expect(page.locator("#thread-empty")).to_be_visible()  # joined its conversation
-    # The server closes the connection with 4001 at exp; a pasted token cannot be renewed.
-    await expect(page.locator("#status")).to_have_attribute("data-state", "token_expired")
-    await expect(page.locator("#banner")).to_contain_text("Your session has expired.")
-    await page.locator("#banner").get_by_role("button", name="Sign in again").click()
-    await expect(page.locator("#token-form")).to_be_visible()
-    assert errors == []
+    clock = Clock(time.time)  # the server's: the test moves it past exp
+    server = InProcessServer(tmp_path / "expiry.db", "--dev", "--rate", "0", clock=clock).start()
+    try:
+        errors: list[str] = []
+        page = await open_page(browser, server, errors)
+        form = page.locator("#token-form")
+        await form.locator("textarea").fill(token(request_id=700, sid=9, ttl=4))
+        await form.get_by_role("button", name="Sign in").click()
+        await expect(page.locator("#who")).to_have_text("Customer #9 · request #700")
+        await expect(page.locator("#thread-empty")).to_be_visible()  # joined its conversation
+        # The server closes the connection with 4001 at exp; a pasted token cannot be renewed.
+        clock.advance(4)
+        await expect(page.locator("#status")).to_have_attribute("data-state", "token_expired")
+        await expect(page.locator("#banner")).to_contain_text("Your session has expired.")
+        await page.locator("#banner").get_by_role("button", name="Sign in again").click()
+        await expect(page.locator("#token-form")).to_be_visible()
+        assert errors == []
+    finally:
+        server.stop()
 
 
 async def test_restart_in_the_middle_loses_and_doubles_nothing(
@@ -208,13 +222,13 @@ async def test_restart_in_the_middle_loses_and_doubles_nothing(
 
     port = free_port()
     db = tmp_path / "restart.db"
-    server = ServerProcess(db, "--dev", "--rate", "0", "--port", str(port)).start()
+    server = InProcessServer(db, "--dev", "--rate", "0", "--port", str(port)).start()
     try:
         errors: list[str] = []
-        customer = await open_page(browser, server, errors)
+        customer = await open_page(browser, server, errors, clock=True)
         await join_as_customer(customer, 2, 400)
         await expect(customer.locator("#status")).to_have_attribute("data-state", "online")
-        staff = await open_page(browser, server, errors)
+        staff = await open_page(browser, server, errors, clock=True)
         await join_as_staff(staff, 1)
         await staff.locator("#conversations li[data-channel='400']").click()
         await expect(staff.locator("#thread-empty")).to_be_visible()
@@ -232,7 +246,7 @@ async def test_restart_in_the_middle_loses_and_doubles_nothing(
         await expect(bubble(customer, "written while offline")).to_have_class("msg own pending")
 
         # While the pages are away, messages arrive through another node on the same data.
-        away = ServerProcess(db, "--rate", "0").start()
+        away = InProcessServer(db, "--rate", "0").start()
         try:
             async with client(away, 1, token(admin_id=1)) as s:
                 for text in ("sent while away 1", "sent while away 2"):
@@ -241,8 +255,10 @@ async def test_restart_in_the_middle_loses_and_doubles_nothing(
             away.stop()
 
         server.start()  # the same port again
-        # Each page retries on its own backoff, which reaches 15 s (appchat.js backoffMax)
-        # when the server was away for long (a slow start of the other node, say).
+        # Each page retries on its own backoff, which reaches 15 s at most (appchat.js
+        # backoffMax): its clock moves past the retry instead of the test waiting it out.
+        for page in (customer, staff):
+            await page.clock.fast_forward(15_000)
         for page in (customer, staff):
             await expect(page.locator("#status")).to_have_attribute(
                 "data-state", "online", timeout=20_000
@@ -280,7 +296,7 @@ def readme_snippets() -> tuple[str, str]:
 
 @pytest.mark.parametrize("who", ["staff 1:", "customer 2 of application 100:"])
 async def test_the_readme_browser_snippets_work_with_both_printed_tokens(
-    dev_server: ServerProcess, browser: Any, who: str
+    dev_server: Server, browser: Any, who: str
 ) -> None:
     printed = next(line for line in dev_server.lines if line.strip().startswith(who))
     jwt = printed.split()[-1]

@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from .support import ServerProcess
+from .support import InProcessServer, Server
 from .test_web import join_as_customer, join_as_staff, open_page, screenshot
 
 
 @pytest.fixture(scope="module")
-def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     db = tmp_path_factory.mktemp("web-images") / "appchat.db"
-    proc = ServerProcess(db, "--dev", "--rate", "0").start()
+    proc = InProcessServer(db, "--dev", "--rate", "0").start()
     yield proc
     proc.stop()
 
@@ -28,7 +28,7 @@ async def natural_size(image: Any) -> list[int]:
 
 
 async def test_a_customer_attaches_an_image_and_staff_sees_it(
-    dev_server: ServerProcess, browser: Any, tmp_path: Path
+    dev_server: Server, browser: Any, tmp_path: Path
 ) -> None:
     from playwright.async_api import expect
 

@@ -12,12 +12,12 @@ import pytest
 
 from appchat.auth import TokenVerifier
 
-from .support import SECRET, ServerProcess, client
+from .support import SECRET, InProcessServer, Server, client
 
 
 @pytest.fixture(scope="module")
-def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path_factory.mktemp("dev") / "d.db", "--dev").start()
+def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    proc = InProcessServer(tmp_path_factory.mktemp("dev") / "d.db", "--dev").start()
     yield proc
     proc.stop()
 
@@ -42,7 +42,7 @@ async def fetch(
     ],
 )
 async def test_static_files_are_served_with_a_strict_policy(
-    server: ServerProcess, path: str, kind: str, needle: bytes
+    server: Server, path: str, kind: str, needle: bytes
 ) -> None:
     status, headers, body = await fetch(server.http(path))
     assert status == 200 and headers["Content-Type"].startswith(kind)
@@ -51,14 +51,14 @@ async def test_static_files_are_served_with_a_strict_policy(
     assert headers["X-Content-Type-Options"] == "nosniff"
 
 
-async def test_without_dev_there_is_no_token_endpoint(server: ServerProcess) -> None:
+async def test_without_dev_there_is_no_token_endpoint(server: Server) -> None:
     status, _, body = await fetch(server.http("/client-config.json"))
     assert status == 200 and body == b'{"dev": false}'
     status, _, _ = await fetch(server.http("/dev/token"), "POST", json={"role": "staff", "id": 1})
     assert status == 404
 
 
-async def test_dev_tokens_name_their_participant(dev_server: ServerProcess) -> None:
+async def test_dev_tokens_name_their_participant(dev_server: Server) -> None:
     status, _, body = await fetch(dev_server.http("/client-config.json"))
     assert body == b'{"dev": true}'
     url = dev_server.http("/dev/token")
@@ -94,7 +94,7 @@ async def test_dev_tokens_name_their_participant(dev_server: ServerProcess) -> N
     ],
 )
 async def test_dev_token_refuses_bad_requests(
-    dev_server: ServerProcess, body: Any, headers: Any, status: int
+    dev_server: Server, body: Any, headers: Any, status: int
 ) -> None:
     kwargs: dict[str, Any] = {"headers": headers}
     if isinstance(body, str):
@@ -106,7 +106,7 @@ async def test_dev_token_refuses_bad_requests(
     assert b"token" not in text
 
 
-async def test_dev_token_accepts_its_own_origin(dev_server: ServerProcess) -> None:
+async def test_dev_token_accepts_its_own_origin(dev_server: Server) -> None:
     origin = f"http://127.0.0.1:{dev_server.port}"
     status, _, _ = await fetch(
         dev_server.http("/dev/token"),

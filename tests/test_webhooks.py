@@ -11,7 +11,7 @@ import signal
 import sqlite3
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +34,7 @@ from .backends import (
     require,
     unique_prefix,
 )
-from .support import ServerProcess, customer, staff
+from .support import InProcessServer, Server, ServerProcess, customer, staff
 
 HOOK_SECRET = "hook-secret-" + "fedcba9876543210" * 3
 DOCS = Path(__file__).parent.parent / "docs" / "api.md"
@@ -128,12 +128,20 @@ class Receiver:
                 await self._changed.wait()
 
 
-def serve(database: Path | str, *urls: str, more: tuple[str, ...] = ()) -> ServerProcess:
+def serve(database: Path | str, *urls: str, more: tuple[str, ...] = ()) -> InProcessServer:
     args = [a for url in urls for a in ("--webhook-url", url)]
-    return ServerProcess(database, *args, *FAST, *more, env={"APPCHAT_WEBHOOK_SECRET": HOOK_SECRET})
+    env = {"APPCHAT_WEBHOOK_SECRET": HOOK_SECRET}
+    return InProcessServer(database, *args, *FAST, *more, env=env)
 
 
-def metric(srv: ServerProcess, name: str) -> float:
+def serve_process(database: Path | str, *urls: str, more: tuple[str, ...] = ()) -> ServerProcess:
+    """``serve`` as a child process: for SIGKILL and ``--workers``."""
+    args = [a for url in urls for a in ("--webhook-url", url)]
+    env = {"APPCHAT_WEBHOOK_SECRET": HOOK_SECRET}
+    return ServerProcess(database, *args, *FAST, *more, env=env)
+
+
+def metric(srv: Server, name: str) -> float:
     with urllib.request.urlopen(srv.http("/metrics"), timeout=5) as r:
         text = r.read().decode()
     found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
@@ -141,7 +149,7 @@ def metric(srv: ServerProcess, name: str) -> float:
 
 
 async def until_metric(
-    srv: ServerProcess, name: str, done: Callable[[float], bool], timeout: float = 30
+    srv: Server, name: str, done: Callable[[float], bool], timeout: float = 30
 ) -> None:
     async with asyncio.timeout(timeout):
         while not done(await asyncio.to_thread(metric, srv, name)):  # noqa: ASYNC110
@@ -391,7 +399,7 @@ async def test_a_server_killed_between_the_ack_and_the_delivery_loses_nothing(
     tmp_path: Path,
 ) -> None:
     receiver = Receiver()  # down
-    srv = serve(tmp_path / "killed.db", receiver.url).start()
+    srv = serve_process(tmp_path / "killed.db", receiver.url).start()
     try:
         async with staff(srv, 1) as s:
             await s.ok("Event.AddConversation", {"application_id": 6})
@@ -416,7 +424,7 @@ async def test_a_server_killed_between_the_ack_and_the_delivery_loses_nothing(
 # --- several deliverers on one database ------------------------------------------------------
 
 
-async def send_through(nodes: list[ServerProcess], app: int, count: int) -> list[int]:
+async def send_through(nodes: Sequence[Server], app: int, count: int) -> list[int]:
     """``count`` messages into application ``app``, through each node in turn; their ids."""
     ids: list[int] = []
     async with staff(nodes[0], 1) as first:
@@ -432,12 +440,12 @@ async def send_through(nodes: list[ServerProcess], app: int, count: int) -> list
     return ids
 
 
-async def delivered_by(nodes: list[ServerProcess]) -> float:
+async def delivered_by(nodes: Sequence[Server]) -> float:
     counts = await asyncio.gather(*(asyncio.to_thread(metric, n, DELIVERED) for n in nodes))
     return sum(counts)
 
 
-async def delivered_once(receiver: Receiver, nodes: list[ServerProcess], ids: list[int]) -> None:
+async def delivered_once(receiver: Receiver, nodes: Sequence[Server], ids: list[int]) -> None:
     """Every event arrives, then (with nothing left to deliver anywhere) none came twice."""
     expected = 1 + 2 * len(ids)  # the conversation, each message and each read
     await receiver.until(lambda: len({d.event["id"] for d in receiver.deliveries}) == expected)
@@ -481,7 +489,7 @@ async def test_workers_on_one_sqlite_file_deliver_each_event_exactly_once(
 ) -> None:
     require("Redis", "127.0.0.1", 6379)
     more = ("--workers", "2", "--broker", REDIS_URL, "--channel-prefix", unique_prefix())
-    srv = serve(tmp_path / "workers.db", receiver.url, more=more).start()
+    srv = serve_process(tmp_path / "workers.db", receiver.url, more=more).start()
     try:
         ids = await send_through([srv], 400, 24)
         expected = 1 + 2 * len(ids)

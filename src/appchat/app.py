@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 import ssl
+import time
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -46,13 +48,17 @@ class Node:
         broker: Broker | None = None,
         blobs: BlobStore | None = None,
         worker: int | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """``worker``: this node is worker number ``worker`` of ``serve --workers`` (its port
-        is shared through SO_REUSEPORT, the parent migrated the database)."""
+        is shared through SO_REUSEPORT, the parent migrated the database). ``clock`` tells
+        the time tokens expire by (their check and the sweep that closes connections at
+        ``exp``); ``monotonic`` paces each connection's frame budget (``--rate``)."""
         self.settings = settings
         self.worker = worker
         self.verifier = TokenVerifier(
-            secret, keys=[public_key(spec) for spec in settings.jwt_public_key]
+            secret, keys=[public_key(spec) for spec in settings.jwt_public_key], clock=clock
         )
         self.store = store or open_store(
             settings.database,
@@ -107,6 +113,8 @@ class Node:
                 allowed_origins=frozenset(settings.allowed_origins),
             ),
             metrics=self.metrics,
+            clock=clock,
+            monotonic=monotonic,
         )
         self.api = ServerApi(
             self.service,
@@ -150,7 +158,6 @@ class Node:
         WebClient(dev_secret=self._dev_secret).add_routes(app)
         self.uploads.add_routes(app)
         app.add_subapp("/api/", self.api.app())
-        app.on_shutdown.append(self._on_shutdown)
         if self.worker is not None:
             app.on_response_prepare.append(self._name_worker)
         return app
@@ -158,10 +165,6 @@ class Node:
     async def _name_worker(self, request: web.Request, response: web.StreamResponse) -> None:
         # Which process answered: for operators and tests of ``serve --workers``.
         response.headers["Appchat-Worker"] = f"{self.worker} pid={os.getpid()}"
-
-    async def _on_shutdown(self, app: web.Application) -> None:
-        # Listening sockets are closed already; in-flight handlers finish after this.
-        await self.ws.close_all()
 
     @property
     def scheme(self) -> str:
@@ -210,7 +213,18 @@ class Node:
             self._listener.close()  # what web.TCPSite.stop does before the runner cleans up
             self._listener = None
         if self._runner is not None:
+            # Before the runner's cleanup, which first marks every connection as closing:
+            # from then on aiohttp drops what clients send, so their answers to our close
+            # frames would never be read and each close would wait out its timeout.
+            await self.ws.close_all()
+            server = self._runner.server
+            handlers = server.connections if server is not None else []
+            transports = [h.transport for h in handlers if h.transport is not None]
             await self._runner.cleanup()
+            # A peer that reads nothing leaves its transport closing for ever, the last
+            # replies still in its buffer: end it, as the exit of the process would.
+            for transport in transports:
+                transport.abort()
         await self.hub.stop()
         if self.webhooks is not None:
             await self.webhooks.stop()

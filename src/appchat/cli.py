@@ -105,26 +105,11 @@ def migrate(ns: argparse.Namespace) -> int:
 def serve(ns: argparse.Namespace) -> int:
     if ns.worker_of is not None:
         return serve_worker(ns.worker_of)
-    settings = settings_from(ns)
-    if settings.dev and settings.host not in ("127.0.0.1", "localhost", "::1"):
-        raise ConfigError("--dev listens on loopback only; drop --host or --dev")
-    if bool(settings.tls_cert) != bool(settings.tls_key):
-        raise ConfigError("--tls-cert and --tls-key go together")
-    check_limits(settings)
-    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"--log-level {settings.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
-    if settings.log_format not in FORMATS:
-        raise ConfigError(f"--log-format {settings.log_format!r}: use text or json")
+    settings = checked_settings(ns)
     workers = worker_count(ns.workers)
     check_workers(settings, workers)
     _configure_logging(settings)
-    secret: bytes | None
-    try:
-        secret = resolve_secret(settings, use_dev_file=settings.dev, create_dev_file=settings.dev)
-    except ConfigError:
-        if not settings.jwt_public_key:
-            raise
-        secret = None  # public keys alone verify tokens
+    secret = serve_secret(settings)
     node = Node(settings, secret)  # checks the secret before anything listens
     if workers > 1:
         apply_migrations(settings.database)  # once, before any worker opens the database
@@ -139,6 +124,32 @@ def serve(ns: argparse.Namespace) -> int:
     signals = ShutdownSignals()
     asyncio.run(_serve(node, secret, signals))
     return 0
+
+
+def checked_settings(ns: argparse.Namespace) -> Settings:
+    """The settings of ``serve``, refused (ConfigError) where they cannot work together."""
+    settings = settings_from(ns)
+    if settings.dev and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError("--dev listens on loopback only; drop --host or --dev")
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    check_limits(settings)
+    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"--log-level {settings.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
+    if settings.log_format not in FORMATS:
+        raise ConfigError(f"--log-format {settings.log_format!r}: use text or json")
+    return settings
+
+
+def serve_secret(settings: Settings) -> bytes | None:
+    """The HS256 secret ``serve`` verifies tokens with (``--dev`` makes one beside the
+    database); ``None`` when public keys alone verify them."""
+    try:
+        return resolve_secret(settings, use_dev_file=settings.dev, create_dev_file=settings.dev)
+    except ConfigError:
+        if not settings.jwt_public_key:
+            raise
+        return None
 
 
 def serve_worker(parent: int) -> int:
@@ -229,24 +240,29 @@ async def _serve(
 
 
 def _announce(settings: Settings, secret: bytes | None, url: str) -> None:
+    print(announcement(settings, secret, url), flush=True)
+
+
+def announcement(settings: Settings, secret: bytes | None, url: str) -> str:
+    """What ``serve`` prints once it listens on ``url``: with ``--dev``, tokens to try it."""
+    listening = f"appchat {__version__} listening on {url}"
     if settings.dev and secret is not None:
-        _print_dev_tokens(secret, url)
-    print(f"appchat {__version__} listening on {url}", flush=True)
+        return _dev_tokens(secret, url) + "\n" + listening
+    return listening
 
 
-def _print_dev_tokens(secret: bytes, url: str) -> None:
+def _dev_tokens(secret: bytes, url: str) -> str:
     staff = mint(secret, admin_id=1, ttl=86400)
     customer = mint(secret, request_id=100, sid=2, ttl=86400)
     web = url.replace("ws", "http", 1).removesuffix("/ws") + "/"
-    print(
+    return (
         f"\n--dev: open the web client at {web} and join with one click\n"
         "\n--dev: tokens valid for 24 hours (more with `appchat token`):\n"
         f"  staff 1:                      {staff}\n"
         f"    connect: {url}?sid=1  subprotocols ['access_token', '<token>']\n"
         f"  customer 2 of application 100: {customer}\n"
         f"    connect: {url}?sid=2  subprotocols ['access_token', '<token>']\n"
-        '    join: Event.AddConversation {"application_id": 100} (pushes start once joined)\n',
-        flush=True,
+        '    join: Event.AddConversation {"application_id": 100} (pushes start once joined)\n'
     )
 
 
