@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import json
 import os
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -61,8 +62,9 @@ def raw_token(payload: dict[str, Any], secret: str = SECRET, algorithm: str = "H
     return jwt.encode(payload, secret, algorithm=algorithm)
 
 
-class ServerProcess:
-    """``appchat serve`` in a child process, on a port of its own choosing."""
+class _Serve:
+    """What both kinds of test server share: ``appchat serve``'s command line, its
+    announcement (``lines``), and the URLs of the port it chose."""
 
     def __init__(
         self,
@@ -76,11 +78,26 @@ class ServerProcess:
         self.env = {**os.environ, **(env or {})}
         if secret is not None:
             self.env["APPCHAT_JWT_SECRET"] = secret
-        self.proc: subprocess.Popen[str] | None = None
         self.port = 0
         self.scheme = "ws"
         self.lines: list[str] = []
-        self._listening = threading.Event()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def url(self, sid: int | str | None = None, path: str = "/ws") -> str:
+        query = "" if sid is None else f"?sid={sid}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}{query}"
+
+    def http(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+class ServerProcess(_Serve):
+    """``appchat serve`` in a child process, on a port of its own choosing."""
+
+    proc: subprocess.Popen[str] | None = None
 
     def command(self) -> list[str]:
         return [
@@ -97,7 +114,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 20) -> ServerProcess:
         self.lines = []
-        self._listening.clear()
+        self._listening = threading.Event()
         self.proc = subprocess.Popen(
             self.command(),
             stdout=subprocess.PIPE,
@@ -122,17 +139,6 @@ class ServerProcess:
                 self.scheme, self.port = m.group(1), int(m.group(3))
                 self._listening.set()
 
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def url(self, sid: int | str | None = None, path: str = "/ws") -> str:
-        query = "" if sid is None else f"?sid={sid}"
-        return f"{self.scheme}://127.0.0.1:{self.port}{path}{query}"
-
-    def http(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         if self.proc is None:
             return 0
@@ -156,7 +162,7 @@ class ServerProcess:
         return code
 
 
-class InProcessServer:
+class InProcessServer(_Serve):
     """``appchat serve`` in this process: the same command line (parsed by the CLI's own
     parser and checks), one ``Node`` on an event loop of its own in a daemon thread, listening
     on a real socket on a port of its own choosing.
@@ -175,16 +181,9 @@ class InProcessServer:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.database = database if isinstance(database, str) else f"sqlite:///{database}"
-        self.args = args
-        self.env = {**os.environ, **(env or {})}
-        if secret is not None:
-            self.env["APPCHAT_JWT_SECRET"] = secret
+        super().__init__(database, *args, env=env, secret=secret)
         self.clock, self.monotonic = clock, monotonic  # the Node's (see Node.__init__)
         self.node: Node | None = None
-        self.port = 0
-        self.scheme = "ws"
-        self.lines: list[str] = []
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -236,17 +235,6 @@ class InProcessServer:
         url = f"{node.scheme}://{settings.host}:{node.port}/ws"
         self.lines = cli.announcement(settings, secret, url).splitlines(keepends=True)
         return self
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def url(self, sid: int | str | None = None, path: str = "/ws") -> str:
-        query = "" if sid is None else f"?sid={sid}"
-        return f"{self.scheme}://127.0.0.1:{self.port}{path}{query}"
-
-    def http(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
 
     def stop(self, *, timeout: float = 20) -> int:
         """What SIGTERM does to ``serve``: close every WebSocket with 1001, drain, close."""
@@ -411,6 +399,22 @@ def wait_until(predicate: Any, timeout: float = 10, interval: float = 0.05) -> N
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(interval)
+
+
+async def eventually(
+    check: Callable[[], bool | Awaitable[bool]], timeout: float = 30, interval: float = 0.05
+) -> None:
+    """Poll ``check`` (a function or a coroutine function) until it holds, for at most
+    ``timeout`` seconds (``TimeoutError``): for state kept by another process or thread
+    (a metric, a database row, a counter) that sends no event to wait on."""
+    async with asyncio.timeout(timeout):
+        while True:
+            done = check()
+            if inspect.isawaitable(done):
+                done = await done
+            if done:
+                return
+            await asyncio.sleep(interval)
 
 
 class TcpProxy:

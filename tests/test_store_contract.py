@@ -64,6 +64,29 @@ async def send(
     return outcome.message.id
 
 
+def sending(
+    store: Store,
+    conv: Conversation,
+    sender: int,
+    text: str,
+    cmid: str | None,
+    *,
+    staff: bool = False,
+    guard: bool = False,
+) -> Coroutine[Any, Any, SendOutcome]:
+    """A send not yet awaited: gathered with others, it joins their batch."""
+    return store.add_message(
+        conv,
+        sender_id=sender,
+        staff=staff,
+        content=text,
+        content_type=1,
+        client_msg_id=cmid,
+        now=NOW + 10,
+        guard_staff=guard,
+    )
+
+
 async def test_conversation_is_created_once(store: Store) -> None:
     first = await store.add_conversation(100, 1, staff=True, now=NOW)
     again = await store.add_conversation(100, 2, staff=False, now=NOW + 5)
@@ -315,16 +338,7 @@ async def test_sends_batched_together_keep_every_rule(store: Store) -> None:
     def add(
         c: Conversation, sender: int, text: str, cmid: str | None, guard: bool = False
     ) -> Coroutine[Any, Any, SendOutcome]:
-        return store.add_message(
-            c,
-            sender_id=sender,
-            staff=False,
-            content=text,
-            content_type=1,
-            client_msg_id=cmid,
-            now=NOW + 10,
-            guard_staff=guard,
-        )
+        return sending(store, c, sender, text, cmid, guard=guard)
 
     calls = []
     for i in range(40):
@@ -377,16 +391,7 @@ async def test_a_batch_sees_its_own_earlier_messages(store: Store) -> None:
     def add(
         sender: int, text: str, cmid: str | None, *, staff: bool = False, guard: bool = False
     ) -> Coroutine[Any, Any, SendOutcome]:
-        return store.add_message(
-            conv,
-            sender_id=sender,
-            staff=staff,
-            content=text,
-            content_type=1,
-            client_msg_id=cmid,
-            now=NOW + 10,
-            guard_staff=guard,
-        )
+        return sending(store, conv, sender, text, cmid, staff=staff, guard=guard)
 
     plain = await asyncio.gather(
         add(5, "first", "dup"),

@@ -34,7 +34,7 @@ from .backends import (
     require,
     unique_prefix,
 )
-from .support import InProcessServer, Server, ServerProcess, customer, staff
+from .support import InProcessServer, Server, ServerProcess, customer, eventually, staff
 
 HOOK_SECRET = "hook-secret-" + "fedcba9876543210" * 3
 DOCS = Path(__file__).parent.parent / "docs" / "api.md"
@@ -151,9 +151,10 @@ def metric(srv: Server, name: str) -> float:
 async def until_metric(
     srv: Server, name: str, done: Callable[[float], bool], timeout: float = 30
 ) -> None:
-    async with asyncio.timeout(timeout):
-        while not done(await asyncio.to_thread(metric, srv, name)):  # noqa: ASYNC110
-            await asyncio.sleep(0.05)  # polling what the server reports, not waiting for time
+    async def reached() -> bool:
+        return done(await asyncio.to_thread(metric, srv, name))
+
+    await eventually(reached, timeout)
 
 
 FAILED = 'appchat_webhook_deliveries_total{outcome="failed"}'
@@ -449,9 +450,11 @@ async def delivered_once(receiver: Receiver, nodes: Sequence[Server], ids: list[
     """Every event arrives, then (with nothing left to deliver anywhere) none came twice."""
     expected = 1 + 2 * len(ids)  # the conversation, each message and each read
     await receiver.until(lambda: len({d.event["id"] for d in receiver.deliveries}) == expected)
-    async with asyncio.timeout(30):
-        while await delivered_by(nodes) < expected:  # noqa: ASYNC110 - counted once settled
-            await asyncio.sleep(0.05)
+
+    async def counted() -> bool:  # the nodes count a delivery once it settled
+        return await delivered_by(nodes) >= expected
+
+    await eventually(counted)
     event_ids = [d.event["id"] for d in receiver.deliveries]
     assert len(event_ids) == len(set(event_ids)) == expected
     assert sorted(e["data"]["message"]["id"] for e in receiver.of_type("message.created")) == ids
@@ -507,9 +510,10 @@ async def until_outbox_empty(path: Path, timeout: float = 30) -> None:
         with closing(sqlite3.connect(path)) as conn:
             return int(conn.execute("SELECT count(*) FROM webhook_outbox").fetchone()[0])
 
-    async with asyncio.timeout(timeout):
-        while await asyncio.to_thread(count):  # noqa: ASYNC110
-            await asyncio.sleep(0.05)  # polling the database, not waiting for time
+    async def empty() -> bool:
+        return not await asyncio.to_thread(count)
+
+    await eventually(empty, timeout)
 
 
 # --- the dispatcher in-process, on an injected clock --------------------------------------------
@@ -541,9 +545,7 @@ async def test_failures_are_rescheduled_in_the_row_then_given_up(tmp_path: Path)
         return value or 0.0
 
     async def until_counted(outcome: str, n: float) -> None:
-        async with asyncio.timeout(20):
-            while count(outcome) < n:  # noqa: ASYNC110 - polling the dispatcher's counter
-                await asyncio.sleep(0.01)
+        await eventually(lambda: count(outcome) >= n, 20, 0.01)
 
     async with opened_store("sqlite", tmp_path) as store:
         dispatcher = WebhookDispatcher(
