@@ -335,7 +335,9 @@ def wire_pair(
             on_ack(pair)
 
     def staff_frame(kind: str, value: Any) -> None:
-        if kind != "push" or value is None:
+        # Only this phase's messages: the server may still be pushing an earlier phase's
+        # (its last window), and the same staff members are in the same conversations.
+        if kind != "push" or value is None or not value.startswith(pair.tag):
             return
         seq = int(value.rsplit("-", 1)[1])
         sent = pair.sent_at.pop(seq, None)
