@@ -15,10 +15,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import jwt
 import orjson
@@ -29,6 +29,8 @@ from appchat import cli
 from appchat.app import Node
 from appchat.auth import mint
 from appchat.supervisor import worker_count
+
+T = TypeVar("T")
 
 SECRET = "test-secret-" + "0123456789abcdef" * 4
 # The wire shapes SPEC fixes: RFC 3339 UTC with microseconds; the objects' field names.
@@ -235,6 +237,11 @@ class InProcessServer(_Serve):
         url = f"{node.scheme}://{settings.host}:{node.port}/ws"
         self.lines = cli.announcement(settings, secret, url).splitlines(keepends=True)
         return self
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 20) -> T:
+        """Run ``coro`` on the server's own event loop (from the test's thread)."""
+        assert self._loop is not None, "the server is not running"
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def stop(self, *, timeout: float = 20) -> int:
         """What SIGTERM does to ``serve``: close every WebSocket with 1001, drain, close."""

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from .support import Clock, InProcessServer, Server, ServerProcess, client, token
 
@@ -134,6 +134,26 @@ async def test_shutdown_reads_the_clients_answer_to_its_close(tmp_path: Path) ->
     assert srv.stop() == 0
     closed = [line for line in srv.lines if " closed: sid 1 " in line]
     assert len(closed) == 1 and "code 1001 (going away)" in closed[0], srv.output
+
+
+async def test_no_websocket_is_taken_once_the_drain_began(tmp_path: Path) -> None:
+    """Once shutdown began closing the WebSockets, an upgrade that still reaches the node
+    (on a kept-alive connection, or accepted just before the listener closed) is refused
+    with 503 instead of opening a session the drain would never close."""
+    srv = InProcessServer(tmp_path / "drain.db").start()
+    try:
+        async with client(srv, 1, token(admin_id=1)) as s:
+            await s.ok("Event.GetUnreadInfo", {})
+            assert srv.node is not None
+            await asyncio.to_thread(srv.run, srv.node.ws.close_all())
+            assert await s.close_code() == 1001
+        with pytest.raises(InvalidStatus) as refused:
+            async with client(srv, 1, token(admin_id=1)):
+                pass
+        assert refused.value.response.status_code == 503
+        assert b"shutting down" in refused.value.response.body
+    finally:
+        srv.stop()
 
 
 async def test_repeated_sigterm_during_shutdown_still_exits_0(tmp_path: Path) -> None:

@@ -78,6 +78,9 @@ def token_from_protocols(values: list[str]) -> str:
     return token
 
 
+SHUTTING_DOWN = "the server is shutting down"
+
+
 class WebSocketEndpoint:
     def __init__(
         self,
@@ -101,6 +104,7 @@ class WebSocketEndpoint:
         self._handlers: set[asyncio.Task[object]] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._closing = False  # shutdown began: no new WebSocket is taken
         self._quota = ConnectionQuota(options.max_connections_per_user)
         self._connlog = ConnectionLog()
         self._memory = MemoryRelease()
@@ -109,6 +113,8 @@ class WebSocketEndpoint:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         remote = request.remote or "unknown"
         sid: int | None = None
+        if self._closing:  # e.g. an upgrade on a kept-alive connection while draining
+            return self._refuse(503, SHUTTING_DOWN, remote, sid)
         try:
             self._check_origin(request.headers.get("Origin"))
             sid = parse_sid(request.query.get("sid"))
@@ -146,6 +152,10 @@ class WebSocketEndpoint:
         except AppError as exc:
             self._quota.give_back(quota)
             return self._refuse(503, exc.message, remote, sid)
+        if self._closing:  # shutdown began while the broker subscribed
+            self._quota.give_back(quota)
+            await self._hub.unregister(conn)
+            return self._refuse(503, SHUTTING_DOWN, remote, sid)
         handler = asyncio.current_task()
         if handler is not None:
             self._handlers.add(handler)
@@ -155,11 +165,14 @@ class WebSocketEndpoint:
         try:
             await ws.prepare(request)
             opened = self._connlog.opened(conn.id, sid=sid, role=principal.role, remote=remote)
-            self._watch_expiry()
-            reader = asyncio.current_task()
-            if reader is not None:
-                self._live[conn] = (session, reader)
-            await session.read_loop()
+            if self._closing:  # shutdown began during the upgrade: straight to 1001
+                session.draining = True
+            else:
+                self._watch_expiry()
+                reader = asyncio.current_task()
+                if reader is not None:
+                    self._live[conn] = (session, reader)
+                await session.read_loop()
         except asyncio.CancelledError:
             if not session.draining:
                 raise
@@ -263,6 +276,7 @@ class WebSocketEndpoint:
     async def close_all(self, grace: float = 10.0) -> None:
         """Shutdown: take no new requests, let the ones in flight finish and their replies
         go out, then close every connection with 1001."""
+        self._closing = True
         for session, reader in list(self._live.values()):
             session.draining = True
             if not session.busy:

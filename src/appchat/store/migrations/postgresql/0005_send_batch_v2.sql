@@ -39,7 +39,7 @@ BEGIN
     -- Locks first, in id order; ids only after (see 0003).
     PERFORM 1 FROM conversations WHERE id = ANY (p_conversation) ORDER BY id FOR UPDATE;
     IF TRUE = ANY (p_guard) THEN
-        SELECT array_agg(t.gu AND coalesce(pa.is_staff, FALSE) ORDER BY t.k) INTO v_refused
+        SELECT array_agg(coalesce(t.gu AND pa.is_staff, FALSE) ORDER BY t.k) INTO v_refused
         FROM unnest(p_guard, p_conversation, p_sender) WITH ORDINALITY AS t (gu, c, s, k)
         LEFT JOIN participants pa ON pa.conversation_id = t.c AND pa.user_id = t.s;
     ELSE
