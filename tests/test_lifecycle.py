@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from .support import Clock, InProcessServer, Server, ServerProcess, client, token
+from .support import (
+    Clock,
+    InProcessServer,
+    Server,
+    ServerProcess,
+    client,
+    eventually,
+    token,
+)
 
 
 async def test_restart_on_the_same_database_file(tmp_path: Path) -> None:
@@ -154,6 +162,45 @@ async def test_no_websocket_is_taken_once_the_drain_began(tmp_path: Path) -> Non
         assert b"shutting down" in refused.value.response.body
     finally:
         srv.stop()
+
+
+async def test_connections_without_a_request_are_ended_once_shutdown_began(
+    tmp_path: Path,
+) -> None:
+    """Shutdown ends the connections that have sent no request yet, and any the listener
+    still hands over after it closed (a socket accepted just before arrives a few loop
+    turns later): none of them reaches a node that is stopping."""
+    # a handshake deadline that cannot be what ends them
+    srv = InProcessServer(tmp_path / "guard.db", "--handshake-timeout", "60").start()
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        node = srv.node
+        assert node is not None
+        early, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writers.append(writer)
+        await eventually(lambda: node.guard.pending == 1)
+
+        async def close_guard() -> None:
+            node.guard.close()  # what Node.stop does once its listener is closed
+
+        await asyncio.to_thread(srv.run, close_guard())
+        assert await ended(early)
+        late, writer = await asyncio.open_connection("127.0.0.1", srv.port)  # still listening
+        writers.append(writer)
+        assert await ended(late)
+        assert node.guard.pending == 0
+    finally:
+        for writer in writers:
+            writer.close()
+        srv.stop()
+
+
+async def ended(reader: asyncio.StreamReader) -> bool:
+    """The server ended this connection (closed or reset it) without a word."""
+    try:
+        return await asyncio.wait_for(reader.read(), 10) == b""
+    except ConnectionResetError:
+        return True
 
 
 async def test_repeated_sigterm_during_shutdown_still_exits_0(tmp_path: Path) -> None:

@@ -212,6 +212,7 @@ class Node:
         if self._listener is not None:
             self._listener.close()  # what web.TCPSite.stop does before the runner cleans up
             self._listener = None
+            self.guard.close()  # and no connection it accepted just before is served
         if self._runner is not None:
             # Before the runner's cleanup, which first marks every connection as closing:
             # from then on aiohttp drops what clients send, so their answers to our close

@@ -51,6 +51,10 @@ class _Waiting(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are no subclass
         self.remote = peer_host(transport)
+        if self.guard.closed:  # accepted just before the listener closed: not served
+            self.inner.connection_made(transport)
+            self.transport.abort()
+            return
         self.guard._admit(self)
         self._deadline = asyncio.get_running_loop().call_later(
             self.guard.timeout, self.guard._expire, self
@@ -96,6 +100,7 @@ class HandshakeGuard:
         self._by_transport: dict[asyncio.BaseTransport, _Waiting] = {}
         self._on_drop = on_drop
         self._log = RateLimitedLog(log, period=10.0, burst=3)
+        self.closed = False
 
     def serve(self, factory: Callable[[], asyncio.Protocol]) -> None:
         """Guard the connections of ``factory`` (aiohttp's ``AppRunner.server``)."""
@@ -104,6 +109,16 @@ class HandshakeGuard:
     def __call__(self) -> asyncio.Protocol:
         assert self._factory is not None, "serve() first"
         return _Waiting(self, self._factory())
+
+    def close(self) -> None:
+        """Shutdown, once the listener is closed: end every connection that has not sent a
+        request yet, and each one the listener still hands over (a socket it accepted just
+        before closing arrives a few loop turns later, or after its TLS handshake)."""
+        self.closed = True
+        for waiting in list(self._waiting):
+            self._forget(waiting)
+            if waiting.transport is not None:
+                waiting.transport.abort()
 
     @property
     def pending(self) -> int:
