@@ -22,6 +22,16 @@ LISTENING = re.compile(r"listening on (wss?)://([^:/\s]+):(\d+)/")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def process_cpu(pid: int) -> float:
+    """User plus system CPU seconds of any process of this machine (0 if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def source_version() -> str:
     """appchat's version and the git commit of this checkout (``-dirty``: edited files)."""
     from appchat import __version__
@@ -144,14 +154,7 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """User plus system CPU time of the server process (all its threads)."""
-        if self.proc is None:
-            return 0.0
-        try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / TICKS
-        except (OSError, IndexError, ValueError):
-            return 0.0
+        return 0.0 if self.proc is None else process_cpu(self.proc.pid)
 
     def status(self) -> dict[str, float]:
         """VmRSS (MiB) and thread count from /proc/PID/status, open fds from /proc/PID/fd."""

@@ -24,17 +24,11 @@ import uuid
 
 import asyncpg
 import psycopg
-from common import TICKS
+from common import process_cpu
 
 from appchat.store.migrate import apply_postgres_migrations
 
 FUNCTIONS = ("appchat_send_batch", "appchat_send_batch_v2")
-
-
-def process_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 async def measure(url: str, args: argparse.Namespace) -> dict[tuple[str, int], list[float]]:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from common import TICKS, Server, percentile, source_version  # bench/common.py
+from common import Server, percentile, process_cpu, source_version  # bench/common.py
 from tqdm import tqdm
 from wsclient import LeanClient, connect
 
@@ -516,16 +516,6 @@ async def unpinned_sqlite(
         return await throughput("appchat", srv.port, args, *[srv, *worker_processes(srv)])
     finally:
         srv.stop()
-
-
-def process_cpu(pid: int) -> float:
-    """User plus system CPU seconds of any process of this machine (0 if unreadable)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def worker_processes(parent: Server) -> list[Server]:
