@@ -116,9 +116,7 @@ class HandshakeGuard:
         before closing arrives a few loop turns later, or after its TLS handshake)."""
         self.closed = True
         for waiting in list(self._waiting):
-            self._forget(waiting)
-            if waiting.transport is not None:
-                waiting.transport.abort()
+            self._end(waiting)
 
     @property
     def pending(self) -> int:
@@ -160,7 +158,7 @@ class HandshakeGuard:
             self._drop(waiting, f"no complete request within {self.timeout:g} s")
 
     def _drop(self, waiting: _Waiting, reason: str) -> None:
-        self._forget(waiting)
+        self._end(waiting)
         self._log.info(
             ("dropped", waiting.remote),
             "closed a connection from %s before its handshake: %s",
@@ -170,6 +168,9 @@ class HandshakeGuard:
         )
         if self._on_drop is not None:
             self._on_drop(reason)
+
+    def _end(self, waiting: _Waiting) -> None:
+        self._forget(waiting)
         if waiting.transport is not None:
             waiting.transport.abort()
 

@@ -152,10 +152,6 @@ class WebSocketEndpoint:
         except AppError as exc:
             self._quota.give_back(quota)
             return self._refuse(503, exc.message, remote, sid)
-        if self._closing:  # shutdown began while the broker subscribed
-            self._quota.give_back(quota)
-            await self._hub.unregister(conn)
-            return self._refuse(503, SHUTTING_DOWN, remote, sid)
         handler = asyncio.current_task()
         if handler is not None:
             self._handlers.add(handler)
@@ -165,7 +161,7 @@ class WebSocketEndpoint:
         try:
             await ws.prepare(request)
             opened = self._connlog.opened(conn.id, sid=sid, role=principal.role, remote=remote)
-            if self._closing:  # shutdown began during the upgrade: straight to 1001
+            if self._closing:  # shutdown began since the check above: straight to 1001
                 session.draining = True
             else:
                 self._watch_expiry()
