@@ -84,6 +84,10 @@ class _Serve:
         self.scheme = "ws"
         self.lines: list[str] = []
 
+    def command(self) -> list[str]:
+        """``appchat``'s arguments: serve on a port of its own choosing."""
+        return ["serve", "--port", "0", "--database", self.database, *self.args]
+
     @property
     def output(self) -> str:
         return "".join(self.lines)
@@ -102,17 +106,7 @@ class ServerProcess(_Serve):
     proc: subprocess.Popen[str] | None = None
 
     def command(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "appchat",
-            "serve",
-            "--port",
-            "0",
-            "--database",
-            self.database,
-            *self.args,
-        ]
+        return [sys.executable, "-m", "appchat", *super().command()]
 
     def start(self, timeout: float = 20) -> ServerProcess:
         self.lines = []
@@ -190,9 +184,6 @@ class InProcessServer(_Serve):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._failed: list[BaseException] = []
-
-    def command(self) -> list[str]:
-        return ["serve", "--port", "0", "--database", self.database, *self.args]
 
     def start(self, timeout: float = 20) -> InProcessServer:
         ns = cli.build_parser(self.env).parse_args(self.command())
