@@ -21,6 +21,8 @@ from schemathesis.schemas import BaseSchema
 from schemathesis.specs.openapi.checks import ignored_auth, positive_data_acceptance
 from websockets.exceptions import InvalidStatus
 
+from appchat.images import parse_reference
+
 from .backends import REDIS_URL, postgres_database, require, unique_prefix
 from .support import (
     MESSAGE_KEYS,
@@ -228,6 +230,39 @@ async def test_post_creates_the_missing_conversation(api: Api, api_server: Serve
         assert [m["content"] for m in page["Messages"]] == ["We got your request"]
 
 
+ORIGINAL_IMAGES = ["https://cdn.example.com/a.png", "a.png"]  # what the original stored as sent
+
+
+async def test_post_stores_an_image_of_the_backends_own_as_sent(api: Api) -> None:
+    """As SendMessage: an image that is no upload reference is stored as sent by default."""
+    app = 1101
+    for content in ORIGINAL_IMAGES:
+        status, body = await api.post(app, {"sender_id": 93, "content": content, "content_type": 2})
+        assert status == 201, body
+        assert (body["message"]["content"], body["message"]["content_type"]) == (content, 2)
+    status, page = await api.messages(app)
+    assert status == 200
+    assert [m["content"] for m in page["messages"]] == ORIGINAL_IMAGES
+
+
+async def test_post_with_uploads_only_refuses_other_images(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    key = new_key()
+    strict = InProcessServer(
+        tmp_path / "appchat.db", "--images", "uploads-only", "--api-key", key
+    ).start()
+    try:
+        api = Api(http, strict, key)
+        for content in ORIGINAL_IMAGES:
+            body = {"sender_id": 93, "content": content, "content_type": 2}
+            assert error_code(*await api.post(1007, body), 400) == "bad_request"
+        status, _ = await api.messages(1007)
+        assert status == 404  # refused before a conversation was made for it
+    finally:
+        strict.stop()
+
+
 async def test_post_refuses_bad_requests_and_stores_nothing(api: Api, api_server: Server) -> None:
     app = 1005
     status, _ = await api.post(app, {"sender_id": 93, "content": "first"})
@@ -239,8 +274,7 @@ async def test_post_refuses_bad_requests_and_stores_nothing(api: Api, api_server
         {"sender_id": 93, "content": "x" * (MAX_CONTENT + 1)},
         {"sender_id": 93, "content": "nul \x00 inside"},
         {"sender_id": 93, "content": "hi", "content_type": 3},
-        # an image must be the reference of an upload to this conversation (as SendMessage)
-        {"sender_id": 93, "content": "https://example.com/a.png", "content_type": 2},
+        # an image reference must name an upload to this conversation (as SendMessage)
         {"sender_id": 93, "content": "/files/9999/" + "a" * 32, "content_type": 2},
         {"sender_id": 93, "content": f"/files/{app}/" + "a" * 32, "content_type": 2},
         {"sender_id": "93", "content": "a string id"},
@@ -639,9 +673,16 @@ def test_schemathesis_finds_no_errors(case: Case[Any]) -> None:
         # "at most one of before_id and after_id" (GetMessageList's rule, the same error
         # here) is beyond what OpenAPI can say of two parameters: the 400 is right.
         excluded.append(positive_data_acceptance)
-    if isinstance(case.body, dict) and case.body.get("content_type") == 2:
-        # An image's content must be the reference of an upload to that conversation (the
-        # service checks it, as it does for SendMessage): no schema can name the uploads
-        # that exist, so the 400 for any other string is right.
+    body = case.body
+    content = body.get("content") if isinstance(body, dict) else None
+    if (
+        isinstance(body, dict)
+        and body.get("content_type") == 2
+        and isinstance(content, str)
+        and parse_reference(content) is not None
+    ):
+        # An image reference must name an upload to that conversation (the service checks
+        # it, as it does for SendMessage): no schema can name the uploads that exist, so
+        # the 400 for a reference of none is right. Other content is stored as sent.
         excluded.append(positive_data_acceptance)
     case.call_and_validate(excluded_checks=excluded)

@@ -122,14 +122,33 @@ async def test_the_message_check_wants_an_upload_of_the_same_conversation(
     await blobs.put(uploaded.key, b"bytes")
     check = ImageReferences(blobs).check
     await check(uploaded.reference, 100)
+    strict = ImageReferences(blobs, policy="uploads-only").check
+    await strict(uploaded.reference, 100)
     for content, app in (
         (uploaded.reference, 101),
         (Upload.new(100).reference, 100),
-        ("hello", 100),
     ):
+        for each in (check, strict):
+            with pytest.raises(BadRequest):
+                await each(content, app)
+    # Anything that is no reference is stored as sent, as the original server did, unless
+    # the deployment takes uploads only.
+    for content in ("hello", "https://example.com/a.png", uploaded.reference + "/thumb"):
+        await check(content, 100)
         with pytest.raises(BadRequest):
-            await check(content, app)
+            await strict(content, 100)
     await ImageReferences().check(Upload.new(100).reference, 100)  # form only
+    with pytest.raises(ValueError):
+        ImageReferences(policy="some")
+
+
+def test_the_image_policy_option() -> None:
+    assert settings_from(build_parser({}).parse_args(["serve"])).images == "any"
+    ns = build_parser({"APPCHAT_IMAGES": "uploads-only"}).parse_args(["serve"])
+    assert settings_from(ns).images == "uploads-only"
+    ns = build_parser({}).parse_args(["serve", "--images", "all"])
+    with pytest.raises(ConfigError, match="--images 'all'"):
+        check_limits(settings_from(ns))
 
 
 def test_upload_settings() -> None:

@@ -332,33 +332,81 @@ async def test_malformed_forms_are_refused_with_400(
     assert status == 400 and "at most 8" in doc["error"]["message"], doc
 
 
-async def test_an_image_message_must_reference_an_upload_of_its_conversation(
-    server: Server, http: aiohttp.ClientSession
-) -> None:
-    app, other = new_app(), new_app()
-    await conversation(server, other, 34)
+# Content a reference must not be: uploaded for another conversation (filled in by the
+# test), well formed but never uploaded. Always refused: pages show references inline.
+NOT_AN_UPLOAD = (f"/files/{{app}}/{'a' * 32}",)
+# Content that is no reference at all: stored as sent by default, as the original did.
+NOT_A_REFERENCE = (
+    "https://example.com/1.png",
+    "photo_2020.jpg",
+    f"/files/{{app}}/{'A' * 32}",
+    f"/files/{{app}}/{'a' * 32}/thumb",
+)
+
+
+async def _send_images(
+    server: Server, http: aiohttp.ClientSession, app: int, sid: int
+) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+    """Send every kind of image content to ``app``; the references of other uploads and the
+    replies, per content, in order."""
+    other = new_app()
+    await conversation(server, other, sid + 1)
     status, doc = await upload(http, server, token(admin_id=1), form(other, png(20, 20)))
     assert status == 201
-    elsewhere = doc["reference"]
-    async with customer(server, app, 33) as c:
+    refused_always = [doc["reference"]] + [c.format(app=app) for c in NOT_AN_UPLOAD]
+    contents = refused_always + [c.format(app=app) for c in NOT_A_REFERENCE]
+    replies = []
+    async with customer(server, app, sid) as c:
         await c.ok("Event.AddConversation", {"application_id": app})
-        for content in (
-            "https://example.com/1.png",
-            elsewhere,  # uploaded, but for another conversation
-            f"/files/{app}/{'a' * 32}",  # well formed, never uploaded
-            f"/files/{app}/{'A' * 32}",
-            f"/files/{app}/{'a' * 32}/thumb",
-        ):
+        for content in contents:
             reply = await c.call(
                 "Event.SendMessage",
                 {"session_channel": str(app), "content": content, "content_type": 2},
             )
-            assert reply["ok"] is False and reply["error"]["code"] == "bad_request", content
-            assert "POST /upload" in reply["error"]["message"]
-        # The same text as a text message is fine.
-        await c.ok("Event.SendMessage", {"session_channel": str(app), "content": elsewhere})
-        page = await c.ok("Event.GetMessageList", {"session_channel": str(app)})
+            replies.append((content, reply))
+        # The same text as a text message is fine in every mode.
+        await c.ok("Event.SendMessage", {"session_channel": str(app), "content": doc["reference"]})
+    return refused_always, replies
+
+
+def _refused(reply: dict[str, Any]) -> bool:
+    if reply["ok"]:
+        return False
+    assert reply["error"]["code"] == "bad_request" and "POST /upload" in reply["error"]["message"]
+    return True
+
+
+async def test_an_image_reference_must_name_an_upload_of_its_conversation(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    """By default (``--images any``) a reference is checked and anything else is stored as
+    sent (the original server's behaviour)."""
+    app = new_app()
+    refused_always, replies = await _send_images(server, http, app, 33)
+    for content, reply in replies:
+        assert _refused(reply) == (content in refused_always), (content, reply)
+        if reply["ok"]:
+            message = reply["result"]["message"]
+            assert (message["content"], message["content_type"]) == (content, 2)
+    async with staff(server) as s:
+        page = await s.ok("Event.GetMessageList", {"session_channel": str(app)})
+    stored = [(m["content"], m["content_type"]) for m in page["Messages"]]
+    assert stored == [(c.format(app=app), 2) for c in NOT_A_REFERENCE] + [(refused_always[0], 1)]
+
+
+async def test_uploads_only_refuses_every_image_that_is_not_an_upload(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    strict = InProcessServer(tmp_path / "appchat.db", "--images", "uploads-only").start()
+    try:
+        app = new_app()
+        _, replies = await _send_images(strict, http, app, 35)
+        assert all(_refused(reply) for _, reply in replies), replies
+        async with staff(strict) as s:
+            page = await s.ok("Event.GetMessageList", {"session_channel": str(app)})
         assert [m["content_type"] for m in page["Messages"]] == [1]
+    finally:
+        strict.stop()
 
 
 async def test_uploads_land_in_the_upload_dir(tmp_path: Path) -> None:

@@ -87,7 +87,7 @@ class Node:
             ),
             trust_query_sid=settings.trust_query_sid,
             metrics=self.metrics,
-            images=ImageReferences(self.blobs),
+            images=ImageReferences(self.blobs, policy=settings.images),
         )
         self.uploads = UploadEndpoints(
             self.service,

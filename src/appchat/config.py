@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import defaults
 from .errors import ConfigError
+from .images import POLICIES as IMAGE_POLICIES
 from .store import sqlite_path
 
 DEV_SECRET_NAME = "appchat-dev.secret"
@@ -74,6 +75,7 @@ class Settings:
     upload_dir: str | None = None  # None: beside the SQLite file (upload_directory)
     upload_s3: str | None = None
     upload_s3_endpoint: str | None = None
+    images: str = defaults.IMAGES
     api_key: tuple[str, ...] = field(default=(), repr=False)
     api_keys_file: str | None = None
 
@@ -154,6 +156,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
         "(needs appchat[s3]; credentials and region from the usual AWS_* settings)",
     ),
     "upload_s3_endpoint": (str, "URL of an S3-compatible server for --upload-s3 (MinIO, …)"),
+    "images": (
+        str,
+        "content of an image message (content_type 2): any (an upload's reference, or "
+        "anything else stored as sent, as the original server did) or uploads-only",
+    ),
     "api_key": (
         str,
         "[NAME:]KEY of the server API (/api/), repeatable; shows in ps: prefer the file",
@@ -228,6 +235,8 @@ def check_limits(settings: Settings) -> None:
         raise ConfigError(f"--handshake-timeout {settings.handshake_timeout}: must be above 0")
     if settings.max_upload < 1:
         raise ConfigError(f"--max-upload {settings.max_upload}: must be at least 1")
+    if settings.images not in IMAGE_POLICIES:
+        raise ConfigError(f"--images {settings.images!r}: use any or uploads-only")
     if settings.max_pending_handshakes < 1:
         raise ConfigError(
             f"--max-pending-handshakes {settings.max_pending_handshakes}: must be at least 1"

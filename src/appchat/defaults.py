@@ -43,3 +43,4 @@ MAX_UPLOAD = 10 * 1024 * 1024  # bytes of one uploaded file
 UPLOAD_DIR_NAME = "appchat-uploads"  # beside the SQLite file, else in the working directory
 THUMBNAIL_SIZE = 320  # pixels, the longer side of a thumbnail
 MAX_IMAGE_PIXELS = 50_000_000  # width x height of an accepted image (decoding costs memory)
+IMAGES = "any"  # content of an image message: "any" (stored as sent) or "uploads-only"

@@ -4,6 +4,11 @@ and the check SendMessage makes on it.
 A reference is the image's download path, ``/files/<application_id>/<id>``: it names the
 conversation it was uploaded for and an unguessable id (128 random bits), so SendMessage
 checks the binding from the text alone and the existence with one look-up.
+
+The original server stored whatever ``content`` an image message carried (an image URL of
+the client's own backend, a file name), so by default any other content is stored as sent
+(``--images any``); ``--images uploads-only`` refuses it. A reference is always checked:
+pages show only references inline, so one must name an upload of its own conversation.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ from .blobs import BlobStore
 from .errors import BadRequest, TooLarge, UnsupportedType
 
 IMAGE = 2  # content_type
+# --images: what the content of an image message may be besides a reference.
+ANY = "any"  # anything, stored as sent (as the original server did)
+UPLOADS_ONLY = "uploads-only"  # only references of uploads to the same conversation
+POLICIES = (ANY, UPLOADS_ONLY)
 # Pillow format -> Content-Type; no other decoder is ever tried on an upload.
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
@@ -146,16 +155,24 @@ def sniff(data: bytes) -> str | None:
 
 
 class ImageReferences:
-    """The check SendMessage makes on the content of an image message: a well-formed
-    reference to this conversation (no I/O) and, with ``blobs``, one that was uploaded
-    (one existence check)."""
+    """The check SendMessage makes on the content of an image message. A reference must
+    name this conversation (no I/O) and, with ``blobs``, an upload that exists (one
+    existence check); other content is stored as sent unless ``policy`` is
+    ``uploads-only``."""
 
-    def __init__(self, blobs: BlobStore | None = None) -> None:
+    def __init__(self, blobs: BlobStore | None = None, *, policy: str = ANY) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown image policy {policy!r}")
         self._blobs = blobs
+        self._uploads_only = policy == UPLOADS_ONLY
 
     async def check(self, content: str, application_id: int) -> None:
         upload = parse_reference(content)
-        if upload is None or upload.application_id != application_id:
+        if upload is None:
+            if self._uploads_only:
+                raise BadRequest(NOT_A_REFERENCE)
+            return
+        if upload.application_id != application_id:
             raise BadRequest(NOT_A_REFERENCE)
         if self._blobs is not None and not await self._blobs.exists(upload.key):
             raise BadRequest(NOT_A_REFERENCE)
