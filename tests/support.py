@@ -56,8 +56,11 @@ def token(
     sid: int | None = None,
     ttl: float = 3600,
     secret: str = SECRET,
+    name: str | None = None,
 ) -> str:
-    return mint(secret.encode(), admin_id=admin_id, request_id=request_id, sid=sid, ttl=ttl)
+    return mint(
+        secret.encode(), admin_id=admin_id, request_id=request_id, sid=sid, ttl=ttl, name=name
+    )
 
 
 def raw_token(payload: dict[str, Any], secret: str = SECRET, algorithm: str = "HS256") -> str:

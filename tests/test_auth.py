@@ -77,6 +77,22 @@ def test_token_of_exactly_the_originals_shape_is_accepted(verifier: TokenVerifie
     assert principal.is_staff
 
 
+def test_the_display_name_claim(verifier: TokenVerifier) -> None:
+    base = {"exp": NOW + 60, "request_id": 100, "sid": 7}
+
+    def signed(**extra: object) -> str:
+        return jwt.encode({**base, **extra}, SECRET, algorithm="HS256")
+
+    assert verifier.verify(signed()).name is None
+    for empty in (None, ""):
+        assert verifier.verify(signed(name=empty)).name is None
+    for name in ("Anna (support)", "Анна", "x" * 100):
+        claims = verifier.verify(signed(name=name))
+        assert claims.name == name and bind(claims, 7).name == name
+    for bad in ("x" * 101, "line\nbreak", "nul\x00", "\x85", 5, ["Anna"], {"n": 1}, True):
+        assert "name" in str(rejected(verifier, signed(name=bad))), bad
+
+
 def test_the_originals_shape_via_pyjwt_encode(verifier: TokenVerifier) -> None:
     claims = {"iss": "", "iat": None, "exp": NOW + 60, "aud": "", "sub": "", "admin_id": "1"}
     assert verifier.verify(jwt.encode(claims, SECRET, algorithm="HS256")).subject_id == 1

@@ -5,11 +5,15 @@ from __future__ import annotations
 import itertools
 import json
 
+import pytest
+from websockets.exceptions import InvalidStatus
+
 from .support import (
     MESSAGE_KEYS,
     RFC3339_UTC,
     Client,
     Server,
+    client,
     customer,
     staff,
     token,
@@ -108,6 +112,41 @@ async def test_an_original_client_sends_images_of_its_own(server: Server) -> Non
             ("https://cdn.example.com/app/42/photo.jpg", 2),
             ("photo_2020-03-06.png", 2),
         ]
+
+
+async def test_display_names_from_the_token_show_beside_messages(server: Server) -> None:
+    app = new_app()
+    anna = token(request_id=app, sid=603, name="Анна")
+    async with (
+        client(server, 2, token(admin_id=2, name="Bob (support)")) as bob,
+        client(server, 603, anna) as c,
+        staff(server, 3) as unnamed,
+    ):
+        await bob.ok("Event.AddConversation", {"application_id": app})
+        await unnamed.ok("Event.AddConversation", {"application_id": app})
+        await c.ok("Event.AddConversation", {"application_id": app})
+        sent = await c.ok("Event.SendMessage", {"session_channel": str(app), "content": "hi"})
+        assert sent["message"]["sender_name"] == "Анна"
+        assert (await bob.push("Event.ReceiveMessage"))["result"] == sent
+        await unnamed.push("Event.ReceiveMessage")
+        await bob.ok("Event.SendMessage", {"session_channel": str(app), "content": "hello"})
+        await unnamed.ok("Event.SendMessage", {"session_channel": str(app), "content": "hey"})
+        page = await c.ok("Event.GetMessageList", {"session_channel": str(app)})
+        names = [(m["sender_id"], m.get("sender_name")) for m in page["Messages"]]
+        assert names == [(603, "Анна"), (2, "Bob (support)"), (3, None)]
+        assert "sender_name" not in page["Messages"][2]  # no name: the original's fields
+    # A newer token's name is the one shown from then on, for earlier messages too.
+    async with client(server, 603, token(request_id=app, sid=603, name="Anna K.")) as c:
+        await c.ok(
+            "Event.ReadMessage", {"session_channel": str(app), "message_id": sent["message"]["id"]}
+        )
+        page = await c.ok("Event.GetMessageList", {"session_channel": str(app)})
+        assert page["Messages"][0]["sender_name"] == "Anna K."
+    # A name that is no short line of text is a bad token.
+    with pytest.raises(InvalidStatus) as refused:
+        async with client(server, 604, token(request_id=app, sid=604, name="x" * 101)):
+            pass
+    assert refused.value.response.status_code == 401
 
 
 async def test_content_type_and_client_msg_id(server: Server) -> None:

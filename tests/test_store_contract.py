@@ -327,6 +327,34 @@ async def test_participant_ids(store: Store) -> None:
     assert await store.participant_ids(other.id + conv.id + 1000) == []
 
 
+async def test_a_participants_name_is_the_sender_name_of_their_messages(store: Store) -> None:
+    conv = await conversation(store, user=1)
+    other = await conversation(store, app=200, user=1)
+    await send(store, conv, 2, "before any name")
+    await store.set_participant_name(conv.id, 2, "Anna")
+    await send(store, conv, 1, "from staff, unnamed")
+    await store.set_participant_name(conv.id, 7, "not a participant")  # changes nothing
+
+    async def names(c: Conversation) -> list[tuple[int, str | None]]:
+        page = await store.list_messages(c, limit=50)
+        return [(m.sender_id, m.sender_name) for m in page.messages]
+
+    assert await names(conv) == [(2, "Anna"), (1, None)]
+    await store.set_participant_name(conv.id, 2, "Anna K.")  # the latest one is kept
+    await store.set_participant_name(conv.id, 2, "Anna K.")  # and again: nothing changes
+    assert await names(conv) == [(2, "Anna K."), (1, None)]
+    await send(store, other, 2, "elsewhere")  # per conversation: not named there
+    assert await names(other) == [(2, None)]
+    retry = await store.add_message(
+        conv, sender_id=2, staff=False, content="x", content_type=1, client_msg_id="n1", now=NOW
+    )
+    again = await store.add_message(
+        conv, sender_id=2, staff=False, content="y", content_type=1, client_msg_id="n1", now=NOW
+    )
+    assert not again.created and again.message.id == retry.message.id
+    assert again.message.sender_name == "Anna K."  # a retry answers with the stored name
+
+
 async def test_sends_batched_together_keep_every_rule(store: Store) -> None:
     """Many sends at once (one batch on both engines): ids in the order they were made,
     retries answered with the first, refusals refused alone, newcomers joined, counters

@@ -20,6 +20,7 @@ from .errors import ConfigError, Unauthorized
 from .models import MAX_ID, Principal, Role
 
 MIN_HS256_SECRET = 32  # bytes, RFC 7518 section 3.2
+MAX_NAME = 100  # characters of the display `name` claim
 
 
 def parse_id(value: Any) -> int | None:
@@ -41,6 +42,7 @@ class Claims:
     subject_id: int  # admin_id or request_id
     participant_id: int | None  # from a numeric ``sid`` or ``sub`` claim
     exp: float
+    name: str | None = None  # the optional display ``name`` claim
 
     @property
     def subject(self) -> str:
@@ -209,7 +211,30 @@ class TokenVerifier:
                 participant_id = parse_id(payload[claim])
                 if participant_id is not None:
                     break
-        return Claims(role=role, subject_id=subject_id, participant_id=participant_id, exp=exp)
+        return Claims(
+            role=role,
+            subject_id=subject_id,
+            participant_id=participant_id,
+            exp=exp,
+            name=display_name(payload.get("name")),
+        )
+
+
+def display_name(value: Any) -> str | None:
+    """The ``name`` claim: absent, null or empty is none; otherwise a string of at most
+    ``MAX_NAME`` characters without control characters (it is shown on every page)."""
+    if value is None or value == "":
+        return None
+    if (
+        not isinstance(value, str)
+        or len(value) > MAX_NAME
+        or any(ch < " " or "\x7f" <= ch <= "\x9f" for ch in value)
+    ):
+        raise Unauthorized(
+            f"token name must be a string of at most {MAX_NAME} characters, "
+            "without control characters"
+        )
+    return value
 
 
 def _is_number(value: Any) -> bool:
@@ -244,6 +269,7 @@ def bind(claims: Claims, query_sid: int, *, trust_query_sid: bool = False) -> Pr
         bound=named is not None,
         exp=claims.exp,
         subject=claims.subject,
+        name=claims.name,
     )
 
 
@@ -255,6 +281,7 @@ def mint(
     sid: int | None = None,
     ttl: float = 3600,
     now: float | None = None,
+    name: str | None = None,
 ) -> str:
     """Sign a token for trying the server out (and for tests)."""
     if (admin_id is None) == (request_id is None):
@@ -267,4 +294,6 @@ def mint(
         payload["request_id"] = request_id
     if sid is not None:
         payload["sid"] = sid
+    if name is not None:
+        payload["name"] = name
     return jwt.encode(payload, secret, algorithm="HS256")

@@ -357,6 +357,8 @@ def message_obj(m: Message) -> dict[str, Any]:
     }
     if m.client_msg_id is not None:
         obj["client_msg_id"] = m.client_msg_id
+    if m.sender_name is not None:
+        obj["sender_name"] = m.sender_name
     return obj
 
 

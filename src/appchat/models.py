@@ -45,6 +45,7 @@ class Principal:
     bound: bool  # the token itself names the participant id
     exp: float
     subject: str  # "admin:N" or "request:N": the identity a refreshed token must keep
+    name: str | None = None  # the token's display name, kept per participant
 
     @property
     def is_staff(self) -> bool:
@@ -77,6 +78,7 @@ class Message:
     create_at: int
     update_at: int
     client_msg_id: str | None = None
+    sender_name: str | None = None  # the sender's display name, the latest one seen
 
     @property
     def session_channel(self) -> str:

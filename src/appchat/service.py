@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import orjson
@@ -23,6 +23,7 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 MAX_KNOWN_CONVERSATIONS = 100_000  # application -> conversation, remembered per node
+NAMES_REMEMBERED = 100_000  # (conversation, participant) -> display name stored, per node
 MAX_REPLY_BYTES = 1024 * 1024  # messages in one GetMessageList reply, serialised
 PAGE_CHUNK = 50  # messages read at once for a longer GetMessageList page
 # At most one forwarded Typing per connection and conversation: half the web client's
@@ -71,6 +72,8 @@ class ChatService:
         self._limits = limits or Limits()
         self._trust_query_sid = trust_query_sid
         self._known: dict[int, Conversation] = {}
+        # (conversation id, user id) -> the display name this node last stored for them
+        self._names: dict[tuple[int, int], str] = {}
         self._metrics = metrics or Metrics()
         self._now = clock_us
         self._handlers: dict[str, Callable[[Session, dict[str, Any]], Awaitable[Any]]] = {
@@ -201,6 +204,8 @@ class ChatService:
         conversation = await self._store.add_conversation(
             args.application_id, user_id, staff=p.is_staff and user_id == p.sid, now=self._now()
         )
+        if user_id == p.sid:
+            await self._keep_name(p, conversation, user_id)
         return ev.conversation_obj(conversation)
 
     async def _get_conversation_list(self, session: Session, raw: dict[str, Any]) -> Any:
@@ -286,7 +291,20 @@ class ChatService:
             now=self._now(),
             guard_staff=not (p.is_staff or p.bound),
         )
+        await self._keep_name(p, conversation, sender)
+        if outcome.created and p.name is not None:
+            outcome = replace(outcome, message=replace(outcome.message, sender_name=p.name))
         return self._deliver_message(conversation, outcome, session.id)
+
+    async def _keep_name(self, p: Principal, conversation: Conversation, user_id: int) -> None:
+        """Store the token's display name for ``user_id``, a participant of ``conversation``
+        now, when this node has not stored that name for them yet (one write per change)."""
+        if p.name is None or self._names.get((conversation.id, user_id)) == p.name:
+            return
+        await self._store.set_participant_name(conversation.id, user_id, p.name)
+        if len(self._names) >= NAMES_REMEMBERED:
+            self._names.clear()
+        self._names[(conversation.id, user_id)] = p.name
 
     def _deliver_message(
         self, conversation: Conversation, outcome: SendOutcome, origin: str | None
@@ -310,6 +328,7 @@ class ChatService:
             message_id=args.message_id,
             now=self._now(),
         )
+        await self._keep_name(p, conversation, reader)
         if outcome.moved:
             frame = ev.push(
                 ev.MESSAGE_READ,

@@ -118,6 +118,10 @@ class Store(Protocol):
     async def participant_ids(self, conversation_id: int) -> list[int]:
         """Every participant of the conversation, in no particular order."""
 
+    async def set_participant_name(self, conversation_id: int, user_id: int, name: str) -> None:
+        """Keep ``name`` as the participant's display name (``sender_name`` of their
+        messages); nothing when ``user_id`` takes no part in the conversation."""
+
     # --- the webhook outbox (appchat/webhooks.py) ------------------------------------------------
 
     def record_webhooks(self, urls: Sequence[str], wake: Callable[[], None]) -> None:

@@ -25,10 +25,12 @@ from ..models import (
 CONVERSATION_COLUMNS = "c.id, c.application_id, c.create_at, c.update_at"
 MESSAGE_COLUMNS = (
     "m.id, c.application_id, m.sender_id, m.content, m.content_type, m.status, "
-    "m.create_at, m.update_at, m.client_msg_id"
+    "m.create_at, m.update_at, m.client_msg_id, sp.name"
 )
 SELECT_MESSAGES = (
     f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+    "LEFT JOIN participants sp ON sp.conversation_id = m.conversation_id "
+    "AND sp.user_id = m.sender_id "
 )
 SELECT_ALL_CONVERSATIONS = (
     f"SELECT {CONVERSATION_COLUMNS} FROM conversations c ORDER BY c.update_at DESC, c.id DESC "

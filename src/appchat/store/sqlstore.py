@@ -85,6 +85,10 @@ JOIN = (
 ADD_OWN_UNREAD = (
     "UPDATE participants SET own_unread = own_unread + ? WHERE conversation_id = ? AND user_id = ?"
 )
+SET_NAME = (
+    "UPDATE participants SET name = ? WHERE conversation_id = ? AND user_id = ? "
+    "AND (name IS NULL OR name <> ?)"
+)
 MESSAGE_IN_CONVERSATION = "SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?"
 READ_POSITION = (
     "SELECT read_position FROM participants WHERE conversation_id = ? AND user_id = ? " + FOR_UPDATE
@@ -303,6 +307,10 @@ def participant_ids(conversation_id: int) -> Plan[list[int]]:
     return list((yield participants(conversation_id)))
 
 
+def set_participant_name(conversation_id: int, user_id: int, name: str) -> Plan[None]:
+    yield Step("count", SET_NAME, (name, conversation_id, user_id, name))
+
+
 def claim_webhooks(url: str, now: int, lease_until: int, limit: int) -> Plan[list[WebhookEvent]]:
     rows = yield Step("rows", CLAIM_EVENTS, (lease_until, url, now, limit))
     return sorted((webhook_event_of(tuple(r), lease_until) for r in rows), key=_by_row)
@@ -461,6 +469,9 @@ class SqlStore(ABC):
 
     async def participant_ids(self, conversation_id: int) -> list[int]:
         return await self._read_plan(participant_ids, conversation_id)
+
+    async def set_participant_name(self, conversation_id: int, user_id: int, name: str) -> None:
+        await self._write_plan(set_participant_name, conversation_id, user_id, name)
 
     async def claim_webhooks(
         self, url: str, *, now: int, lease_until: int, limit: int

@@ -92,6 +92,10 @@ class MessageOut(BaseModel):
     client_msg_id: str | None = Field(
         default=None, description="the Idempotency-Key (or client_msg_id) it was sent with"
     )
+    sender_name: str | None = Field(
+        default=None,
+        description="the sender's display name (the name claim of their latest token), if any",
+    )
 
 
 class MessageReply(BaseModel):
