@@ -490,8 +490,19 @@ def test_message_list_has_capital_m_and_has_more() -> None:
 
 
 def test_conversation_list_shape() -> None:
-    assert ev.conversation_list([CONV]) == {"conversations": [ev.conversation_obj(CONV)]}
-    assert ev.conversation_list([]) == {"conversations": []}
+    page = ev.conversation_page([CONV], has_more=False)
+    assert page == {
+        "conversations": [ev.conversation_obj(CONV)],
+        "has_more": False,
+        "next_cursor": None,
+    }
+    assert ev.conversation_page([], has_more=False)["conversations"] == []
+    more = ev.conversation_page([CONV], has_more=True)
+    assert more["has_more"] is True
+    assert ev.parse_get_conversation_list({"cursor": more["next_cursor"]}).cursor == (
+        CONV.update_at,
+        CONV.id,
+    )
 
 
 def test_unread_info_shape_and_total() -> None:

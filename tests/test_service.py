@@ -884,7 +884,6 @@ async def test_internal_error_leaks_nothing(
         raise RuntimeError("secret detail")
 
     monkeypatch.setattr(store, "get_conversation", boom)
-    monkeypatch.setattr(store, "list_conversations", boom)
     monkeypatch.setattr(store, "conversation_page", boom)
     for event, args in [
         ("Event.GetMessageList", {"session_channel": "100"}),

@@ -94,8 +94,8 @@ async def test_conversation_is_created_once(store: Store) -> None:
     assert first.application_id == 100 and first.create_at == NOW
     assert await store.get_conversation(100) == first
     assert await store.get_conversation(101) is None
-    assert [c.id for c in await store.list_conversations(2)] == [first.id]
-    assert await store.list_conversations(3) == []
+    assert [c.id for c in (await store.conversation_page(2, limit=9)).conversations] == [first.id]
+    assert (await store.conversation_page(3, limit=9)).conversations == []
 
 
 async def test_staff_participation_only_grows(store: Store) -> None:
@@ -183,22 +183,21 @@ async def test_read_positions_status_and_unread(store: Store) -> None:
     a = await send(store, conv, 2, "a")
     b = await send(store, conv, 1, "b")
     c = await send(store, conv, 2, "c")
-    counts = {u.application_id: u.unread for u in await store.unread_counts(1)}
-    assert counts == {100: 2}
-    assert {u.application_id: u.unread for u in await store.unread_counts(2)} == {100: 1}
+    assert await unread_of(store, 1) == {100: 2}
+    assert await unread_of(store, 2) == {100: 1}
 
     moved = await store.read_messages(conv, reader_id=1, staff=True, message_id=b, now=NOW + 9)
     assert moved.moved and sorted(moved.participants) == [1, 2]
     status = {m.id: m.status for m in (await store.list_messages(conv, limit=9)).messages}
     assert status == {a: 1, b: 0, c: 0}  # b is the reader's own
-    assert {u.application_id: u.unread for u in await store.unread_counts(1)} == {100: 1}
+    assert await unread_of(store, 1) == {100: 1}
 
     back = await store.read_messages(conv, reader_id=1, staff=True, message_id=a, now=NOW)
     assert not back.moved
     await store.read_messages(conv, reader_id=1, staff=True, message_id=c, now=NOW)
     status = {m.id: m.status for m in (await store.list_messages(conv, limit=9)).messages}
     assert status == {a: 1, b: 0, c: 1}
-    assert (await store.unread_counts(1))[0].unread == 0
+    assert await unread_of(store, 1) == {100: 0}
     with pytest.raises(NotFound):
         await store.read_messages(conv, reader_id=1, staff=True, message_id=c + 1000, now=NOW)
 
@@ -217,12 +216,18 @@ async def test_lists_order_by_activity_and_filter_by_application(store: Store) -
     await store.add_message(
         a, sender_id=1, staff=True, content="x", content_type=1, client_msg_id=None, now=NOW + 50
     )
-    assert [c.application_id for c in await store.list_conversations(1)] == [100, 200]
-    assert [c.application_id for c in await store.list_all_conversations(limit=9)] == [100, 200]
-    assert [c.application_id for c in await store.list_all_conversations(limit=1)] == [100]
-    only = await store.list_conversations(1, application_id=200)
-    assert [c.id for c in only] == [b.id]
-    counts = await store.unread_counts(1, application_id=100)
+
+    async def apps(
+        user: int | None, limit: int = 9, application_id: int | None = None
+    ) -> list[int]:
+        page = await store.conversation_page(user, limit=limit, application_id=application_id)
+        return [c.application_id for c in page.conversations]
+
+    assert await apps(1) == [100, 200]
+    assert await apps(None) == [100, 200]
+    assert await apps(None, limit=1) == [100]
+    assert await apps(1, application_id=200) == [b.application_id]
+    counts = (await store.unread_page(1, application_id=100, limit=9)).counts
     assert [(u.application_id, u.unread) for u in counts] == [(100, 0)]
 
 
@@ -252,7 +257,18 @@ def test_nodes_starting_at_once_migrate_postgres_once() -> None:
 
 
 async def unread_of(store: Store, user: int) -> dict[int, int]:
-    return {u.application_id: u.unread for u in await store.unread_counts(user)}
+    """Every conversation's unread count for ``user`` (one page holds them all here)."""
+    page = await store.unread_page(user, limit=500)
+    assert not page.has_more
+    return {u.application_id: u.unread for u in page.counts}
+
+
+async def by_activity(store: Store, conversations: list[Conversation]) -> list[int]:
+    """The ids of ``conversations`` as they are now, newest activity first (ties: the
+    higher id first), sorted here rather than by the store."""
+    now = [await store.get_conversation(c.application_id) for c in conversations]
+    ordered = sorted((c for c in now if c is not None), key=lambda c: (c.update_at, c.id))
+    return [c.id for c in reversed(ordered)]
 
 
 async def test_unread_counters_agree_with_counting(store: Store) -> None:
@@ -489,12 +505,12 @@ async def test_conversation_pages_walk_every_conversation_once(store: Store) -> 
             client_msg_id=None,
             now=NOW + 100 - i,
         )
-    everything = [c.id for c in await store.list_conversations(1)]
+    everything = await by_activity(store, convs)
     assert len(everything) == 23
     for limit in (1, 5, 23, 100):
         assert await paged_conversations(store, 1, limit) == everything
     # Every conversation (the staff inbox), in the same order.
-    inbox = [c.id for c in await store.list_all_conversations(limit=100)]
+    inbox = await by_activity(store, [*convs, await conversation(store, app=2000, user=2)])
     assert len(inbox) == 24
     assert await paged_conversations(store, None, 7) == inbox
     # One application's: a page of one, no more.
@@ -510,7 +526,10 @@ async def test_unread_pages_and_a_total_over_every_conversation(store: Store) ->
         await store.add_conversation(conv.application_id, 2, staff=False, now=NOW)
         for n in range(i % 3):  # 0, 1 or 2 unread for user 1
             await send(store, conv, 2, f"{i}-{n}")
-    everything = [(u.application_id, u.unread) for u in await store.unread_counts(1)]
+    order = {c: n for n, c in enumerate(await by_activity(store, convs))}
+    everything = [
+        (c.application_id, i % 3) for i, c in sorted(enumerate(convs), key=lambda x: order[x[1].id])
+    ]
     total = sum(n for _, n in everything)
     assert total == 9
     for limit in (1, 4, 9, 50):

@@ -362,10 +362,6 @@ def message_obj(m: Message) -> dict[str, Any]:
     return obj
 
 
-def conversation_list(conversations: list[Conversation]) -> dict[str, Any]:
-    return {"conversations": [conversation_obj(c) for c in conversations]}
-
-
 def message_list(messages: list[Message], has_more: bool) -> dict[str, Any]:
     return {"Messages": [message_obj(m) for m in messages], "has_more": has_more}
 

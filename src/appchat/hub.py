@@ -14,7 +14,6 @@ import logging
 import secrets
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator, Iterable
-from enum import IntEnum
 from typing import Any
 
 from . import defaults
@@ -24,18 +23,6 @@ from .events import RESYNC, push
 from .models import Principal
 
 log = logging.getLogger(__name__)
-
-
-class CloseCode(IntEnum):
-    """Every close code the server sends (RFC 6455 and appchat's own, 4000-4999)."""
-
-    GOING_AWAY = 1001  # the server shuts down
-    PROTOCOL_ERROR = 1002
-    POLICY_VIOLATION = 1008  # too many frames (control frames included)
-    MESSAGE_TOO_BIG = 1009
-    TOKEN_EXPIRED = 4001
-    SLOW_CONSUMER = 4008
-    DISCONNECTED = 4009  # by the server API (POST /api/connections/{sid}/disconnect)
 
 
 Send = Callable[[bytes], Coroutine[Any, Any, None]]

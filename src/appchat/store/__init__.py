@@ -16,7 +16,6 @@ from ..models import (
     MessagePage,
     ReadOutcome,
     SendOutcome,
-    UnreadCount,
     UnreadPage,
     WebhookBacklog,
     WebhookEvent,
@@ -47,14 +46,6 @@ class Store(Protocol):
     ) -> Conversation:
         """Create the conversation of an application once; add ``user_id`` as a participant."""
 
-    async def list_conversations(
-        self, user_id: int, *, application_id: int | None = None
-    ) -> list[Conversation]:
-        """Conversations ``user_id`` takes part in, newest activity first."""
-
-    async def list_all_conversations(self, *, limit: int) -> list[Conversation]:
-        """Every conversation, newest activity first, at most ``limit``."""
-
     async def conversation_page(
         self,
         user_id: int | None,
@@ -75,8 +66,8 @@ class Store(Protocol):
         limit: int,
         after: ActivityKey | None = None,
     ) -> UnreadPage:
-        """``unread_counts`` a page at a time, in ``conversation_page``'s order; ``total``
-        sums every conversation of the user."""
+        """Unread counts of the conversations ``user_id`` takes part in, a page at a time,
+        in ``conversation_page``'s order; ``total`` sums every conversation of the user."""
 
     async def list_messages(
         self,
@@ -110,10 +101,6 @@ class Store(Protocol):
         self, conversation: Conversation, *, reader_id: int, staff: bool, message_id: int, now: int
     ) -> ReadOutcome:
         """Move the reader's position to ``message_id``; ``NotFound`` if not in the conversation."""
-
-    async def unread_counts(
-        self, user_id: int, *, application_id: int | None = None
-    ) -> list[UnreadCount]: ...
 
     async def participant_ids(self, conversation_id: int) -> list[int]:
         """Every participant of the conversation, in no particular order."""

@@ -32,10 +32,6 @@ SELECT_MESSAGES = (
     "LEFT JOIN participants sp ON sp.conversation_id = m.conversation_id "
     "AND sp.user_id = m.sender_id "
 )
-SELECT_ALL_CONVERSATIONS = (
-    f"SELECT {CONVERSATION_COLUMNS} FROM conversations c ORDER BY c.update_at DESC, c.id DESC "
-    "LIMIT "
-)
 NEWEST = 2**63 - 1  # the ``before_id`` cursor of the default page
 
 

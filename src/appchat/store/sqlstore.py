@@ -31,7 +31,6 @@ from ..models import (
     MessagePage,
     ReadOutcome,
     SendOutcome,
-    UnreadCount,
     UnreadPage,
     WebhookBacklog,
     WebhookEvent,
@@ -41,9 +40,7 @@ from .rows import (
     CONVERSATION_COLUMNS,
     NEWEST,
     OUTBOX_COLUMNS,
-    SELECT_ALL_CONVERSATIONS,
     SELECT_MESSAGES,
-    UNREAD,
     UNREAD_PAGE_COLUMNS,
     UNREAD_TOTAL,
     OutboxRow,
@@ -200,35 +197,6 @@ def add_conversation(
     if created and hooks:
         yield Step("many", RECORD_EVENT, conversation_rows(hooks, conversation))
     return conversation, bool(created)
-
-
-def _mine(columns: str, user_id: int, application_id: int | None) -> tuple[str, list[Any]]:
-    """Every conversation of ``user_id`` (only ``application_id``'s when given), newest
-    activity first."""
-    sql = (
-        f"SELECT {columns} FROM participants p JOIN conversations c "
-        "ON c.id = p.conversation_id WHERE p.user_id = ?"
-    )
-    params: list[Any] = [user_id]
-    if application_id is not None:
-        sql += " AND c.application_id = ?"
-        params.append(application_id)
-    return sql + " ORDER BY c.update_at DESC, c.id DESC", params
-
-
-def list_conversations(user_id: int, application_id: int | None) -> Plan[list[Conversation]]:
-    rows = yield Step("rows", *_mine(CONVERSATION_COLUMNS, user_id, application_id))
-    return [conversation_of(r) for r in rows]
-
-
-def list_all_conversations(limit: int) -> Plan[list[Conversation]]:
-    rows = yield Step("rows", SELECT_ALL_CONVERSATIONS + "?", (limit,))
-    return [conversation_of(r) for r in rows]
-
-
-def unread_counts(user_id: int, application_id: int | None) -> Plan[list[UnreadCount]]:
-    rows = yield Step("rows", *_mine(f"c.application_id, {UNREAD}", user_id, application_id))
-    return [UnreadCount(r[0], r[1]) for r in rows]
 
 
 def conversation_page(
@@ -413,14 +381,6 @@ class SqlStore(ABC):
             self._woken(hooks)
         return conversation
 
-    async def list_conversations(
-        self, user_id: int, *, application_id: int | None = None
-    ) -> list[Conversation]:
-        return await self._read_plan(list_conversations, user_id, application_id)
-
-    async def list_all_conversations(self, *, limit: int) -> list[Conversation]:
-        return await self._read_plan(list_all_conversations, limit)
-
     async def conversation_page(
         self,
         user_id: int | None,
@@ -461,11 +421,6 @@ class SqlStore(ABC):
         if outcome.moved:
             self._woken(hooks)
         return outcome
-
-    async def unread_counts(
-        self, user_id: int, *, application_id: int | None = None
-    ) -> list[UnreadCount]:
-        return await self._read_plan(unread_counts, user_id, application_id)
 
     async def participant_ids(self, conversation_id: int) -> list[int]:
         return await self._read_plan(participant_ids, conversation_id)

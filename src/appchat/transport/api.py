@@ -23,8 +23,9 @@ from pydantic.json_schema import models_json_schema
 from .. import __version__, defaults
 from .. import events as ev
 from ..apikeys import ApiKeys
+from ..closecodes import CloseCode
 from ..errors import AppError, BadRequest, Internal, NotFound, Unauthorized
-from ..hub import CloseCode, Hub
+from ..hub import Hub
 from ..models import MAX_ID
 from ..ratelog import RateLimitedLog
 from ..service import ChatService

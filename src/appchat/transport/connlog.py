@@ -12,23 +12,10 @@ import logging
 import time
 from collections.abc import Callable
 
+from ..closecodes import CloseCode, describe
 from ..ratelog import RateLimitedLog
 
 log = logging.getLogger("appchat.connections")
-
-CLOSE_NAMES = {
-    1000: "normal closure",
-    1001: "going away",
-    1002: "protocol error",
-    1003: "unsupported data",
-    1006: "connection lost",
-    1007: "invalid data",
-    1008: "policy violation",
-    1009: "frame too big",
-    1011: "server error",
-    4001: "token expired",
-    4008: "slow consumer",
-}
 
 
 class ConnectionLog:
@@ -69,7 +56,7 @@ class ConnectionLog:
     def closed(
         self, conn_id: str, *, sid: int, remote: str, code: int | None, since: float
     ) -> None:
-        code = code if code is not None else 1006
+        code = code if code is not None else int(CloseCode.CONNECTION_LOST)
         seconds = self._clock() - since
         self._lines.info(
             remote,
@@ -78,7 +65,7 @@ class ConnectionLog:
             sid,
             remote,
             code,
-            CLOSE_NAMES.get(code, "application code" if code >= 3000 else "other"),
+            describe(code),
             seconds,
             extra={
                 "conn_id": conn_id,

@@ -1,4 +1,5 @@
-"""The small HTTP surface beside the WebSocket: liveness and readiness."""
+"""The small HTTP surface beside the WebSocket: liveness (``/healthz``), readiness
+(``/readyz``) and the Prometheus metrics (``/metrics``)."""
 
 from __future__ import annotations
 

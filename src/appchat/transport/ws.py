@@ -1,5 +1,7 @@
-"""The WebSocket endpoint: handshake (refused with 400/401 before the upgrade), read loop,
-one writer task per connection, and the token-expiry timer."""
+"""The WebSocket endpoint: handshake (refused with 400/401 before the upgrade), the read
+loop and its request task, and the token-expiry timer. Writing is the hub's
+:class:`~appchat.hub.Connection`: straight to the socket, or through a backlog drained by
+a task that exists only while there is one."""
 
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ from aiohttp import WSMsgType, web
 
 from .. import defaults
 from ..auth import TokenVerifier, bind, parse_id
+from ..closecodes import CloseCode
 from ..errors import AppError, BadRequest, Unauthorized
 from ..events import error_reply, rate_limited_reply
-from ..hub import CloseCode, Connection, Hub
+from ..hub import Connection, Hub
 from ..models import Principal
 from ..observability import Metrics
 from ..ratelimit import TokenBucket
