@@ -1,6 +1,6 @@
 """What the benchmark scripts in this folder share: the server process, a percentile, and so on.
 
-The scripts run as ``.venv/bin/python bench/load.py`` (or ``bench/soak.py``), so this folder
+The scripts run as ``.venv/bin/python bench/suite.py`` (or ``bench/soak.py`` …), so this folder
 is on ``sys.path`` and they import this module as ``common``.
 """
 
@@ -16,6 +16,8 @@ import signal
 import subprocess
 import sys
 import threading
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 LISTENING = re.compile(r"listening on (wss?)://([^:/\s]+):(\d+)/")
@@ -188,3 +190,18 @@ class Server:
             self.proc.stdout.close()
         self.proc = None
         return code
+
+
+@contextlib.contextmanager
+def postgres_database(admin_url: str) -> Iterator[tuple[str, str]]:
+    """A fresh, uniquely named database, dropped afterwards; yields its URL and name."""
+    import psycopg
+
+    name = f"appchat_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin_url.rsplit("/", 1)[0] + "/" + name, name
+    finally:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -39,7 +39,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from common import Server, percentile, setup_signals_and_loop, source_version  # bench/common.py
+from common import (  # bench/common.py
+    Server,
+    percentile,
+    postgres_database,
+    setup_signals_and_loop,
+    source_version,
+)
 from tqdm import tqdm
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -299,9 +305,7 @@ def process_status(pid: int) -> tuple[float, int]:
 @contextlib.contextmanager
 def database(kind: str, admin_url: str) -> Iterator[str]:
     if kind == "postgres":
-        from load import postgres_database  # bench/load.py
-
-        with postgres_database(admin_url) as url:
+        with postgres_database(admin_url) as (url, _):
             yield url
         return
     folder = tempfile.mkdtemp(prefix="appchat-conns-")

@@ -23,8 +23,7 @@ import time
 import uuid
 
 import asyncpg
-import psycopg
-from common import process_cpu
+from common import postgres_database, process_cpu
 
 from appchat.store.migrate import apply_postgres_migrations
 
@@ -101,16 +100,9 @@ def main() -> int:
     p.add_argument("--conversations", type=int, default=100)
     p.add_argument("--content-bytes", type=int, default=100)
     args = p.parse_args()
-    name = f"appchat_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(args.pg_admin, autocommit=True, connect_timeout=10) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = args.pg_admin.rsplit("/", 1)[0] + "/" + name
-    try:
+    with postgres_database(args.pg_admin) as (url, _):
         apply_postgres_migrations(url)
         results = asyncio.run(measure(url, args))
-    finally:
-        with psycopg.connect(args.pg_admin, autocommit=True, connect_timeout=10) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     print(f"medians of {args.runs} runs, {args.conversations} conversations")
     print("| batch | function | PostgreSQL CPU per message | wall time per message |")
     print("|---|---|---|---|")

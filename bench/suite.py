@@ -38,7 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from common import Server, percentile, process_cpu, source_version  # bench/common.py
+from common import (  # bench/common.py
+    Server,
+    percentile,
+    postgres_database,
+    process_cpu,
+    source_version,
+)
 from tqdm import tqdm
 from wsclient import LeanClient, connect
 
@@ -94,34 +100,30 @@ def cluster(
 
     env = {"PYTHONPATH": str(BASELINE_TREE / rev / "src")} if rev else None
 
-    name = f"appchat_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(args.pg_admin, autocommit=True, connect_timeout=10) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = args.pg_admin.rsplit("/", 1)[0] + "/" + name
     prefix = f"appchat-bench-{uuid.uuid4().hex[:8]}"
-    common = [sys.executable, "-m", "appchat", "serve", "--port", "0", "--rate", "0"]
-    common += ["--database", url, "--broker", args.redis, "--channel-prefix", prefix]
-    common += ["--log-level", "WARNING"]
-    nodes: list[Server] = []
-    try:
-        for n in range(2):
-            nodes.append(Server([], SECRET, name=f"node {n}", command=common, env=env).start())
+    with postgres_database(args.pg_admin) as (url, name):
+        common = [sys.executable, "-m", "appchat", "serve", "--port", "0", "--rate", "0"]
+        common += ["--database", url, "--broker", args.redis, "--channel-prefix", prefix]
+        common += ["--log-level", "WARNING"]
+        nodes: list[Server] = []
+        try:
+            for n in range(2):
+                node = Server([], SECRET, name=f"node {n}", command=common, env=env)
+                nodes.append(node.start())
 
-        def db_cpu() -> float:
-            """CPU seconds of the database's server processes (the nodes' connections),
-            when they run on this machine."""
-            with psycopg.connect(args.pg_admin, autocommit=True, connect_timeout=10) as admin:
-                pids = admin.execute(
-                    "SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,)
-                ).fetchall()
-            return sum(process_cpu(pid) for (pid,) in pids)
+            def db_cpu() -> float:
+                """CPU seconds of the database's server processes (the nodes'
+                connections), when they run on this machine."""
+                with psycopg.connect(args.pg_admin, autocommit=True, connect_timeout=10) as admin:
+                    pids = admin.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,)
+                    ).fetchall()
+                return sum(process_cpu(pid) for (pid,) in pids)
 
-        yield nodes[0], nodes[1], db_cpu, redis_cpu(args.redis)
-    finally:
-        for node in nodes:
-            node.stop()
-        with psycopg.connect(args.pg_admin, autocommit=True, connect_timeout=10) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            yield nodes[0], nodes[1], db_cpu, redis_cpu(args.redis)
+        finally:
+            for node in nodes:
+                node.stop()
 
 
 def redis_cpu(url: str) -> Callable[[], float]:
