@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -22,6 +21,8 @@ import psycopg
 import pytest
 
 from appchat.store import Store, open_store
+
+from .support import wait_until
 
 PG_ADMIN = os.environ.get("APPCHAT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("APPCHAT_TEST_REDIS", "redis://127.0.0.1:6379/0")
@@ -191,14 +192,7 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("private redis-server did not start")
+        wait_until(lambda: reachable("127.0.0.1", self.port), what="the private redis-server")
 
     def kill(self) -> None:
         if self.proc is not None:

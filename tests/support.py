@@ -394,28 +394,41 @@ def customer(server: Server, app: int, sid: int) -> AbstractAsyncContextManager[
     return client(server, sid, token(request_id=app, sid=sid))
 
 
-def wait_until(predicate: Any, timeout: float = 10, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(interval)
+# Waiting for state another process keeps, that sends no event to wait on: the tests' one
+# helper, with a face for coroutines (``eventually``) and one for code that runs outside an
+# event loop (``wait_until``: fixtures starting a process). Both raise AssertionError
+# naming ``what`` when ``check`` does not hold within ``timeout`` seconds.
 
 
 async def eventually(
-    check: Callable[[], bool | Awaitable[bool]], timeout: float = 30, interval: float = 0.05
+    check: Callable[[], bool | Awaitable[bool]],
+    timeout: float = 30,
+    interval: float = 0.05,
+    what: str = "condition",
 ) -> None:
-    """Poll ``check`` (a function or a coroutine function) until it holds, for at most
-    ``timeout`` seconds (``TimeoutError``): for state kept by another process or thread
-    (a metric, a database row, a counter) that sends no event to wait on."""
-    async with asyncio.timeout(timeout):
-        while True:
-            done = check()
-            if inspect.isawaitable(done):
-                done = await done
-            if done:
-                return
-            await asyncio.sleep(interval)
+    """Poll ``check`` (a function or a coroutine function) until it holds."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                done = check()
+                if inspect.isawaitable(done):
+                    done = await done
+                if done:
+                    return
+                await asyncio.sleep(interval)
+    except TimeoutError:
+        raise AssertionError(f"{what} not reached within {timeout:g} s") from None
+
+
+def wait_until(
+    check: Callable[[], bool], timeout: float = 10, interval: float = 0.05, what: str = "condition"
+) -> None:
+    """``eventually`` for code outside an event loop: blocks this thread while it polls."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout:g} s")
+        time.sleep(interval)
 
 
 class TcpProxy:

@@ -8,10 +8,8 @@ import json
 import os
 import re
 import shutil
-import socket
 import ssl
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,6 +23,7 @@ from .backends import (
     PrivateRedis,
     free_port,
     postgres_database,
+    reachable,
     require,
     unique_prefix,
 )
@@ -35,8 +34,10 @@ from .support import (
     TcpProxy,
     client,
     customer,
+    eventually,
     staff,
     token,
+    wait_until,
 )
 
 
@@ -194,15 +195,15 @@ async def test_postgres_down_is_unavailable_never_a_false_ack(tmp_path: Path) ->
                     assert reply["error"]["code"] == "unavailable"
                 assert await asyncio.to_thread(_readyz, node) == 503
                 await proxy.start()
-                deadline = time.monotonic() + 20
-                while True:
+
+                async def sent_again() -> bool:
                     reply = await s.call(
                         "Event.SendMessage", {"session_channel": "5", "content": "after"}
                     )
-                    if reply["ok"] or time.monotonic() > deadline:
-                        break
-                    await asyncio.sleep(0.2)
-                assert reply["ok"], reply
+                    assert reply["ok"] or reply["error"]["code"] == "unavailable", reply
+                    return bool(reply["ok"])
+
+                await eventually(sent_again, timeout=20, interval=0.2, what="a send once back")
                 page = await s.ok("Event.GetMessageList", {"session_channel": "5"})
                 assert [m["content"] for m in page["Messages"]] == ["before", "after"]
                 assert await asyncio.to_thread(_readyz, node) == 200
@@ -299,15 +300,13 @@ def nginx_in_front(nodes: list[Server], workdir: Path) -> tuple[subprocess.Popen
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, port
-        except OSError:
-            assert proc.poll() is None, (workdir / "error.log").read_text()
-            assert time.monotonic() < deadline, "nginx did not start"
-            time.sleep(0.05)
+
+    def listening() -> bool:
+        assert proc.poll() is None, (workdir / "error.log").read_text()
+        return reachable("127.0.0.1", port)
+
+    wait_until(listening, what="nginx listening")
+    return proc, port
 
 
 def require_nginx() -> None:
