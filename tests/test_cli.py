@@ -13,7 +13,7 @@ import pytest
 
 from appchat.auth import TokenVerifier
 
-from .support import SECRET, ServerProcess, client
+from .support import SECRET, ServerProcess, client, wait_until
 
 
 def appchat(
@@ -243,3 +243,30 @@ def test_dev_says_what_is_wrong_with_the_database(tmp_path: Path) -> None:
         line = one_line_error(appchat(*command, "--database", "chat.db", cwd=tmp_path))
         assert "'chat.db' is not a database URL" in line and "sqlite:///chat.db" in line
     assert list(tmp_path.iterdir()) == []  # no database, no secret file
+
+
+def test_start_up_says_whether_the_server_api_and_webhooks_are_on(tmp_path: Path) -> None:
+    (tmp_path / "hook.secret").write_text("h" * 40 + "\n")
+    (tmp_path / "api-keys").write_text("crm " + "k" * 40 + "\n")
+    on = ServerProcess(
+        tmp_path / "on.db",
+        "--api-keys-file",
+        str(tmp_path / "api-keys"),
+        "--webhook-url",
+        "https://hooks.example.com/appchat?token=receiver-secret",
+        "--webhook-secret-file",
+        str(tmp_path / "hook.secret"),
+    )
+    off = ServerProcess(tmp_path / "off.db")
+    for srv in (on, off):
+        srv.start()
+        try:
+            wait_until(lambda srv=srv: "webhooks:" in srv.output)
+        finally:
+            assert srv.stop() == 0
+    base = f"http://127.0.0.1:{on.port}"
+    assert f"server API: on at {base}/api/ (OpenAPI: {base}/api/openapi.json)" in on.output
+    assert "webhooks: on, to 1 URL (hooks.example.com)" in on.output
+    assert "receiver-secret" not in on.output
+    assert "server API: off (turn it on with --api-keys-file or --api-key)" in off.output
+    assert "webhooks: off (turn them on with --webhook-url)" in off.output

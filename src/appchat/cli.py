@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from urllib.parse import urlsplit
 
 from . import __version__
 from .app import Node
@@ -271,17 +272,39 @@ def _announce(settings: Settings, secret: bytes | None, url: str) -> None:
 
 
 def announcement(settings: Settings, secret: bytes | None, url: str) -> str:
-    """What ``serve`` prints once it listens on ``url``: with ``--dev``, tokens to try it."""
-    listening = f"appchat {__version__} listening on {url}"
+    """What ``serve`` prints once it listens on ``url``: with ``--dev``, tokens to try it;
+    then whether the server API and webhooks are on."""
+    listening = f"appchat {__version__} listening on {url}\n" + _surfaces(settings, url)
     if settings.dev and secret is not None:
         return _dev_tokens(secret, url) + "\n" + listening
     return listening
 
 
+def _surfaces(settings: Settings, url: str) -> str:
+    """Two lines: the server API and the webhooks, on (where) or off (what turns them on)."""
+    if settings.api_key or settings.api_keys_file:
+        api = f"on at {_http_base(url)}/api/ (OpenAPI: {_http_base(url)}/api/openapi.json)"
+    else:
+        api = "off (turn it on with --api-keys-file or --api-key)"
+    hooks = settings.webhook_url
+    if hooks:
+        # Hosts only: a receiver's path or query may hold its token.
+        where = ", ".join(sorted({urlsplit(u).hostname or "?" for u in hooks}))
+        webhooks = f"on, to {len(hooks)} URL{'s' if len(hooks) > 1 else ''} ({where})"
+    else:
+        webhooks = "off (turn them on with --webhook-url)"
+    return f"  server API: {api}\n  webhooks: {webhooks}"
+
+
+def _http_base(url: str) -> str:
+    """``ws://host:port/ws`` -> ``http://host:port`` (``wss`` -> ``https``)."""
+    return url.replace("ws", "http", 1).removesuffix("/ws")
+
+
 def _dev_tokens(secret: bytes, url: str) -> str:
     staff = mint(secret, admin_id=1, ttl=86400)
     customer = mint(secret, request_id=100, sid=2, ttl=86400)
-    web = url.replace("ws", "http", 1).removesuffix("/ws") + "/"
+    web = _http_base(url) + "/"
     return (
         f"\n--dev: open the web client at {web} and join with one click\n"
         "\n--dev: tokens valid for 24 hours (more with `appchat token`):\n"
