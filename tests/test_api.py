@@ -5,6 +5,7 @@ and schemathesis against the OpenAPI document the server serves."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from schemathesis.schemas import BaseSchema
 from schemathesis.specs.openapi.checks import ignored_auth, positive_data_acceptance
 from websockets.exceptions import InvalidStatus
 
-from .backends import REDIS_URL, postgres_database, require, unique_prefix
+from .backends import ENGINES, REDIS_URL, postgres_database, require, unique_prefix
 from .support import (
     MESSAGE_KEYS,
     RFC3339_UTC,
@@ -491,6 +492,97 @@ async def test_unknown_routes_and_methods_answer_json(
         assert resp.status == 405
         assert resp.headers["Allow"] == "GET"
         assert (await resp.json())["error"]["code"] == "bad_request"
+
+
+# --- the API's senders and keys, apart from the clients' ----------------------------------
+
+SENDERS = "9000-9009"  # the server's --api-sender-ids below
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, keys: Keys
+) -> Iterator[Server]:
+    """A server reserving SENDERS for the API, on SQLite and on PostgreSQL."""
+    args = ("--rate", "0", "--api-keys-file", str(keys.path), "--api-sender-ids", SENDERS)
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            database: Path | str = tmp_path_factory.mktemp("senders") / "appchat.db"
+        else:
+            database = stack.enter_context(postgres_database())
+        srv = InProcessServer(database, *args).start()
+        stack.callback(srv.stop)
+        yield srv
+
+
+async def test_an_idempotency_key_is_never_a_clients_client_msg_id(
+    http: aiohttp.ClientSession, engine_server: Server, keys: Keys
+) -> None:
+    """A staff member using the backend's sender id sends the key the backend will use as
+    its client_msg_id first: the backend's post is still its own message, not a retry."""
+    api = Api(http, engine_server, keys.backend)
+    app, sender, key = 1401, 9001, "crm-1401-closed"
+    async with staff(engine_server, sender) as agent:
+        await agent.ok("Event.AddConversation", {"application_id": app})
+        args = {"session_channel": str(app), "content": "my own words", "client_msg_id": key}
+        mine = await agent.ok("Event.SendMessage", args)
+        status, posted = await api.post(
+            app, {"sender_id": sender, "content": "Request closed."}, idempotency_key=key
+        )
+        assert status == 201, posted
+        assert posted["message"]["content"] == "Request closed."
+        assert posted["message"]["id"] > mine["message"]["id"]
+        assert posted["message"]["client_msg_id"] == key  # shown as sent, without the prefix
+        assert (await agent.push("Event.ReceiveMessage"))["result"] == posted
+        # Each side's retry answers its own first message.
+        assert await api.post(app, {"sender_id": sender, "content": "x"}, idempotency_key=key) == (
+            200,
+            posted,
+        )
+        assert await agent.ok("Event.SendMessage", {**args, "content": "again"}) == mine
+        page = await agent.ok("Event.GetMessageList", {"session_channel": str(app)})
+        assert page["Messages"] == [mine["message"], posted["message"]]
+        # The longest key a client_msg_id may be is stored (twice its length) and retried.
+        longest = "k" * 64
+        status, first = await api.post(
+            app, {"sender_id": sender, "content": "long"}, idempotency_key=longest
+        )
+        assert status == 201 and first["message"]["client_msg_id"] == longest
+        assert await api.post(
+            app, {"sender_id": sender, "content": "long"}, idempotency_key=longest
+        ) == (200, first)
+        status, page = await api.messages(app)
+        assert [m["content"] for m in page["messages"]] == [
+            "my own words",
+            "Request closed.",
+            "long",
+        ]
+
+
+async def test_api_sender_ids_are_no_customers_and_the_only_api_senders(
+    http: aiohttp.ClientSession, engine_server: Server, api_server: Server, keys: Keys
+) -> None:
+    api = Api(http, engine_server, keys.backend)
+    app = 1402
+    for tok in (token(request_id=app), token(request_id=app, sid=9002)):
+        with pytest.raises(InvalidStatus) as refused:
+            async with client(engine_server, 9002, tok):
+                pass
+        assert refused.value.response.status_code == 401
+    async with customer(engine_server, app, 2402) as c, staff(engine_server, 9003) as agent:
+        await c.ok("Event.AddConversation", {"application_id": app})
+        await agent.ok("Event.AddConversation", {"application_id": app})  # staff may use one
+        status, body = await api.post(app, {"sender_id": 9002, "content": "from the CRM"})
+        assert status == 201, body
+        assert (await c.push("Event.ReceiveMessage"))["result"] == body
+        assert error_code(*await api.post(app, {"sender_id": 42, "content": "no"}), 403) == (
+            "forbidden"
+        )
+        status, page = await api.messages(app)
+        assert [m["sender_id"] for m in page["messages"]] == [9002]
+    # Without --api-sender-ids nothing is reserved: the original's customers connect as before.
+    async with client(api_server, 9002, token(request_id=app)) as unbound:
+        await unbound.ok("Event.AddConversation", {"application_id": app})
 
 
 # --- POST /api/connections/{sid}/disconnect -------------------------------------------------

@@ -256,6 +256,8 @@ def test_start_up_says_whether_the_server_api_and_webhooks_are_on(tmp_path: Path
         "https://hooks.example.com/appchat?token=receiver-secret",
         "--webhook-secret-file",
         str(tmp_path / "hook.secret"),
+        "--api-sender-ids",
+        "9000-9009,1",
     )
     off = ServerProcess(tmp_path / "off.db")
     for srv in (on, off):
@@ -265,7 +267,10 @@ def test_start_up_says_whether_the_server_api_and_webhooks_are_on(tmp_path: Path
         finally:
             assert srv.stop() == 0
     base = f"http://127.0.0.1:{on.port}"
-    assert f"server API: on at {base}/api/ (OpenAPI: {base}/api/openapi.json)" in on.output
+    assert (
+        f"server API: on at {base}/api/ (OpenAPI: {base}/api/openapi.json), "
+        "posting only as 1,9000-9009"
+    ) in on.output
     assert "webhooks: on, to 1 URL (hooks.example.com)" in on.output
     assert "receiver-secret" not in on.output
     assert "server API: off (turn it on with --api-keys-file or --api-key)" in off.output

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from . import __version__
 from .app import Node
-from .auth import mint
+from .auth import IdRanges, mint
 from .config import (
     OPTIONS,
     Settings,
@@ -284,6 +284,8 @@ def _surfaces(settings: Settings, url: str) -> str:
     """Two lines: the server API and the webhooks, on (where) or off (what turns them on)."""
     if settings.api_key or settings.api_keys_file:
         api = f"on at {_http_base(url)}/api/ (OpenAPI: {_http_base(url)}/api/openapi.json)"
+        if settings.api_sender_ids:
+            api += f", posting only as {IdRanges.parse(settings.api_sender_ids)}"
     else:
         api = "off (turn it on with --api-keys-file or --api-key)"
     hooks = settings.webhook_url

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import defaults
+from .auth import IdRanges
 from .errors import ConfigError
 from .store import redact_url, sqlite_path
 
@@ -75,6 +76,7 @@ class Settings:
     upload_dir: str | None = None  # None: beside the SQLite file (upload_directory)
     upload_s3: str | None = None
     upload_s3_endpoint: str | None = None
+    api_sender_ids: tuple[str, ...] = ()
     api_key: tuple[str, ...] = field(default=(), repr=False)
     api_keys_file: str | None = None
 
@@ -155,6 +157,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
         "(needs appchat[s3]; credentials and region from the usual AWS_* settings)",
     ),
     "upload_s3_endpoint": (str, "URL of an S3-compatible server for --upload-s3 (MinIO, …)"),
+    "api_sender_ids": (
+        str,
+        "N or N-M, repeatable: the ids the server API posts as, which no customer may connect "
+        "as (default: the API posts as any id but the conversation's customer)",
+    ),
     "api_key": (
         str,
         "[NAME:]KEY of the server API (/api/), repeatable; shows in ps: prefer the file",
@@ -165,7 +172,7 @@ OPTIONS: dict[str, tuple[type, str]] = {
     ),
 }
 # Options that may be given several times; their environment variable is comma-separated.
-LISTS = {"jwt_public_key", "allowed_origins", "webhook_url", "api_key"}
+LISTS = {"jwt_public_key", "allowed_origins", "webhook_url", "api_key", "api_sender_ids"}
 FLAGS = {
     "dev": "development mode: generate a secret beside the database, print tokens",
     "trust_query_sid": (
@@ -300,6 +307,7 @@ def check_limits(settings: Settings) -> None:
             f"--max-pending-handshakes {settings.max_pending_handshakes}: must be at least 1"
         )
     check_webhooks(settings)
+    IdRanges.parse(settings.api_sender_ids)
 
 
 def check_webhooks(settings: Settings) -> None:

@@ -23,7 +23,8 @@ from pydantic.json_schema import models_json_schema
 from .. import __version__, defaults
 from .. import events as ev
 from ..apikeys import ApiKeys
-from ..errors import AppError, BadRequest, Internal, NotFound, Unauthorized
+from ..auth import NO_IDS, IdRanges
+from ..errors import AppError, BadRequest, Forbidden, Internal, NotFound, Unauthorized
 from ..hub import CloseCode, Hub, Whom
 from ..models import MAX_ID, Role
 from ..ratelog import RateLimitedLog
@@ -242,8 +243,12 @@ class ServerApi:
         max_content: int = defaults.MAX_CONTENT,
         max_body: int = defaults.MAX_FRAME,
         monotonic: Callable[[], float] = time.monotonic,
+        sender_ids: IdRanges = NO_IDS,
     ) -> None:
+        """``sender_ids`` (``--api-sender-ids``): the only ids posts may come from; empty:
+        any id but the conversation's customer."""
         self._service = service
+        self._sender_ids = sender_ids
         self._hub = hub
         self._keys = keys
         self._max_body = max_body
@@ -416,6 +421,11 @@ class ServerApi:
     # --- the operations ---------------------------------------------------------------------
 
     async def _post_message(self, call: Call) -> tuple[int, Any]:
+        if self._sender_ids and call.body.sender_id not in self._sender_ids:
+            raise Forbidden(
+                f"sender_id {call.body.sender_id} is not one of the ids the server API posts "
+                f"as ({self._sender_ids})"
+            )
         created, body = await self._service.post_message(
             call.path.application_id,
             sender_id=call.body.sender_id,
