@@ -268,10 +268,10 @@ def test_start_up_says_whether_the_server_api_and_webhooks_are_on(tmp_path: Path
             assert srv.stop() == 0
     base = f"http://127.0.0.1:{on.port}"
     assert (
-        f"server API: on at {base}/api/ (OpenAPI: {base}/api/openapi.json), "
+        f"appchat server API: on at {base}/api/ (OpenAPI: {base}/api/openapi.json), "
         "posting only as 1,9000-9009"
     ) in on.output
-    assert "webhooks: on, to 1 URL (hooks.example.com)" in on.output
+    assert "appchat webhooks: on, to 1 URL (hooks.example.com)" in on.output
     assert "receiver-secret" not in on.output
-    assert "server API: off (turn it on with --api-keys-file or --api-key)" in off.output
-    assert "webhooks: off (turn them on with --webhook-url)" in off.output
+    assert "appchat server API: off (turn it on with --api-keys-file or --api-key)" in off.output
+    assert "appchat webhooks: off (turn them on with --webhook-url)" in off.output

@@ -281,7 +281,8 @@ def announcement(settings: Settings, secret: bytes | None, url: str) -> str:
 
 
 def _surfaces(settings: Settings, url: str) -> str:
-    """Two lines: the server API and the webhooks, on (where) or off (what turns them on)."""
+    """Two lines: the server API and the webhooks, on (where) or off (what turns them on).
+    Each starts with ``appchat `` like the line before: text, even among JSON log lines."""
     if settings.api_key or settings.api_keys_file:
         api = f"on at {_http_base(url)}/api/ (OpenAPI: {_http_base(url)}/api/openapi.json)"
         if settings.api_sender_ids:
@@ -295,7 +296,7 @@ def _surfaces(settings: Settings, url: str) -> str:
         webhooks = f"on, to {len(hooks)} URL{'s' if len(hooks) > 1 else ''} ({where})"
     else:
         webhooks = "off (turn them on with --webhook-url)"
-    return f"  server API: {api}\n  webhooks: {webhooks}"
+    return f"appchat server API: {api}\nappchat webhooks: {webhooks}"
 
 
 def _http_base(url: str) -> str:
