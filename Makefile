@@ -7,14 +7,20 @@ BIN := $(VENV)/bin
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# What serving needs: appchat and its own dependencies (`make run`).
+$(VENV)/.base: pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "appchat needs Python 3.11 or newer")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+# Everything: every extra and the tools of the tests (`make install`, `make test`).
+$(VENV)/.installed: $(VENV)/.base pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-run: install
+run: $(VENV)/.base
 	$(BIN)/appchat serve --dev
 
 lint: install

@@ -107,6 +107,7 @@ class ServerProcess(_Serve):
     """``appchat serve`` in a child process, on a port of its own choosing."""
 
     proc: subprocess.Popen[str] | None = None
+    cwd: Path | None = None  # the working directory it starts in (default: the tests')
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "appchat", *super().command()]
@@ -120,6 +121,7 @@ class ServerProcess(_Serve):
             stderr=subprocess.STDOUT,
             text=True,
             env=self.env,
+            cwd=self.cwd,
             start_new_session=True,  # its own process group: stop() can reach its children
         )
         self._pump_thread = threading.Thread(target=self._pump, args=(self.proc,), daemon=True)

@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from appchat.auth import MIN_HS256_SECRET, Claims, TokenVerifier, bind, mint, parse_id
+from appchat.auth import MIN_HS256_SECRET, Claims, IdRanges, TokenVerifier, bind, mint, parse_id
 from appchat.errors import ConfigError, Unauthorized
 from appchat.models import MAX_ID, Principal, Role
 
@@ -455,3 +455,14 @@ def test_a_pem_secret_is_refused_at_start() -> None:
     pem = b"-----BEGIN PUBLIC KEY-----\n" + b"A" * 64 + b"\n-----END PUBLIC KEY-----\n"
     with pytest.raises(ConfigError):
         TokenVerifier(pem)
+
+
+def test_id_ranges_parse_single_ids_ranges_and_lists() -> None:
+    ids = IdRanges.parse(["9000-9009,1", " 42 "])
+    assert str(ids) == "1,42,9000-9009"
+    assert all(i in ids for i in (1, 42, 9000, 9005, 9009))
+    assert not any(i in ids for i in (2, 41, 8999, 9010, "9000"))
+    assert not IdRanges.parse([]) and 5 not in IdRanges.parse([])
+    for bad in ("0", "5-3", "x", "1-", "-4", str(2**63), "1-2-3"):
+        with pytest.raises(ConfigError, match="--api-sender-ids"):
+            IdRanges.parse([bad])

@@ -6,14 +6,16 @@ import os
 import stat
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import jwt
+import pytest
 
 from appchat.auth import TokenVerifier
 from appchat.store.migrate import migrations_dir
 
-from .support import SECRET, ServerProcess, client
+from .support import SECRET, ServerProcess, client, wait_until
 
 
 def appchat(
@@ -164,3 +166,115 @@ def test_busy_port_and_bad_log_level_are_one_line_errors(tmp_path: Path) -> None
     assert "Traceback" not in out.stderr
     out = appchat("serve", "--port", "0", "--log-level", "verbose", cwd=tmp_path, env=env)
     assert out.returncode == 2 and "--log-level" in out.stderr and "Traceback" not in out.stderr
+
+
+def one_line_error(out: subprocess.CompletedProcess[str]) -> str:
+    """A refusal at start-up: exit 2, nothing on stdout, one short line on stderr."""
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert len(lines[0]) < 250 and lines[0].startswith("appchat: "), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "needle"),
+    [
+        ("APPCHAT_PORT", "abc", "expected a whole number, got 'abc'"),
+        ("APPCHAT_MAX_FRAME", "64k", "expected a whole number, got '64k'"),
+        ("APPCHAT_HEARTBEAT", "-1", "must be 0 (off) or more"),
+        ("APPCHAT_HEARTBEAT", "nan", "expected a finite number"),
+        ("APPCHAT_RATE", "-5", "must be 0 (no limit) or more"),
+        ("APPCHAT_SEND_QUEUE", "0", "must be at least 1"),
+        ("APPCHAT_MAX_CONNECTIONS_PER_USER", "0", "must be at least 1"),
+    ],
+)
+def test_bad_environment_values_are_one_line_errors(
+    tmp_path: Path, variable: str, value: str, needle: str
+) -> None:
+    env = {"APPCHAT_JWT_SECRET": SECRET, "APPCHAT_PORT": "0", variable: value}
+    line = one_line_error(appchat("serve", cwd=tmp_path, env=env))
+    assert variable in line and needle in line
+    assert not (tmp_path / "appchat.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--port", "abc"], "argument --port: expected a whole number, got 'abc'"),
+        (["--max-frame", "64k"], "argument --max-frame: expected a whole number, got '64k'"),
+        (["--heartbeat", "-1"], "--heartbeat -1 (or APPCHAT_HEARTBEAT): must be 0 (off) or more"),
+        (["--burst", "0"], "--burst 0 (or APPCHAT_BURST): must be at least 1"),
+        (["--prot", "8888"], "unrecognized arguments: --prot 8888 (did you mean --port?)"),
+    ],
+)
+def test_bad_flags_are_a_short_usage_and_one_line(
+    tmp_path: Path, flags: list[str], needle: str
+) -> None:
+    out = appchat("serve", *flags, cwd=tmp_path, env={"APPCHAT_JWT_SECRET": SECRET})
+    assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert needle in lines[-1], out.stderr
+    # At most serve's own usage line before it (not the top level's, not every option).
+    assert lines[:-1] in ([], ["usage: appchat serve [options]"]), out.stderr
+    assert not (tmp_path / "appchat.db").exists()
+
+
+def test_a_bad_environment_value_is_reported_even_beside_a_good_flag(tmp_path: Path) -> None:
+    # The flag is good, the variable is not: the variable is still reported, not ignored.
+    env = {"APPCHAT_JWT_SECRET": SECRET, "APPCHAT_MAX_FRAME": "64k"}
+    line = one_line_error(appchat("serve", "--max-frame", "65536", cwd=tmp_path, env=env))
+    assert "APPCHAT_MAX_FRAME" in line
+
+
+def test_dev_says_what_is_wrong_with_the_database(tmp_path: Path) -> None:
+    line = one_line_error(
+        appchat(
+            "serve",
+            "--dev",
+            "--port",
+            "0",
+            "--database",
+            "postgresql://postgres:hunter2@127.0.0.1:5432/appchat",
+            cwd=tmp_path,
+        )
+    )
+    assert "beside a SQLite database" in line and "--jwt-secret-file" in line
+    assert "try it out with" not in line and "hunter2" not in line
+    for command in (["serve", "--dev", "--port", "0"], ["token", "--admin-id", "1"], ["migrate"]):
+        line = one_line_error(appchat(*command, "--database", "chat.db", cwd=tmp_path))
+        assert "'chat.db' is not a database URL" in line and "sqlite:///chat.db" in line
+    assert list(tmp_path.iterdir()) == []  # no database, no secret file
+
+
+def test_start_up_says_whether_the_server_api_and_webhooks_are_on(tmp_path: Path) -> None:
+    (tmp_path / "hook.secret").write_text("h" * 40 + "\n")
+    (tmp_path / "api-keys").write_text("crm " + "k" * 40 + "\n")
+    on = ServerProcess(
+        tmp_path / "on.db",
+        "--api-keys-file",
+        str(tmp_path / "api-keys"),
+        "--webhook-url",
+        "https://hooks.example.com/appchat?token=receiver-secret",
+        "--webhook-secret-file",
+        str(tmp_path / "hook.secret"),
+        "--api-sender-ids",
+        "9000-9009,1",
+    )
+    off = ServerProcess(tmp_path / "off.db")
+    for srv in (on, off):
+        srv.start()
+        try:
+            wait_until(partial(lambda s: "webhooks:" in s.output, srv))
+        finally:
+            assert srv.stop() == 0
+    base = f"http://127.0.0.1:{on.port}"
+    assert (
+        f"appchat server API: on at {base}/api/ (OpenAPI: {base}/api/openapi.json), "
+        "posting only as 1,9000-9009"
+    ) in on.output
+    assert "appchat webhooks: on, to 1 URL (hooks.example.com)" in on.output
+    assert "receiver-secret" not in on.output
+    assert "appchat server API: off (turn it on with --api-keys-file or --api-key)" in off.output
+    assert "appchat webhooks: off (turn them on with --webhook-url)" in off.output

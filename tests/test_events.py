@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -763,3 +764,16 @@ def test_format_ts_matches_fromtimestamp() -> None:
     us = 1583465369321142
     expected = datetime.fromtimestamp(us // 1_000_000, UTC).replace(microsecond=us % 1_000_000)
     assert format_ts(us) == expected.isoformat().replace("+00:00", "Z")
+
+
+def test_an_api_key_is_stored_apart_and_shown_as_sent() -> None:
+    stored = ev.api_client_msg_id("crm-7")
+    assert len(stored) > ev.MAX_CLIENT_MSG_ID_LEN  # no client_msg_id is ever this long
+    with pytest.raises(BadRequest):
+        ev.parse_send_message(
+            {"session_channel": "1", "content": "x", "client_msg_id": stored}, 100
+        )
+    assert ev.message_obj(replace(MSG, client_msg_id=stored))["client_msg_id"] == "crm-7"
+    # A client's own id is shown as it is, even one that looks like the prefix.
+    for own in (ev.API_KEY_PREFIX, "server-api:crm-7", "crm-7"):
+        assert ev.message_obj(replace(MSG, client_msg_id=own))["client_msg_id"] == own

@@ -115,3 +115,45 @@ async def test_dev_token_accepts_its_own_origin(dev_server: Server) -> None:
         headers={"Origin": origin},
     )
     assert status == 200
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "rebound.example:{port}",  # a page whose name now resolves to 127.0.0.1
+        "rebound.example",
+        "127.0.0.1.rebound.example:{port}",
+        "127.0.0.1:{other}",
+        "localhost",
+        "",
+    ],
+)
+async def test_dev_token_refuses_a_host_other_than_loopback(dev_server: Server, host: str) -> None:
+    """DNS rebinding: a page of another site, its name rebound to 127.0.0.1, posts to the
+    dev server from its own origin (so no Origin check can tell); its Host gives it away."""
+    forged = host.format(port=dev_server.port, other=dev_server.port + 1)
+    origin = f"http://{forged}" if forged else None
+    for headers in ({"Host": forged}, {"Host": forged, "Origin": origin}):
+        status, reply_headers, body = await fetch(
+            dev_server.http("/dev/token"),
+            "POST",
+            json={"role": "staff", "id": 1},
+            headers={k: v for k, v in headers.items() if v is not None},
+        )
+        assert status == 403, body
+        assert reply_headers["Content-Type"].startswith("application/json")
+        assert "loopback" in json.loads(body)["error"]
+        assert b"token" not in body
+
+
+@pytest.mark.parametrize("name", ["localhost", "127.0.0.1", "[::1]", "LOCALHOST"])
+async def test_dev_token_accepts_every_loopback_name(dev_server: Server, name: str) -> None:
+    host = f"{name}:{dev_server.port}"
+    status, _, body = await fetch(
+        dev_server.http("/dev/token"),
+        "POST",
+        json={"role": "staff", "id": 1},
+        headers={"Host": host, "Origin": f"http://{host}"},
+    )
+    assert status == 200, body
+    assert "token" in json.loads(body)

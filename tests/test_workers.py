@@ -338,3 +338,25 @@ async def test_sigint_to_the_parent_drains_too(tmp_path: Path) -> None:
             assert await stopping == 0
     finally:
         await asyncio.to_thread(node.stop, signal.SIGKILL)
+
+
+async def test_workers_do_not_import_modules_from_the_working_directory(tmp_path: Path) -> None:
+    """A ``uvloop.py`` in the directory ``serve`` starts in (every worker tries ``import
+    uvloop``) must never run: the workers start with the installed packages only."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    marker = tmp_path / "planted-module-ran"
+    (cwd / "uvloop.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "raise ImportError('planted')\n"
+    )
+    node = workers_server(f"sqlite:///{tmp_path / 'c.db'}")
+    node.cwd = cwd
+    await asyncio.to_thread(node.start)
+    try:
+        async with on_worker(node, 9, staff_token(9), lambda pid: True) as (c, _):
+            await c.ok("Event.AddConversation", {"application_id": 1})
+        assert len(worker_pids(node)) == 2
+    finally:
+        assert await asyncio.to_thread(node.stop) == 0
+    assert not marker.exists()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from .apikeys import ApiKeys, parse_key_spec
-from .auth import TokenVerifier, public_key
+from .auth import IdRanges, TokenVerifier, public_key
 from .blobs import BlobStore, open_blob_store
 from .broker import Broker, open_broker
 from .config import Settings, resolve_webhook_secret, upload_directory
@@ -69,6 +69,7 @@ class Node:
         )
         self.broker = broker or open_broker(settings.broker, prefix=settings.channel_prefix)
         self.metrics = Metrics()
+        self.api_sender_ids = IdRanges.parse(settings.api_sender_ids)
         self.webhooks = self._webhooks(settings)
         self._dev_secret = secret if settings.dev else None  # mints tokens for the web client
         self.hub = Hub(self.broker, prefix=settings.channel_prefix)
@@ -111,6 +112,7 @@ class Node:
                 max_connections=settings.max_connections,
                 max_connections_per_user=settings.max_connections_per_user,
                 allowed_origins=frozenset(settings.allowed_origins),
+                reserved_sids=self.api_sender_ids,
             ),
             metrics=self.metrics,
             clock=clock,
@@ -125,6 +127,7 @@ class Node:
             ),
             max_content=settings.max_content,
             max_body=settings.max_frame,
+            sender_ids=self.api_sender_ids,
         )
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None

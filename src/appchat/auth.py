@@ -37,6 +37,39 @@ def parse_id(value: Any) -> int | None:
 
 
 @dataclass(frozen=True, slots=True)
+class IdRanges:
+    """Participant ids given as ``N`` or ``N-M``, several separated by commas
+    (``--api-sender-ids``); empty: none."""
+
+    ranges: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def parse(cls, items: Sequence[str], option: str = "--api-sender-ids") -> IdRanges:
+        ranges = []
+        for item in (part for given in items for part in given.split(",") if part.strip()):
+            low, sep, high = item.strip().partition("-")
+            first, last = parse_id(low.strip()), parse_id(high.strip() if sep else low.strip())
+            if first is None or last is None or first > last:
+                raise ConfigError(
+                    f"{option} {item!r}: expected an id N or a range N-M of ids from 1 to {MAX_ID}"
+                )
+            ranges.append((first, last))
+        return cls(tuple(sorted(ranges)))
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, int) and any(lo <= value <= hi for lo, hi in self.ranges)
+
+    def __bool__(self) -> bool:
+        return bool(self.ranges)
+
+    def __str__(self) -> str:
+        return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ranges)
+
+
+NO_IDS = IdRanges()
+
+
+@dataclass(frozen=True, slots=True)
 class Claims:
     role: Role
     subject_id: int  # admin_id or request_id
@@ -257,11 +290,22 @@ def named_participant(claims: Claims, *, trust_query_sid: bool = False) -> int |
     return named
 
 
-def bind(claims: Claims, query_sid: int, *, trust_query_sid: bool = False) -> Principal:
-    """Decide who a connection is: the token names the participant, the query must agree."""
+def bind(
+    claims: Claims,
+    query_sid: int,
+    *,
+    trust_query_sid: bool = False,
+    reserved: IdRanges = NO_IDS,
+) -> Principal:
+    """Decide who a connection is: the token names the participant, the query must agree.
+    ``reserved``: ids no customer may be (the server API's senders)."""
     named = named_participant(claims, trust_query_sid=trust_query_sid)
     if named is not None and named != query_sid:
         raise Unauthorized(f"sid {query_sid} does not match the token's participant {named}")
+    if claims.role is Role.CUSTOMER and query_sid in reserved:
+        raise Unauthorized(
+            f"sid {query_sid} is reserved for the server API: no customer may use it"
+        )
     return Principal(
         sid=query_sid,
         role=claims.role,

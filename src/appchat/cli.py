@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import difflib
 import gc
 import logging
 import os
@@ -12,15 +13,17 @@ import signal
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from urllib.parse import urlsplit
 
 from . import __version__
 from .app import Node
-from .auth import mint
+from .auth import IdRanges, mint
 from .config import (
     OPTIONS,
     Settings,
     add_flags,
     add_options,
+    check_database,
     check_limits,
     resolve_secret,
     settings_from,
@@ -49,7 +52,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"appchat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the server")
+    # A short usage line: an error shows it and one line of its own, not every option.
+    serve = sub.add_parser("serve", help="run the server", usage="%(prog)s [options]")
     add_options(serve, SERVE_OPTIONS, env)
     add_flags(serve, ["dev", "trust_query_sid"], env)
     serve.add_argument(
@@ -73,10 +77,31 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, but an unknown option is reported by the command's own parser
+    (its usage, and the option it was probably meant to be), not the top level's."""
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = _subcommands(parser)[ns.command]
+        hint = ""
+        if unknown[0].startswith("--"):
+            known = [o for a in command._actions for o in a.option_strings if o.startswith("--")]
+            close = difflib.get_close_matches(unknown[0].split("=", 1)[0], known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return ns
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser(os.environ)
-    ns = parser.parse_args(argv)
     try:
+        ns = parse(build_parser(os.environ), argv)
         if ns.command == "serve":
             return serve(ns)
         if ns.command == "token":
@@ -91,12 +116,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def token(ns: argparse.Namespace) -> int:
+    check_database(ns.database)
     secret = resolve_secret(settings_from(ns), use_dev_file=True)
     print(mint(secret, admin_id=ns.admin_id, request_id=ns.request_id, sid=ns.sid, ttl=ns.ttl))
     return 0
 
 
 def migrate(ns: argparse.Namespace) -> int:
+    check_database(ns.database)
     applied = apply_migrations(ns.database)
     print(f"appchat: applied {applied} migration(s); {redact_url(ns.database)} is up to date")
     return 0
@@ -129,6 +156,7 @@ def serve(ns: argparse.Namespace) -> int:
 def checked_settings(ns: argparse.Namespace) -> Settings:
     """The settings of ``serve``, refused (ConfigError) where they cannot work together."""
     settings = settings_from(ns)
+    check_database(settings.database)
     if settings.dev and settings.host not in ("127.0.0.1", "localhost", "::1"):
         raise ConfigError("--dev listens on loopback only; drop --host or --dev")
     if bool(settings.tls_cert) != bool(settings.tls_key):
@@ -244,17 +272,42 @@ def _announce(settings: Settings, secret: bytes | None, url: str) -> None:
 
 
 def announcement(settings: Settings, secret: bytes | None, url: str) -> str:
-    """What ``serve`` prints once it listens on ``url``: with ``--dev``, tokens to try it."""
-    listening = f"appchat {__version__} listening on {url}"
+    """What ``serve`` prints once it listens on ``url``: with ``--dev``, tokens to try it;
+    then whether the server API and webhooks are on."""
+    listening = f"appchat {__version__} listening on {url}\n" + _surfaces(settings, url)
     if settings.dev and secret is not None:
         return _dev_tokens(secret, url) + "\n" + listening
     return listening
 
 
+def _surfaces(settings: Settings, url: str) -> str:
+    """Two lines: the server API and the webhooks, on (where) or off (what turns them on).
+    Each starts with ``appchat `` like the line before: text, even among JSON log lines."""
+    if settings.api_key or settings.api_keys_file:
+        api = f"on at {_http_base(url)}/api/ (OpenAPI: {_http_base(url)}/api/openapi.json)"
+        if settings.api_sender_ids:
+            api += f", posting only as {IdRanges.parse(settings.api_sender_ids)}"
+    else:
+        api = "off (turn it on with --api-keys-file or --api-key)"
+    hooks = settings.webhook_url
+    if hooks:
+        # Hosts only: a receiver's path or query may hold its token.
+        where = ", ".join(sorted({urlsplit(u).hostname or "?" for u in hooks}))
+        webhooks = f"on, to {len(hooks)} URL{'s' if len(hooks) > 1 else ''} ({where})"
+    else:
+        webhooks = "off (turn them on with --webhook-url)"
+    return f"appchat server API: {api}\nappchat webhooks: {webhooks}"
+
+
+def _http_base(url: str) -> str:
+    """``ws://host:port/ws`` -> ``http://host:port`` (``wss`` -> ``https``)."""
+    return url.replace("ws", "http", 1).removesuffix("/ws")
+
+
 def _dev_tokens(secret: bytes, url: str) -> str:
     staff = mint(secret, admin_id=1, ttl=86400)
     customer = mint(secret, request_id=100, sid=2, ttl=86400)
-    web = url.replace("ws", "http", 1).removesuffix("/ws") + "/"
+    web = _http_base(url) + "/"
     return (
         f"\n--dev: open the web client at {web} and join with one click\n"
         "\n--dev: tokens valid for 24 hours (more with `appchat token`):\n"

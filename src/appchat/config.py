@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import resource
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import defaults
+from .auth import IdRanges
 from .errors import ConfigError
 from .images import POLICIES as IMAGE_POLICIES
-from .store import sqlite_path
+from .store import redact_url, sqlite_path
 
 DEV_SECRET_NAME = "appchat-dev.secret"
 # Descriptors a process keeps beside its connections (database, broker, logs, listeners).
@@ -76,6 +78,7 @@ class Settings:
     upload_s3: str | None = None
     upload_s3_endpoint: str | None = None
     images: str = defaults.IMAGES
+    api_sender_ids: tuple[str, ...] = ()
     api_key: tuple[str, ...] = field(default=(), repr=False)
     api_keys_file: str | None = None
 
@@ -161,6 +164,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
         "content of an image message (content_type 2): any (an upload's reference, or "
         "anything else stored as sent, as the original server did) or uploads-only",
     ),
+    "api_sender_ids": (
+        str,
+        "N or N-M, repeatable: the ids the server API posts as, which no customer may connect "
+        "as (default: the API posts as any id but the conversation's customer)",
+    ),
     "api_key": (
         str,
         "[NAME:]KEY of the server API (/api/), repeatable; shows in ps: prefer the file",
@@ -171,7 +179,7 @@ OPTIONS: dict[str, tuple[type, str]] = {
     ),
 }
 # Options that may be given several times; their environment variable is comma-separated.
-LISTS = {"jwt_public_key", "allowed_origins", "webhook_url", "api_key"}
+LISTS = {"jwt_public_key", "allowed_origins", "webhook_url", "api_key", "api_sender_ids"}
 FLAGS = {
     "dev": "development mode: generate a secret beside the database, print tokens",
     "trust_query_sid": (
@@ -184,26 +192,70 @@ def env_name(name: str) -> str:
     return "APPCHAT_" + name.upper()
 
 
+# What a number option takes, as its errors say it.
+KINDS = {int: "a whole number", float: "a number"}
+
+
+def parse_value(kind: type, raw: str) -> object:
+    """``raw`` as ``kind``; ``ValueError`` saying what was expected (a float must be finite)."""
+    if kind is str:
+        return raw
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"expected {KINDS[kind]}, got {raw!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {raw!r}")
+    return value
+
+
+def _option_type(kind: type) -> Callable[[str], object]:
+    """An argparse ``type``: its errors read ``argument --port: expected a whole number …``."""
+
+    def convert(raw: str) -> object:
+        try:
+            return parse_value(kind, raw)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def _env_value(name: str, kind: type, raw: str) -> object:
+    """An option's value from ``APPCHAT_<NAME>``; ``ConfigError`` (one line) if it is bad."""
+    try:
+        return parse_value(kind, raw)
+    except ValueError as exc:
+        raise ConfigError(f"{env_name(name)}: {exc} (the value of --{flag_name(name)})") from None
+
+
+def flag_name(name: str) -> str:
+    return name.replace("_", "-")
+
+
 def add_options(parser: argparse.ArgumentParser, names: list[str], env: Mapping[str, str]) -> None:
+    """Add ``names`` from ``OPTIONS``; a bad ``APPCHAT_<NAME>`` raises ``ConfigError``."""
     defaults = Settings()
     for name in names:
         kind, text = OPTIONS[name]
         if name in LISTS:
-            raw = env.get(env_name(name), "")
+            items = env.get(env_name(name), "")
             parser.add_argument(
                 "--" + name.replace("_", "-"),
                 dest=name,
                 action="append",
-                default=[item.strip() for item in raw.split(",") if item.strip()],
+                default=[item.strip() for item in items.split(",") if item.strip()],
                 help=f"{text} [env {env_name(name)}, comma-separated]",
             )
             continue
-        default = env.get(env_name(name), getattr(defaults, name))
+        raw = env.get(env_name(name))
+        default = getattr(defaults, name) if raw is None else _env_value(name, kind, raw)
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
-            type=kind,
-            default=kind(default) if default is not None else None,
+            type=_option_type(kind),
+            default=default,
             help=f"{text} [default: %(default)s; env {env_name(name)}]",
         )
 
@@ -227,10 +279,32 @@ def settings_from(ns: argparse.Namespace) -> Settings:
     return Settings(**known)
 
 
+# Number options and the least each takes (the others are checked below, one by one).
+AT_LEAST: dict[str, tuple[float, str]] = {
+    "max_frame": (1, "at least 1"),
+    "max_content": (1, "at least 1"),
+    "send_queue": (1, "at least 1"),
+    "send_buffer": (1, "at least 1"),
+    "heartbeat": (0, "0 (off) or more"),
+    "rate": (0, "0 (no limit) or more"),
+    "burst": (1, "at least 1"),
+    "sqlite_busy_timeout": (0, "0 or more"),
+    "max_connections": (1, "at least 1"),
+    "max_connections_per_user": (1, "at least 1"),
+}
+
+
 def check_limits(settings: Settings) -> None:
-    """Refuse values the server could only misread (a port above 65535 wraps around)."""
+    """Refuse values the server could only misread (a port above 65535 wraps around, a
+    negative heartbeat)."""
     if not 0 <= settings.port <= 65535:
         raise ConfigError(f"--port {settings.port}: use 0 to 65535 (0 picks a free port)")
+    for name, (least, text) in AT_LEAST.items():
+        value = getattr(settings, name)
+        if not value >= least:  # NaN too
+            raise ConfigError(
+                f"--{flag_name(name)} {value:g} (or {env_name(name)}): must be {text}"
+            )
     if not settings.handshake_timeout > 0:
         raise ConfigError(f"--handshake-timeout {settings.handshake_timeout}: must be above 0")
     if settings.max_upload < 1:
@@ -242,6 +316,7 @@ def check_limits(settings: Settings) -> None:
             f"--max-pending-handshakes {settings.max_pending_handshakes}: must be at least 1"
         )
     check_webhooks(settings)
+    IdRanges.parse(settings.api_sender_ids)
 
 
 def check_webhooks(settings: Settings) -> None:
@@ -299,6 +374,24 @@ def upload_directory(settings: Settings) -> Path:
     return Path(defaults.UPLOAD_DIR_NAME)
 
 
+def check_database(url: str) -> None:
+    """Refuse a ``--database`` that names no database (``ConfigError`` saying what would)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return
+    if url.startswith("sqlite://"):
+        sqlite_path(url)
+        return
+    if "://" not in url:
+        raise ConfigError(
+            f"--database {url!r} is not a database URL: for a SQLite file write "
+            f"sqlite:///{url}, for PostgreSQL postgresql://USER@HOST:PORT/DB"
+        )
+    raise ConfigError(
+        f"--database {redact_url(url)!r}: unsupported (expected sqlite:///PATH or "
+        "postgresql://USER@HOST:PORT/DB)"
+    )
+
+
 def dev_secret_path(database: str) -> Path | None:
     if not database.startswith("sqlite://"):
         return None
@@ -331,6 +424,16 @@ def resolve_secret(
                 f.write(secrets.token_urlsafe(48) + "\n")
         if path.exists():
             return path.read_text().strip().encode()
+    if path is None and create_dev_file:
+        raise ConfigError(
+            f"no JWT secret: --dev keeps the secret it generates beside a SQLite database, "
+            f"and {redact_url(settings.database)} is not one: set APPCHAT_JWT_SECRET "
+            "(at least 32 bytes) or pass --jwt-secret-file"
+        )
+    if path is None:  # no dev secret can exist: --dev would not help
+        raise ConfigError(
+            "no JWT secret: set APPCHAT_JWT_SECRET (at least 32 bytes) or pass --jwt-secret-file"
+        )
     raise ConfigError(
         "no JWT secret: set APPCHAT_JWT_SECRET (at least 32 bytes), pass --jwt-secret-file, "
         "or try it out with `appchat serve --dev`"

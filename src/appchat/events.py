@@ -43,6 +43,11 @@ MAX_CURSOR_LEN = 64
 MAX_CHANNEL_LEN = 64
 MAX_CLIENT_MSG_ID_LEN = 64
 MAX_TOKEN_LEN = 8192
+# The server API's Idempotency-Keys share the stores' exactly-once rule with client_msg_id
+# but not its values: a key is stored behind this prefix of MAX_CLIENT_MSG_ID_LEN
+# characters, longer than any client_msg_id can be, so no client (a staff member who
+# guesses a backend's key) ever matches one. Messages show the key without it.
+API_KEY_PREFIX = "server-api:".ljust(MAX_CLIENT_MSG_ID_LEN, "_")
 
 RequestId = str | int | float
 
@@ -356,10 +361,22 @@ def message_obj(m: Message) -> dict[str, Any]:
         "content_type": m.content_type,
     }
     if m.client_msg_id is not None:
-        obj["client_msg_id"] = m.client_msg_id
+        obj["client_msg_id"] = shown_client_msg_id(m.client_msg_id)
     if m.sender_name is not None:
         obj["sender_name"] = m.sender_name
     return obj
+
+
+def api_client_msg_id(idempotency_key: str) -> str:
+    """How the store keeps a server API ``Idempotency-Key`` (see ``API_KEY_PREFIX``)."""
+    return API_KEY_PREFIX + idempotency_key
+
+
+def shown_client_msg_id(stored: str) -> str:
+    """A stored ``client_msg_id`` as messages show it: an API key without its prefix."""
+    if len(stored) > MAX_CLIENT_MSG_ID_LEN and stored.startswith(API_KEY_PREFIX):
+        return stored[len(API_KEY_PREFIX) :]
+    return stored
 
 
 def message_list(messages: list[Message], has_more: bool) -> dict[str, Any]:

@@ -14,13 +14,14 @@ import logging
 import secrets
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from . import defaults
 from .broker import Broker
 from .errors import AppError, Unavailable
 from .events import RESYNC, push
-from .models import Principal
+from .models import Principal, Role
 
 log = logging.getLogger(__name__)
 
@@ -247,9 +248,33 @@ class _Yield:
 RESYNC_RETRY = 0.1  # seconds before retrying Event.Resync to a broker that did not answer
 
 
-# A control message on a participant's channel (not a push): ``!disconnect\t<node>\t<code>``.
+# A control message on a participant's channel (not a push):
+# ``!disconnect\t<node>\t<code>\n<reason>`` closes every connection of the participant id;
+# ``!disconnect\t<node>\t<code>\t<role>\t<application or empty>\n<reason>`` only those of
+# one identity using it (a node of the previous release drops this form, closing nothing).
 # Node ids are hex, so no push envelope starts with ``!``.
 _DISCONNECT = b"!disconnect\t"
+
+
+@dataclass(frozen=True, slots=True)
+class Whom:
+    """Which of the identities using a participant id to disconnect: staff, or customers
+    (of one application, or of any); ``None`` fields match everyone."""
+
+    role: Role | None = None
+    application_id: int | None = None
+
+    def matches(self, principal: Principal) -> bool:
+        if self.role is not None and principal.role is not self.role:
+            return False
+        return self.application_id is None or principal.application_id == self.application_id
+
+    @property
+    def everyone(self) -> bool:
+        return self.role is None and self.application_id is None
+
+
+EVERYONE = Whom()
 
 Closer = Callable[[Connection, int, str], bool]
 """Closes one connection with a close code and reason; whether it was open to close."""
@@ -441,13 +466,18 @@ class Hub:
             ):
                 conn.push(frame)
 
-    async def disconnect(self, user_id: int, code: int, reason: str) -> int:
-        """Close every connection of ``user_id`` on every node: this node's at once, the
-        others' through the broker (raises ``Unavailable`` if it refuses). Returns how many
-        this node closed."""
-        closed = self._close_local(user_id, code, reason)
+    async def disconnect(self, user_id: int, code: int, reason: str, whom: Whom = EVERYONE) -> int:
+        """Close the connections of ``user_id`` that ``whom`` names on every node: this
+        node's at once, the others' through the broker (raises ``Unavailable`` if it
+        refuses). Returns how many this node closed."""
+        closed = self._close_local(user_id, code, reason, whom)
         if self._broker.shared:
-            data = _DISCONNECT + f"{self.node_id}\t{code}\n".encode() + reason.encode()
+            head = f"{self.node_id}\t{code}"
+            if not whom.everyone:
+                role = "" if whom.role is None else whom.role.value
+                app = "" if whom.application_id is None else str(whom.application_id)
+                head += f"\t{role}\t{app}"
+            data = _DISCONNECT + f"{head}\n".encode() + reason.encode()
             try:
                 async with asyncio.timeout(self._publish_timeout):
                     await self._broker.publish_many([(self._channel(user_id), data)])
@@ -455,19 +485,27 @@ class Hub:
                 raise Unavailable("the broker did not answer in time") from None
         return closed
 
-    def _close_local(self, user_id: int, code: int, reason: str) -> int:
+    def _close_local(self, user_id: int, code: int, reason: str, whom: Whom) -> int:
         closer = self.closer
         if closer is None:
             return 0
-        return sum(closer(conn, code, reason) for conn in list(self._by_user.get(user_id, ())))
+        return sum(
+            closer(conn, code, reason)
+            for conn in list(self._by_user.get(user_id, ()))
+            if whom.matches(conn.principal)
+        )
 
     def _on_disconnect(self, channel: str, data: bytes) -> None:
         try:
             user_id = int(channel.rsplit(":", 1)[1])
             head, _, reason = data[len(_DISCONNECT) :].partition(b"\n")
-            node, code = head.decode().split("\t")
+            node, code, *named = head.decode().split("\t")
+            whom = EVERYONE
+            if named:
+                role, app = named
+                whom = Whom(Role(role) if role else None, int(app) if app else None)
             if node != self.node_id:
-                self._close_local(user_id, int(code), reason.decode())
+                self._close_local(user_id, int(code), reason.decode(), whom)
         except (ValueError, IndexError, UnicodeDecodeError):
             log.warning("dropping a malformed broker message on %s", channel)
 

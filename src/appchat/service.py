@@ -424,7 +424,9 @@ class ChatService:
             staff=True,
             content=args.content,
             content_type=args.content_type,
-            client_msg_id=args.client_msg_id,
+            client_msg_id=(
+                None if args.client_msg_id is None else ev.api_client_msg_id(args.client_msg_id)
+            ),
             now=self._now(),
         )
         return outcome.created, self._deliver_message(conversation, outcome, None)

@@ -2,7 +2,10 @@
 
 The parent applies migrations once, reserves the port (a bound, never listening socket with
 ``SO_REUSEPORT``, kept for its whole life so the port stays ours across restarts), then
-starts each worker as ``python -m appchat serve --worker-of PARENT_PID``. A worker reads its
+starts each worker as ``python -P -m appchat serve --worker-of PARENT_PID``. ``-P`` leaves
+the working directory off ``sys.path``: a module lying there (a ``uvloop.py``, an
+``appchat/``) is never imported in place of the installed one. The environment, and so
+``PYTHONPATH``, is kept: the workers import what the parent imported. A worker reads its
 settings and secret as one JSON line on stdin, binds the same port with ``SO_REUSEPORT`` (the
 kernel spreads new connections over the workers), and answers ``ready PID`` on stdout. Its
 stdin stays open: when the parent goes away, even killed, the worker sees end of file and
@@ -249,6 +252,7 @@ class Worker:
         """Start the process and wait until it listens; ``WorkerFailed`` if it dies first."""
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
+            "-P",  # safe path: not the working directory's modules (a uvloop.py there)
             "-m",
             "appchat",
             "serve",

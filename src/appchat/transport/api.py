@@ -23,10 +23,11 @@ from pydantic.json_schema import models_json_schema
 from .. import __version__, defaults
 from .. import events as ev
 from ..apikeys import ApiKeys
+from ..auth import NO_IDS, IdRanges
 from ..closecodes import CloseCode
-from ..errors import AppError, BadRequest, Internal, NotFound, Unauthorized
-from ..hub import Hub
-from ..models import MAX_ID
+from ..errors import AppError, BadRequest, Forbidden, Internal, NotFound, Unauthorized
+from ..hub import Hub, Whom
+from ..models import MAX_ID, Role
 from ..ratelog import RateLimitedLog
 from ..service import ChatService
 
@@ -142,6 +143,19 @@ class SidPath(BaseModel):
     sid: Id = Field(description="the participant id whose connections to close")
 
 
+class DisconnectQuery(BaseModel):
+    role: Literal["staff", "customer"] | None = Field(
+        default=None,
+        description="only the staff connections of `sid`, or only its customers' "
+        "(default: every connection using the id)",
+    )
+    application_id: Id | None = Field(
+        default=None,
+        description="only the connections of the customer of this application "
+        "(implies role=customer)",
+    )
+
+
 class MessageListQuery(BaseModel):
     before_id: Position | None = Field(default=None, description="a page before this id")
     after_id: Position | None = Field(default=None, description="a page after this id")
@@ -234,8 +248,12 @@ class ServerApi:
         max_content: int = defaults.MAX_CONTENT,
         max_body: int = defaults.MAX_FRAME,
         monotonic: Callable[[], float] = time.monotonic,
+        sender_ids: IdRanges = NO_IDS,
     ) -> None:
+        """``sender_ids`` (``--api-sender-ids``): the only ids posts may come from; empty:
+        any id but the conversation's customer."""
         self._service = service
+        self._sender_ids = sender_ids
         self._hub = hub
         self._keys = keys
         self._max_body = max_body
@@ -293,14 +311,17 @@ class ServerApi:
                 "POST",
                 "/connections/{sid}/disconnect",
                 "disconnect",
-                "Close every WebSocket connection of a participant",
+                "Close the WebSocket connections of a participant",
                 self._disconnect,
                 {202: ("Closing on every node", DisconnectOut)},
                 (400, 401, 503),
                 path_model=SidPath,
-                description=f"Every connection of `sid`, on every node, is closed with "
-                f"{int(CloseCode.DISCONNECTED)}. Tokens stay valid: a client may connect "
-                "again unless the backend stops giving it tokens.",
+                query_model=DisconnectQuery,
+                description=f"The connections using `sid`, on every node, are closed with "
+                f"{int(CloseCode.DISCONNECTED)}: a staff member and a customer (of any "
+                "application) may use the same id, so `role` and `application_id` name "
+                "whom; without them every connection using the id is closed. Tokens stay "
+                "valid: a client may connect again unless the backend stops giving it tokens.",
                 tags=("connections",),
             ),
         ]
@@ -405,6 +426,11 @@ class ServerApi:
     # --- the operations ---------------------------------------------------------------------
 
     async def _post_message(self, call: Call) -> tuple[int, Any]:
+        if self._sender_ids and call.body.sender_id not in self._sender_ids:
+            raise Forbidden(
+                f"sender_id {call.body.sender_id} is not one of the ids the server API posts "
+                f"as ({self._sender_ids})"
+            )
         created, body = await self._service.post_message(
             call.path.application_id,
             sender_id=call.body.sender_id,
@@ -428,10 +454,31 @@ class ServerApi:
 
     async def _disconnect(self, call: Call) -> tuple[int, Any]:
         sid = call.path.sid
+        q = call.query
+        if q.role == "staff" and q.application_id is not None:
+            raise BadRequest("query application_id: staff belong to no application")
+        role = Role(q.role) if q.role is not None else None
+        if q.application_id is not None:
+            role = Role.CUSTOMER
+        whom = Whom(role, q.application_id)
         code = CloseCode.DISCONNECTED
-        closed = await self._hub.disconnect(sid, code, "disconnected by the server")
-        log.info("api: %d connections of sid %s closed here (key %s)", closed, sid, call.key)
+        closed = await self._hub.disconnect(sid, code, "disconnected by the server", whom)
+        log.info(
+            "api: %d connections of sid %s%s closed here (key %s)",
+            closed,
+            sid,
+            _describe(whom),
+            call.key,
+        )
         return 202, {"sid": sid, "code": int(code), "closed_here": closed}
+
+
+def _describe(whom: Whom) -> str:
+    if whom.role is None:
+        return ""
+    if whom.application_id is None:
+        return f" ({whom.role.value})"
+    return f" (customer of application {whom.application_id})"
 
 
 class _TooLarge(AppError):

@@ -27,6 +27,9 @@ HEADERS = {
     "Cache-Control": "no-cache",
 }
 DEV_TOKEN_TTL = 3600
+# Names a browser on this machine uses for a loopback listener. Any other Host (a name
+# that resolves to 127.0.0.1 only since a moment ago: DNS rebinding) is refused.
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 MAX_JS_ID = 2**53 - 1  # ids a browser holds exactly
 
 
@@ -56,9 +59,12 @@ class WebClient:
 
     async def dev_token(self, request: web.Request) -> web.Response:
         """``{"role": "staff", "id": N}`` or ``{"role": "customer", "application_id": A,
-        "id": N}`` -> ``{"token", "sid", "exp"}``. Only in ``--dev`` (loopback only); a JSON
-        body and a same-origin ``Origin`` keep other web pages from minting through it."""
+        "id": N}`` -> ``{"token", "sid", "exp"}``. Only in ``--dev`` (loopback only); a
+        loopback ``Host`` with this listener's port, a JSON body and a same-origin ``Origin``
+        keep other web pages from minting through it."""
         assert self._dev_secret is not None
+        if not _loopback_host(request):
+            return _error(403, "Host must name this server by a loopback address")
         origin = request.headers.get("Origin")
         if origin is not None and origin != f"{request.scheme}://{request.host}":
             return _error(403, "cross-origin requests are refused")
@@ -83,6 +89,21 @@ class WebClient:
         else:
             return _error(400, 'role must be "staff" or "customer"')
         return web.json_response({"token": tok, "sid": sid}, headers=HEADERS)
+
+
+def _loopback_host(request: web.Request) -> bool:
+    """``Host`` is ``localhost``, ``127.0.0.1`` or ``[::1]`` with the port this request came
+    in on (a page of another site that rebinds its name to 127.0.0.1 still sends its own
+    name)."""
+    host = request.headers.get("Host", "").lower()
+    if host in LOOPBACK_HOSTS:  # no port: the scheme's own
+        name, port = host, "443" if request.secure else "80"
+    else:
+        name, _, port = host.rpartition(":")
+    if name not in LOOPBACK_HOSTS:
+        return False
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    return sockname is not None and port == str(sockname[1])
 
 
 def _id(value: Any) -> int | None:

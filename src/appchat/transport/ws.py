@@ -16,7 +16,7 @@ from functools import partial
 from aiohttp import WSMsgType, web
 
 from .. import defaults
-from ..auth import TokenVerifier, bind, parse_id
+from ..auth import NO_IDS, IdRanges, TokenVerifier, bind, parse_id
 from ..closecodes import CloseCode
 from ..errors import AppError, BadRequest, Unauthorized
 from ..events import error_reply, rate_limited_reply
@@ -49,6 +49,7 @@ class WsOptions:
     max_connections: int = defaults.MAX_CONNECTIONS
     max_connections_per_user: int = defaults.MAX_CONNECTIONS_PER_USER
     allowed_origins: frozenset[str] = frozenset()  # empty: any
+    reserved_sids: IdRanges = NO_IDS  # --api-sender-ids: no customer connects as one
 
 
 class HandshakeError(Exception):
@@ -123,7 +124,10 @@ class WebSocketEndpoint:
             sid = parse_sid(request.query.get("sid"))
             token = token_from_protocols(request.headers.getall("Sec-WebSocket-Protocol", []))
             principal = bind(
-                self._verifier.verify(token), sid, trust_query_sid=self._options.trust_query_sid
+                self._verifier.verify(token),
+                sid,
+                trust_query_sid=self._options.trust_query_sid,
+                reserved=self._options.reserved_sids,
             )
             quota = self._check_capacity(principal)
         except HandshakeError as exc:
