@@ -1,6 +1,6 @@
 // The appchat web client: sign in, conversation list, message view. Built on appchat.js.
 import {
-  AppChat, AppChatError, tokenClaims, CONNECTING, ONLINE, OFFLINE, TOKEN_EXPIRED,
+  AppChat, AppChatError, checkToken, tokenClaims, CONNECTING, ONLINE, OFFLINE, TOKEN_EXPIRED, REFUSED,
 } from "/appchat.js";
 
 const SESSION_KEY = "appchat.session";
@@ -93,7 +93,7 @@ async function joinDev(body) {
   }
 }
 
-function signinWithToken(event) {
+async function signinWithToken(event) {
   event.preventDefault();
   const form = event.target;
   const token = form.token.value.trim();
@@ -109,6 +109,16 @@ function signinWithToken(event) {
   const sid = Number(form.sid.value || claims.sid || claims.sub || claims.admin_id);
   if (!Number.isSafeInteger(sid) || sid < 1) {
     showSignin("This token names no participant: enter your participant id.");
+    return;
+  }
+  // Only the server can tell a token it refuses (another key, its clock, the sid): ask it
+  // before signing in, since a browser cannot read why a WebSocket handshake failed.
+  const button = form.querySelector("button[type=submit]");
+  button.disabled = true;
+  const verdict = await checkToken(location.origin, token, sid);
+  button.disabled = false;
+  if (verdict && !verdict.ok) {
+    showSignin(`This token was refused: ${verdict.message}.`);
     return;
   }
   start({ token, sid });
@@ -164,7 +174,7 @@ function start(session) {
   chat.start();
 }
 
-function onState({ state, retryIn }) {
+function onState({ state, retryIn, reason }) {
   const status = $("status");
   status.dataset.state = state;
   $("retry").hidden = state !== OFFLINE;
@@ -184,6 +194,10 @@ function onState({ state, retryIn }) {
     status.textContent = "Session expired";
     clearInterval(inboxTimer);
     showBanner("Your session has expired.", "Sign in again", signOut);
+  } else if (state === REFUSED) {
+    status.textContent = "Signed out";
+    clearInterval(inboxTimer);
+    showBanner(`This token was refused: ${reason}.`, "Sign in again", signOut);
   }
   renderComposerHint();
 }
