@@ -413,8 +413,10 @@ function messageNode(m) {
 }
 
 // content_type 1 is text; 2 is an image: the reference of an upload (/files/<app>/<id>),
-// fetched with the token (downloads need it) and shown through a blob: URL.
-const IMAGE_REFERENCE = /^\/files\/\d+\/[0-9a-f]{32}$/;
+// fetched with the token (downloads need it) and shown through a blob: URL. Any other
+// image content (a client of the original server sends its own backend's URL, or a file
+// name) is shown as text, never fetched: no tracking pixel, no mixed content.
+const IMAGE_REFERENCE = /^\/files\/([1-9][0-9]{0,18})\/[0-9a-f]{32}$/;
 const imageUrls = new Map(); // path -> Promise of a blob: URL
 
 function imageUrl(path) {
@@ -434,7 +436,7 @@ function contentNode(m) {
     img.alt = "image being sent";
     return img;
   }
-  if (m.content_type === 2 && IMAGE_REFERENCE.test(m.content)) {
+  if (m.content_type === 2 && isUpload(m)) {
     const link = el("a", "image-link");
     link.href = "#";
     link.title = "Open the full image";
@@ -458,14 +460,37 @@ function contentNode(m) {
     });
     return link;
   }
-  if (m.content_type === 2 && /^https:\/\//.test(m.content)) {
-    const img = el("img", "image");
-    img.src = m.content;
-    img.alt = "image";
-    img.loading = "lazy";
-    return img;
-  }
+  if (m.content_type === 2) return foreignImage(m.content);
   return el("div", "text", m.content);
+}
+
+// An upload of this message's own conversation: the only image content fetched.
+function isUpload(m) {
+  const match = IMAGE_REFERENCE.exec(m.content);
+  return Boolean(match) && match[1] === String(m.session_channel);
+}
+
+// An image the server does not hold: a link the user may follow (http or https), else
+// the text as it came. The page itself requests nothing.
+function foreignImage(content) {
+  const box = el("div", "text foreign-image");
+  let url = null;
+  try {
+    url = new URL(content);
+  } catch {
+    url = null;
+  }
+  if (url && (url.protocol === "https:" || url.protocol === "http:")) {
+    const link = el("a", "image-url", content);
+    link.href = url.href;
+    link.target = "_blank";
+    link.rel = "noopener noreferrer nofollow";
+    link.title = "An image on another site (not loaded here)";
+    box.append(link);
+  } else {
+    box.textContent = content;
+  }
+  return box;
 }
 
 function markRead() {
