@@ -4,13 +4,14 @@ keyboard and screen readers, a phone-sized screen, a thread holding images."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from .backends import free_port
-from .support import Clock, InProcessServer, Server, token
-from .test_web import open_page
+from .support import Clock, InProcessServer, Server, eventually, token
+from .test_web import bubble, join_as_customer, open_page, send
 
 OTHER_SECRET = "rotated-secret-" + "fedcba9876543210" * 4
 
@@ -83,3 +84,85 @@ async def test_a_token_refused_on_reconnect_stops_the_retries(browser: Any, tmp_
         server.stop()
         if rotated is not None:
             rotated.stop()
+
+
+def sent_frames(page: Any, name: str) -> list[dict[str, Any]]:
+    """The args of every ``name`` request the page sends from now on (observed, not
+    altered)."""
+    seen: list[dict[str, Any]] = []
+
+    def on_frame(payload: str | bytes) -> None:
+        frame = json.loads(payload)
+        if frame.get("name") == name:
+            seen.append(json.loads(frame["args"]))
+
+    page.on("websocket", lambda ws: ws.on("framesent", on_frame))
+    return seen
+
+
+async def test_a_failed_message_can_be_retried_or_dismissed(browser: Any, tmp_path: Path) -> None:
+    from playwright.async_api import expect
+
+    server = InProcessServer(tmp_path / "failed.db", "--dev", "--rate", "0", "--max-content", "20")
+    server.start()
+    try:
+        errors: list[str] = []
+        page = await open_page(browser, server, errors)
+        sends = sent_frames(page, "Event.SendMessage")
+        await join_as_customer(page, 2, 100)
+        await expect(page.locator("#thread-empty")).to_be_visible()
+        too_long = "This one is far too long to be stored"
+        await send(page, too_long)
+        failed = page.locator("#message-list .msg.failed")
+        ticks = failed.locator(".ticks")
+        await expect(ticks).to_have_text("Not sent: content is longer than 20 characters")
+        # Readable: the check marks' tight spacing is not applied to words.
+        spacing = await ticks.evaluate("(e) => getComputedStyle(e).letterSpacing")
+        assert spacing == "normal", spacing
+        await expect(page.locator("#input")).to_have_value("")
+
+        await failed.get_by_role("button", name="Retry").click()
+        await eventually(lambda: len(sends) == 2)
+        assert sends[0]["client_msg_id"] == sends[1]["client_msg_id"]
+        assert sends[1]["content"] == too_long
+        await expect(ticks).to_have_text("Not sent: content is longer than 20 characters")
+
+        await failed.get_by_role("button", name="Dismiss").click()
+        await expect(failed).to_have_count(0)
+        await expect(page.locator("#input")).to_have_value(too_long)  # nothing typed is lost
+        await send(page, "Short enough")
+        await expect(bubble(page, "Short enough").locator(".ticks")).to_have_text("✓")
+        await expect(page.locator("#message-list .msg")).to_have_count(1)
+        assert errors == []
+    finally:
+        server.stop()
+
+
+async def test_a_file_that_is_no_image_is_refused_before_upload(
+    browser: Any, tmp_path: Path
+) -> None:
+    from playwright.async_api import expect
+
+    server = InProcessServer(tmp_path / "pdf.db", "--dev", "--rate", "0").start()
+    try:
+        pdf = tmp_path / "invoice.pdf"
+        pdf.write_bytes(b"%PDF-1.4\n1 0 obj << >> endobj\ntrailer << >>\n%%EOF\n")
+        errors: list[str] = []
+        page = await open_page(browser, server, errors)
+        uploads: list[str] = []
+        page.on("request", lambda r: "/upload" in r.url and uploads.append(r.url))
+        await join_as_customer(page, 2, 100)
+        await expect(page.locator("#thread-empty")).to_be_visible()
+        await page.locator("#attach").set_input_files(str(pdf))
+        await expect(page.locator("#composer-error")).to_have_text(
+            "invoice.pdf is not an image that can be sent: choose a PNG, JPEG, WebP or GIF file."
+        )
+        await expect(page.locator("#message-list .msg")).to_have_count(0)
+        await expect(page.locator("#thread-empty")).to_be_visible()
+        await send(page, "Sending the invoice as text instead")
+        await expect(page.locator("#composer-error")).to_be_hidden()
+        await expect(page.locator("#message-list img")).to_have_count(0)
+        assert uploads == []
+        assert errors == []
+    finally:
+        server.stop()

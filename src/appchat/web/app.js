@@ -392,11 +392,22 @@ function messageNode(m) {
   const time = el("time", "", timeFmt.format(new Date(m.create_at)));
   time.dateTime = m.create_at;
   meta.append(time);
+  let actions = null;
   if (own) {
     const ticks = el("span", "ticks");
     if (m.status === -1 && m.failed) {
       li.classList.add("failed");
       ticks.textContent = `Not sent: ${m.failed}`;
+      ticks.dataset.state = "failed";
+      actions = el("div", "failed-actions");
+      const retry = el("button", "", "Retry");
+      retry.type = "button";
+      retry.addEventListener("click", () => sendPending(m.client_msg_id));
+      const dismiss = el("button", "", "Dismiss");
+      dismiss.type = "button";
+      dismiss.title = "Remove it; its text goes back into the message box";
+      dismiss.addEventListener("click", () => dismissPending(m.client_msg_id));
+      actions.append(retry, dismiss);
     } else if (m.status === -1) {
       li.classList.add("pending");
       ticks.textContent = "Sending…";
@@ -408,6 +419,7 @@ function messageNode(m) {
     meta.append(ticks);
   }
   bubble.append(meta);
+  if (actions) bubble.append(actions);
   li.append(bubble);
   return li;
 }
@@ -602,21 +614,58 @@ function submit(event) {
   const channel = openChannel;
   if (!content || !channel) return;
   input.value = "";
+  showComposerError(null);
   const clientMsgId = randomId();
   pending.set(clientMsgId, { channel, content, create_at: new Date().toISOString(), content_type: 1 });
-  renderThread({ stick: true });
-  chat.send(channel, content, { clientMsgId }).then(
+  sendPending(clientMsgId);
+}
+
+// Send (or send again, with the same client_msg_id: never stored twice) a message
+// waiting in `pending`; an image is uploaded first. A failure stays shown, with Retry and
+// Dismiss, until one of them is chosen.
+function sendPending(clientMsgId) {
+  const p = pending.get(clientMsgId);
+  if (!p) return;
+  p.failed = null;
+  if (p.channel === openChannel) renderThread({ stick: true });
+  const sending = p.file
+    ? chat.sendImage(p.channel, p.file, { clientMsgId })
+    : chat.send(p.channel, p.content, { clientMsgId });
+  sending.then(
     () => {
       pending.delete(clientMsgId);
-      if (channel === openChannel) renderThread();
+      if (p.preview) URL.revokeObjectURL(p.preview);
+      if (p.channel === openChannel) renderThread();
     },
     (err) => {
-      const p = pending.get(clientMsgId);
-      if (p) p.failed = err instanceof AppChatError ? err.message : String(err);
-      if (channel === openChannel) renderThread();
+      if (pending.get(clientMsgId) !== p) return; // dismissed meanwhile
+      p.failed = err instanceof AppChatError ? err.message : String(err);
+      if (p.channel === openChannel) renderThread();
     },
   );
 }
+
+// Give up on a failed message: its text goes back into the message box (if that is
+// empty), so nothing typed is lost.
+function dismissPending(clientMsgId) {
+  const p = pending.get(clientMsgId);
+  if (!p) return;
+  pending.delete(clientMsgId);
+  if (p.preview) URL.revokeObjectURL(p.preview);
+  const input = $("input");
+  if (p.content_type === 1 && !input.value.trim()) input.value = p.content;
+  renderThread();
+  input.focus();
+}
+
+function showComposerError(text) {
+  $("composer-error").hidden = !text;
+  $("composer-error").textContent = text || "";
+}
+
+// What POST /upload takes (by content; the browser's type is checked here first, so that
+// a PDF is refused at once instead of showing as a broken image).
+const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp", "image/gif"];
 
 // An image from the file picker: shown at once as pending, uploaded, then sent as a message.
 function attach(event) {
@@ -625,22 +674,15 @@ function attach(event) {
   input.value = ""; // the same file may be picked again
   const channel = openChannel;
   if (!file || !channel) return;
+  if (!IMAGE_TYPES.includes(file.type)) {
+    showComposerError(`${file.name} is not an image that can be sent: choose a PNG, JPEG, WebP or GIF file.`);
+    return;
+  }
+  showComposerError(null);
   const clientMsgId = randomId();
   const preview = URL.createObjectURL(file);
-  pending.set(clientMsgId, { channel, content: "", content_type: 2, preview, create_at: new Date().toISOString() });
-  renderThread({ stick: true });
-  chat.sendImage(channel, file, { clientMsgId }).then(
-    () => {
-      pending.delete(clientMsgId);
-      URL.revokeObjectURL(preview);
-      if (channel === openChannel) renderThread();
-    },
-    (err) => {
-      const p = pending.get(clientMsgId);
-      if (p) p.failed = err instanceof AppChatError ? err.message : String(err);
-      if (channel === openChannel) renderThread();
-    },
-  );
+  pending.set(clientMsgId, { channel, content: "", content_type: 2, file, preview, create_at: new Date().toISOString() });
+  sendPending(clientMsgId);
 }
 
 // While the user types, and for a few seconds after the last keystroke, tell the others every
