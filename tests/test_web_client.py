@@ -4,13 +4,18 @@ keyboard and screen readers, a phone-sized screen, a thread holding images."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+from PIL import Image
+
 from .backends import free_port
-from .support import Clock, InProcessServer, Server, eventually, token
+from .support import Clock, InProcessServer, Server, eventually, staff, token
+from .test_uploads import form, upload
 from .test_web import bubble, join_as_customer, open_page, send
 
 OTHER_SECRET = "rotated-secret-" + "fedcba9876543210" * 4
@@ -164,5 +169,67 @@ async def test_a_file_that_is_no_image_is_refused_before_upload(
         await expect(page.locator("#message-list img")).to_have_count(0)
         assert uploads == []
         assert errors == []
+    finally:
+        server.stop()
+
+
+def picture(color: tuple[int, int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (800, 600), color).save(out, "PNG")
+    return out.getvalue()
+
+
+async def send_picture(
+    http: aiohttp.ClientSession, server: Server, s: Any, application: int, color: Any
+) -> None:
+    """Staff 1 uploads a picture and sends its reference."""
+    status, doc = await upload(http, server, token(admin_id=1), form(application, picture(color)))
+    assert status == 201, doc
+    await s.ok(
+        "Event.SendMessage",
+        {"session_channel": str(application), "content": doc["reference"], "content_type": 2},
+    )
+
+
+async def scrolled_to_the_end(page: Any) -> bool:
+    left: float = await page.locator("#messages").evaluate(
+        "(box) => box.scrollHeight - box.scrollTop - box.clientHeight"
+    )
+    return left < 2
+
+
+async def test_the_newest_message_stays_in_view_as_images_load(
+    browser: Any, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    from playwright.async_api import expect
+
+    server = InProcessServer(tmp_path / "scroll.db", "--dev", "--rate", "0").start()
+    try:
+        async with staff(server) as s:
+            await s.ok("Event.AddConversation", {"application_id": 600})
+            for i in range(8):
+                await s.ok("Event.SendMessage", {"session_channel": "600", "content": f"text {i}"})
+            for color in ((200, 40, 40), (40, 200, 40), (40, 40, 200)):
+                await send_picture(http, server, s, 600, color)
+            await s.ok("Event.SendMessage", {"session_channel": "600", "content": "the newest"})
+
+            errors: list[str] = []
+            page = await open_page(browser, server, errors)
+            await join_as_customer(page, 2, 600)
+            images = page.locator("#message-list img.image")
+            await expect(images).to_have_count(3)
+            await expect(page.locator("#message-list img.image.loading")).to_have_count(0)
+            for i in range(3):
+                await expect(images.nth(i)).to_have_js_property("complete", True)
+            await expect(bubble(page, "the newest")).to_be_in_viewport()
+            assert await scrolled_to_the_end(page)
+
+            # One more arrives while the reader is at the end: still in view once loaded.
+            await send_picture(http, server, s, 600, (250, 200, 0))
+            await expect(page.locator("#message-list img.image:not(.loading)")).to_have_count(4)
+            await expect(images.nth(3)).to_have_js_property("complete", True)
+            await expect(images.nth(3)).to_be_in_viewport(ratio=1)
+            assert await scrolled_to_the_end(page)
+            assert errors == []
     finally:
         server.stop()

@@ -29,6 +29,8 @@ let lastTypingSent = 0;
 let lastInputAt = 0;
 let typingTimer = null;
 let inboxTimer = null;
+let atBottom = true; // the thread was scrolled to its newest message (kept there as it grows)
+let lastScrollTop = 0;
 
 // --- formatting -------------------------------------------------------------------------------
 
@@ -377,7 +379,17 @@ function renderThread({ stick = false } = {}) {
   $("message-list").replaceChildren(...nodes);
   $("thread-empty").hidden = !thread.loaded || nodes.length > 0;
   $("history-status").textContent = thread.hasMore ? "Scroll up for earlier messages" : thread.loaded && items.length ? "Beginning of the conversation" : "";
-  if (stick || nearBottom) box.scrollTop = box.scrollHeight;
+  if (stick || nearBottom) {
+    box.scrollTop = box.scrollHeight;
+    atBottom = true;
+  }
+}
+
+// Images get their height only once loaded, after the thread was scrolled: a reader at the
+// newest message stays there whatever grows above it.
+function keepAtBottom() {
+  const box = $("messages");
+  if (atBottom) box.scrollTop = box.scrollHeight;
 }
 
 function messageNode(m) {
@@ -730,8 +742,16 @@ async function boot() {
     if (event.key === "Enter" && !event.shiftKey) submit(event);
   });
   $("messages").addEventListener("scroll", () => {
-    if ($("messages").scrollTop < 40 && openChannel) loadOlder(openChannel);
+    const box = $("messages");
+    // Only the reader scrolling up leaves the end: the browser also scrolls down by itself
+    // (scroll anchoring) when something above the view grows.
+    const up = box.scrollTop < lastScrollTop;
+    lastScrollTop = box.scrollTop;
+    if (box.scrollHeight - box.scrollTop - box.clientHeight < 80) atBottom = true;
+    else if (up) atBottom = false;
+    if (box.scrollTop < 40 && openChannel) loadOlder(openChannel);
   });
+  new ResizeObserver(keepAtBottom).observe($("message-list"));
   document.addEventListener("visibilitychange", () => openChannel && markRead());
 
   let config = { dev: false };
