@@ -4,8 +4,10 @@ keyboard and screen readers, a phone-sized screen, a thread holding images."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -232,4 +234,66 @@ async def test_the_newest_message_stays_in_view_as_images_load(
             assert await scrolled_to_the_end(page)
             assert errors == []
     finally:
+        server.stop()
+
+
+class StalledResume:
+    """The server's first catch-up read (GetMessageList with ``after_id``) answers only once
+    ``release`` is set, as on a machine too loaded to answer in time; the others at once."""
+
+    def __init__(self, server: InProcessServer) -> None:
+        assert server.node is not None
+        store = server.node.store
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        original = store.list_messages
+
+        async def list_messages(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("after_id") is not None and not self.entered.is_set():
+                self.entered.set()
+                await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 60)
+            return await original(*args, **kwargs)
+
+        store.list_messages = list_messages  # type: ignore[method-assign]
+
+
+async def test_a_resume_that_times_out_is_tried_again(browser: Any, tmp_path: Path) -> None:
+    from playwright.async_api import expect
+
+    port = free_port()
+    db = tmp_path / "resume.db"
+    server = InProcessServer(db, "--dev", "--rate", "0", "--port", str(port)).start()
+    stalled: StalledResume | None = None
+    try:
+        errors: list[str] = []
+        page = await open_page(browser, server, errors, clock=True)
+        await join_as_customer(page, 2, 700)
+        await expect(page.locator("#thread-empty")).to_be_visible()
+        status = page.locator("#status")
+        server.stop()
+        await expect(status).to_have_attribute("data-state", "offline")
+        away = InProcessServer(db, "--rate", "0").start()
+        try:
+            async with staff(away) as s:
+                await s.ok("Event.SendMessage", {"session_channel": "700", "content": "while away"})
+        finally:
+            away.stop()
+
+        server.start()
+        stalled = StalledResume(server)
+        await page.clock.fast_forward(15_000)  # past the reconnect's backoff
+        await expect(status).to_have_attribute("data-state", "online")
+        assert await asyncio.to_thread(stalled.entered.wait, 15)
+        await page.clock.fast_forward(10_000)  # appchat.js's request timeout: no reply yet
+        await expect(status).to_contain_text("Catching up · retrying in")
+        stalled.release.set()  # the late reply to the timed-out request is dropped
+        await page.clock.fast_forward(15_000)  # past the retry's backoff
+        await expect(bubble(page, "while away")).to_be_visible()
+        await expect(status).to_have_text("Online")
+        await expect(page.locator("#banner")).to_be_hidden()
+        await expect(page.locator("#message-list .msg")).to_have_count(1)
+        assert errors == []
+    finally:
+        if stalled is not None:
+            stalled.release.set()
         server.stop()

@@ -29,6 +29,8 @@ let lastTypingSent = 0;
 let lastInputAt = 0;
 let typingTimer = null;
 let inboxTimer = null;
+let listsTimer = null;
+let listsAttempt = 0;
 let atBottom = true; // the thread was scrolled to its newest message (kept there as it grows)
 let lastScrollTop = 0;
 
@@ -167,8 +169,17 @@ function start(session) {
   chat.on("message", ({ message }) => onMessage(message));
   chat.on("read", onRead);
   chat.on("typing", onTyping);
-  chat.on("resumed", () => refreshStatuses());
-  chat.on("error", ({ error }) => {
+  chat.on("resumed", () => {
+    if (chat.state === ONLINE) $("status").textContent = "Online";
+    refreshStatuses();
+  });
+  chat.on("error", ({ error, during, retryIn }) => {
+    if (during === "resume" && retryIn !== undefined) {
+      // appchat.js tries again by itself: say so, quietly.
+      const seconds = Math.max(1, Math.round(retryIn / 1000));
+      $("status").textContent = `Catching up · retrying in ${seconds}s`;
+      return;
+    }
     if (error && error.code && !["offline", "disconnected"].includes(error.code)) {
       showBanner(`Something went wrong: ${error.message}`);
     }
@@ -243,11 +254,20 @@ async function loadLists() {
         unread: c.session_channel === openChannel ? 0 : counts.get(c.session_channel) || 0,
       });
     }
+    listsAttempt = 0;
     renderList();
     if (!openChannel && !me.staff && conversations.size) openConversation(list.conversations[0].session_channel);
     if (openChannel) markRead();
   } catch (err) {
-    if (!["offline", "disconnected"].includes(err.code)) showBanner(`Could not load conversations: ${err.message}`);
+    if (["offline", "disconnected"].includes(err.code)) return; // loaded again once online
+    if (["timeout", "unavailable", "rate_limited"].includes(err.code) && chat.state === ONLINE) {
+      // A server too busy to answer in time: ask again, less and less often.
+      clearTimeout(listsTimer);
+      listsTimer = setTimeout(loadLists, Math.min(15000, 1000 * 2 ** listsAttempt));
+      listsAttempt += 1;
+      return;
+    }
+    showBanner(`Could not load conversations: ${err.message}`);
   }
 }
 

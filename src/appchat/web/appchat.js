@@ -114,7 +114,8 @@ export class AppChat extends EventTarget {
     this._followed = new Map(); // session_channel -> {cursor, seen: Set of ids > cursor}
     this._outbox = []; // sends waiting for a connection
     this._attempt = 0;
-    this._timers = { reconnect: null, refresh: null, flush: null };
+    this._timers = { reconnect: null, refresh: null, flush: null, resume: null };
+    this._resumeAttempt = 0;
     this._resuming = null;
     this._resumeAgain = false;
     this._stopped = true;
@@ -215,6 +216,7 @@ export class AppChat extends EventTarget {
       this._ws = null;
       this._failPending("disconnected", "the connection closed");
       clearTimeout(this._timers.refresh);
+      clearTimeout(this._timers.resume); // the next connection resumes anyway
       if (event.code === CLOSE_TOKEN_EXPIRED) {
         this._renewExpired().then((renewed) => renewed && this._connect());
         return;
@@ -481,10 +483,22 @@ export class AppChat extends EventTarget {
             }
           }
         } while (this._resumeAgain);
+        this._resumeAttempt = 0;
         this._emit("resumed", { channels: [...this._followed.keys()] });
       } catch (err) {
-        // Offline again: the next connection resumes from the same cursors.
-        this._emit("error", { error: err, during: "resume" });
+        if (RETRYABLE.has(err.code) && this.state === ONLINE && !this._stopped) {
+          // Still connected but no answer in time (a loaded server), or the server is
+          // unavailable for a moment: try again, from the same cursors, with backoff.
+          const base = Math.min(this.backoffMax, this.backoffMin * 2 ** this._resumeAttempt);
+          const retryIn = Math.round(base / 2 + (Math.random() * base) / 2);
+          this._resumeAttempt += 1;
+          clearTimeout(this._timers.resume);
+          this._timers.resume = setTimeout(() => this.resume(), retryIn);
+          this._emit("error", { error: err, during: "resume", retryIn });
+        } else {
+          // Offline again: the next connection resumes from the same cursors.
+          this._emit("error", { error: err, during: "resume" });
+        }
       } finally {
         this._resuming = null;
       }
