@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -17,8 +18,9 @@ from PIL import Image
 
 from .backends import free_port
 from .support import Clock, InProcessServer, Server, eventually, staff, token
+from .support import customer as customer_client
 from .test_uploads import form, upload
-from .test_web import bubble, join_as_customer, open_page, send
+from .test_web import bubble, join_as_customer, join_as_staff, open_page, send
 
 OTHER_SECRET = "rotated-secret-" + "fedcba9876543210" * 4
 
@@ -296,4 +298,107 @@ async def test_a_resume_that_times_out_is_tried_again(browser: Any, tmp_path: Pa
     finally:
         if stalled is not None:
             stalled.release.set()
+        server.stop()
+
+
+def sender_of(page: Any, text: str) -> Any:
+    return bubble(page, text).locator(".sender")
+
+
+async def test_staff_and_customers_are_labelled_as_such(browser: Any, tmp_path: Path) -> None:
+    from playwright.async_api import expect
+
+    server = InProcessServer(tmp_path / "labels.db", "--dev", "--rate", "0").start()
+    try:
+        errors: list[str] = []
+        customer = await open_page(browser, server, errors)
+        await join_as_customer(customer, 2, 800)
+        await expect(customer.locator("#thread-empty")).to_be_visible()
+        agent = await open_page(browser, server, errors)
+        await join_as_staff(agent, 1)
+        await agent.locator("#conversations li[data-channel='800']").click()
+        await expect(agent.locator("#thread-empty")).to_be_visible()
+
+        await send(customer, "Where is my order?")
+        await expect(sender_of(agent, "Where is my order?")).to_have_text("Customer")
+        await send(agent, "On its way")
+        await expect(sender_of(customer, "On its way")).to_have_text("Support #1")
+        await customer.locator("#input").fill("Thanks")
+        await expect(agent.locator("#typing")).to_have_text("Customer is typing…")
+        await agent.locator("#input").fill("You are welcome")
+        await expect(customer.locator("#typing")).to_have_text("Support #1 is typing…")
+        assert errors == []
+    finally:
+        server.stop()
+
+
+async def relay_names_and_roles(page: Any, names: dict[int, str], staff_ids: set[int]) -> None:
+    """Between the page and the server, add what a server with display names and presence
+    sends (SPEC: ``sender_name`` on message objects; GetPresence with each participant's
+    ``staff``), which this server does not send yet. Everything else passes unchanged."""
+
+    def named(message: dict[str, Any]) -> dict[str, Any]:
+        if message.get("sender_id") in names:
+            return {**message, "sender_name": names[message["sender_id"]]}
+        return message
+
+    def to_page(route: Any, data: str | bytes) -> None:
+        frame = json.loads(data)
+        result = frame.get("result")
+        if isinstance(result, dict):
+            if isinstance(result.get("message"), dict):
+                result["message"] = named(result["message"])
+            if isinstance(result.get("Messages"), list):
+                result["Messages"] = [named(m) for m in result["Messages"]]
+        route.send(json.dumps(frame))
+
+    def handler(route: Any) -> None:
+        server = route.connect_to_server()
+
+        def to_server(data: str | bytes) -> None:
+            frame = json.loads(data)
+            if frame.get("name") != "Event.GetPresence":
+                server.send(data)
+                return
+            participants = [
+                {"user_id": uid, "staff": uid in staff_ids, "availability": "online"}
+                for uid in sorted({*names, *staff_ids})
+            ]
+            reply = {"name": frame["name"], "ok": True, "id": frame["id"]}
+            route.send(json.dumps({**reply, "result": {"participants": participants}}))
+
+        route.on_message(to_server)
+        server.on_message(lambda data: to_page(route, data))
+
+    await page.route_web_socket(re.compile(r"/ws\?"), handler)
+
+
+async def test_display_names_and_other_agents(browser: Any, tmp_path: Path) -> None:
+    from playwright.async_api import expect
+
+    server = InProcessServer(tmp_path / "names.db", "--dev", "--rate", "0").start()
+    try:
+        async with staff(server, 3) as other, customer_client(server, 900, 2) as anna:
+            await anna.ok("Event.AddConversation", {"application_id": 900})
+            await anna.ok("Event.SendMessage", {"session_channel": "900", "content": "Hello?"})
+            await other.ok("Event.SendMessage", {"session_channel": "900", "content": "Hi Anna"})
+            errors: list[str] = []
+            page = await open_page(browser, server, errors)
+            await relay_names_and_roles(page, {2: "Anna", 3: "Boris"}, {1, 3})
+            await join_as_staff(page, 1)
+            await page.locator("#conversations li[data-channel='900']").click()
+            await expect(sender_of(page, "Hello?")).to_have_text("Anna")
+            await expect(sender_of(page, "Hi Anna")).to_have_text("Boris (support)")
+            await other.ok("Event.Typing", {"session_channel": "900"})
+            await expect(page.locator("#typing")).to_have_text("Boris (support) is typing…")
+
+            # Without names, the presence list alone still tells an agent from a customer.
+            plain = await open_page(browser, server, errors)
+            await relay_names_and_roles(plain, {}, {1, 3})
+            await join_as_staff(plain, 1)
+            await plain.locator("#conversations li[data-channel='900']").click()
+            await expect(sender_of(plain, "Hello?")).to_have_text("Customer")
+            await expect(sender_of(plain, "Hi Anna")).to_have_text("Support #3")
+            assert errors == []
+    finally:
         server.stop()

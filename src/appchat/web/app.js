@@ -54,9 +54,41 @@ function shortTime(iso) {
   return date.toLocaleDateString(undefined, { month: "short", day: "numeric" });
 }
 
+// Who is who. A message may carry its sender's display name (`sender_name`, from the
+// token's `name` claim); GetPresence, where the server has it, says which participants
+// are staff. Without that news, the others in a customer's conversation are support, and
+// those in a staff member's view customers.
+const names = new Map(); // user id -> display name
+const roles = new Map(); // user id -> true for staff, false for a customer (from GetPresence)
+let presenceAnswered = true; // false once the server said it has no GetPresence
+
+function learnName(m) {
+  if (typeof m.sender_name === "string" && m.sender_name.trim()) names.set(m.sender_id, m.sender_name.trim());
+}
+
 function personName(userId) {
   if (userId === me.sid) return "You";
-  return me.staff ? `User #${userId}` : `Support #${userId}`;
+  const name = names.get(userId);
+  const staff = roles.has(userId) ? roles.get(userId) : !me.staff;
+  if (staff) return name ? `${name} (support)` : `Support #${userId}`;
+  return name || "Customer";
+}
+
+async function loadPresence(channel) {
+  if (!presenceAnswered) return;
+  try {
+    const result = await chat.call("Event.GetPresence", { session_channel: channel });
+    for (const p of result.participants || []) {
+      roles.set(p.user_id, Boolean(p.staff));
+      if (typeof p.name === "string" && p.name.trim()) names.set(p.user_id, p.name.trim());
+    }
+    if (openChannel === channel) {
+      renderThread();
+      renderTyping();
+    }
+  } catch (err) {
+    if (err.code === "unknown_event") presenceAnswered = false;
+  }
 }
 
 function conversationTitle(c) {
@@ -332,6 +364,7 @@ async function openConversation(channel) {
       await chat.call("Event.AddConversation", { application_id: c.application_id });
       c.joined = true;
     }
+    loadPresence(channel);
     if (!thread.loaded) {
       $("history-status").textContent = "Loading…";
       const page = await chat.history(channel, { limit: PAGE });
@@ -389,6 +422,7 @@ function renderThread({ stick = false } = {}) {
   const nodes = [];
   let day = null;
   for (const m of [...items, ...waiting]) {
+    learnName(m);
     const date = new Date(m.create_at);
     if (date.toDateString() !== day) {
       day = date.toDateString();
@@ -580,6 +614,7 @@ function onMessage(m) {
   }
   if (m.create_at > c.update_at) c.update_at = m.create_at;
   if (m.client_msg_id && m.sender_id === me.sid) pending.delete(m.client_msg_id);
+  learnName(m);
   const thread = threads.get(channel);
   if (thread && thread.loaded) thread.messages.set(m.id, m);
   if (m.sender_id !== me.sid) {
