@@ -402,3 +402,91 @@ async def test_display_names_and_other_agents(browser: Any, tmp_path: Path) -> N
             assert errors == []
     finally:
         server.stop()
+
+
+async def test_the_keyboard_reaches_and_opens_conversations(browser: Any, tmp_path: Path) -> None:
+    from playwright.async_api import expect
+
+    server = InProcessServer(tmp_path / "keys.db", "--dev", "--rate", "0").start()
+    try:
+        for application in (1001, 1002):
+            async with customer_client(server, application, 2) as c:
+                await c.ok("Event.AddConversation", {"application_id": application})
+                await c.ok(
+                    "Event.SendMessage",
+                    {"session_channel": str(application), "content": f"about {application}"},
+                )
+        errors: list[str] = []
+        page = await open_page(browser, server, errors)
+        await join_as_staff(page, 1)
+        rows = page.get_by_role("button", name=re.compile(r"^Request #100[12]"))
+        await expect(rows).to_have_count(2)
+        # From the last control of the top bar, Tab walks into the list, newest first.
+        await page.get_by_role("button", name="Sign out").focus()
+        await page.keyboard.press("Tab")
+        await expect(page.locator("#conversations li[data-channel='1002']")).to_be_focused()
+        await page.keyboard.press("Tab")
+        newer_second = page.locator("#conversations li[data-channel='1001']")
+        await expect(newer_second).to_be_focused()
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#thread-title")).to_have_text("Request #1001")
+        await expect(newer_second).to_have_attribute("aria-current", "true")
+        await expect(bubble(page, "about 1001")).to_be_visible()
+        await page.locator("#conversations li[data-channel='1002']").focus()
+        await page.keyboard.press(" ")
+        await expect(page.locator("#thread-title")).to_have_text("Request #1002")
+
+        # The message list is a live region: a new message is added to it, and the
+        # messages already there stay the same nodes (a screen reader reads out only the
+        # new one).
+        messages = page.locator("#message-list")
+        await expect(messages).to_have_attribute("aria-live", "polite")
+        first = bubble(page, "about 1002")
+        await first.evaluate("(li) => { li.dataset.seen = 'yes'; }")
+        async with customer_client(server, 1002, 2) as c:
+            await c.ok("Event.SendMessage", {"session_channel": "1002", "content": "and more"})
+        await expect(bubble(page, "and more")).to_be_visible()
+        await expect(first).to_have_attribute("data-seen", "yes")
+        assert errors == []
+    finally:
+        server.stop()
+
+
+async def test_a_phone_shows_the_list_or_the_thread(browser: Any, tmp_path: Path) -> None:
+    from playwright.async_api import expect
+
+    server = InProcessServer(tmp_path / "phone.db", "--dev", "--rate", "0").start()
+    try:
+        async with customer_client(server, 1100, 2) as c:
+            await c.ok("Event.AddConversation", {"application_id": 1100})
+            for i in range(30):
+                await c.ok("Event.SendMessage", {"session_channel": "1100", "content": f"line {i}"})
+        errors: list[str] = []
+        context = await browser.new_context(
+            viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True
+        )
+        page = await context.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        await page.goto(server.http("/"))
+        await join_as_staff(page, 1)
+        row = page.locator("#conversations li[data-channel='1100']")
+        await expect(row).to_be_visible()
+        await expect(page.locator(".thread-pane")).to_be_hidden()
+        box = await page.locator(".list-pane").bounding_box()
+        assert box is not None and box["height"] > 600, box  # the list has the screen
+        await row.tap()
+        # The thread has the whole screen: the list is gone, the newest message and the
+        # composer are in view, and a button leads back.
+        await expect(page.locator(".list-pane")).to_be_hidden()
+        await expect(bubble(page, "line 29")).to_be_in_viewport()
+        await expect(page.locator("#composer")).to_be_in_viewport()
+        box = await page.locator("#messages").bounding_box()
+        assert box is not None and box["height"] > 500, box
+        await page.get_by_role("button", name="Back to the conversations").tap()
+        await expect(row).to_be_visible()
+        await expect(page.locator(".thread-pane")).to_be_hidden()
+        await row.tap()
+        await expect(bubble(page, "line 29")).to_be_in_viewport()
+        assert errors == []
+    finally:
+        server.stop()

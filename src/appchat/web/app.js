@@ -308,6 +308,7 @@ function renderList() {
   const items = [...conversations.values()].sort(
     (a, b) => (a.update_at < b.update_at ? 1 : a.update_at > b.update_at ? -1 : 0),
   );
+  const focused = ul.contains(document.activeElement) ? document.activeElement.dataset.channel : null;
   ul.replaceChildren(
     ...items.map((c) => {
       const li = el("li", "conversation");
@@ -330,10 +331,26 @@ function renderList() {
       side.append(time);
       if (c.unread > 0) side.append(el("span", "badge", String(c.unread)));
       li.append(avatar, body, side);
+      // A row is a button for the keyboard and screen readers: Tab reaches it, Enter or
+      // Space opens it.
+      li.tabIndex = 0;
+      li.setAttribute("role", "button");
+      if (c.channel === openChannel) li.setAttribute("aria-current", "true");
+      li.setAttribute(
+        "aria-label",
+        `${conversationTitle(c)}${c.unread > 0 ? `, ${c.unread} unread` : ""}${typingNow ? ", typing" : ""}`,
+      );
       li.addEventListener("click", () => openConversation(c.channel));
+      li.addEventListener("keydown", (event) => {
+        if (event.key === "Enter" || event.key === " ") {
+          event.preventDefault();
+          openConversation(c.channel);
+        }
+      });
       return li;
     }),
   );
+  if (focused) ul.querySelector(`[data-channel="${CSS.escape(focused)}"]`)?.focus();
   $("list-empty").hidden = conversations.size > 0;
   const total = items.reduce((n, c) => n + (c.unread || 0), 0);
   $("total-unread").hidden = total === 0;
@@ -343,8 +360,14 @@ function renderList() {
 
 // --- the message view -------------------------------------------------------------------------
 
+// On a narrow screen the page shows the list or the thread, not both (style.css).
+function showView(view) {
+  document.body.dataset.view = view;
+}
+
 async function openConversation(channel) {
   openChannel = channel;
+  showView("thread");
   const c = conversations.get(channel);
   $("no-thread").hidden = true;
   $("thread").hidden = false;
@@ -426,16 +449,40 @@ function renderThread({ stick = false } = {}) {
     const date = new Date(m.create_at);
     if (date.toDateString() !== day) {
       day = date.toDateString();
-      nodes.push(el("li", "day", dayLabel(date)));
+      const sep = el("li", "day", dayLabel(date));
+      sep.dataset.key = `${openChannel}:day:${day}`;
+      sep.dataset.sig = sep.textContent;
+      nodes.push(sep);
     }
-    nodes.push(messageNode(m));
+    const node = messageNode(m);
+    node.dataset.key = `${openChannel}:${m.id || m.client_msg_id}`;
+    node.dataset.sig = JSON.stringify([m.status, m.failed || null, m.content, Boolean(m.preview), node.querySelector(".sender")?.textContent || ""]);
+    nodes.push(node);
   }
-  $("message-list").replaceChildren(...nodes);
+  patchChildren($("message-list"), nodes);
   $("thread-empty").hidden = !thread.loaded || nodes.length > 0;
   $("history-status").textContent = thread.hasMore ? "Scroll up for earlier messages" : thread.loaded && items.length ? "Beginning of the conversation" : "";
   if (stick || nearBottom) {
     box.scrollTop = box.scrollHeight;
     atBottom = true;
+  }
+}
+
+// Make parent's children `nodes` (each with data-key and data-sig), keeping every child
+// whose key and sig are unchanged where it is: the list is an aria-live region, and a
+// screen reader should hear the new messages, not the whole thread again.
+function patchChildren(parent, nodes) {
+  const old = new Map([...parent.children].map((n) => [n.dataset.key, n]));
+  const wanted = nodes.map((n) => {
+    const kept = old.get(n.dataset.key);
+    return kept && kept.dataset.sig === n.dataset.sig ? kept : n;
+  });
+  const keep = new Set(wanted);
+  for (const n of [...parent.children]) if (!keep.has(n)) n.remove();
+  let cursor = parent.firstElementChild;
+  for (const n of wanted) {
+    if (n === cursor) cursor = cursor.nextElementSibling;
+    else parent.insertBefore(n, cursor);
   }
 }
 
@@ -788,6 +835,10 @@ async function boot() {
     joinDev({ role: "staff", id: Number(event.target.elements.user.value) });
   });
   $("signout").addEventListener("click", signOut);
+  $("back").addEventListener("click", () => {
+    showView("list");
+    $("conversations").querySelector(".active")?.focus();
+  });
   $("retry").addEventListener("click", () => chat && chat.retryNow());
   $("composer").addEventListener("submit", submit);
   $("attach").addEventListener("change", attach);
