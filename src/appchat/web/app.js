@@ -386,6 +386,7 @@ async function openConversation(channel) {
       // Opening a conversation joins it: its messages then arrive live and count as unread.
       await chat.call("Event.AddConversation", { application_id: c.application_id });
       c.joined = true;
+      renderList();
     }
     loadPresence(channel);
     if (!thread.loaded) {
