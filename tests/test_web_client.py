@@ -490,3 +490,41 @@ async def test_a_phone_shows_the_list_or_the_thread(browser: Any, tmp_path: Path
         assert errors == []
     finally:
         server.stop()
+
+
+async def test_an_image_that_failed_offline_is_sent_on_retry(browser: Any, tmp_path: Path) -> None:
+    from playwright.async_api import expect
+
+    port = free_port()
+    db = tmp_path / "retry.db"
+    server = InProcessServer(db, "--dev", "--rate", "0", "--port", str(port)).start()
+    try:
+        photo = tmp_path / "photo.png"
+        photo.write_bytes(picture((30, 160, 90)))
+        errors: list[str] = []
+        page = await open_page(browser, server, errors, clock=True)
+        sends = sent_frames(page, "Event.SendMessage")
+        await join_as_customer(page, 2, 1200)
+        await expect(page.locator("#thread-empty")).to_be_visible()
+        status = page.locator("#status")
+        server.stop()
+        await expect(status).to_have_attribute("data-state", "offline")
+        await page.locator("#attach").set_input_files(str(photo))
+        failed = page.locator("#message-list .msg.failed")
+        await expect(failed.locator(".ticks")).to_contain_text(
+            "Not sent: the upload did not reach the server"
+        )
+        client_msg_id = await failed.get_attribute("data-client")
+
+        server.start()
+        await page.clock.fast_forward(15_000)  # past the reconnect's backoff
+        await expect(status).to_have_attribute("data-state", "online")
+        await failed.get_by_role("button", name="Retry").click()
+        own = page.locator("#message-list .msg.own")
+        await expect(own.locator(".ticks")).to_have_text("✓")
+        await expect(own.locator("img.image")).to_have_js_property("complete", True)
+        await expect(page.locator("#message-list .msg")).to_have_count(1)
+        assert [s["client_msg_id"] for s in sends] == [client_msg_id]
+        assert errors == []
+    finally:
+        server.stop()
