@@ -17,6 +17,7 @@ EXPECTED = {
     "reconnects with backoff and walks through the states",
     "resume after a reconnect: every message once, paged with after_id",
     "a Resync push fetches what was missed, once",
+    "a catch-up that times out is tried again, with backoff",
     "a send whose reply is lost is retried with the same client_msg_id",
     "a message written offline is sent once the client is online",
     "the token is renewed through getToken before it expires",

@@ -123,7 +123,7 @@ async def test_customer_and_staff_chat_through_the_web_client(
 
     # Typing without sending: shown, then gone after a few seconds.
     await customer.locator("#input").fill("One more thing")
-    await expect(staff.locator("#typing")).to_have_text("User #2 is typing…")
+    await expect(staff.locator("#typing")).to_have_text("Customer is typing…")
     await expect(staff.locator("#conversations li[data-channel='100'] .sub")).to_have_text(
         "typing…"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,12 +11,12 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from .support import InProcessServer, Server
+from .support import InProcessServer, Server, staff
 from .test_web import join_as_customer, join_as_staff, open_page, screenshot
 
 
 @pytest.fixture(scope="module")
-def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
     db = tmp_path_factory.mktemp("web-images") / "appchat.db"
     proc = InProcessServer(db, "--dev", "--rate", "0").start()
     yield proc
@@ -65,6 +66,72 @@ async def test_a_customer_attaches_an_image_and_staff_sees_it(
     await customer.locator("#attach").set_input_files(str(pretender))
     failed = customer.locator("#message-list .msg.failed .ticks")
     await expect(failed).to_contain_text("Not sent: the file is not a PNG, JPEG, WebP or GIF")
+    assert errors == []
+
+
+# Image messages as a client of the original server sends them: whatever its own backend
+# serves, or a file name; and a reference-shaped path of another conversation.
+FOREIGN = [
+    "https://tracker.example/pixel.gif?user=2",
+    "http://insecure.example/photo.png",
+    "IMG_0042.jpg",
+    "javascript:alert(1)",
+    "/files/999/0123456789abcdef0123456789abcdef",
+]
+
+
+def store_as_sent(server: InProcessServer, application_id: int, contents: list[str]) -> None:
+    """Store image messages as the server keeps them for such a client (SPEC, "Seed
+    compatibility"), straight into the node's store."""
+    node = server.node
+    assert node is not None
+
+    async def add() -> None:
+        conversation = await node.store.get_conversation(application_id)
+        assert conversation is not None
+        for content in contents:
+            await node.store.add_message(
+                conversation,
+                sender_id=7,
+                staff=False,
+                content=content,
+                content_type=2,
+                client_msg_id=None,
+                now=time.time_ns() // 1000,
+            )
+
+    server.run(add())
+
+
+async def test_foreign_image_content_is_a_link_the_page_never_fetches(
+    dev_server: InProcessServer, browser: Any
+) -> None:
+    from playwright.async_api import expect
+
+    async with staff(dev_server) as s:
+        await s.ok("Event.AddConversation", {"application_id": 500})
+    store_as_sent(dev_server, 500, FOREIGN)
+    errors: list[str] = []
+    page = await open_page(browser, dev_server, errors)
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+    await join_as_staff(page, 1)
+    await page.locator("#conversations li[data-channel='500']").click()
+    bubbles = page.locator("#message-list .msg.theirs")
+    await expect(bubbles).to_have_count(len(FOREIGN))
+    for index, content in enumerate(FOREIGN):
+        await expect(bubbles.nth(index).locator(".text")).to_have_text(content)
+    await expect(page.locator("#message-list img")).to_have_count(0)
+    links = page.locator("#message-list a.image-url")
+    await expect(links).to_have_count(2)
+    for index, content in enumerate(FOREIGN[:2]):
+        link = links.nth(index)
+        await expect(link).to_have_attribute("href", content)
+        await expect(link).to_have_attribute("target", "_blank")
+        await expect(link).to_have_attribute("rel", "noopener noreferrer nofollow")
+    # Everything shown: the page asked for nothing of them.
+    await expect(page.locator("#history-status")).to_have_text("Beginning of the conversation")
+    assert not [u for u in requested if "example" in u or "/files/" in u], requested
     assert errors == []
 
 

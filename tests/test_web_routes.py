@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -12,7 +13,7 @@ import pytest
 
 from appchat.auth import TokenVerifier
 
-from .support import SECRET, InProcessServer, Server, client
+from .support import SECRET, InProcessServer, Server, client, token
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +158,97 @@ async def test_dev_token_accepts_every_loopback_name(dev_server: Server, name: s
     )
     assert status == 200, body
     assert "token" in json.loads(body)
+
+
+# --- POST /auth/check: the handshake's verdict on a token, readable by a page ---------------
+
+
+async def handshake_refusal(server: Server, tok: str, sid: str) -> tuple[int, str]:
+    """What the WebSocket handshake answers this token and sid (status, reason)."""
+    status, _, body = await fetch(
+        server.http(f"/ws?sid={sid}"),
+        headers={
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Protocol": f"access_token, {tok}",
+        },
+    )
+    return status, body.decode().strip()
+
+
+async def check(server: Server, tok: str | None, sid: str | None = None) -> tuple[int, Any]:
+    query = f"?sid={sid}" if sid is not None else ""
+    headers = {"Authorization": f"Bearer {tok}"} if tok is not None else {}
+    status, got, body = await fetch(server.http("/auth/check" + query), "POST", headers=headers)
+    assert got["Content-Type"].startswith("application/json")
+    assert got["Cache-Control"] == "no-store"
+    if status == 401:
+        assert got["WWW-Authenticate"] == 'Bearer realm="appchat"'
+    return status, json.loads(body)
+
+
+async def test_auth_check_accepts_what_the_handshake_accepts(server: Server) -> None:
+    assert await check(server, token(admin_id=7)) == (
+        200,
+        {"ok": True, "role": "staff", "id": 7},
+    )
+    customer = {"ok": True, "role": "customer", "id": 2, "application_id": 100}
+    assert await check(server, token(request_id=100, sid=2)) == (200, customer)
+    assert await check(server, token(request_id=100), sid="2") == (200, customer)
+    assert await check(server, token(request_id=100, sid=2), sid="2") == (200, customer)
+    # Nothing else happens: the same token still connects, and the check created nothing.
+    async with client(server, 2, token(request_id=100, sid=2)) as c:
+        assert await c.ok("Event.GetConversationList", {}) == {
+            "conversations": [],
+            "has_more": False,
+            "next_cursor": None,
+        }
+
+
+@pytest.mark.parametrize(
+    ("tok", "sid", "reason"),
+    [
+        (token(admin_id=1, secret="another-secret-" + "x" * 40), "1", "signature is invalid"),
+        (token(admin_id=1, ttl=-5), "1", "token has expired"),
+        ("not-a-jwt", "1", "token is malformed"),
+        (token(request_id=100, sid=2), "3", "does not match"),
+        (token(admin_id=4), "5", "does not match"),
+    ],
+)
+async def test_auth_check_refuses_with_the_handshakes_reason(
+    server: Server, tok: str, sid: str, reason: str
+) -> None:
+    handshake = await handshake_refusal(server, tok, sid)
+    assert handshake[0] == 401 and reason in handshake[1]
+    status, doc = await check(server, tok, sid=sid)
+    assert status == 401
+    assert doc == {"ok": False, "error": {"code": "unauthorized", "message": handshake[1]}}
+
+
+async def test_auth_check_refuses_bad_requests(server: Server) -> None:
+    status, doc = await check(server, None)
+    assert status == 401 and doc["error"]["code"] == "unauthorized"
+    assert "Authorization: Bearer" in doc["error"]["message"]
+    status, doc = await check(server, token(request_id=100))
+    assert status == 401 and "names no participant" in doc["error"]["message"]
+    status, doc = await check(server, token(admin_id=1), sid="abc")
+    assert status == 400 and doc["error"]["code"] == "bad_request"
+    status, _, _ = await fetch(server.http("/auth/check"))
+    assert status == 405
+
+
+async def test_auth_check_keeps_the_origin_allow_list(tmp_path: Path) -> None:
+    srv = InProcessServer(tmp_path / "o.db", "--allowed-origins", "https://app.example").start()
+    try:
+        url = srv.http("/auth/check")
+        headers = {"Authorization": f"Bearer {token(admin_id=1)}"}
+        status, _, body = await fetch(url, "POST", headers={**headers, "Origin": "https://x.test"})
+        assert status == 403 and json.loads(body)["error"]["code"] == "forbidden"
+        status, _, _ = await fetch(
+            url, "POST", headers={**headers, "Origin": "https://app.example"}
+        )
+        assert status == 200
+    finally:
+        srv.stop()

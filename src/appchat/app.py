@@ -22,6 +22,7 @@ from .observability import Metrics
 from .service import MAX_REPLY_BYTES, ChatService, Limits
 from .store import Store, open_store
 from .transport.api import ServerApi
+from .transport.authcheck import TokenCheck
 from .transport.guard import HandshakeGuard, handler_args
 from .transport.http import HealthEndpoints
 from .transport.uploads import UploadEndpoints
@@ -159,6 +160,11 @@ class Node:
         app.router.add_get("/readyz", health.readyz)
         app.router.add_get("/metrics", health.metrics)
         WebClient(dev_secret=self._dev_secret).add_routes(app)
+        TokenCheck(
+            self.verifier,
+            trust_query_sid=self.settings.trust_query_sid,
+            allowed_origins=frozenset(self.settings.allowed_origins),
+        ).add_routes(app)
         self.uploads.add_routes(app)
         app.add_subapp("/api/", self.api.app())
         if self.worker is not None:

@@ -259,6 +259,29 @@ export const tests = {
     chat.close();
   },
 
+  async "a catch-up that times out is tried again, with backoff"() {
+    const server = fakeServer();
+    server.add("100", 1, "a");
+    const { chat, seen } = client(server, { requestTimeout: 30 });
+    chat.start();
+    await chat.ready();
+    await chat.history("100");
+    server.up = false;
+    server.last().drop(1006);
+    server.add("100", 1, "missed");
+    server.hold.add("Event.GetMessageList"); // a server too busy to answer in time
+    server.up = true;
+    await until(server, () => seen.errors.some((e) => e.during === "resume" && e.retryIn > 0), "a timed-out catch-up");
+    equal(seen.resumed, 0, "not resumed yet");
+    server.hold.delete("Event.GetMessageList");
+    await until(server, () => seen.resumed === 1, "resumed on a retry");
+    equal(seen.messages, [[2, "resume"]], "the missed message, once");
+    const catchUp = server.requests.filter((r) => r.name === "Event.GetMessageList" && r.args.after_id !== undefined);
+    assert(catchUp.length >= 2 && catchUp.every((r) => r.args.after_id === 1), "asked again from the same cursor");
+    equal(chat.state, "online", "no reconnect needed");
+    chat.close();
+  },
+
   async "a Resync push fetches what was missed, once"() {
     const server = fakeServer();
     server.add("100", 1, "a");

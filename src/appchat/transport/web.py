@@ -19,7 +19,7 @@ FILES = {
 }
 HEADERS = {
     "Content-Security-Policy": (
-        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data: blob: https:; "
+        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data: blob:; "
         "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
     ),
     "X-Content-Type-Options": "nosniff",

@@ -1,6 +1,6 @@
 // The appchat web client: sign in, conversation list, message view. Built on appchat.js.
 import {
-  AppChat, AppChatError, tokenClaims, CONNECTING, ONLINE, OFFLINE, TOKEN_EXPIRED,
+  AppChat, AppChatError, checkToken, tokenClaims, CONNECTING, ONLINE, OFFLINE, TOKEN_EXPIRED, REFUSED,
 } from "/appchat.js";
 
 const SESSION_KEY = "appchat.session";
@@ -29,6 +29,10 @@ let lastTypingSent = 0;
 let lastInputAt = 0;
 let typingTimer = null;
 let inboxTimer = null;
+let listsTimer = null;
+let listsAttempt = 0;
+let atBottom = true; // the thread was scrolled to its newest message (kept there as it grows)
+let lastScrollTop = 0;
 
 // --- formatting -------------------------------------------------------------------------------
 
@@ -50,9 +54,41 @@ function shortTime(iso) {
   return date.toLocaleDateString(undefined, { month: "short", day: "numeric" });
 }
 
+// Who is who. A message may carry its sender's display name (`sender_name`, from the
+// token's `name` claim); GetPresence, where the server has it, says which participants
+// are staff. Without that news, the others in a customer's conversation are support, and
+// those in a staff member's view customers.
+const names = new Map(); // user id -> display name
+const roles = new Map(); // user id -> true for staff, false for a customer (from GetPresence)
+let presenceAnswered = true; // false once the server said it has no GetPresence
+
+function learnName(m) {
+  if (typeof m.sender_name === "string" && m.sender_name.trim()) names.set(m.sender_id, m.sender_name.trim());
+}
+
 function personName(userId) {
   if (userId === me.sid) return "You";
-  return me.staff ? `User #${userId}` : `Support #${userId}`;
+  const name = names.get(userId);
+  const staff = roles.has(userId) ? roles.get(userId) : !me.staff;
+  if (staff) return name ? `${name} (support)` : `Support #${userId}`;
+  return name || "Customer";
+}
+
+async function loadPresence(channel) {
+  if (!presenceAnswered) return;
+  try {
+    const result = await chat.call("Event.GetPresence", { session_channel: channel });
+    for (const p of result.participants || []) {
+      roles.set(p.user_id, Boolean(p.staff));
+      if (typeof p.name === "string" && p.name.trim()) names.set(p.user_id, p.name.trim());
+    }
+    if (openChannel === channel) {
+      renderThread();
+      renderTyping();
+    }
+  } catch (err) {
+    if (err.code === "unknown_event") presenceAnswered = false;
+  }
 }
 
 function conversationTitle(c) {
@@ -93,7 +129,7 @@ async function joinDev(body) {
   }
 }
 
-function signinWithToken(event) {
+async function signinWithToken(event) {
   event.preventDefault();
   const form = event.target;
   const token = form.token.value.trim();
@@ -109,6 +145,16 @@ function signinWithToken(event) {
   const sid = Number(form.sid.value || claims.sid || claims.sub || claims.admin_id);
   if (!Number.isSafeInteger(sid) || sid < 1) {
     showSignin("This token names no participant: enter your participant id.");
+    return;
+  }
+  // Only the server can tell a token it refuses (another key, its clock, the sid): ask it
+  // before signing in, since a browser cannot read why a WebSocket handshake failed.
+  const button = form.querySelector("button[type=submit]");
+  button.disabled = true;
+  const verdict = await checkToken(location.origin, token, sid);
+  button.disabled = false;
+  if (verdict && !verdict.ok) {
+    showSignin(`This token was refused: ${verdict.message}.`);
     return;
   }
   start({ token, sid });
@@ -155,8 +201,17 @@ function start(session) {
   chat.on("message", ({ message }) => onMessage(message));
   chat.on("read", onRead);
   chat.on("typing", onTyping);
-  chat.on("resumed", () => refreshStatuses());
-  chat.on("error", ({ error }) => {
+  chat.on("resumed", () => {
+    if (chat.state === ONLINE) $("status").textContent = "Online";
+    refreshStatuses();
+  });
+  chat.on("error", ({ error, during, retryIn }) => {
+    if (during === "resume" && retryIn !== undefined) {
+      // appchat.js tries again by itself: say so, quietly.
+      const seconds = Math.max(1, Math.round(retryIn / 1000));
+      $("status").textContent = `Catching up · retrying in ${seconds}s`;
+      return;
+    }
     if (error && error.code && !["offline", "disconnected"].includes(error.code)) {
       showBanner(`Something went wrong: ${error.message}`);
     }
@@ -164,7 +219,7 @@ function start(session) {
   chat.start();
 }
 
-function onState({ state, retryIn }) {
+function onState({ state, retryIn, reason }) {
   const status = $("status");
   status.dataset.state = state;
   $("retry").hidden = state !== OFFLINE;
@@ -184,6 +239,10 @@ function onState({ state, retryIn }) {
     status.textContent = "Session expired";
     clearInterval(inboxTimer);
     showBanner("Your session has expired.", "Sign in again", signOut);
+  } else if (state === REFUSED) {
+    status.textContent = "Signed out";
+    clearInterval(inboxTimer);
+    showBanner(`This token was refused: ${reason}.`, "Sign in again", signOut);
   }
   renderComposerHint();
 }
@@ -227,11 +286,20 @@ async function loadLists() {
         unread: c.session_channel === openChannel ? 0 : counts.get(c.session_channel) || 0,
       });
     }
+    listsAttempt = 0;
     renderList();
     if (!openChannel && !me.staff && conversations.size) openConversation(list.conversations[0].session_channel);
     if (openChannel) markRead();
   } catch (err) {
-    if (!["offline", "disconnected"].includes(err.code)) showBanner(`Could not load conversations: ${err.message}`);
+    if (["offline", "disconnected"].includes(err.code)) return; // loaded again once online
+    if (["timeout", "unavailable", "rate_limited"].includes(err.code) && chat.state === ONLINE) {
+      // A server too busy to answer in time: ask again, less and less often.
+      clearTimeout(listsTimer);
+      listsTimer = setTimeout(loadLists, Math.min(15000, 1000 * 2 ** listsAttempt));
+      listsAttempt += 1;
+      return;
+    }
+    showBanner(`Could not load conversations: ${err.message}`);
   }
 }
 
@@ -240,6 +308,7 @@ function renderList() {
   const items = [...conversations.values()].sort(
     (a, b) => (a.update_at < b.update_at ? 1 : a.update_at > b.update_at ? -1 : 0),
   );
+  const focused = ul.contains(document.activeElement) ? document.activeElement.dataset.channel : null;
   ul.replaceChildren(
     ...items.map((c) => {
       const li = el("li", "conversation");
@@ -262,10 +331,26 @@ function renderList() {
       side.append(time);
       if (c.unread > 0) side.append(el("span", "badge", String(c.unread)));
       li.append(avatar, body, side);
+      // A row is a button for the keyboard and screen readers: Tab reaches it, Enter or
+      // Space opens it.
+      li.tabIndex = 0;
+      li.setAttribute("role", "button");
+      if (c.channel === openChannel) li.setAttribute("aria-current", "true");
+      li.setAttribute(
+        "aria-label",
+        `${conversationTitle(c)}${c.unread > 0 ? `, ${c.unread} unread` : ""}${typingNow ? ", typing" : ""}`,
+      );
       li.addEventListener("click", () => openConversation(c.channel));
+      li.addEventListener("keydown", (event) => {
+        if (event.key === "Enter" || event.key === " ") {
+          event.preventDefault();
+          openConversation(c.channel);
+        }
+      });
       return li;
     }),
   );
+  if (focused) ul.querySelector(`[data-channel="${CSS.escape(focused)}"]`)?.focus();
   $("list-empty").hidden = conversations.size > 0;
   const total = items.reduce((n, c) => n + (c.unread || 0), 0);
   $("total-unread").hidden = total === 0;
@@ -275,8 +360,14 @@ function renderList() {
 
 // --- the message view -------------------------------------------------------------------------
 
+// On a narrow screen the page shows the list or the thread, not both (style.css).
+function showView(view) {
+  document.body.dataset.view = view;
+}
+
 async function openConversation(channel) {
   openChannel = channel;
+  showView("thread");
   const c = conversations.get(channel);
   $("no-thread").hidden = true;
   $("thread").hidden = false;
@@ -295,7 +386,9 @@ async function openConversation(channel) {
       // Opening a conversation joins it: its messages then arrive live and count as unread.
       await chat.call("Event.AddConversation", { application_id: c.application_id });
       c.joined = true;
+      renderList();
     }
+    loadPresence(channel);
     if (!thread.loaded) {
       $("history-status").textContent = "Loading…";
       const page = await chat.history(channel, { limit: PAGE });
@@ -353,17 +446,52 @@ function renderThread({ stick = false } = {}) {
   const nodes = [];
   let day = null;
   for (const m of [...items, ...waiting]) {
+    learnName(m);
     const date = new Date(m.create_at);
     if (date.toDateString() !== day) {
       day = date.toDateString();
-      nodes.push(el("li", "day", dayLabel(date)));
+      const sep = el("li", "day", dayLabel(date));
+      sep.dataset.key = `${openChannel}:day:${day}`;
+      sep.dataset.sig = sep.textContent;
+      nodes.push(sep);
     }
-    nodes.push(messageNode(m));
+    const node = messageNode(m);
+    node.dataset.key = `${openChannel}:${m.id || m.client_msg_id}`;
+    node.dataset.sig = JSON.stringify([m.status, m.failed || null, m.content, Boolean(m.preview), node.querySelector(".sender")?.textContent || ""]);
+    nodes.push(node);
   }
-  $("message-list").replaceChildren(...nodes);
+  patchChildren($("message-list"), nodes);
   $("thread-empty").hidden = !thread.loaded || nodes.length > 0;
   $("history-status").textContent = thread.hasMore ? "Scroll up for earlier messages" : thread.loaded && items.length ? "Beginning of the conversation" : "";
-  if (stick || nearBottom) box.scrollTop = box.scrollHeight;
+  if (stick || nearBottom) {
+    box.scrollTop = box.scrollHeight;
+    atBottom = true;
+  }
+}
+
+// Make parent's children `nodes` (each with data-key and data-sig), keeping every child
+// whose key and sig are unchanged where it is: the list is an aria-live region, and a
+// screen reader should hear the new messages, not the whole thread again.
+function patchChildren(parent, nodes) {
+  const old = new Map([...parent.children].map((n) => [n.dataset.key, n]));
+  const wanted = nodes.map((n) => {
+    const kept = old.get(n.dataset.key);
+    return kept && kept.dataset.sig === n.dataset.sig ? kept : n;
+  });
+  const keep = new Set(wanted);
+  for (const n of [...parent.children]) if (!keep.has(n)) n.remove();
+  let cursor = parent.firstElementChild;
+  for (const n of wanted) {
+    if (n === cursor) cursor = cursor.nextElementSibling;
+    else parent.insertBefore(n, cursor);
+  }
+}
+
+// Images get their height only once loaded, after the thread was scrolled: a reader at the
+// newest message stays there whatever grows above it.
+function keepAtBottom() {
+  const box = $("messages");
+  if (atBottom) box.scrollTop = box.scrollHeight;
 }
 
 function messageNode(m) {
@@ -378,11 +506,22 @@ function messageNode(m) {
   const time = el("time", "", timeFmt.format(new Date(m.create_at)));
   time.dateTime = m.create_at;
   meta.append(time);
+  let actions = null;
   if (own) {
     const ticks = el("span", "ticks");
     if (m.status === -1 && m.failed) {
       li.classList.add("failed");
       ticks.textContent = `Not sent: ${m.failed}`;
+      ticks.dataset.state = "failed";
+      actions = el("div", "failed-actions");
+      const retry = el("button", "", "Retry");
+      retry.type = "button";
+      retry.addEventListener("click", () => sendPending(m.client_msg_id));
+      const dismiss = el("button", "", "Dismiss");
+      dismiss.type = "button";
+      dismiss.title = "Remove it; its text goes back into the message box";
+      dismiss.addEventListener("click", () => dismissPending(m.client_msg_id));
+      actions.append(retry, dismiss);
     } else if (m.status === -1) {
       li.classList.add("pending");
       ticks.textContent = "Sending…";
@@ -394,13 +533,16 @@ function messageNode(m) {
     meta.append(ticks);
   }
   bubble.append(meta);
+  if (actions) bubble.append(actions);
   li.append(bubble);
   return li;
 }
 
 // content_type 1 is text; 2 is an image: the reference of an upload (/files/<app>/<id>),
-// fetched with the token (downloads need it) and shown through a blob: URL.
-const IMAGE_REFERENCE = /^\/files\/\d+\/[0-9a-f]{32}$/;
+// fetched with the token (downloads need it) and shown through a blob: URL. Any other
+// image content (a client of the original server sends its own backend's URL, or a file
+// name) is shown as text, never fetched: no tracking pixel, no mixed content.
+const IMAGE_REFERENCE = /^\/files\/([1-9][0-9]{0,18})\/[0-9a-f]{32}$/;
 const imageUrls = new Map(); // path -> Promise of a blob: URL
 
 function imageUrl(path) {
@@ -420,7 +562,7 @@ function contentNode(m) {
     img.alt = "image being sent";
     return img;
   }
-  if (m.content_type === 2 && IMAGE_REFERENCE.test(m.content)) {
+  if (m.content_type === 2 && isUpload(m)) {
     const link = el("a", "image-link");
     link.href = "#";
     link.title = "Open the full image";
@@ -444,14 +586,37 @@ function contentNode(m) {
     });
     return link;
   }
-  if (m.content_type === 2 && /^https:\/\//.test(m.content)) {
-    const img = el("img", "image");
-    img.src = m.content;
-    img.alt = "image";
-    img.loading = "lazy";
-    return img;
-  }
+  if (m.content_type === 2) return foreignImage(m.content);
   return el("div", "text", m.content);
+}
+
+// An upload of this message's own conversation: the only image content fetched.
+function isUpload(m) {
+  const match = IMAGE_REFERENCE.exec(m.content);
+  return Boolean(match) && match[1] === String(m.session_channel);
+}
+
+// An image the server does not hold: a link the user may follow (http or https), else
+// the text as it came. The page itself requests nothing.
+function foreignImage(content) {
+  const box = el("div", "text foreign-image");
+  let url = null;
+  try {
+    url = new URL(content);
+  } catch {
+    url = null;
+  }
+  if (url && (url.protocol === "https:" || url.protocol === "http:")) {
+    const link = el("a", "image-url", content);
+    link.href = url.href;
+    link.target = "_blank";
+    link.rel = "noopener noreferrer nofollow";
+    link.title = "An image on another site (not loaded here)";
+    box.append(link);
+  } else {
+    box.textContent = content;
+  }
+  return box;
 }
 
 function markRead() {
@@ -497,6 +662,7 @@ function onMessage(m) {
   }
   if (m.create_at > c.update_at) c.update_at = m.create_at;
   if (m.client_msg_id && m.sender_id === me.sid) pending.delete(m.client_msg_id);
+  learnName(m);
   const thread = threads.get(channel);
   if (thread && thread.loaded) thread.messages.set(m.id, m);
   if (m.sender_id !== me.sid) {
@@ -563,21 +729,58 @@ function submit(event) {
   const channel = openChannel;
   if (!content || !channel) return;
   input.value = "";
+  showComposerError(null);
   const clientMsgId = randomId();
   pending.set(clientMsgId, { channel, content, create_at: new Date().toISOString(), content_type: 1 });
-  renderThread({ stick: true });
-  chat.send(channel, content, { clientMsgId }).then(
+  sendPending(clientMsgId);
+}
+
+// Send (or send again, with the same client_msg_id: never stored twice) a message
+// waiting in `pending`; an image is uploaded first. A failure stays shown, with Retry and
+// Dismiss, until one of them is chosen.
+function sendPending(clientMsgId) {
+  const p = pending.get(clientMsgId);
+  if (!p) return;
+  p.failed = null;
+  if (p.channel === openChannel) renderThread({ stick: true });
+  const sending = p.file
+    ? chat.sendImage(p.channel, p.file, { clientMsgId })
+    : chat.send(p.channel, p.content, { clientMsgId });
+  sending.then(
     () => {
       pending.delete(clientMsgId);
-      if (channel === openChannel) renderThread();
+      if (p.preview) URL.revokeObjectURL(p.preview);
+      if (p.channel === openChannel) renderThread();
     },
     (err) => {
-      const p = pending.get(clientMsgId);
-      if (p) p.failed = err instanceof AppChatError ? err.message : String(err);
-      if (channel === openChannel) renderThread();
+      if (pending.get(clientMsgId) !== p) return; // dismissed meanwhile
+      p.failed = err instanceof AppChatError ? err.message : String(err);
+      if (p.channel === openChannel) renderThread();
     },
   );
 }
+
+// Give up on a failed message: its text goes back into the message box (if that is
+// empty), so nothing typed is lost.
+function dismissPending(clientMsgId) {
+  const p = pending.get(clientMsgId);
+  if (!p) return;
+  pending.delete(clientMsgId);
+  if (p.preview) URL.revokeObjectURL(p.preview);
+  const input = $("input");
+  if (p.content_type === 1 && !input.value.trim()) input.value = p.content;
+  renderThread();
+  input.focus();
+}
+
+function showComposerError(text) {
+  $("composer-error").hidden = !text;
+  $("composer-error").textContent = text || "";
+}
+
+// What POST /upload takes (by content; the browser's type is checked here first, so that
+// a PDF is refused at once instead of showing as a broken image).
+const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp", "image/gif"];
 
 // An image from the file picker: shown at once as pending, uploaded, then sent as a message.
 function attach(event) {
@@ -586,22 +789,15 @@ function attach(event) {
   input.value = ""; // the same file may be picked again
   const channel = openChannel;
   if (!file || !channel) return;
+  if (!IMAGE_TYPES.includes(file.type)) {
+    showComposerError(`${file.name} is not an image that can be sent: choose a PNG, JPEG, WebP or GIF file.`);
+    return;
+  }
+  showComposerError(null);
   const clientMsgId = randomId();
   const preview = URL.createObjectURL(file);
-  pending.set(clientMsgId, { channel, content: "", content_type: 2, preview, create_at: new Date().toISOString() });
-  renderThread({ stick: true });
-  chat.sendImage(channel, file, { clientMsgId }).then(
-    () => {
-      pending.delete(clientMsgId);
-      URL.revokeObjectURL(preview);
-      if (channel === openChannel) renderThread();
-    },
-    (err) => {
-      const p = pending.get(clientMsgId);
-      if (p) p.failed = err instanceof AppChatError ? err.message : String(err);
-      if (channel === openChannel) renderThread();
-    },
-  );
+  pending.set(clientMsgId, { channel, content: "", content_type: 2, file, preview, create_at: new Date().toISOString() });
+  sendPending(clientMsgId);
 }
 
 // While the user types, and for a few seconds after the last keystroke, tell the others every
@@ -640,6 +836,10 @@ async function boot() {
     joinDev({ role: "staff", id: Number(event.target.elements.user.value) });
   });
   $("signout").addEventListener("click", signOut);
+  $("back").addEventListener("click", () => {
+    showView("list");
+    $("conversations").querySelector(".active")?.focus();
+  });
   $("retry").addEventListener("click", () => chat && chat.retryNow());
   $("composer").addEventListener("submit", submit);
   $("attach").addEventListener("change", attach);
@@ -649,8 +849,16 @@ async function boot() {
     if (event.key === "Enter" && !event.shiftKey) submit(event);
   });
   $("messages").addEventListener("scroll", () => {
-    if ($("messages").scrollTop < 40 && openChannel) loadOlder(openChannel);
+    const box = $("messages");
+    // Only the reader scrolling up leaves the end: the browser also scrolls down by itself
+    // (scroll anchoring) when something above the view grows.
+    const up = box.scrollTop < lastScrollTop;
+    lastScrollTop = box.scrollTop;
+    if (box.scrollHeight - box.scrollTop - box.clientHeight < 80) atBottom = true;
+    else if (up) atBottom = false;
+    if (box.scrollTop < 40 && openChannel) loadOlder(openChannel);
   });
+  new ResizeObserver(keepAtBottom).observe($("message-list"));
   document.addEventListener("visibilitychange", () => openChannel && markRead());
 
   let config = { dev: false };

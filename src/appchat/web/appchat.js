@@ -5,7 +5,7 @@
 //   import { AppChat } from "/appchat.js";
 //   const chat = new AppChat({ url: "ws://127.0.0.1:8888/ws?sid=2", token: jwt,
 //                              getToken: async () => fetchNewTokenFromYourBackend() });
-//   chat.on("state", ({ state }) => ...);          // connecting | online | offline | token_expired | closed
+//   chat.on("state", ({ state }) => ...);          // connecting | online | offline | token_expired | refused | closed
 //   chat.on("message", ({ message }) => ...);      // each message exactly once (push or catch-up)
 //   chat.start();
 //   const { messages } = await chat.history("100"); // the newest page; "100" is now followed
@@ -24,6 +24,7 @@ export const ONLINE = "online";
 export const OFFLINE = "offline";
 export const TOKEN_EXPIRED = "token_expired";
 export const CLOSED = "closed";
+export const REFUSED = "refused";
 
 const CLOSE_TOKEN_EXPIRED = 4001;
 const CLOSE_DISCONNECTED = 4009; // by the server API (a request closed, a user banned)
@@ -51,6 +52,27 @@ export function tokenClaims(jwt) {
   }
 }
 
+/**
+ * Would the server take this token? POST /auth/check answers what a refused WebSocket
+ * handshake cannot tell a browser: {ok: true, role, id[, application_id]}, or
+ * {ok: false, code, message} with the handshake's reason. null: no verdict (the server
+ * could not be reached, is older, or failed), so go on as before.
+ */
+export async function checkToken(httpBase, token, sid = null) {
+  const url = new URL("/auth/check", httpBase);
+  if (sid) url.searchParams.set("sid", String(sid));
+  try {
+    const response = await fetch(url.href, { method: "POST", headers: { Authorization: `Bearer ${token}` } });
+    if (response.ok) return await response.json();
+    if (![400, 401, 403].includes(response.status)) return null;
+    const error = (await response.json()).error || {};
+    if (!error.code || !error.message) return null;
+    return { ok: false, code: error.code, message: error.message };
+  } catch {
+    return null;
+  }
+}
+
 function randomId() {
   if (globalThis.crypto && typeof crypto.randomUUID === "function") return crypto.randomUUID();
   const bytes = new Uint8Array(16);
@@ -64,7 +86,9 @@ export class AppChat extends EventTarget {
    * @param {string} options.url           ws(s)://host/ws?sid=N
    * @param {string} options.token         the JWT
    * @param {function} [options.getToken] async (reason) => a new JWT or null; reason is
-   *        "refresh" (before expiry) or "expired" (the token ran out)
+   *        "refresh" (before expiry), "expired" (the token ran out) or "refused" (the
+   *        server refused it: POST /auth/check said why; without a new token the state
+   *        becomes "refused", with {code, reason}, and the client stops)
    * @param {number} [options.requestTimeout=10000] ms to wait for a reply
    * @param {number} [options.refreshMargin=60] renew this many seconds before exp
    * @param {number} [options.backoffMin=500]  first reconnect delay, ms (doubles each time)
@@ -90,7 +114,8 @@ export class AppChat extends EventTarget {
     this._followed = new Map(); // session_channel -> {cursor, seen: Set of ids > cursor}
     this._outbox = []; // sends waiting for a connection
     this._attempt = 0;
-    this._timers = { reconnect: null, refresh: null, flush: null };
+    this._timers = { reconnect: null, refresh: null, flush: null, resume: null };
+    this._resumeAttempt = 0;
     this._resuming = null;
     this._resumeAgain = false;
     this._stopped = true;
@@ -173,8 +198,10 @@ export class AppChat extends EventTarget {
       return;
     }
     this._ws = ws;
+    let opened = false;
     ws.onopen = () => {
       if (this._ws !== ws) return;
+      opened = true;
       this._attempt = 0;
       this._setState(ONLINE);
       this._scheduleRefresh();
@@ -189,6 +216,7 @@ export class AppChat extends EventTarget {
       this._ws = null;
       this._failPending("disconnected", "the connection closed");
       clearTimeout(this._timers.refresh);
+      clearTimeout(this._timers.resume); // the next connection resumes anyway
       if (event.code === CLOSE_TOKEN_EXPIRED) {
         this._renewExpired().then((renewed) => renewed && this._connect());
         return;
@@ -198,7 +226,37 @@ export class AppChat extends EventTarget {
         return;
       }
       this._scheduleReconnect(event.code, event.reason);
+      // Never opened: the handshake may have refused the token, which a browser cannot
+      // see (1006 either way). Ask the server, while the reconnect waits.
+      if (!opened) this._checkRefusal();
     };
+  }
+
+  async _checkRefusal() {
+    const token = this.token;
+    const verdict = await checkToken(this.httpBase, token, new URL(this.url).searchParams.get("sid"));
+    if (!verdict || verdict.ok || this._stopped || this.state !== OFFLINE || this.token !== token) return;
+    clearTimeout(this._timers.reconnect);
+    let fresh = null;
+    if (this.getToken) {
+      try {
+        fresh = await this.getToken("refused");
+      } catch {
+        fresh = null;
+      }
+    }
+    if (fresh && fresh !== token && !this._stopped) {
+      this.token = fresh;
+      this._connect();
+      return;
+    }
+    this._stopped = true;
+    this._clearTimers();
+    this._failPending("unauthorized", verdict.message);
+    for (const item of this._outbox.splice(0)) {
+      item.reject(new AppChatError(verdict.code, verdict.message));
+    }
+    this._setState(REFUSED, { code: verdict.code, reason: verdict.message });
   }
 
   _scheduleReconnect(code, reason) {
@@ -425,10 +483,22 @@ export class AppChat extends EventTarget {
             }
           }
         } while (this._resumeAgain);
+        this._resumeAttempt = 0;
         this._emit("resumed", { channels: [...this._followed.keys()] });
       } catch (err) {
-        // Offline again: the next connection resumes from the same cursors.
-        this._emit("error", { error: err, during: "resume" });
+        if (RETRYABLE.has(err.code) && this.state === ONLINE && !this._stopped) {
+          // Still connected but no answer in time (a loaded server), or the server is
+          // unavailable for a moment: try again, from the same cursors, with backoff.
+          const base = Math.min(this.backoffMax, this.backoffMin * 2 ** this._resumeAttempt);
+          const retryIn = Math.round(base / 2 + (Math.random() * base) / 2);
+          this._resumeAttempt += 1;
+          clearTimeout(this._timers.resume);
+          this._timers.resume = setTimeout(() => this.resume(), retryIn);
+          this._emit("error", { error: err, during: "resume", retryIn });
+        } else {
+          // Offline again: the next connection resumes from the same cursors.
+          this._emit("error", { error: err, during: "resume" });
+        }
       } finally {
         this._resuming = null;
       }
