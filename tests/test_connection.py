@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from functools import partial
 
 import pytest
 
 from appchat.broker.memory import MemoryBroker, MemoryBus
+from appchat.connection import Connection
 from appchat.errors import Unavailable
 from appchat.events import RESYNC, push
-from appchat.hub import Connection, Hub
+from appchat.hub import Hub
 from appchat.models import Principal, Role
 
 _ids = itertools.count(1)
@@ -233,6 +235,30 @@ async def test_a_failed_write_on_the_fast_path_marks_the_connection_broken() -> 
     await asyncio.wait_for(conn.room(), 1)
 
 
+async def test_close_asks_the_endpoint_unless_the_socket_already_failed() -> None:
+    asked: list[tuple[int, str]] = []
+
+    def endpoint_close(code: int, reason: str) -> bool:
+        asked.append((code, reason))
+        return True
+
+    sock = FakeSocket()
+    conn = Connection(
+        "c-close",
+        staff_principal(1),
+        sock.send,
+        max_queue=4,
+        max_bytes=1_000,
+        on_overflow=Calls(),
+        on_close=endpoint_close,
+    )
+    assert conn.close(4009, "bye") is True and asked == [(4009, "bye")]
+    sock.fail = True
+    conn.push(b"a")  # the socket fails: the connection is broken, nothing left to close
+    assert conn.close(4009, "again") is False and asked == [(4009, "bye")]
+    assert connect(FakeSocket()).close(4009, "no endpoint said how") is False
+
+
 async def test_a_failed_write_in_the_backlog_frees_room_and_drops_the_rest() -> None:
     sock = FakeSocket()
     broken = Calls()
@@ -311,15 +337,19 @@ async def hub_on(
     return hub
 
 
-async def join(hub: Hub, principal: Principal) -> tuple[Connection, FakeSocket]:
+async def join(
+    hub: Hub, principal: Principal, closer: Closer | None = None
+) -> tuple[Connection, FakeSocket]:
     sock = FakeSocket()
+    conn_id = hub.new_connection_id()
     conn = Connection(
-        hub.new_connection_id(),
+        conn_id,
         principal,
         sock.send,
         max_queue=10,
         max_bytes=10_000,
         on_overflow=Calls(),
+        on_close=None if closer is None else partial(closer, conn_id),
     )
     await hub.register(conn)
     return conn, sock
@@ -418,9 +448,9 @@ class Closer:
         self.closed: list[tuple[str, int, str]] = []
         self.arrived: asyncio.Queue[str] = asyncio.Queue()
 
-    def __call__(self, conn: Connection, code: int, reason: str) -> bool:
-        self.closed.append((conn.id, code, reason))
-        self.arrived.put_nowait(conn.id)
+    def __call__(self, conn_id: str, code: int, reason: str) -> bool:
+        self.closed.append((conn_id, code, reason))
+        self.arrived.put_nowait(conn_id)
         return True
 
 
@@ -430,10 +460,9 @@ async def test_disconnect_closes_the_users_connections_on_every_node(
     bus = MemoryBus()
     a, b = await hub_on(bus), await hub_on(bus)
     closers = Closer(), Closer()
-    a.closer, b.closer = closers
-    here, _ = await join(a, customer_principal(7, 100))
-    there, _ = await join(b, customer_principal(7, 100))
-    other, _ = await join(b, staff_principal(8))
+    here, _ = await join(a, customer_principal(7, 100), closers[0])
+    there, _ = await join(b, customer_principal(7, 100), closers[1])
+    other, _ = await join(b, staff_principal(8), closers[1])
     assert await a.disconnect(7, 4009, "disconnected by the server") == 1
     assert closers[0].closed == [(here.id, 4009, "disconnected by the server")]
     assert await asyncio.wait_for(closers[1].arrived.get(), 2) == there.id
@@ -450,8 +479,7 @@ async def test_disconnect_reports_a_broker_that_refuses() -> None:
     broker = FailingBroker(bus)
     hub, _other_node = await hub_on(broker=broker), await hub_on(bus)
     closer = Closer()
-    hub.closer = closer
-    conn, _ = await join(hub, staff_principal(9))
+    conn, _ = await join(hub, staff_principal(9), closer)
     broker.failing = True
     with pytest.raises(Unavailable):
         await hub.disconnect(9, 4009, "disconnected by the server")

@@ -25,8 +25,9 @@ from .. import events as ev
 from ..apikeys import ApiKeys
 from ..auth import NO_IDS, IdRanges
 from ..closecodes import CloseCode
+from ..envelope import Whom
 from ..errors import AppError, BadRequest, Forbidden, Internal, NotFound, Unauthorized
-from ..hub import Hub, Whom
+from ..hub import Hub
 from ..models import MAX_ID, Role
 from ..ratelog import RateLimitedLog
 from ..service import ChatService

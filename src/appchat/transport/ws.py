@@ -1,6 +1,6 @@
 """The WebSocket endpoint: handshake (refused with 400/401 before the upgrade), the read
 loop and its request task, and the token-expiry timer. Writing is the hub's
-:class:`~appchat.hub.Connection`: straight to the socket, or through a backlog drained by
+:class:`~appchat.connection.Connection`: straight to the socket, or through a backlog drained by
 a task that exists only while there is one."""
 
 from __future__ import annotations
@@ -9,18 +9,20 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from .. import defaults
 from ..auth import NO_IDS, IdRanges, TokenVerifier, bind, parse_id
 from ..closecodes import CloseCode
+from ..connection import Connection
 from ..errors import AppError, BadRequest, Unauthorized
 from ..events import error_reply, rate_limited_reply
-from ..hub import Connection, Hub
+from ..hub import Hub
 from ..models import Principal
 from ..observability import Metrics
 from ..ratelimit import TokenBucket
@@ -104,7 +106,7 @@ class WebSocketEndpoint:
         self._options = options
         self._clock = clock
         self._monotonic = monotonic
-        self._live: dict[Connection, tuple[_Session, asyncio.Task[object]]] = {}
+        self._live: dict[Connection, _Session] = {}
         self._handlers: set[asyncio.Task[object]] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -112,7 +114,6 @@ class WebSocketEndpoint:
         self._quota = ConnectionQuota(options.max_connections_per_user)
         self._connlog = ConnectionLog()
         self._memory = MemoryRelease()
-        hub.closer = self._disconnect
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         remote = request.remote or "unknown"
@@ -153,6 +154,7 @@ class WebSocketEndpoint:
             max_bytes=self._options.send_buffer,
             on_overflow=lambda c: self._drop_slow(ws, transport),
             on_broken=lambda c: _abort(transport),
+            on_close=partial(self._disconnect, ws, transport),
         )
         try:
             await self._hub.register(conn)
@@ -163,7 +165,15 @@ class WebSocketEndpoint:
         if handler is not None:
             self._handlers.add(handler)
         self._metrics.connections.inc()
-        session = _Session(self, ws, conn, transport)
+        session = _Session(
+            ws,
+            conn,
+            transport,
+            service=self._service,
+            bucket=TokenBucket(self._options.rate, self._options.burst, clock=self._monotonic),
+            close_soon=self._close_soon,
+            close_now=self._close_now,
+        )
         opened = None
         try:
             await ws.prepare(request)
@@ -172,9 +182,8 @@ class WebSocketEndpoint:
                 session.draining = True
             else:
                 self._watch_expiry()
-                reader = asyncio.current_task()
-                if reader is not None:
-                    self._live[conn] = (session, reader)
+                session.reader = asyncio.current_task()
+                self._live[conn] = session
                 await session.read_loop()
         except asyncio.CancelledError:
             if not session.draining:
@@ -226,25 +235,43 @@ class WebSocketEndpoint:
         return web.Response(status=status, text=reason + "\n")
 
     def _drop_slow(self, ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
-        self._metrics.disconnects.labels("slow consumer").inc()
-        task = asyncio.get_running_loop().create_task(
-            self._close(ws, transport, CloseCode.SLOW_CONSUMER, "slow consumer")
-        )
+        self._close_soon(ws, transport, CloseCode.SLOW_CONSUMER, "slow consumer", "slow consumer")
+
+    def _close_soon(
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport | None,
+        code: int,
+        reason: str,
+        counted_as: str,
+    ) -> None:
+        """Close in a task of its own, counted in appchat_disconnects_total under
+        ``counted_as``; the caller goes on."""
+        self._metrics.disconnects.labels(counted_as).inc()
+        task = asyncio.get_running_loop().create_task(self._close(ws, transport, code, reason))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _disconnect(self, conn: Connection, code: int, reason: str) -> bool:
-        """Close ``conn`` for the server API (``Hub.disconnect``); whether it was open."""
-        live = self._live.get(conn)
-        if live is None or conn.closed:
+    async def _close_now(
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport | None,
+        code: int,
+        reason: str,
+        counted_as: str,
+    ) -> None:
+        """Close and wait for it, counted under ``counted_as``."""
+        await self._close(ws, transport, code, reason)
+        self._metrics.disconnects.labels(counted_as).inc()
+
+    def _disconnect(
+        self, ws: web.WebSocketResponse, transport: asyncio.Transport | None, code: int, reason: str
+    ) -> bool:
+        """Close a connection for the server API (``Hub.disconnect``); whether it was open
+        (one still in its handshake is not yet: it is not counted, and goes on)."""
+        if not ws.prepared or ws.closed:
             return False
-        session = live[0]
-        self._metrics.disconnects.labels("disconnected").inc()
-        task = asyncio.get_running_loop().create_task(
-            self._close(session.ws, session.transport, code, reason)
-        )
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._close_soon(ws, transport, code, reason, "disconnected")
         return True
 
     @staticmethod
@@ -272,7 +299,7 @@ class WebSocketEndpoint:
         while True:
             await asyncio.sleep(EXPIRY_SWEEP)
             now = self._clock()
-            for conn, (session, _reader) in list(self._live.items()):
+            for conn, session in list(self._live.items()):
                 if conn.principal.exp <= now:
                     session.expire()
 
@@ -280,10 +307,10 @@ class WebSocketEndpoint:
         """Shutdown: take no new requests, let the ones in flight finish and their replies
         go out, then close every connection with 1001."""
         self._closing = True
-        for session, reader in list(self._live.values()):
+        for session in list(self._live.values()):
             session.draining = True
-            if not session.busy:
-                reader.cancel()  # waiting for a frame: nothing in flight
+            if not session.busy and session.reader is not None:
+                session.reader.cancel()  # waiting for a frame: nothing in flight
         handlers = [h for h in self._handlers if h is not asyncio.current_task()]
         if handlers:
             await asyncio.wait(handlers, timeout=grace)
@@ -295,6 +322,10 @@ class WebSocketEndpoint:
 def _abort(transport: asyncio.Transport | None) -> None:
     if transport is not None:
         transport.abort()
+
+
+Closing = Callable[[web.WebSocketResponse, asyncio.Transport | None, int, str, str], None]
+"""Closes a WebSocket with (code, reason), counted as (a disconnect reason of the metrics)."""
 
 
 class _Session:
@@ -309,32 +340,43 @@ class _Session:
 
     __slots__ = (
         "_bucket",
-        "_endpoint",
+        "_close_now",
+        "_close_soon",
         "_expired",
         "_inbox",
         "_inbox_room",
         "_read_done",
         "_server",
+        "_service",
         "busy",
         "conn",
         "draining",
+        "reader",
         "transport",
         "ws",
     )
 
     def __init__(
         self,
-        endpoint: WebSocketEndpoint,
         ws: web.WebSocketResponse,
         conn: Connection,
         transport: asyncio.Transport | None,
+        *,
+        service: ChatService,
+        bucket: TokenBucket,
+        close_soon: Closing,
+        close_now: Callable[
+            [web.WebSocketResponse, asyncio.Transport | None, int, str, str], Awaitable[None]
+        ],
     ) -> None:
-        self._endpoint = endpoint
         self.ws = ws
         self.conn = conn
         self.transport = transport
-        options = endpoint._options
-        self._bucket = TokenBucket(options.rate, options.burst, clock=endpoint._monotonic)
+        self._service = service
+        self._bucket = bucket  # frames a second, control frames included
+        self._close_soon = close_soon
+        self._close_now = close_now
+        self.reader: asyncio.Task[Any] | None = None  # the task running read_loop
         self._inbox: list[str] = []
         self._inbox_room: asyncio.Event | None = None
         self._server: asyncio.Task[None] | None = None
@@ -364,10 +406,13 @@ class _Session:
                     self._server = asyncio.get_running_loop().create_task(self._serve())
             elif kind is WSMsgType.PING or kind is WSMsgType.PONG:
                 if not self._bucket.allow():
-                    await self._endpoint._close(
-                        ws, self.transport, CloseCode.POLICY_VIOLATION, "too many frames"
+                    await self._close_now(
+                        ws,
+                        self.transport,
+                        CloseCode.POLICY_VIOLATION,
+                        "too many frames",
+                        "frame flood",
                     )
-                    self._endpoint._metrics.disconnects.labels("frame flood").inc()
                     return
                 if kind is WSMsgType.PING:
                     with contextlib.suppress(ConnectionError, RuntimeError):
@@ -410,7 +455,7 @@ class _Session:
             waiter.cancel()
 
     async def _serve(self) -> None:
-        service, conn, inbox = self._endpoint._service, self.conn, self._inbox
+        service, conn, inbox = self._service, self.conn, self._inbox
         try:
             while inbox:
                 if conn.full and not await self._room_for_reply():
@@ -427,10 +472,8 @@ class _Session:
         finally:
             self._server = None
             self.busy = False
-            if self.draining:
-                reader = self._endpoint._live.get(conn)
-                if reader is not None:
-                    reader[1].cancel()  # the reader waits for a frame it will not serve
+            if self.draining and self.reader is not None:
+                self.reader.cancel()  # the reader waits for a frame it will not serve
 
     async def _room_for_reply(self) -> bool:
         """Replies count against the send budget too: wait for room before serving the
@@ -463,10 +506,6 @@ class _Session:
         if self._expired:
             return
         self._expired = True
-        endpoint = self._endpoint
-        endpoint._metrics.disconnects.labels("token expired").inc()
-        task = asyncio.get_running_loop().create_task(
-            endpoint._close(self.ws, self.transport, CloseCode.TOKEN_EXPIRED, "token expired")
+        self._close_soon(
+            self.ws, self.transport, CloseCode.TOKEN_EXPIRED, "token expired", "token expired"
         )
-        endpoint._background.add(task)
-        task.add_done_callback(endpoint._background.discard)
