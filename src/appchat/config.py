@@ -76,6 +76,11 @@ class Settings:
     upload_s3_endpoint: str | None = None
     api_key: tuple[str, ...] = field(default=(), repr=False)
     api_keys_file: str | None = None
+    max_decode_memory: int = defaults.MAX_DECODE_MEMORY
+    max_jpeg_scans: int = defaults.MAX_JPEG_SCANS
+    max_uploads_per_user: int = defaults.MAX_UPLOADS_PER_USER
+    upload_rate: float = defaults.UPLOAD_RATE
+    upload_timeout: float = defaults.UPLOAD_TIMEOUT
 
 
 # name -> (type, help); every option also reads APPCHAT_<NAME> from the environment.
@@ -162,6 +167,24 @@ OPTIONS: dict[str, tuple[type, str]] = {
         str,
         "file of server API keys, `KEY` or `NAME KEY` a line; edits apply without a restart",
     ),
+    "max_decode_memory": (
+        int,
+        "bytes decoding one uploaded image may take (WebP: 18 a pixel); more is refused with 413",
+    ),
+    "max_jpeg_scans": (
+        int,
+        "scans of an uploaded progressive JPEG, each a pass over the image; more: 413",
+    ),
+    "max_uploads_per_user": (
+        int,
+        "uploads one participant may have in progress at once on this node; more: 429",
+    ),
+    "upload_rate": (
+        float,
+        "uploads one participant may start a minute on this node, as many at once "
+        "(0: no limit); more: 429",
+    ),
+    "upload_timeout": (float, "seconds the whole body of an upload may take to arrive"),
 }
 # Options that may be given several times; their environment variable is comma-separated.
 LISTS = {"jwt_public_key", "allowed_origins", "webhook_url", "api_key"}
@@ -226,8 +249,14 @@ def check_limits(settings: Settings) -> None:
         raise ConfigError(f"--port {settings.port}: use 0 to 65535 (0 picks a free port)")
     if not settings.handshake_timeout > 0:
         raise ConfigError(f"--handshake-timeout {settings.handshake_timeout}: must be above 0")
-    if settings.max_upload < 1:
-        raise ConfigError(f"--max-upload {settings.max_upload}: must be at least 1")
+    for name in ("max_upload", "max_decode_memory", "max_jpeg_scans", "max_uploads_per_user"):
+        if getattr(settings, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} {getattr(settings, name)}: must be at least 1")
+    if settings.upload_rate < 0:
+        raise ConfigError(f"--upload-rate {settings.upload_rate}: must be 0 or more")
+    if not settings.upload_timeout > 0:
+        raise ConfigError(f"--upload-timeout {settings.upload_timeout}: must be above 0")
     if settings.max_pending_handshakes < 1:
         raise ConfigError(
             f"--max-pending-handshakes {settings.max_pending_handshakes}: must be at least 1"
