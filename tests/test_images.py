@@ -214,6 +214,12 @@ def test_a_gif_frame_beyond_its_screen_counts_its_extent() -> None:
         inspect(bytes(gif))
 
 
+def test_a_signature_then_something_else_is_no_image_not_a_damaged_one() -> None:
+    for data in (b"\x89PNG\r\n\x1a\n<html>", b"GIF89a<svg>", b"RIFF\0\0\0\0WEBPVP8Z"):
+        with pytest.raises(UnsupportedType, match="not a PNG, JPEG, WebP or GIF"):
+            inspect(data)
+
+
 def test_a_huge_png_is_too_large_not_unsupported() -> None:
     with pytest.raises(TooLarge, match="100000x100000"):
         inspect(huge_png(100_000, 100_000))
@@ -223,9 +229,9 @@ def test_a_huge_png_is_too_large_not_unsupported() -> None:
 
 
 def test_upload_limits_settings() -> None:
-    ns = build_parser(
-        {"APPCHAT_MAX_DECODE_MEMORY": "1000", "APPCHAT_UPLOAD_RATE": "0"}
-    ).parse_args(["serve", "--max-jpeg-scans", "7", "--upload-timeout", "5"])
+    ns = build_parser({"APPCHAT_MAX_DECODE_MEMORY": "1000", "APPCHAT_UPLOAD_RATE": "0"}).parse_args(
+        ["serve", "--max-jpeg-scans", "7", "--upload-timeout", "5"]
+    )
     settings = settings_from(ns)
     assert (settings.max_decode_memory, settings.upload_rate) == (1000, 0)
     assert (settings.max_jpeg_scans, settings.upload_timeout) == (7, 5)

@@ -180,7 +180,7 @@ def _precheck(kind: str, data: bytes, limits: ImageLimits) -> tuple[int, int]:
     decoder allocates for it; a GIF's structure, a JPEG's scans. ``(0, 0)``: Pillow decides."""
     if kind == "image/png":
         if data[12:16] != b"IHDR" or len(data) < 24:
-            raise UnsupportedType(DAMAGED)
+            raise UnsupportedType()  # the signature, then no PNG
         width, height = struct.unpack(">II", data[16:24])
     elif kind == "image/gif":
         width, height = _gif_canvas(data)
@@ -204,7 +204,7 @@ def _gif_canvas(data: bytes) -> tuple[int, int]:
     that overflows it), after checking every block is whole up to the trailer: a GIF cut
     short is refused even when its first frame is whole."""
     if len(data) < 13:
-        raise UnsupportedType(DAMAGED)
+        raise UnsupportedType()
     width, height, flags = struct.unpack("<HHB", data[6:11])
     pos = 13 + (3 * (2 << (flags & 7)) if flags & 0x80 else 0)
     end = len(data)
@@ -250,7 +250,7 @@ def _webp_canvas(data: bytes) -> tuple[int, int]:
     if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
         w, h = struct.unpack("<HH", data[26:30])
         return w & 0x3FFF, h & 0x3FFF
-    raise UnsupportedType(DAMAGED)
+    raise UnsupportedType()
 
 
 # In a JPEG's entropy-coded data 0xFF is followed by 0x00 (a stuffed byte) or a restart

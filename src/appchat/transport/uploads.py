@@ -347,6 +347,10 @@ def _application_id(raw: str) -> int:
     return application_id
 
 
+if not hasattr(MultipartReader, "_readline"):  # pragma: no cover - the preamble bound needs it
+    raise ImportError("aiohttp's multipart reader has no _readline: the preamble cannot be bounded")
+
+
 class _Form(MultipartReader):
     """aiohttp's multipart reader, with at most ``PREAMBLE`` bytes before the first boundary
     (aiohttp reads lines until it finds one, for ever and without a pause)."""
