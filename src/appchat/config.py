@@ -249,7 +249,18 @@ def check_limits(settings: Settings) -> None:
         raise ConfigError(f"--port {settings.port}: use 0 to 65535 (0 picks a free port)")
     if not settings.handshake_timeout > 0:
         raise ConfigError(f"--handshake-timeout {settings.handshake_timeout}: must be above 0")
-    for name in ("max_upload", "max_decode_memory", "max_jpeg_scans", "max_uploads_per_user"):
+    if settings.max_upload < 1:
+        raise ConfigError(f"--max-upload {settings.max_upload}: must be at least 1")
+    if settings.max_pending_handshakes < 1:
+        raise ConfigError(
+            f"--max-pending-handshakes {settings.max_pending_handshakes}: must be at least 1"
+        )
+    check_webhooks(settings)
+    check_upload_limits(settings)
+
+
+def check_upload_limits(settings: Settings) -> None:
+    for name in ("max_decode_memory", "max_jpeg_scans", "max_uploads_per_user"):
         if getattr(settings, name) < 1:
             flag = "--" + name.replace("_", "-")
             raise ConfigError(f"{flag} {getattr(settings, name)}: must be at least 1")
@@ -257,11 +268,6 @@ def check_limits(settings: Settings) -> None:
         raise ConfigError(f"--upload-rate {settings.upload_rate}: must be 0 or more")
     if not settings.upload_timeout > 0:
         raise ConfigError(f"--upload-timeout {settings.upload_timeout}: must be above 0")
-    if settings.max_pending_handshakes < 1:
-        raise ConfigError(
-            f"--max-pending-handshakes {settings.max_pending_handshakes}: must be at least 1"
-        )
-    check_webhooks(settings)
 
 
 def check_webhooks(settings: Settings) -> None:
