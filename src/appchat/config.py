@@ -255,19 +255,8 @@ def check_limits(settings: Settings) -> None:
         raise ConfigError(
             f"--max-pending-handshakes {settings.max_pending_handshakes}: must be at least 1"
         )
-    check_webhooks(settings)
     check_upload_limits(settings)
-
-
-def check_upload_limits(settings: Settings) -> None:
-    for name in ("max_decode_memory", "max_jpeg_scans", "max_uploads_per_user"):
-        if getattr(settings, name) < 1:
-            flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"{flag} {getattr(settings, name)}: must be at least 1")
-    if settings.upload_rate < 0:
-        raise ConfigError(f"--upload-rate {settings.upload_rate}: must be 0 or more")
-    if not settings.upload_timeout > 0:
-        raise ConfigError(f"--upload-timeout {settings.upload_timeout}: must be above 0")
+    check_webhooks(settings)
 
 
 def check_webhooks(settings: Settings) -> None:
@@ -284,6 +273,17 @@ def check_webhooks(settings: Settings) -> None:
         )
     if settings.webhook_give_up < 0:
         raise ConfigError(f"--webhook-give-up {settings.webhook_give_up}: must be 0 or more")
+
+
+def check_upload_limits(settings: Settings) -> None:
+    for name in ("max_decode_memory", "max_jpeg_scans", "max_uploads_per_user"):
+        if getattr(settings, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} {getattr(settings, name)}: must be at least 1")
+    if settings.upload_rate < 0:
+        raise ConfigError(f"--upload-rate {settings.upload_rate}: must be 0 or more")
+    if not settings.upload_timeout > 0:
+        raise ConfigError(f"--upload-timeout {settings.upload_timeout}: must be above 0")
 
 
 def resolve_webhook_secret(settings: Settings) -> bytes | None:
