@@ -241,6 +241,8 @@ def test_upload_limits_settings() -> None:
         Settings(max_jpeg_scans=0),
         Settings(max_uploads_per_user=0),
         Settings(upload_rate=-1),
+        Settings(upload_rate=float("nan")),
+        Settings(upload_timeout=float("nan")),
         Settings(upload_timeout=0),
     ):
         with pytest.raises(ConfigError):

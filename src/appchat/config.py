@@ -280,7 +280,7 @@ def check_upload_limits(settings: Settings) -> None:
         if getattr(settings, name) < 1:
             flag = "--" + name.replace("_", "-")
             raise ConfigError(f"{flag} {getattr(settings, name)}: must be at least 1")
-    if settings.upload_rate < 0:
+    if not settings.upload_rate >= 0:  # NaN too
         raise ConfigError(f"--upload-rate {settings.upload_rate}: must be 0 or more")
     if not settings.upload_timeout > 0:
         raise ConfigError(f"--upload-timeout {settings.upload_timeout}: must be above 0")
