@@ -458,3 +458,38 @@ def test_rate_limited_log_counts_what_it_left_out(caplog: pytest.LogCaptureFixtu
     assert written == [True, True, False, False, False]
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["line 0", "line 1", "other key", "line again (3 similar line(s) left out)"]
+
+
+# --- issue 17: uploads cut short -----------------------------------------------------------
+
+
+async def aborted_upload(srv: Server, source: str) -> None:
+    """An upload whose client goes away after half its body (Content-Length says more)."""
+    part = (
+        b'--b\r\nContent-Disposition: form-data; name="application_id"\r\n\r\n1\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+    )
+    _, w = await open_raw(srv, source)
+    w.write(
+        b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+        + token(admin_id=46).encode()
+        + b"\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        + b"Content-Length: 100000\r\n\r\n"
+        + part
+        + b"x" * 1000
+    )
+    await w.drain()
+    w.close()
+    await w.wait_closed()
+
+
+async def test_an_aborted_upload_logs_one_short_line_rate_limited(hostile: Server) -> None:
+    for _ in range(20):
+        await aborted_upload(hostile, "127.0.0.46")
+    await aborted_upload(hostile, "127.0.0.47")  # another address: marks the end
+    line = logged(hostile, "upload from 127.0.0.47 aborted")
+    assert line.rstrip().endswith("ConnectionResetError"), line
+    from_flood = lines_with(hostile, "upload from 127.0.0.46 aborted")
+    assert 1 <= len(from_flood) <= 5, from_flood  # 5 per 10 s and address
+    assert "Error handling request" not in hostile.output
+    assert "Traceback" not in hostile.output

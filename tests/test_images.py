@@ -13,7 +13,17 @@ from appchat.blobs.local import LocalBlobStore
 from appchat.cli import build_parser
 from appchat.config import Settings, check_limits, settings_from, upload_directory
 from appchat.errors import BadRequest, ConfigError, TooLarge, UnsupportedType
-from appchat.images import ImageReferences, Upload, inspect, parse_reference, sniff
+from appchat.images import (
+    ImageLimits,
+    ImageReferences,
+    Upload,
+    decode_memory,
+    inspect,
+    parse_reference,
+    sniff,
+)
+
+from .hostile_images import animated_gif, animated_webp, huge_png, many_scans_jpeg
 
 
 def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
@@ -164,3 +174,95 @@ def test_upload_settings() -> None:
     )
     assert upload_directory(Settings(database="postgresql://x@h/db")) == Path("appchat-uploads")
     assert upload_directory(Settings(upload_dir="/srv/u")) == Path("/srv/u")
+
+
+# --- what decoding may cost (issue 17) -------------------------------------------------------
+
+
+def test_decode_memory_follows_the_decoder() -> None:
+    assert decode_memory("image/png", 1000, 1000, "L") == 1_000_000
+    assert decode_memory("image/gif", 1000, 1000, "P") == 1_000_000
+    assert decode_memory("image/png", 1000, 1000, "RGB") == 4_000_000
+    assert decode_memory("image/png", 1000, 1000, "RGBA") == 8_000_000
+    assert decode_memory("image/webp", 1000, 1000, None) == 18_000_000
+    # 4000x4000 WebP: 275 MiB, over the default; 3800x3800: 248 MiB, under it
+    assert decode_memory("image/webp", 4000, 4000, None) > defaults.MAX_DECODE_MEMORY
+    assert decode_memory("image/webp", 3800, 3800, None) < defaults.MAX_DECODE_MEMORY
+
+
+def test_a_webp_is_refused_before_its_decoder_allocates() -> None:
+    with pytest.raises(TooLarge, match="275 MiB"):
+        inspect(animated_webp(4000, 4000, frames=2))
+    small = ImageLimits(max_decode_memory=18 * 200 * 200)
+    assert inspect(animated_webp(200, 200, frames=2), limits=small).width == 200
+    with pytest.raises(TooLarge):
+        inspect(animated_webp(201, 200, frames=2), limits=small)
+
+
+def test_an_alpha_png_counts_twice_its_pixels() -> None:
+    data = encode(Image.new("RGBA", (100, 100)), "PNG")
+    assert inspect(data, limits=ImageLimits(max_decode_memory=80_000)).width == 100
+    with pytest.raises(TooLarge):
+        inspect(data, limits=ImageLimits(max_decode_memory=79_999))
+
+
+def test_jpeg_scans_are_counted_before_decoding() -> None:
+    limits = ImageLimits(max_jpeg_scans=10)
+    assert inspect(many_scans_jpeg(64, 64, 9), limits=limits).width == 64  # 10 scans
+    with pytest.raises(TooLarge, match="11 scans"):
+        inspect(many_scans_jpeg(64, 64, 10), limits=limits)
+    exif = Image.Exif()
+    exif[0x010E] = "\xff\xda" * 50  # markers' bytes inside a segment are no scans
+    progressive = encode(Image.new("RGB", (64, 64)), "JPEG", progressive=True, exif=exif)
+    assert inspect(progressive, limits=limits).width == 64
+
+
+def test_a_gif_cut_short_is_refused_even_with_a_whole_first_frame() -> None:
+    gif = animated_gif(64, 64, frames=3)
+    assert inspect(gif).width == 64
+    for cut in range(1, 40):
+        with pytest.raises(UnsupportedType, match="truncated"):
+            inspect(gif[:-cut])
+
+
+def test_a_gif_frame_beyond_its_screen_counts_its_extent() -> None:
+    gif = bytearray(encode(Image.new("P", (10, 10)), "GIF"))
+    at = gif.index(b"\x2c\x00\x00\x00\x00")  # the image descriptor, at (0, 0)
+    gif[at + 5 : at + 9] = (60000).to_bytes(2, "little") * 2  # a 60000x60000 frame
+    with pytest.raises(TooLarge, match="60000x60000"):
+        inspect(bytes(gif))
+
+
+def test_a_signature_then_something_else_is_no_image_not_a_damaged_one() -> None:
+    for data in (b"\x89PNG\r\n\x1a\n<html>", b"GIF89a<svg>", b"RIFF\0\0\0\0WEBPVP8Z"):
+        with pytest.raises(UnsupportedType, match="not a PNG, JPEG, WebP or GIF"):
+            inspect(data)
+
+
+def test_a_huge_png_is_too_large_not_unsupported() -> None:
+    with pytest.raises(TooLarge, match="100000x100000"):
+        inspect(huge_png(100_000, 100_000))
+    # Above Pillow's own bomb limit too, whatever max_pixels says.
+    with pytest.raises(TooLarge):
+        inspect(huge_png(20_000, 20_000), limits=ImageLimits(max_pixels=10**9))
+
+
+def test_upload_limits_settings() -> None:
+    ns = build_parser({"APPCHAT_MAX_DECODE_MEMORY": "1000", "APPCHAT_UPLOAD_RATE": "0"}).parse_args(
+        ["serve", "--max-jpeg-scans", "7", "--upload-timeout", "5"]
+    )
+    settings = settings_from(ns)
+    assert (settings.max_decode_memory, settings.upload_rate) == (1000, 0)
+    assert (settings.max_jpeg_scans, settings.upload_timeout) == (7, 5)
+    assert settings.max_uploads_per_user == defaults.MAX_UPLOADS_PER_USER == 4
+    for bad in (
+        Settings(max_decode_memory=0),
+        Settings(max_jpeg_scans=0),
+        Settings(max_uploads_per_user=0),
+        Settings(upload_rate=-1),
+        Settings(upload_rate=float("nan")),
+        Settings(upload_timeout=float("nan")),
+        Settings(upload_timeout=0),
+    ):
+        with pytest.raises(ConfigError):
+            check_limits(bad)

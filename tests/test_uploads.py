@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import itertools
+import os
+import resource
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,13 +16,22 @@ import aiohttp
 import pytest
 from PIL import Image
 
+from .hostile_images import (
+    animated_gif,
+    animated_webp,
+    gzip_preamble,
+    huge_png,
+    many_scans_jpeg,
+)
 from .motoserver import ENV, moto_server, new_bucket
 from .support import (
+    Clock,
     InProcessServer,
     Server,
     ServerProcess,
     client,
     customer,
+    eventually,
     raw_token,
     staff,
     token,
@@ -463,3 +475,311 @@ async def test_images_in_s3_end_to_end(tmp_path: Path) -> None:
             assert not (tmp_path / "appchat-uploads").exists()
         finally:
             proc.stop()
+
+
+# --- uploads an attacker controls (one customer token is enough) ----------------------------
+
+
+def multipart(boundary: str, *parts: tuple[bytes, bytes]) -> bytes:
+    """A multipart body written by hand: (part headers, part content) each."""
+    out = b""
+    for head, content in parts:
+        out += f"--{boundary}\r\n".encode() + head + b"\r\n\r\n" + content + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def field(name: str) -> bytes:
+    return f'Content-Disposition: form-data; name="{name}"'.encode()
+
+
+FILE = b'Content-Disposition: form-data; name="file"; filename="a.png"'
+
+
+async def post_raw(
+    http: aiohttp.ClientSession, server: Server, tok: str, body: Any, **headers: str
+) -> tuple[int, dict[str, Any]]:
+    headers = {"Content-Type": "multipart/form-data; boundary=b0undary", **headers}
+    return await upload(http, server, tok, body, headers=headers)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "GZip, identity"])
+async def test_an_encoded_body_is_refused_before_it_is_inflated(
+    server: Server, http: aiohttp.ClientSession, encoding: str
+) -> None:
+    """8 KiB of gzip inflating to 8 MB of preamble used to hold the event loop for
+    seconds (bench/uploads.py measures it): the body is refused unread, whatever it is."""
+    app = new_app()
+    await conversation(server, app, 50)
+    body = gzip_preamble("b0undary", 8_000_000)
+    status, doc = await post_raw(
+        http, server, token(request_id=app, sid=50), body, **{"Content-Encoding": encoding}
+    )
+    assert status == 415, doc
+    assert doc["error"]["code"] == "unsupported_type"
+    assert "Content-Encoding" in doc["error"]["message"]
+    # identity is no encoding
+    image = png(20, 20)
+    plain = multipart("b0undary", (field("application_id"), str(app).encode()), (FILE, image))
+    tok = token(request_id=app, sid=50)
+    status, doc = await post_raw(http, server, tok, plain, **{"Content-Encoding": "identity"})
+    assert status == 201, doc
+
+
+async def test_a_preamble_is_bounded(server: Server, http: aiohttp.ClientSession) -> None:
+    """Lines before the first boundary are read a few KiB at most, never until the body
+    ends (aiohttp's reader reads them all, without a pause)."""
+    app = new_app()
+    await conversation(server, app, 51)
+    form_ = multipart("b0undary", (field("application_id"), str(app).encode()), (FILE, png()))
+    status, doc = await post_raw(
+        http, server, token(request_id=app, sid=51), b"\r\n" * 100_000 + form_
+    )
+    assert status == 400, doc
+    assert "before the first boundary" in doc["error"]["message"]
+    # A short preamble (which RFC 2046 allows) is still read over.
+    status, doc = await post_raw(
+        http, server, token(request_id=app, sid=51), b"a preamble\r\n" + form_
+    )
+    assert status == 201, doc
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"no colon in this header line",
+        b"X-Long: " + b"x" * 9000,
+        b"\r\n".join(b"X-H%d: v" % n for n in range(200)),
+    ],
+    ids=["no-colon", "9000-byte-line", "200-headers"],
+)
+async def test_malformed_part_headers_are_400_json(
+    server: Server, http: aiohttp.ClientSession, head: bytes
+) -> None:
+    app = new_app()
+    await conversation(server, app, 52)
+    body = multipart("b0undary", (field("application_id"), str(app).encode()), (head, b"x"))
+    async with http.post(
+        server.http("/upload"),
+        data=body,
+        headers={
+            **bearer(token(request_id=app, sid=52)),
+            "Content-Type": "multipart/form-data; boundary=b0undary",
+        },
+    ) as r:
+        assert r.status == 400, await r.text()
+        assert r.content_type == "application/json"
+        doc = await r.json()
+    assert doc["error"]["code"] == "bad_request" and "header" in doc["error"]["message"]
+
+
+async def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    """Every scan of a progressive JPEG is a pass over the whole image: hundreds of them
+    in a few KiB cost seconds of a decode slot. Over --max-jpeg-scans (100) is 413."""
+    app = new_app()
+    await conversation(server, app, 53)
+    tok = token(request_id=app, sid=53)
+    status, doc = await upload(http, server, tok, form(app, many_scans_jpeg(1024, 1024, 300)))
+    assert status == 413, doc
+    assert doc["error"]["code"] == "too_large" and "301 scans" in doc["error"]["message"]
+    # An ordinary progressive JPEG (a handful of scans) is taken, and so is the limit.
+    progressive = io.BytesIO()
+    Image.new("RGB", (300, 200), (9, 9, 9)).save(progressive, "JPEG", progressive=True)
+    for data in (progressive.getvalue(), many_scans_jpeg(256, 256, 99)):
+        status, doc = await upload(http, server, tok, form(app, data))
+        assert status == 201, doc
+
+
+async def test_an_animated_webp_is_refused_by_what_its_decoder_takes(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    """A few hundred bytes, a 4200x4200 canvas (under the 50-megapixel limit): libwebp's
+    decoder takes ~18 bytes a pixel, 300 MiB, over --max-decode-memory (256 MiB)."""
+    app = new_app()
+    await conversation(server, app, 54)
+    tok = token(request_id=app, sid=54)
+    hostile = animated_webp(4200, 4200, frames=3)
+    assert len(hostile) < 300
+    status, doc = await upload(http, server, tok, form(app, hostile))
+    assert status == 413, doc
+    assert doc["error"]["code"] == "too_large" and "MiB" in doc["error"]["message"]
+    status, doc = await upload(http, server, tok, form(app, animated_webp(300, 200, frames=3)))
+    assert status == 201, doc
+    assert (doc["content_type"], doc["width"], doc["height"]) == ("image/webp", 300, 200)
+
+
+async def test_a_truncated_animated_gif_is_415_and_a_huge_png_413(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    app = new_app()
+    await conversation(server, app, 55)
+    tok = token(request_id=app, sid=55)
+    gif = animated_gif(64, 64, frames=3)
+    status, doc = await upload(http, server, tok, form(app, gif))
+    assert status == 201, doc
+    for cut in (1, 10):  # the trailer gone; the last frame cut short (the first is whole)
+        status, doc = await upload(http, server, tok, form(app, gif[:-cut]))
+        assert status == 415, (cut, doc)
+        assert "truncated" in doc["error"]["message"]
+    status, doc = await upload(http, server, tok, form(app, huge_png(100_000, 100_000)))
+    assert status == 413, doc
+    assert "100000x100000" in doc["error"]["message"]
+
+
+class SlowUpload:
+    """An upload whose file arrives when ``release`` is set: the form's conversation and
+    the first part of the file at once, the rest later."""
+
+    def __init__(self, app: int, image: bytes) -> None:
+        self.app, self.image = app, image
+        self.release = asyncio.Event()
+
+    async def body(self) -> AsyncIterator[bytes]:
+        head, tail = self.image[:100], self.image[100:]
+        yield b'--b0undary\r\nContent-Disposition: form-data; name="application_id"\r\n\r\n'
+        yield str(self.app).encode() + b"\r\n--b0undary\r\n" + FILE + b"\r\n\r\n" + head
+        await self.release.wait()
+        yield tail + b"\r\n--b0undary--\r\n"
+
+
+def in_flight(server: InProcessServer, key: str) -> int:
+    assert server.node is not None
+    return server.node.uploads._in_flight.count(key)
+
+
+async def test_uploads_at_once_are_limited_per_identity(
+    server: InProcessServer, http: aiohttp.ClientSession
+) -> None:
+    app = new_app()
+    await conversation(server, app, 56)
+    tok = token(request_id=app, sid=56)
+    slow = [SlowUpload(app, png(40, 40)) for _ in range(4)]
+    tasks = [asyncio.ensure_future(post_raw(http, server, tok, s.body())) for s in slow]
+    await eventually(lambda: in_flight(server, f"request:{app}/sid:56") == 4)
+    # The fifth at once is refused at once; another participant is not held up.
+    status, doc = await upload(http, server, tok, form(app, png(20, 20)))
+    assert status == 429, doc
+    assert doc["error"]["code"] == "rate_limited" and "at once" in doc["error"]["message"]
+    status, doc = await upload(http, server, token(admin_id=1), form(app, png(20, 20)))
+    assert status == 201, doc
+    for s in slow:
+        s.release.set()
+    assert [status for status, _ in await asyncio.gather(*tasks)] == [201] * 4
+    status, doc = await upload(http, server, tok, form(app, png(20, 20)))
+    assert status == 201, doc
+
+
+async def test_uploads_a_minute_are_limited_per_identity(tmp_path: Path) -> None:
+    monotonic = Clock(time.monotonic)
+    proc = InProcessServer(tmp_path / "a.db", "--upload-rate", "2", monotonic=monotonic).start()
+    try:
+        app = new_app()
+        await conversation(proc, app, 57)
+        tok = token(request_id=app, sid=57)
+        async with aiohttp.ClientSession() as http:
+            for _ in range(2):
+                assert (await upload(http, proc, tok, form(app, png(20, 20))))[0] == 201
+            async with http.post(
+                proc.http("/upload"), data=form(app, png(20, 20)), headers=bearer(tok)
+            ) as r:
+                assert r.status == 429 and r.headers["Retry-After"] == "60"
+                doc = await r.json()
+            assert "2 uploads a minute" in doc["error"]["message"]
+            # Another identity has its own allowance; this one gets one back in 30 s.
+            assert (await upload(http, proc, token(admin_id=3), form(app, png(9, 9))))[0] == 201
+            monotonic.advance(30)
+            assert (await upload(http, proc, tok, form(app, png(20, 20))))[0] == 201
+            assert (await upload(http, proc, tok, form(app, png(20, 20))))[0] == 429
+    finally:
+        proc.stop()
+
+
+async def test_a_slow_body_times_out_as_a_whole(tmp_path: Path) -> None:
+    """A byte every 50 ms never stalls for the 30 s of READ_IDLE; --upload-timeout ends
+    it all the same."""
+    proc = InProcessServer(tmp_path / "t.db", "--upload-timeout", "1").start()
+    try:
+        app = new_app()
+        await conversation(proc, app, 58)
+        image = png(20, 20)
+
+        async def trickle() -> AsyncIterator[bytes]:
+            yield b'--b0undary\r\nContent-Disposition: form-data; name="application_id"\r\n\r\n'
+            yield str(app).encode() + b"\r\n--b0undary\r\n" + FILE + b"\r\n\r\n"
+            for byte in image:
+                yield bytes([byte])
+                await asyncio.sleep(0.05)
+            yield b"\r\n--b0undary--\r\n"
+
+        async with aiohttp.ClientSession() as http:
+            status, doc = await post_raw(http, proc, token(request_id=app, sid=58), trickle())
+        assert status == 400, doc
+        assert "longer than 1 s in all" in doc["error"]["message"]
+    finally:
+        proc.stop()
+
+
+async def test_a_waiting_body_is_spooled_to_disk(tmp_path: Path) -> None:
+    """Past 256 KiB an upload's file is in a temporary file (under TMPDIR), not in memory."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    proc = ServerProcess(tmp_path / "s.db", env={"TMPDIR": str(spool)}).start()
+    assert proc.proc is not None
+    fds = Path(f"/proc/{proc.proc.pid}/fd")
+
+    def spooled() -> bool:
+        return any(os.readlink(fd).startswith(str(spool)) for fd in fds.iterdir())
+
+    try:
+        app = new_app()
+        await conversation(proc, app, 59)
+        big = jpeg(10, 10) + os.urandom(1_000_000)  # a JPEG with a tail
+        release = asyncio.Event()
+        assert not spooled()
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b'--b0undary\r\nContent-Disposition: form-data; name="application_id"\r\n\r\n'
+            yield str(app).encode() + b"\r\n--b0undary\r\n" + FILE + b"\r\n\r\n"
+            yield big[:600_000]
+            await release.wait()
+            yield big[600_000:] + b"\r\n--b0undary--\r\n"
+
+        async with aiohttp.ClientSession() as http:
+            tok = token(request_id=app, sid=59)
+            task = asyncio.ensure_future(post_raw(http, proc, tok, body()))
+            await eventually(spooled)
+            release.set()
+            status, doc = await task
+        assert status == 201, doc
+        await eventually(lambda: not spooled())  # and gone once the upload is stored
+    finally:
+        proc.stop()
+
+
+async def test_a_database_out_of_descriptors_is_503_not_500(tmp_path: Path) -> None:
+    """SQLite cannot open its file for a new reader thread (no descriptor left): the upload
+    is answered 503 ``unavailable`` in JSON, not a 500 from the reader thread."""
+    proc = InProcessServer(tmp_path / "fd.db").start()  # no reader has opened the file yet
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        app = new_app()
+        body = multipart("b0undary", (field("application_id"), str(app).encode()), (FILE, b"x"))
+        async with aiohttp.ClientSession() as http:
+            async with http.get(proc.http("/healthz")) as r:  # the connection to reuse
+                assert r.status == 200
+            lowest_free = os.open(os.devnull, os.O_RDONLY)
+            os.close(lowest_free)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # none left
+            try:
+                status, doc = await post_raw(http, proc, token(admin_id=1), body)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert status == 503, doc
+        assert doc["error"]["code"] == "unavailable"
+        # With descriptors again, the same reader opens the file.
+        async with aiohttp.ClientSession() as http:
+            status, doc = await post_raw(http, proc, token(admin_id=1), body)
+        assert status == 404, doc  # no such conversation: the store answered
+    finally:
+        proc.stop()

@@ -17,7 +17,7 @@ from .blobs import BlobStore, open_blob_store
 from .broker import Broker, open_broker
 from .config import Settings, resolve_webhook_secret, upload_directory
 from .hub import Hub
-from .images import ImageReferences
+from .images import ImageLimits, ImageReferences
 from .observability import Metrics
 from .service import MAX_REPLY_BYTES, ChatService, Limits
 from .store import Store, open_store
@@ -97,6 +97,14 @@ class Node:
             self.blobs,
             max_upload=settings.max_upload,
             trust_query_sid=settings.trust_query_sid,
+            image_limits=ImageLimits(
+                max_decode_memory=settings.max_decode_memory,
+                max_jpeg_scans=settings.max_jpeg_scans,
+            ),
+            max_uploads_per_user=settings.max_uploads_per_user,
+            upload_rate=settings.upload_rate,
+            upload_timeout=settings.upload_timeout,
+            monotonic=monotonic,
         )
         self.ws = WebSocketEndpoint(
             self.service,
@@ -191,6 +199,9 @@ class Node:
             handle_signals=False,
             access_log=None,
             shutdown_timeout=10.0,
+            # Request bodies are taken as sent: a few KiB of gzip would inflate to MiB
+            # before any handler could count them (an encoded upload is refused, 415).
+            auto_decompress=False,
             **handler_args(timeout),
         )
         await self._runner.setup()

@@ -81,6 +81,11 @@ class Settings:
     api_sender_ids: tuple[str, ...] = ()
     api_key: tuple[str, ...] = field(default=(), repr=False)
     api_keys_file: str | None = None
+    max_decode_memory: int = defaults.MAX_DECODE_MEMORY
+    max_jpeg_scans: int = defaults.MAX_JPEG_SCANS
+    max_uploads_per_user: int = defaults.MAX_UPLOADS_PER_USER
+    upload_rate: float = defaults.UPLOAD_RATE
+    upload_timeout: float = defaults.UPLOAD_TIMEOUT
 
 
 # name -> (type, help); every option also reads APPCHAT_<NAME> from the environment.
@@ -177,6 +182,24 @@ OPTIONS: dict[str, tuple[type, str]] = {
         str,
         "file of server API keys, `KEY` or `NAME KEY` a line; edits apply without a restart",
     ),
+    "max_decode_memory": (
+        int,
+        "bytes decoding one uploaded image may take (WebP: 18 a pixel); more is refused with 413",
+    ),
+    "max_jpeg_scans": (
+        int,
+        "scans of an uploaded progressive JPEG, each a pass over the image; more: 413",
+    ),
+    "max_uploads_per_user": (
+        int,
+        "uploads one participant may have in progress at once on this node; more: 429",
+    ),
+    "upload_rate": (
+        float,
+        "uploads one participant may start a minute on this node, as many at once "
+        "(0: no limit); more: 429",
+    ),
+    "upload_timeout": (float, "seconds the whole body of an upload may take to arrive"),
 }
 # Options that may be given several times; their environment variable is comma-separated.
 LISTS = {"jwt_public_key", "allowed_origins", "webhook_url", "api_key", "api_sender_ids"}
@@ -315,6 +338,7 @@ def check_limits(settings: Settings) -> None:
         raise ConfigError(
             f"--max-pending-handshakes {settings.max_pending_handshakes}: must be at least 1"
         )
+    check_upload_limits(settings)
     check_webhooks(settings)
     IdRanges.parse(settings.api_sender_ids)
 
@@ -333,6 +357,17 @@ def check_webhooks(settings: Settings) -> None:
         )
     if settings.webhook_give_up < 0:
         raise ConfigError(f"--webhook-give-up {settings.webhook_give_up}: must be 0 or more")
+
+
+def check_upload_limits(settings: Settings) -> None:
+    for name in ("max_decode_memory", "max_jpeg_scans", "max_uploads_per_user"):
+        if getattr(settings, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} {getattr(settings, name)}: must be at least 1")
+    if not settings.upload_rate >= 0:  # NaN too
+        raise ConfigError(f"--upload-rate {settings.upload_rate}: must be 0 or more")
+    if not settings.upload_timeout > 0:
+        raise ConfigError(f"--upload-timeout {settings.upload_timeout}: must be above 0")
 
 
 def resolve_webhook_secret(settings: Settings) -> bytes | None:

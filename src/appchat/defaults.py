@@ -40,6 +40,11 @@ WEBHOOK_RETRY_MAX = 600.0  # seconds between two attempts, at most
 WEBHOOK_GIVE_UP = 3 * 24 * 3600.0  # seconds after the event when retrying stops (0: never)
 # image uploads (POST /upload)
 MAX_UPLOAD = 10 * 1024 * 1024  # bytes of one uploaded file
+MAX_DECODE_MEMORY = 256 * 1024 * 1024  # bytes decoding one image may take (413 beyond)
+MAX_JPEG_SCANS = 100  # scans of a progressive JPEG; each is a pass over the whole image
+MAX_UPLOADS_PER_USER = 4  # uploads one identity may have in progress at once (429 beyond)
+UPLOAD_RATE = 60.0  # uploads an identity may start a minute, as many at once (0: no limit)
+UPLOAD_TIMEOUT = 120.0  # seconds an upload's whole body may take to arrive
 UPLOAD_DIR_NAME = "appchat-uploads"  # beside the SQLite file, else in the working directory
 THUMBNAIL_SIZE = 320  # pixels, the longer side of a thumbnail
 MAX_IMAGE_PIXELS = 50_000_000  # width x height of an accepted image (decoding costs memory)

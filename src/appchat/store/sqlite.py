@@ -135,8 +135,9 @@ class SqliteStore(SqlStore):
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 break
-            except sqlite3.OperationalError:
-                if time.monotonic() > deadline:
+            except sqlite3.OperationalError as exc:
+                # Only a lock is worth waiting for; anything else (no descriptor left) is not.
+                if time.monotonic() > deadline or "locked" not in str(exc):
                     conn.close()
                     raise
                 time.sleep(0.05)
@@ -166,10 +167,12 @@ class SqliteStore(SqlStore):
         return await loop.run_in_executor(self._readers, self._run_read, fn, args)
 
     def _run_read(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._connect()
         try:
+            conn = getattr(self._local, "conn", None)
+            if conn is None:
+                # Opening can fail too (no file descriptor left: "unable to open database
+                # file"): unavailable, as a failed read is; the next read tries again.
+                conn = self._local.conn = self._connect()
             return fn(conn, *args)
         except sqlite3.Error as exc:
             raise _translate(exc) from exc

@@ -4,15 +4,26 @@ Both take the WebSocket's JWT as ``Authorization: Bearer <token>``; the particip
 one the token names, or ``?sid=`` checked exactly as the WebSocket checks its query.
 A download is served to those who may read the conversation the image was uploaded for;
 to everyone else, and for a file that does not exist, the answer is the same 404.
+
+An upload costs the node little whoever sends it: its body is never inflated (the server
+does not decode ``Content-Encoding``; an encoded upload is refused), at most a few KiB
+come before the first boundary, the body is read within ``--upload-timeout`` seconds in
+all and spooled to a temporary file while it waits for one of the few decode slots, and
+each identity (quota.py's) has a number of uploads at once and a rate. What decoding an
+image may cost is ``images.ImageLimits``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+import tempfile
+import time
+from collections.abc import Callable
+from typing import IO, Any
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from .. import defaults
 from ..auth import TokenVerifier, bind, named_participant, parse_id
@@ -21,14 +32,18 @@ from ..errors import (
     AppError,
     BadRequest,
     NotFound,
+    RateLimited,
     TooLarge,
     Unauthorized,
     Unavailable,
     UnsupportedType,
 )
-from ..images import EXTENSIONS, Upload, inspect, sniff
+from ..images import EXTENSIONS, ImageInfo, ImageLimits, Upload, inspect, sniff
 from ..models import Principal
+from ..ratelimit import TokenBucket
+from ..ratelog import RateLimitedLog
 from ..service import ChatService
+from .quota import ConnectionQuota, quota_key
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +53,16 @@ FORM_OVERHEAD = 16 * 1024  # bytes of a request beyond the file: boundaries, sma
 MAX_FIELD = 64  # bytes of a text field
 MAX_PARTS = 8
 DECODING_AT_ONCE = 2  # images decoded at once per node
+PREAMBLE = 4 * 1024  # bytes before the first boundary (browsers and curl send none)
+SPOOL_IN_MEMORY = 256 * 1024  # bytes of a file kept in memory; more go to a temporary file
+MAX_RATE_KEYS = 100_000  # identities whose upload rate is remembered
 STATUS = {
     BadRequest.code: 400,
     Unauthorized.code: 401,
     NotFound.code: 404,
     TooLarge.code: 413,
     UnsupportedType.code: 415,
+    RateLimited.code: 429,
     Unavailable.code: 503,
 }
 # A stored image is never a page: no script, no plugin, no frame runs from it, even if a
@@ -70,7 +89,11 @@ class UploadEndpoints:
         max_upload: int = defaults.MAX_UPLOAD,
         trust_query_sid: bool = False,
         thumbnail_size: int = defaults.THUMBNAIL_SIZE,
-        max_pixels: int = defaults.MAX_IMAGE_PIXELS,
+        image_limits: ImageLimits | None = None,
+        max_uploads_per_user: int = defaults.MAX_UPLOADS_PER_USER,
+        upload_rate: float = defaults.UPLOAD_RATE,
+        upload_timeout: float = defaults.UPLOAD_TIMEOUT,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._service = service
         self._verifier = verifier
@@ -78,10 +101,16 @@ class UploadEndpoints:
         self._max_upload = max_upload
         self._trust_query_sid = trust_query_sid
         self._thumbnail_size = thumbnail_size
-        self._max_pixels = max_pixels
-        # Decoding an image takes a core and up to ~4 bytes a pixel (200 MB at the pixel
-        # limit): two at a time, whatever the cores, so uploads cannot exhaust memory.
+        self._limits = image_limits or ImageLimits()
+        # Decoding an image takes a core and up to --max-decode-memory: two at a time,
+        # whatever the cores, so uploads cannot exhaust memory.
         self._decoding = asyncio.Semaphore(DECODING_AT_ONCE)
+        self._in_flight = ConnectionQuota(max_uploads_per_user)
+        self._rate = upload_rate  # uploads a minute per identity (0: no limit)
+        self._buckets: dict[str, TokenBucket] = {}
+        self._timeout = upload_timeout
+        self._monotonic = monotonic
+        self._aborted = RateLimitedLog(log)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/upload", self.upload)
@@ -114,20 +143,76 @@ class UploadEndpoints:
             return await self._upload(request)
         except AppError as exc:
             return _error(exc)
+        except (ConnectionError, BadHttpMessage) as exc:
+            # The client went away mid-body (or its framing broke): nobody reads an answer.
+            remote = request.remote or "?"
+            self._aborted.info(
+                remote,
+                "upload from %s aborted: %s",
+                remote,
+                type(exc).__name__,
+                extra={"remote": remote},
+            )
+            return _error(BadRequest("the upload was cut short"))
 
     async def _upload(self, request: web.Request) -> web.Response:
         principal = self._principal(request)
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            # The server never inflates a request body (app.py): this one is refused unread.
+            raise UnsupportedType(
+                f"send the upload without Content-Encoding (got {encoding[:40]!r}): "
+                "images are compressed already"
+            )
         length = request.content_length
         if length is not None and length > self._max_upload + FORM_OVERHEAD:
             raise self._too_large()
         if request.content_type != "multipart/form-data":
             raise BadRequest("send multipart/form-data with the fields application_id and file")
+        key = quota_key(principal)
+        if not self._allow(key):
+            raise RateLimited(
+                f"more than {self._rate:g} uploads a minute for this participant, try again later"
+            )
+        if not self._in_flight.take(key):
+            raise RateLimited(
+                f"at most {self._in_flight.limit} uploads at once for this participant"
+            )
         try:
-            reader = await request.multipart()
+            # In memory up to SPOOL_IN_MEMORY, then in a temporary file (no descriptor before).
+            with tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY) as spooled:
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        application_id = await self._receive(request, principal, spooled)
+                except TimeoutError:
+                    raise BadRequest(
+                        f"the upload took longer than {self._timeout:g} s in all"
+                    ) from None
+                return await self._store(principal, application_id, spooled)
+        finally:
+            self._in_flight.give_back(key)
+
+    def _allow(self, key: str) -> bool:
+        """One upload more in ``key``'s bucket: ``--upload-rate`` a minute, as many at once."""
+        if self._rate <= 0:
+            return True
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= MAX_RATE_KEYS:
+                self._buckets.clear()  # a flood of identities: start everyone afresh
+            bucket = TokenBucket(self._rate / 60, self._rate, clock=self._monotonic)
+            self._buckets[key] = bucket
+        return bucket.allow()
+
+    async def _receive(self, request: web.Request, principal: Principal, spool: IO[bytes]) -> int:
+        """Read the form: its conversation (checked as soon as it is known) and the file,
+        written to ``spool``."""
+        try:
+            reader = _Form(request.headers, request.content)
         except ValueError as exc:  # aiohttp: no boundary, or one too long
             raise BadRequest(f"malformed multipart body: {exc}") from None
         application_id: int | None = None
-        data: bytes | None = None
+        has_file = False
         for _ in range(MAX_PARTS + 1):
             part = await _next_part(reader)
             if part is None:
@@ -137,26 +222,30 @@ class UploadEndpoints:
                 # Known before the file (as browsers send it): refuse before reading it.
                 await self._service.conversation_for(principal, application_id)
             elif part.name == "file":
-                if data is not None:
+                if has_file:
                     raise BadRequest("send one file per upload")
-                data = await self._read_file(part)
+                has_file = True
+                await self._read_file(part, spool)
             else:
                 await self._field(part)  # read and ignored
         else:
             raise BadRequest(f"at most {MAX_PARTS} form fields")
         if application_id is None:
             raise BadRequest("the form field application_id is missing")
-        if data is None or not data:
+        if not spool.tell():
             raise BadRequest("the form field file is missing or empty")
         await self._service.conversation_for(principal, application_id)
+        return application_id
+
+    async def _store(
+        self, principal: Principal, application_id: int, spooled: IO[bytes]
+    ) -> web.Response:
         async with self._decoding:
-            info = await asyncio.to_thread(
-                inspect, data, thumbnail_size=self._thumbnail_size, max_pixels=self._max_pixels
-            )
-        upload = Upload.new(application_id)
-        # The thumbnail first: an image that exists always has one.
-        await self._blobs.put(upload.thumbnail_key, info.thumbnail)
-        await self._blobs.put(upload.key, data)
+            data, info = await asyncio.to_thread(self._inspect, spooled)
+            upload = Upload.new(application_id)
+            # The thumbnail first: an image that exists always has one.
+            await self._blobs.put(upload.thumbnail_key, info.thumbnail)
+            await self._blobs.put(upload.key, data)
         log.info(  # not the id: it is what messages carry, and logs hold no content
             "upload (%s, %d bytes) for application %d by %s",
             info.content_type,
@@ -179,20 +268,23 @@ class UploadEndpoints:
             body, status=201, headers={**JSON_HEADERS, "Location": upload.reference}
         )
 
+    def _inspect(self, spooled: IO[bytes]) -> tuple[bytes, ImageInfo]:
+        """In a worker thread: the file back from its spool, checked, with its thumbnail."""
+        spooled.seek(0)
+        data = spooled.read()
+        info = inspect(data, thumbnail_size=self._thumbnail_size, limits=self._limits)
+        return data, info
+
     def _too_large(self) -> TooLarge:
         return TooLarge(f"the file is larger than {self._max_upload} bytes")
 
-    async def _read_file(self, part: BodyPartReader) -> bytes:
-        chunks: list[bytes] = []
+    async def _read_file(self, part: BodyPartReader, out: IO[bytes]) -> None:
         size = 0
-        while True:
-            chunk = await _read_chunk(part)
-            if not chunk:
-                return b"".join(chunks)
+        while chunk := await _read_chunk(part):
             size += len(chunk)
             if size > self._max_upload:
                 raise self._too_large()
-            chunks.append(chunk)
+            out.write(chunk)
 
     async def _field(self, part: BodyPartReader) -> str:
         value = b""
@@ -255,6 +347,25 @@ def _application_id(raw: str) -> int:
     return application_id
 
 
+if not hasattr(MultipartReader, "_readline"):  # pragma: no cover - the preamble bound needs it
+    raise ImportError("aiohttp's multipart reader has no _readline: the preamble cannot be bounded")
+
+
+class _Form(MultipartReader):
+    """aiohttp's multipart reader, with at most ``PREAMBLE`` bytes before the first boundary
+    (aiohttp reads lines until it finds one, for ever and without a pause)."""
+
+    _preamble = PREAMBLE
+
+    async def _readline(self) -> bytes:
+        line = await super()._readline()
+        if self._at_bof:
+            self._preamble -= len(line)
+            if self._preamble < 0:
+                raise ValueError(f"more than {PREAMBLE} bytes before the first boundary")
+        return line
+
+
 async def _next_part(reader: MultipartReader) -> BodyPartReader | None:
     try:
         async with asyncio.timeout(READ_IDLE):
@@ -263,6 +374,8 @@ async def _next_part(reader: MultipartReader) -> BodyPartReader | None:
         raise BadRequest("the upload stalled") from None
     except ValueError as exc:  # aiohttp: a malformed multipart body
         raise BadRequest(f"malformed multipart body: {exc}") from None
+    except BadHttpMessage as exc:  # a part's headers: no colon, too long, too many
+        raise BadRequest(f"malformed multipart part headers: {exc.message}") from None
     if part is None:
         return None
     if not isinstance(part, BodyPartReader):
@@ -287,6 +400,8 @@ def _error(exc: AppError) -> web.Response:
         headers["WWW-Authenticate"] = 'Bearer realm="appchat"'
     if status == 413:
         headers["Connection"] = "close"  # the rest of the body is not read
+    if status == 429:
+        headers["Retry-After"] = "60"
     return web.json_response(
         {"error": {"code": exc.code, "message": exc.message}}, status=status, headers=headers
     )
