@@ -13,6 +13,7 @@ from aiohttp import web
 
 from .apikeys import ApiKeys, parse_key_spec
 from .auth import IdRanges, TokenVerifier, public_key
+from .backend import BackendService
 from .blobs import BlobStore, open_blob_store
 from .broker import Broker, open_broker
 from .config import Settings, resolve_webhook_secret, upload_directory
@@ -79,18 +80,21 @@ class Node:
             s3_url=settings.upload_s3,
             s3_endpoint=settings.upload_s3_endpoint,
         )
+        limits = Limits(
+            max_content=settings.max_content,
+            max_reply_bytes=min(MAX_REPLY_BYTES, settings.send_buffer),
+        )
+        images = ImageReferences(self.blobs, policy=settings.images)
         self.service = ChatService(
             self.store,
             self.hub,
             self.verifier,
-            limits=Limits(
-                max_content=settings.max_content,
-                max_reply_bytes=min(MAX_REPLY_BYTES, settings.send_buffer),
-            ),
+            limits=limits,
             trust_query_sid=settings.trust_query_sid,
             metrics=self.metrics,
-            images=ImageReferences(self.blobs, policy=settings.images),
+            images=images,
         )
+        backend = BackendService(self.service, self.store, limits=limits, images=images)
         self.uploads = UploadEndpoints(
             self.service,
             self.verifier,
@@ -128,7 +132,7 @@ class Node:
             monotonic=monotonic,
         )
         self.api = ServerApi(
-            self.service,
+            backend,
             self.hub,
             ApiKeys(
                 [parse_key_spec(spec) for spec in settings.api_key],

@@ -1,4 +1,5 @@
-"""The rules: conversations, messages, reads, unread counts, and who may do what."""
+"""The rules of the WebSocket events: conversations, messages, reads, unread counts, and
+who may do what. The server API's operations are BackendService's (backend.py)."""
 
 from __future__ import annotations
 
@@ -145,7 +146,7 @@ class ChatService:
         """The same rule for events that span conversations: a customer has just one."""
         if principal.is_staff or principal.bound or principal.application_id is None:
             return
-        conversation = await self._conversation(principal.application_id)
+        conversation = await self.conversation(principal.application_id)
         if conversation is not None:
             await self._not_impersonating_staff(principal, conversation.id, user_id)
 
@@ -161,7 +162,7 @@ class ChatService:
                 raise Forbidden("you may not access this conversation")
             raise NotFound("no such conversation")
         self._check_application(principal, application_id)
-        conversation = await self._conversation(application_id)
+        conversation = await self.conversation(application_id)
         if conversation is None:
             raise NotFound("no such conversation")
         if guard:
@@ -173,12 +174,12 @@ class ChatService:
         ``NotFound`` alike for a missing one and one the caller may not see."""
         conversation = None
         if principal.may_read_application(application_id):
-            conversation = await self._conversation(application_id)
+            conversation = await self.conversation(application_id)
         if conversation is None:
             raise NotFound("no such conversation")
         return conversation
 
-    async def _conversation(self, application_id: int) -> Conversation | None:
+    async def conversation(self, application_id: int) -> Conversation | None:
         """Which conversation belongs to an application never changes once created, so this
         node remembers it (only ``id`` and ``application_id`` of the result are used)."""
         known = self._known.get(application_id)
@@ -227,9 +228,9 @@ class ChatService:
         args = ev.parse_get_message_list(raw)
         executor = self._actor(p, args.executor_id, "executor_id")
         conversation = await self._open(p, args.session_channel, executor)
-        return await self._message_list_reply(conversation, args)
+        return await self.message_list_reply(conversation, args)
 
-    async def _message_list_reply(
+    async def message_list_reply(
         self, conversation: Conversation, args: ev.GetMessageListArgs
     ) -> dict[str, Any]:
         """``{"Messages": […], "has_more": …}``: the page, within the reply's byte budget."""
@@ -294,7 +295,7 @@ class ChatService:
         await self._keep_name(p, conversation, sender)
         if outcome.created and p.name is not None:
             outcome = replace(outcome, message=replace(outcome.message, sender_name=p.name))
-        return self._deliver_message(conversation, outcome, session.id)
+        return self.deliver_message(conversation, outcome, session.id)
 
     async def _keep_name(self, p: Principal, conversation: Conversation, user_id: int) -> None:
         """Store the token's display name for ``user_id``, a participant of ``conversation``
@@ -306,7 +307,7 @@ class ChatService:
             self._names.clear()
         self._names[(conversation.id, user_id)] = p.name
 
-    def _deliver_message(
+    def deliver_message(
         self, conversation: Conversation, outcome: SendOutcome, origin: str | None
     ) -> orjson.Fragment:
         # Serialised once, for the reply and for the push.
@@ -376,88 +377,3 @@ class ChatService:
             )
             self._fanout.deliver(others, conversation.application_id, frame, session.id)
         return None
-
-    # --- trusted callers (the server API, transport/api.py) -------------------------------------
-    # A backend holding an API key acts for the system: no principal, every conversation.
-    # Arguments go through the protocol's own parsers, so both surfaces share every limit.
-
-    async def post_message(
-        self,
-        application_id: int,
-        *,
-        sender_id: int,
-        content: str,
-        content_type: int,
-        client_msg_id: str | None,
-    ) -> tuple[bool, orjson.Fragment]:
-        """A staff or system message: SendMessage's write, ordering and pushes, without a
-        connection (every live connection of the participants gets the push). The
-        conversation is created if the application has none. Returns whether the message
-        was stored now (``False``: a retry of ``client_msg_id``) and ``{"message": …}``."""
-        args = ev.parse_send_message(
-            {
-                "session_channel": str(application_id),
-                "sender_id": sender_id,
-                "content": content,
-                "content_type": content_type,
-                "client_msg_id": client_msg_id,
-            },
-            self._limits.max_content,
-        )
-        assert args.sender_id is not None
-        if args.content_type == IMAGE:  # before a conversation may be created for it
-            await self._images.check(args.content, application_id)
-        conversation = await self._conversation(application_id)
-        if conversation is None:
-            conversation = await self._store.add_conversation(
-                application_id, args.sender_id, staff=True, now=self._now()
-            )
-        elif not await self._store.is_staff_participant(
-            conversation.id, args.sender_id
-        ) and args.sender_id in await self._store.participant_ids(conversation.id):
-            raise Forbidden(
-                "sender_id is the customer of this conversation: the server API posts as staff"
-            )
-        outcome = await self._store.add_message(
-            conversation,
-            sender_id=args.sender_id,
-            staff=True,
-            content=args.content,
-            content_type=args.content_type,
-            client_msg_id=(
-                None if args.client_msg_id is None else ev.api_client_msg_id(args.client_msg_id)
-            ),
-            now=self._now(),
-        )
-        return outcome.created, self._deliver_message(conversation, outcome, None)
-
-    async def message_list(
-        self, application_id: int, *, before_id: int | None, after_id: int | None, limit: int
-    ) -> dict[str, Any]:
-        """GetMessageList for any conversation: ``{"messages": […], "has_more": …}``."""
-        args = ev.parse_get_message_list(
-            {
-                "session_channel": str(application_id),
-                "before_id": before_id,
-                "after_id": after_id,
-                "limit": limit,
-            }
-        )
-        conversation = await self._conversation(application_id)
-        if conversation is None:
-            raise NotFound("no such conversation")
-        result = await self._message_list_reply(conversation, args)
-        return {"messages": result["Messages"], "has_more": result["has_more"]}
-
-    async def conversation_list(
-        self, *, user_id: int | None, limit: int, cursor: str | None
-    ) -> dict[str, Any]:
-        """Every conversation (or those ``user_id`` takes part in), newest activity first,
-        paged like GetConversationList."""
-        args = ev.parse_get_conversation_list(
-            {"user_id": user_id, "limit": limit, "cursor": cursor}
-        )
-        page = await self._store.conversation_page(
-            args.user_id, limit=args.limit, after=args.cursor
-        )
-        return ev.conversation_page(page.conversations, page.has_more)

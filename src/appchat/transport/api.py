@@ -3,7 +3,7 @@
 One table (``ServerApi.routes``) names every operation with the pydantic models of its
 path, query, headers and body: requests are validated with those models, and the OpenAPI
 document at ``/api/openapi.json`` is generated from the same models. The rules themselves
-are the chat service's (``ChatService.post_message`` and its neighbours), so a message
+are the chat service's (``BackendService.post_message`` and its neighbours), so a message
 posted here is stored, ordered and pushed exactly like a SendMessage.
 """
 
@@ -24,13 +24,13 @@ from .. import __version__, defaults
 from .. import events as ev
 from ..apikeys import ApiKeys
 from ..auth import NO_IDS, IdRanges
+from ..backend import BackendService
 from ..closecodes import CloseCode
 from ..envelope import Whom
 from ..errors import AppError, BadRequest, Forbidden, Internal, NotFound, Unauthorized
 from ..hub import Hub
 from ..models import MAX_ID, Role
 from ..ratelog import RateLimitedLog
-from ..service import ChatService
 
 log = logging.getLogger(__name__)
 refusals = RateLimitedLog(log)
@@ -242,7 +242,7 @@ class Route:
 class ServerApi:
     def __init__(
         self,
-        service: ChatService,
+        service: BackendService,
         hub: Hub,
         keys: ApiKeys,
         *,
