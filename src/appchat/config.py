@@ -370,23 +370,33 @@ def check_upload_limits(settings: Settings) -> None:
         raise ConfigError(f"--upload-timeout {settings.upload_timeout}: must be above 0")
 
 
+def secret_or_file(settings: Settings, name: str, what: str) -> bytes | None:
+    """The secret option ``name`` (flag or environment), else the file that option
+    ``name``_file names (stripped); ``None`` when neither is given, an error when both are.
+    A secret on the command line shows in ``ps``: the file is the way to give one."""
+    value: str | None = getattr(settings, name)
+    path: str | None = getattr(settings, name + "_file")
+    flag = "--" + name.replace("_", "-")
+    if value and path:
+        raise ConfigError(
+            f"{what} is given twice: use {flag} ({env_name(name)}) "
+            f"or {flag}-file ({env_name(name + '_file')}), not both"
+        )
+    if value:
+        return value.encode()
+    if path:
+        try:
+            return Path(path).read_text().strip().encode()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {flag}-file: {exc}") from exc
+    return None
+
+
 def resolve_webhook_secret(settings: Settings) -> bytes | None:
     """The webhook signing secret (flag/env, else the file); ``None`` without webhook URLs."""
     if not settings.webhook_url:
         return None
-    secret: bytes | None = None
-    if settings.webhook_secret and settings.webhook_secret_file:
-        raise ConfigError(
-            "the webhook secret is given twice: use --webhook-secret (APPCHAT_WEBHOOK_SECRET) "
-            "or --webhook-secret-file (APPCHAT_WEBHOOK_SECRET_FILE), not both"
-        )
-    if settings.webhook_secret:
-        secret = settings.webhook_secret.encode()
-    elif settings.webhook_secret_file:
-        try:
-            secret = Path(settings.webhook_secret_file).read_text().strip().encode()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --webhook-secret-file: {exc}") from exc
+    secret = secret_or_file(settings, "webhook_secret", "the webhook secret")
     if not secret:
         raise ConfigError(
             "--webhook-url needs a signing secret: --webhook-secret-file (or "
@@ -438,18 +448,9 @@ def resolve_secret(
     settings: Settings, *, use_dev_file: bool, create_dev_file: bool = False
 ) -> bytes:
     """The HS256 secret: flag/env, else the secret file, else the dev secret beside the database."""
-    if settings.jwt_secret and settings.jwt_secret_file:
-        raise ConfigError(
-            "the JWT secret is given twice: use --jwt-secret (APPCHAT_JWT_SECRET) "
-            "or --jwt-secret-file (APPCHAT_JWT_SECRET_FILE), not both"
-        )
-    if settings.jwt_secret:
-        return settings.jwt_secret.encode()
-    if settings.jwt_secret_file:
-        try:
-            return Path(settings.jwt_secret_file).read_text().strip().encode()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --jwt-secret-file: {exc}") from exc
+    secret = secret_or_file(settings, "jwt_secret", "the JWT secret")
+    if secret is not None:
+        return secret
     path = dev_secret_path(settings.database)
     if use_dev_file and path is not None:
         if create_dev_file and not path.exists():
