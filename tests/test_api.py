@@ -603,6 +603,13 @@ async def test_api_sender_ids_are_no_customers_and_the_only_api_senders(
             async with client(engine_server, 9002, tok):
                 pass
         assert refused.value.response.status_code == 401
+        # Nor over HTTP: the token check and uploads take the handshake's rule.
+        for path in ("/auth/check?sid=9002", "/upload?sid=9002"):
+            async with http.post(
+                engine_server.http(path), headers={"Authorization": f"Bearer {tok}"}
+            ) as resp:
+                assert resp.status == 401, path
+                assert "9002" in (await resp.json())["error"]["message"]
     async with customer(engine_server, app, 2402) as c, staff(engine_server, 9003) as agent:
         await c.ok("Event.AddConversation", {"application_id": app})
         await agent.ok("Event.AddConversation", {"application_id": app})  # staff may use one

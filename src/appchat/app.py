@@ -101,6 +101,7 @@ class Node:
             self.blobs,
             max_upload=settings.max_upload,
             trust_query_sid=settings.trust_query_sid,
+            reserved=self.api_sender_ids,
             image_limits=ImageLimits(
                 max_decode_memory=settings.max_decode_memory,
                 max_jpeg_scans=settings.max_jpeg_scans,
@@ -176,6 +177,7 @@ class Node:
             self.verifier,
             trust_query_sid=self.settings.trust_query_sid,
             allowed_origins=frozenset(self.settings.allowed_origins),
+            reserved=self.api_sender_ids,
         ).add_routes(app)
         self.uploads.add_routes(app)
         app.add_subapp("/api/", self.api.app())

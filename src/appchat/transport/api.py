@@ -31,18 +31,11 @@ from ..errors import AppError, BadRequest, Forbidden, Internal, NotFound, Unauth
 from ..hub import Hub
 from ..models import MAX_ID, Role
 from ..ratelog import RateLimitedLog
+from .rest import bearer, error_response, status_of
 
 log = logging.getLogger(__name__)
 refusals = RateLimitedLog(log)
 
-STATUS = {
-    "bad_request": 400,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "not_found": 404,
-    "unavailable": 503,
-    "internal": 500,
-}
 SCHEME = "apiKey"  # the OpenAPI security scheme: ``Authorization: Bearer <key>``
 
 # --- the definitions: every request and response shape -------------------------------------
@@ -365,11 +358,11 @@ class ServerApi:
             status, result = await route.handler(call)
         except AppError as exc:
             status = _status(exc)
-            response = _error(exc, status)
+            response = error_response(exc, status)
         except Exception:
             log.exception("internal error serving %s %s", request.method, request.path)
             status = 500
-            response = _error(Internal(), status)
+            response = error_response(Internal(), status)
         else:
             response = web.Response(
                 body=orjson.dumps(result), status=status, content_type="application/json"
@@ -391,10 +384,7 @@ class ServerApi:
             raise NotFound(
                 "the server API is off on this server: configure --api-keys-file or --api-key"
             )
-        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-        presented = presented.strip()
-        if scheme.lower() != "bearer" or not presented:
-            raise Unauthorized("missing API key: send Authorization: Bearer <key>")
+        presented = bearer(request, "missing API key: send Authorization: Bearer <key>")
         name = self._keys.check(presented)
         if name is None:
             remote = request.remote or "unknown"
@@ -490,20 +480,7 @@ class _TooLarge(AppError):
 
 
 def _status(exc: AppError) -> int:
-    if isinstance(exc, _TooLarge):
-        return 413
-    return STATUS.get(exc.code, 500)
-
-
-def _error(exc: AppError, status: int) -> web.Response:
-    response = web.Response(
-        body=orjson.dumps({"error": {"code": exc.code, "message": exc.message}}),
-        status=status,
-        content_type="application/json",
-    )
-    if status == 401:
-        response.headers["WWW-Authenticate"] = 'Bearer realm="appchat"'
-    return response
+    return 413 if isinstance(exc, _TooLarge) else status_of(exc)
 
 
 @web.middleware

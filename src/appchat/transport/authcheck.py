@@ -14,13 +14,13 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from ..auth import TokenVerifier, bind, named_participant, parse_id
-from ..errors import AppError, BadRequest, Forbidden, Unauthorized
+from ..auth import NO_IDS, IdRanges, TokenVerifier, parse_id
+from ..errors import AppError, Forbidden
 from ..models import Role
 from .connlog import ConnectionLog
+from .rest import error_response, request_principal, status_of
 
 HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
-STATUS = {BadRequest.code: 400, Unauthorized.code: 401, Forbidden.code: 403}
 
 
 class TokenCheck:
@@ -30,9 +30,12 @@ class TokenCheck:
         *,
         trust_query_sid: bool = False,
         allowed_origins: frozenset[str] = frozenset(),
+        reserved: IdRanges = NO_IDS,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``reserved``: ids no customer may act as (``--api-sender-ids``)."""
         self._verifier = verifier
+        self._reserved = reserved
         self._trust_query_sid = trust_query_sid
         self._allowed_origins = allowed_origins
         self._log = ConnectionLog(clock=monotonic)
@@ -49,31 +52,17 @@ class TokenCheck:
             origin = request.headers.get("Origin")
             if self._allowed_origins and origin is not None and origin not in self._allowed_origins:
                 raise Forbidden(f"origin {origin[:200]} is not allowed")
-            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise Unauthorized("send the token as Authorization: Bearer <token>")
-            claims = self._verifier.verify(token.strip())
-            raw = request.query.get("sid")
-            if raw:
-                sid = parse_id(raw)
-                if sid is None:
-                    raise BadRequest("sid must be a positive 64-bit integer")
-            else:
-                sid = named_participant(claims, trust_query_sid=self._trust_query_sid)
-                if sid is None:
-                    raise Unauthorized("this token names no participant: add ?sid=<your id>")
-            principal = bind(claims, sid, trust_query_sid=self._trust_query_sid)
-        except AppError as exc:
-            status = STATUS.get(exc.code, 400)
-            self._log.refused(status, exc.message, remote=request.remote or "unknown", sid=sid)
-            headers = dict(HEADERS)
-            if status == 401:
-                headers["WWW-Authenticate"] = 'Bearer realm="appchat"'
-            return web.json_response(
-                {"ok": False, "error": {"code": exc.code, "message": exc.message}},
-                status=status,
-                headers=headers,
+            sid = parse_id(request.query.get("sid"))
+            principal = request_principal(
+                request,
+                self._verifier,
+                trust_query_sid=self._trust_query_sid,
+                reserved=self._reserved,
             )
+        except AppError as exc:
+            status = status_of(exc)
+            self._log.refused(status, exc.message, remote=request.remote or "unknown", sid=sid)
+            return error_response(exc, status, headers=HEADERS, ok=False)
         doc: dict[str, object] = {
             "ok": True,
             "role": "staff" if principal.role is Role.STAFF else "customer",

@@ -20,13 +20,13 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO
 
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 
 from .. import defaults
-from ..auth import TokenVerifier, bind, named_participant, parse_id
+from ..auth import NO_IDS, IdRanges, TokenVerifier, parse_id
 from ..blobs import BlobStore
 from ..errors import (
     AppError,
@@ -34,8 +34,6 @@ from ..errors import (
     NotFound,
     RateLimited,
     TooLarge,
-    Unauthorized,
-    Unavailable,
     UnsupportedType,
 )
 from ..images import EXTENSIONS, ImageInfo, ImageLimits, Upload, inspect, sniff
@@ -44,6 +42,7 @@ from ..ratelimit import TokenBucket
 from ..ratelog import RateLimitedLog
 from ..service import ChatService
 from .quota import ConnectionQuota, quota_key
+from .rest import error_response, request_principal, status_of
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +55,6 @@ DECODING_AT_ONCE = 2  # images decoded at once per node
 PREAMBLE = 4 * 1024  # bytes before the first boundary (browsers and curl send none)
 SPOOL_IN_MEMORY = 256 * 1024  # bytes of a file kept in memory; more go to a temporary file
 MAX_RATE_KEYS = 100_000  # identities whose upload rate is remembered
-STATUS = {
-    BadRequest.code: 400,
-    Unauthorized.code: 401,
-    NotFound.code: 404,
-    TooLarge.code: 413,
-    UnsupportedType.code: 415,
-    RateLimited.code: 429,
-    Unavailable.code: 503,
-}
 # A stored image is never a page: no script, no plugin, no frame runs from it, even if a
 # browser were to open it directly.
 FILE_HEADERS = {
@@ -88,6 +78,7 @@ class UploadEndpoints:
         *,
         max_upload: int = defaults.MAX_UPLOAD,
         trust_query_sid: bool = False,
+        reserved: IdRanges = NO_IDS,
         thumbnail_size: int = defaults.THUMBNAIL_SIZE,
         image_limits: ImageLimits | None = None,
         max_uploads_per_user: int = defaults.MAX_UPLOADS_PER_USER,
@@ -100,6 +91,7 @@ class UploadEndpoints:
         self._blobs = blobs
         self._max_upload = max_upload
         self._trust_query_sid = trust_query_sid
+        self._reserved = reserved  # ids no customer may act as (--api-sender-ids)
         self._thumbnail_size = thumbnail_size
         self._limits = image_limits or ImageLimits()
         # Decoding an image takes a core and up to --max-decode-memory: two at a time,
@@ -121,20 +113,9 @@ class UploadEndpoints:
 
     def _principal(self, request: web.Request) -> Principal:
         """The token of ``Authorization: Bearer``, bound to its participant."""
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("send the token as Authorization: Bearer <token>")
-        claims = self._verifier.verify(token.strip())
-        raw = request.query.get("sid")
-        if raw:
-            sid = parse_id(raw)
-            if sid is None:
-                raise BadRequest("sid must be a positive 64-bit integer")
-        else:
-            sid = named_participant(claims, trust_query_sid=self._trust_query_sid)
-            if sid is None:
-                raise Unauthorized("this token names no participant: add ?sid=<your id>")
-        return bind(claims, sid, trust_query_sid=self._trust_query_sid)
+        return request_principal(
+            request, self._verifier, trust_query_sid=self._trust_query_sid, reserved=self._reserved
+        )
 
     # --- POST /upload ----------------------------------------------------------------------------
 
@@ -394,14 +375,10 @@ async def _read_chunk(part: BodyPartReader) -> bytes:
 
 
 def _error(exc: AppError) -> web.Response:
-    status = STATUS.get(exc.code, 500)
-    headers: dict[str, Any] = dict(JSON_HEADERS)
-    if status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="appchat"'
+    headers = dict(JSON_HEADERS)
+    status = status_of(exc)
     if status == 413:
         headers["Connection"] = "close"  # the rest of the body is not read
     if status == 429:
         headers["Retry-After"] = "60"
-    return web.json_response(
-        {"error": {"code": exc.code, "message": exc.message}}, status=status, headers=headers
-    )
+    return error_response(exc, status, headers=headers)
