@@ -49,7 +49,7 @@ from common import (  # bench/common.py
 from tqdm import tqdm
 from websockets.asyncio.client import ClientConnection, connect
 
-from appchat.auth import mint
+from appchat.auth.tokens import mint
 
 SECRET = "bench-secret-" + uuid.uuid4().hex + uuid.uuid4().hex
 MAX_CONNECTIONS = 200_000

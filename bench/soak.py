@@ -42,7 +42,7 @@ import orjson
 from common import Server, percentile, setup_signals_and_loop, source_version  # bench/common.py
 from websockets.asyncio.client import ClientConnection, connect
 
-from appchat.auth import mint
+from appchat.auth.tokens import mint
 
 GAUGE = re.compile(rb"^appchat_connections (\S+)$", re.MULTILINE)
 SECRET = "soak-secret-" + uuid.uuid4().hex + uuid.uuid4().hex

@@ -48,7 +48,7 @@ from common import (  # bench/common.py
 from tqdm import tqdm
 from wsclient import LeanClient, connect
 
-from appchat.auth import mint
+from appchat.auth.tokens import mint
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-" + uuid.uuid4().hex + uuid.uuid4().hex

@@ -38,7 +38,7 @@ from common import Server, source_version
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from appchat.auth import mint
+from appchat.auth.tokens import mint
 from tests.hostile_images import animated_webp, gzip_preamble, many_scans_jpeg
 
 SECRET = "bench-uploads-secret-" + "x" * 32

@@ -25,10 +25,10 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
-from appchat import cli
-from appchat.app import Node
-from appchat.auth import mint
-from appchat.supervisor import worker_count
+from appchat.app import cli
+from appchat.app.node import Node
+from appchat.app.supervisor import worker_count
+from appchat.auth.tokens import mint
 
 T = TypeVar("T")
 

@@ -22,7 +22,7 @@ from schemathesis.schemas import BaseSchema
 from schemathesis.specs.openapi.checks import ignored_auth, positive_data_acceptance
 from websockets.exceptions import InvalidStatus
 
-from appchat.images import parse_reference
+from appchat.blobs.images import parse_reference
 
 from .backends import ENGINES, REDIS_URL, postgres_database, require, unique_prefix
 from .support import (

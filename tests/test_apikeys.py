@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from appchat.apikeys import ApiKeys, key_name, parse_key_spec, parse_keys_file
-from appchat.errors import ConfigError
+from appchat.auth.apikeys import ApiKeys, key_name, parse_key_spec, parse_keys_file
+from appchat.protocol.errors import ConfigError
 
 from .support import SECRET
 from .test_cli import appchat

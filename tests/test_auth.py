@@ -13,9 +13,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from appchat.auth import MIN_HS256_SECRET, Claims, IdRanges, TokenVerifier, bind, mint, parse_id
-from appchat.errors import ConfigError, Unauthorized
-from appchat.models import MAX_ID, Principal, Role
+from appchat.auth.tokens import (
+    MIN_HS256_SECRET,
+    Claims,
+    IdRanges,
+    TokenVerifier,
+    bind,
+    mint,
+    parse_id,
+)
+from appchat.protocol.errors import ConfigError, Unauthorized
+from appchat.protocol.models import MAX_ID, Principal, Role
 
 SECRET = b"auth-tests-secret-0123456789abcdef"  # 34 bytes
 NOW = 1_700_000_000.0

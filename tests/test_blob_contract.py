@@ -10,7 +10,7 @@ import pytest
 
 from appchat.blobs import BlobStore, open_blob_store, parse_s3_url
 from appchat.blobs.local import LocalBlobStore
-from appchat.errors import ConfigError, Unavailable
+from appchat.protocol.errors import ConfigError, Unavailable
 
 from .backends import free_port
 from .motoserver import CREDENTIALS, moto_server, new_bucket

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from appchat.broker import Broker, open_broker
 from appchat.broker.memory import MemoryBroker, MemoryBus
 from appchat.broker.nats import NatsBroker
-from appchat.errors import Unavailable
+from appchat.protocol.errors import Unavailable
 
 from .backends import NATS_URL, REDIS_URL, PrivateRedis, free_port, require, unique_prefix
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from appchat.auth import TokenVerifier
+from appchat.auth.tokens import TokenVerifier
 from appchat.store.migrate import migrations_dir
 
 from .support import SECRET, ServerProcess, client, wait_until

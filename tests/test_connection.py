@@ -10,11 +10,11 @@ from functools import partial
 import pytest
 
 from appchat.broker.memory import MemoryBroker, MemoryBus
-from appchat.connection import Connection
-from appchat.errors import Unavailable
-from appchat.events import RESYNC, push
-from appchat.hub import Hub
-from appchat.models import Principal, Role
+from appchat.fanout.connection import Connection
+from appchat.fanout.hub import Hub
+from appchat.protocol.errors import Unavailable
+from appchat.protocol.events import RESYNC, push
+from appchat.protocol.models import Principal, Role
 
 _ids = itertools.count(1)
 

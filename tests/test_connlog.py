@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from appchat.closecodes import CloseCode, describe
+from appchat.protocol.closecodes import CloseCode, describe
 from appchat.transport.connlog import ConnectionLog
 
 from .support import Clock

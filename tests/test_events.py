@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appchat import events as ev
-from appchat.errors import AppError, BadRequest, Internal, NotFound, UnknownEvent
-from appchat.models import MAX_ID, Conversation, Message, UnreadCount, format_ts
+from appchat.protocol import events as ev
+from appchat.protocol.errors import AppError, BadRequest, Internal, NotFound, UnknownEvent
+from appchat.protocol.models import MAX_ID, Conversation, Message, UnreadCount, format_ts
 
 from .support import RFC3339_UTC
 

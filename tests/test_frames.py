@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from appchat.app import Node
-from appchat.config import Settings
+from appchat.app.config import Settings
+from appchat.app.node import Node
 from appchat.store.sqlite import SqliteStore
 
 from .support import (

@@ -444,7 +444,7 @@ async def test_connection_lines_are_rate_limited_per_remote(hostile: Server) -> 
 
 
 def test_rate_limited_log_counts_what_it_left_out(caplog: pytest.LogCaptureFixture) -> None:
-    from appchat.ratelog import RateLimitedLog
+    from appchat.common.ratelog import RateLimitedLog
 
     now = [0.0]
     limited = RateLimitedLog(

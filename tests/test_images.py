@@ -8,12 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from appchat import defaults
-from appchat.blobs.local import LocalBlobStore
-from appchat.cli import build_parser
-from appchat.config import Settings, check_limits, settings_from, upload_directory
-from appchat.errors import BadRequest, ConfigError, TooLarge, UnsupportedType
-from appchat.images import (
+from appchat.app.cli import build_parser
+from appchat.app.config import Settings, check_limits, settings_from, upload_directory
+from appchat.blobs.images import (
     ImageLimits,
     ImageReferences,
     Upload,
@@ -22,6 +19,9 @@ from appchat.images import (
     parse_reference,
     sniff,
 )
+from appchat.blobs.local import LocalBlobStore
+from appchat.protocol import defaults
+from appchat.protocol.errors import BadRequest, ConfigError, TooLarge, UnsupportedType
 
 from .hostile_images import animated_gif, animated_webp, huge_png, many_scans_jpeg
 

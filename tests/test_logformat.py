@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from appchat.logformat import JsonFormatter, TextFormatter
+from appchat.common.logformat import JsonFormatter, TextFormatter
 
 from .support import ServerProcess, client, token, wait_until
 from .test_cli import appchat
@@ -98,7 +98,7 @@ def test_text_lines_escape_control_characters_in_every_field() -> None:
     assert line.endswith(
         " WARNING appchat.api\\nname: api GET /api/x\\n" + FORGED + "\\r\\x1b[2J\\u2028end -> 404"
     )
-    from appchat.logformat import escape
+    from appchat.common.logformat import escape
 
     assert escape("tab\there\x00\x7f\x85") == "tab\\there\\x00\\x7f\\x85"
     assert escape("plain ascii, ünïcode, /path?q=1") == "plain ascii, ünïcode, /path?q=1"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from appchat.models import Principal, Role
+from appchat.protocol.models import Principal, Role
 from appchat.transport.guard import HandshakeGuard
 from appchat.transport.quota import ConnectionQuota, quota_key
 

@@ -15,9 +15,9 @@ from typing import Any
 import orjson
 import pytest
 
-from appchat.auth import TokenVerifier, bind, mint
-from appchat.models import Principal
-from appchat.service import ChatService, Limits
+from appchat.auth.tokens import TokenVerifier, bind, mint
+from appchat.chat.service import ChatService, Limits
+from appchat.protocol.models import Principal
 from appchat.store import Store
 
 from .backends import ENGINES, opened_store

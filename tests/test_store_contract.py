@@ -13,8 +13,8 @@ import orjson
 import psycopg
 import pytest
 
-from appchat.errors import AppError, Forbidden, NotFound
-from appchat.models import (
+from appchat.protocol.errors import AppError, Forbidden, NotFound
+from appchat.protocol.models import (
     CONVERSATION_CREATED,
     MESSAGE_CREATED,
     MESSAGE_READ,
@@ -554,7 +554,7 @@ async def test_unread_pages_and_a_total_over_every_conversation(store: Store) ->
 
 async def test_sqlite_that_cannot_be_opened_fails_fast_instead_of_hanging(tmp_path: Path) -> None:
     """The writer thread's failure to connect reaches open() (it used to wait forever)."""
-    from appchat.errors import Unavailable
+    from appchat.protocol.errors import Unavailable
     from appchat.store.sqlite import SqliteStore
 
     store = SqliteStore(str(tmp_path), migrate=False)  # a folder: sqlite cannot open it

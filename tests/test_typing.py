@@ -10,9 +10,9 @@ from typing import Any
 
 import orjson
 
-from appchat.auth import TokenVerifier, bind, mint
-from appchat.ratelimit import Throttle
-from appchat.service import TYPING_INTERVAL_US, ChatService
+from appchat.auth.tokens import TokenVerifier, bind, mint
+from appchat.chat.service import TYPING_INTERVAL_US, ChatService
+from appchat.common.ratelimit import Throttle
 from appchat.store.sqlite import SqliteStore
 
 from .backends import REDIS_URL, postgres_database, require, unique_prefix

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from appchat.auth import TokenVerifier
+from appchat.auth.tokens import TokenVerifier
 
 from .support import SECRET, InProcessServer, Server, client, token
 

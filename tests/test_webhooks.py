@@ -21,10 +21,16 @@ import orjson
 import pytest
 from aiohttp import web
 
-from appchat.cli import main
-from appchat.models import WebhookBacklog, WebhookEvent
-from appchat.observability import Metrics
-from appchat.webhooks import WebhookDispatcher, WebhookOptions, event_body, retry_delay, sign
+from appchat.app.cli import main
+from appchat.common.metrics import Metrics
+from appchat.protocol.models import WebhookBacklog, WebhookEvent
+from appchat.webhooks.dispatcher import (
+    WebhookDispatcher,
+    WebhookOptions,
+    event_body,
+    retry_delay,
+    sign,
+)
 
 from .backends import (
     REDIS_URL,

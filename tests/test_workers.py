@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
-from appchat.supervisor import available_cores, worker_count
+from appchat.app.supervisor import available_cores, worker_count
 
 from .backends import REDIS_URL, free_port, postgres_database, require, unique_prefix
 from .support import SECRET, Client, ServerProcess, subprotocols, token, wait_until
@@ -260,7 +260,7 @@ import logging, resource, sys
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 soft, hard = {limits}
 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-from appchat.supervisor import ensure_open_files
+from appchat.app.supervisor import ensure_open_files
 ensure_open_files({connections})
 print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 """
@@ -291,7 +291,7 @@ def test_open_file_limit_short_of_the_hard_limit_warns() -> None:
 DEFAULT_CONNECTIONS = """
 import resource
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, {hard}))
-from appchat.config import Settings
+from appchat.app.config import Settings
 print(Settings().max_connections)
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Protocol
 
-from ..errors import ConfigError
+from ..protocol.errors import ConfigError
 
 KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}){0,7}")
 
@@ -15,7 +15,7 @@ class BlobStore(Protocol):
     segment starting with a dot).
 
     ``put`` is atomic: a reader sees the whole blob or none of it. Faults of the storage
-    are raised as :class:`appchat.errors.Unavailable`; a key that is not well formed as
+    are raised as :class:`appchat.protocol.errors.Unavailable`; a key that is not well formed as
     ``ValueError`` (a programming error: keys are made by the server).
     """
 

@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import ConfigError, Unavailable
+from ..protocol.errors import ConfigError, Unavailable
 from . import check_key
 
 

@@ -15,7 +15,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from urllib3.exceptions import HTTPError
 
-from ..errors import Unavailable
+from ..protocol.errors import Unavailable
 from . import check_key
 
 CLIENT_CONFIG = Config(

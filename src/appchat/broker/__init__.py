@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from .. import defaults
-from ..errors import ConfigError
+from ..protocol import defaults
+from ..protocol.errors import ConfigError
 
 Handler = Callable[[str, bytes], None]
 """Called on the event loop with (channel, data) for every message of a subscribed channel."""
@@ -19,7 +19,7 @@ class Broker(Protocol):
     """Channels between nodes.
 
     The fault rule: every method that talks to the broker raises
-    :class:`appchat.errors.Unavailable` (and nothing else) when the broker cannot be
+    :class:`appchat.protocol.errors.Unavailable` (and nothing else) when the broker cannot be
     reached or fails; ``subscribe`` and ``unsubscribe`` made while the connection is
     down are remembered and carried out when it comes back (followed by ``on_resync``).
     A node's own publications may come back to it; the hub ignores them.

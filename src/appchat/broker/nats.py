@@ -10,7 +10,7 @@ from typing import Any
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 
-from ..errors import Unavailable
+from ..protocol.errors import Unavailable
 from . import Handler, ResyncHandler
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .. import defaults
-from ..errors import Unavailable
+from ..protocol import defaults
+from ..protocol.errors import Unavailable
 from . import Handler, ResyncHandler
 
 log = logging.getLogger(__name__)

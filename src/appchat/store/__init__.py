@@ -7,9 +7,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from .. import defaults
-from ..errors import ConfigError
-from ..models import (
+from ..protocol import defaults
+from ..protocol.errors import ConfigError
+from ..protocol.models import (
     ActivityKey,
     Conversation,
     ConversationPage,
@@ -27,7 +27,7 @@ class Store(Protocol):
     """Durable conversations, messages and read positions.
 
     Every write returns only after its transaction committed. Faults of the database are
-    raised as :class:`appchat.errors.Unavailable`.
+    raised as :class:`appchat.protocol.errors.Unavailable`.
     """
 
     async def open(self) -> None: ...

@@ -17,11 +17,11 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from ..errors import AppError, Forbidden, Internal, Unavailable
-from ..models import (
+from ..common.ratelog import RateLimitedLog
+from ..protocol.errors import AppError, Forbidden, Internal, Unavailable
+from ..protocol.models import (
     SendOutcome,
 )
-from ..ratelog import RateLimitedLog
 from .migrate import apply_postgres_migrations
 from .rows import (
     SELECT_MESSAGES,

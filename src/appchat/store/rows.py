@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from ..models import (
+from ..protocol.models import (
     CONVERSATION_CREATED,
     MESSAGE_CREATED,
     MESSAGE_READ,

@@ -25,13 +25,13 @@ from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .. import defaults
-from ..errors import AppError, ConfigError, Forbidden, Internal, Unavailable
-from ..models import (
+from ..common.ratelog import RateLimitedLog
+from ..protocol import defaults
+from ..protocol.errors import AppError, ConfigError, Forbidden, Internal, Unavailable
+from ..protocol.models import (
     Message,
     SendOutcome,
 )
-from ..ratelog import RateLimitedLog
 from .migrate import apply_sqlite_migrations
 from .rows import (
     SELECT_MESSAGES,

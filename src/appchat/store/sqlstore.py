@@ -23,8 +23,8 @@ from collections.abc import Callable, Generator, Sequence
 from functools import lru_cache
 from typing import Any, Literal, NamedTuple, TypeVar
 
-from ..errors import NotFound
-from ..models import (
+from ..protocol.errors import NotFound
+from ..protocol.models import (
     ActivityKey,
     Conversation,
     ConversationPage,

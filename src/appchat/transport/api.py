@@ -20,17 +20,18 @@ from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 from pydantic.json_schema import models_json_schema
 
-from .. import __version__, defaults
-from .. import events as ev
-from ..apikeys import ApiKeys
-from ..auth import NO_IDS, IdRanges
-from ..backend import BackendService
-from ..closecodes import CloseCode
-from ..envelope import Whom
-from ..errors import AppError, BadRequest, Forbidden, Internal, NotFound, Unauthorized
-from ..hub import Hub
-from ..models import MAX_ID, Role
-from ..ratelog import RateLimitedLog
+from .. import __version__
+from ..auth.apikeys import ApiKeys
+from ..auth.tokens import NO_IDS, IdRanges
+from ..chat.backend import BackendService
+from ..common.ratelog import RateLimitedLog
+from ..fanout.envelope import Whom
+from ..fanout.hub import Hub
+from ..protocol import defaults
+from ..protocol import events as ev
+from ..protocol.closecodes import CloseCode
+from ..protocol.errors import AppError, BadRequest, Forbidden, Internal, NotFound, Unauthorized
+from ..protocol.models import MAX_ID, Role
 from .rest import bearer, error_response, status_of
 
 log = logging.getLogger(__name__)

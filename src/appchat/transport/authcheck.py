@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from ..auth import NO_IDS, IdRanges, TokenVerifier, parse_id
-from ..errors import AppError, Forbidden
-from ..models import Role
+from ..auth.tokens import NO_IDS, IdRanges, TokenVerifier, parse_id
+from ..protocol.errors import AppError, Forbidden
+from ..protocol.models import Role
 from .connlog import ConnectionLog
 from .rest import error_response, request_principal, status_of
 

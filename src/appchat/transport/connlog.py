@@ -12,8 +12,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from ..closecodes import CloseCode, describe
-from ..ratelog import RateLimitedLog
+from ..common.ratelog import RateLimitedLog
+from ..protocol.closecodes import CloseCode, describe
 
 log = logging.getLogger("appchat.connections")
 

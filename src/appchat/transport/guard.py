@@ -26,7 +26,7 @@ from typing import Any, cast
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from ..ratelog import RateLimitedLog
+from ..common.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 

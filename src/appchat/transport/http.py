@@ -6,8 +6,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..broker import Broker
-from ..errors import AppError
-from ..observability import CONTENT_TYPE, Metrics
+from ..common.metrics import CONTENT_TYPE, Metrics
+from ..protocol.errors import AppError
 from ..store import Store
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..models import Principal
+from ..protocol.models import Principal
 
 
 def quota_key(principal: Principal) -> str:

@@ -9,8 +9,8 @@ from collections.abc import Mapping
 import orjson
 from aiohttp import web
 
-from ..auth import NO_IDS, IdRanges, TokenVerifier, bind, named_participant, parse_id
-from ..errors import (
+from ..auth.tokens import NO_IDS, IdRanges, TokenVerifier, bind, named_participant, parse_id
+from ..protocol.errors import (
     AppError,
     BadRequest,
     Forbidden,
@@ -22,7 +22,7 @@ from ..errors import (
     Unavailable,
     UnsupportedType,
 )
-from ..models import Principal
+from ..protocol.models import Principal
 
 STATUS = {
     BadRequest.code: 400,

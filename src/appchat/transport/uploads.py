@@ -25,10 +25,14 @@ from typing import IO
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 
-from .. import defaults
-from ..auth import NO_IDS, IdRanges, TokenVerifier, parse_id
+from ..auth.tokens import NO_IDS, IdRanges, TokenVerifier, parse_id
 from ..blobs import BlobStore
-from ..errors import (
+from ..blobs.images import EXTENSIONS, ImageInfo, ImageLimits, Upload, inspect, sniff
+from ..chat.service import ChatService
+from ..common.ratelimit import TokenBucket
+from ..common.ratelog import RateLimitedLog
+from ..protocol import defaults
+from ..protocol.errors import (
     AppError,
     BadRequest,
     NotFound,
@@ -36,11 +40,7 @@ from ..errors import (
     TooLarge,
     UnsupportedType,
 )
-from ..images import EXTENSIONS, ImageInfo, ImageLimits, Upload, inspect, sniff
-from ..models import Principal
-from ..ratelimit import TokenBucket
-from ..ratelog import RateLimitedLog
-from ..service import ChatService
+from ..protocol.models import Principal
 from .quota import ConnectionQuota, quota_key
 from .rest import error_response, request_principal, status_of
 

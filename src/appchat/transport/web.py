@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..auth import mint
+from ..auth.tokens import mint
 
 # path -> (file in appchat/web/, content type)
 FILES = {

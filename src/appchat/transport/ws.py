@@ -1,7 +1,7 @@
 """The WebSocket endpoint: handshake (refused with 400/401 before the upgrade), the read
-loop and its request task, and the token-expiry timer. Writing is the hub's
-:class:`~appchat.connection.Connection`: straight to the socket, or through a backlog drained by
-a task that exists only while there is one."""
+loop and its request task, and the token-expiry timer. Writing is the fan-out's
+:class:`~appchat.fanout.connection.Connection`: straight to the socket, or through a
+backlog drained by a task that exists only while there is one."""
 
 from __future__ import annotations
 
@@ -16,17 +16,17 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from .. import defaults
-from ..auth import NO_IDS, IdRanges, TokenVerifier, bind, parse_id
-from ..closecodes import CloseCode
-from ..connection import Connection
-from ..errors import AppError, BadRequest, Unauthorized
-from ..events import error_reply, rate_limited_reply
-from ..hub import Hub
-from ..models import Principal
-from ..observability import Metrics
-from ..ratelimit import TokenBucket
-from ..service import ChatService
+from ..auth.tokens import NO_IDS, IdRanges, TokenVerifier, bind, parse_id
+from ..chat.service import ChatService
+from ..common.metrics import Metrics
+from ..common.ratelimit import TokenBucket
+from ..fanout.connection import Connection
+from ..fanout.hub import Hub
+from ..protocol import defaults
+from ..protocol.closecodes import CloseCode
+from ..protocol.errors import AppError, BadRequest, Unauthorized
+from ..protocol.events import error_reply, rate_limited_reply
+from ..protocol.models import Principal
 from .connlog import ConnectionLog
 from .memory import MemoryRelease
 from .quota import ConnectionQuota, quota_key

@@ -10,12 +10,12 @@ from typing import Any
 
 import orjson
 
-from . import events as ev
-from .errors import Forbidden, NotFound
-from .images import IMAGE, ImageReferences
-from .models import now_us
+from ..blobs.images import IMAGE, ImageReferences
+from ..protocol import events as ev
+from ..protocol.errors import Forbidden, NotFound
+from ..protocol.models import now_us
+from ..store import Store
 from .service import ChatService, Limits
-from .store import Store
 
 
 class BackendService:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .models import Principal, Role
+from ..protocol.models import Principal, Role
 
 # A control message on a participant's channel (not a push):
 # ``!disconnect\t<node>\t<code>\n<reason>`` closes every connection of the participant id;

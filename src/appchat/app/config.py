@@ -11,11 +11,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import defaults
-from .auth import IdRanges
-from .errors import ConfigError
-from .images import POLICIES as IMAGE_POLICIES
-from .store import redact_url, sqlite_path
+from ..auth.tokens import IdRanges
+from ..blobs.images import POLICIES as IMAGE_POLICIES
+from ..protocol import defaults
+from ..protocol.errors import ConfigError
+from ..store import redact_url, sqlite_path
 
 DEV_SECRET_NAME = "appchat-dev.secret"
 # Descriptors a process keeps beside its connections (database, broker, logs, listeners).

@@ -15,8 +15,10 @@ import secrets
 from collections import deque
 from collections.abc import Iterable
 
-from . import defaults
-from .broker import Broker
+from ..broker import Broker
+from ..protocol import defaults
+from ..protocol.errors import AppError, Unavailable
+from ..protocol.events import RESYNC, push
 from .connection import Connection
 from .envelope import (
     DISCONNECT,
@@ -27,8 +29,6 @@ from .envelope import (
     open_disconnect,
     open_envelope,
 )
-from .errors import AppError, Unavailable
-from .events import RESYNC, push
 
 log = logging.getLogger(__name__)
 

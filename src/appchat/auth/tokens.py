@@ -16,8 +16,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from .errors import ConfigError, Unauthorized
-from .models import MAX_ID, Principal, Role
+from ..protocol.errors import ConfigError, Unauthorized
+from ..protocol.models import MAX_ID, Principal, Role
 
 MIN_HS256_SECRET = 32  # bytes, RFC 7518 section 3.2
 MAX_NAME = 100  # characters of the display `name` claim

@@ -11,25 +11,25 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from .apikeys import ApiKeys, parse_key_spec
-from .auth import IdRanges, TokenVerifier, public_key
-from .backend import BackendService
-from .blobs import BlobStore, open_blob_store
-from .broker import Broker, open_broker
+from ..auth.apikeys import ApiKeys, parse_key_spec
+from ..auth.tokens import IdRanges, TokenVerifier, public_key
+from ..blobs import BlobStore, open_blob_store
+from ..blobs.images import ImageLimits, ImageReferences
+from ..broker import Broker, open_broker
+from ..chat.backend import BackendService
+from ..chat.service import MAX_REPLY_BYTES, ChatService, Limits
+from ..common.metrics import Metrics
+from ..fanout.hub import Hub
+from ..store import Store, open_store
+from ..transport.api import ServerApi
+from ..transport.authcheck import TokenCheck
+from ..transport.guard import HandshakeGuard, handler_args
+from ..transport.http import HealthEndpoints
+from ..transport.uploads import UploadEndpoints
+from ..transport.web import WebClient
+from ..transport.ws import WebSocketEndpoint, WsOptions
+from ..webhooks.dispatcher import WebhookDispatcher, WebhookOptions
 from .config import Settings, resolve_webhook_secret, upload_directory
-from .hub import Hub
-from .images import ImageLimits, ImageReferences
-from .observability import Metrics
-from .service import MAX_REPLY_BYTES, ChatService, Limits
-from .store import Store, open_store
-from .transport.api import ServerApi
-from .transport.authcheck import TokenCheck
-from .transport.guard import HandshakeGuard, handler_args
-from .transport.http import HealthEndpoints
-from .transport.uploads import UploadEndpoints
-from .transport.web import WebClient
-from .transport.ws import WebSocketEndpoint, WsOptions
-from .webhooks import WebhookDispatcher, WebhookOptions
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
-from . import defaults
-from .blobs import BlobStore
-from .errors import BadRequest, TooLarge, UnsupportedType
+from ..protocol import defaults
+from ..protocol.errors import BadRequest, TooLarge, UnsupportedType
+from . import BlobStore
 
 IMAGE = 2  # content_type
 # --images: what the content of an image message may be besides a reference.

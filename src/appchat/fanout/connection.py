@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
-from .models import Principal
+from ..protocol.models import Principal
 
 Send = Callable[[bytes], Coroutine[Any, Any, None]]
 """Writes one text frame; returns at once unless the socket's buffer is full."""

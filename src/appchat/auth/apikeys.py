@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from ..protocol.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

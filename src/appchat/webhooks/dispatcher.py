@@ -27,10 +27,13 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from . import __version__, defaults
-from . import events as ev
-from .errors import AppError
-from .models import (
+from .. import __version__
+from ..common.metrics import Metrics
+from ..common.ratelog import RateLimitedLog
+from ..protocol import defaults
+from ..protocol import events as ev
+from ..protocol.errors import AppError
+from ..protocol.models import (
     CONVERSATION_CREATED,
     MESSAGE_CREATED,
     MESSAGE_READ,
@@ -42,9 +45,7 @@ from .models import (
     format_ts,
     now_us,
 )
-from .observability import Metrics
-from .ratelog import RateLimitedLog
-from .store import Store
+from ..store import Store
 
 log = logging.getLogger(__name__)
 _failure_log = RateLimitedLog(log)  # a receiver that is down fails every attempt: log a few

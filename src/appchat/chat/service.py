@@ -11,15 +11,15 @@ from typing import Any, Protocol
 
 import orjson
 
-from . import defaults
-from . import events as ev
-from .auth import TokenVerifier, bind, parse_id
-from .errors import AppError, Forbidden, Internal, NotFound, Unauthorized
-from .images import IMAGE, ImageReferences
-from .models import Conversation, Message, MessagePage, Principal, SendOutcome, now_us
-from .observability import Metrics
-from .ratelimit import Throttle
-from .store import Store
+from ..auth.tokens import TokenVerifier, bind, parse_id
+from ..blobs.images import IMAGE, ImageReferences
+from ..common.metrics import Metrics
+from ..common.ratelimit import Throttle
+from ..protocol import defaults
+from ..protocol import events as ev
+from ..protocol.errors import AppError, Forbidden, Internal, NotFound, Unauthorized
+from ..protocol.models import Conversation, Message, MessagePage, Principal, SendOutcome, now_us
+from ..store import Store
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,11 @@ import threading
 from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
 
-from . import __version__
-from .app import Node
-from .auth import IdRanges, mint
+from .. import __version__
+from ..auth.tokens import IdRanges, mint
+from ..common.logformat import FORMATS, configure_logging
+from ..protocol.errors import AppError, ConfigError
+from ..store import apply_migrations, redact_url
 from .config import (
     OPTIONS,
     Settings,
@@ -28,9 +30,7 @@ from .config import (
     resolve_secret,
     settings_from,
 )
-from .errors import AppError, ConfigError
-from .logformat import FORMATS, configure_logging
-from .store import apply_migrations, redact_url
+from .node import Node
 from .supervisor import (
     Supervisor,
     announce_ready,

@@ -35,10 +35,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
+from ..protocol.errors import ConfigError
 from .config import LISTS, Settings
-from .errors import ConfigError
 
-log = logging.getLogger("appchat.supervisor")
+log = logging.getLogger("appchat.app.supervisor")
 
 # Seconds before a dead worker is started again: doubles while workers keep dying.
 RESTART_DELAY = 0.5
