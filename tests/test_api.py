@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -295,6 +296,17 @@ async def test_post_refuses_bad_requests_and_stores_nothing(api: Api, api_server
         "POST", f"/api/conversations/{app}/messages", data=b"{not json"
     )
     assert error_code(status, body, 400) == "bad_request"
+    # An encoded body is refused unread (the server inflates no request body), not
+    # mistaken for a malformed one.
+    packed = gzip.compress(orjson.dumps({"sender_id": 93, "content": "zipped"}))
+    for encoding, data in (("gzip", packed), ("deflate", packed), ("GZIP", packed)):
+        status, body = await api.request(
+            "POST",
+            f"/api/conversations/{app}/messages",
+            data=data,
+            headers={"Content-Encoding": encoding, "Content-Type": "application/json"},
+        )
+        assert error_code(status, body, 415) == "unsupported_type", encoding
     for path_id in ("0", "abc", str(2**63), "-5"):
         status, body = await api.request(
             "POST",

@@ -1,0 +1,178 @@
+"""Every request and response shape of the server API, as pydantic models: requests are
+validated with them and the OpenAPI document is generated from them. Limits are the
+protocol's own (``events``), so both surfaces refuse the same things."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+
+from ...protocol import events as ev
+from ...protocol.models import MAX_ID
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 5.0 as an integer: take it as 5 (a string or a boolean stays out)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2.0**64:
+        return int(value)
+    return value
+
+
+Integral = BeforeValidator(_integral)
+Id = Annotated[int, Field(ge=1, le=MAX_ID), Integral]
+Position = Annotated[
+    int, Field(ge=0, le=MAX_ID, description="a message id; 0: the start"), Integral
+]
+# ``next_cursor`` is "<update_at>_<id>"; 18 digits each keep a valid cursor below 2**63.
+CURSOR = r"^[0-9]{1,18}_[1-9][0-9]{0,17}$"
+Timestamp = Annotated[
+    str, Field(description="RFC 3339, UTC, microseconds", examples=["2020-03-06T03:29:29.321142Z"])
+]
+ErrorCode = Literal[
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "unsupported_type",
+    "unavailable",
+    "internal",
+]
+
+
+class ErrorDetail(BaseModel):
+    code: ErrorCode = Field(description="stable, the same codes as the WebSocket protocol")
+    message: str = Field(description="for people; may change")
+
+
+class ErrorReply(BaseModel):
+    """Every error: a code and a human message."""
+
+    error: ErrorDetail
+
+
+class MessageOut(BaseModel):
+    """A message, as in the WebSocket protocol."""
+
+    id: Id = Field(description="grows in commit order within a conversation (may skip numbers)")
+    session_channel: str = Field(description="the application id as a string")
+    content: str
+    sender_id: Id
+    status: int
+    create_at: Timestamp
+    update_at: Timestamp
+    content_type: int = Field(description="1 text, 2 image")
+    client_msg_id: str | None = Field(
+        default=None, description="the Idempotency-Key (or client_msg_id) it was sent with"
+    )
+    sender_name: str | None = Field(
+        default=None,
+        description="the sender's display name (the name claim of their latest token), if any",
+    )
+
+
+class MessageReply(BaseModel):
+    message: MessageOut
+
+
+class MessagePageOut(BaseModel):
+    """Messages oldest first; ``has_more``: more lie beyond the page in its direction."""
+
+    messages: list[MessageOut]
+    has_more: bool
+
+
+class ConversationOut(BaseModel):
+    id: Id
+    session_channel: str
+    application_id: Id
+    create_at: Timestamp
+    update_at: Timestamp = Field(description="time of the last activity")
+
+
+class ConversationPageOut(BaseModel):
+    """Conversations, newest activity first; pass ``next_cursor`` on for the next page."""
+
+    conversations: list[ConversationOut]
+    has_more: bool
+    next_cursor: str | None
+
+
+class DisconnectOut(BaseModel):
+    sid: Id
+    code: int = Field(description="the WebSocket close code the connections get")
+    closed_here: int = Field(
+        ge=0, description="connections the answering node closed; other nodes close theirs"
+    )
+
+
+class ApplicationPath(BaseModel):
+    application_id: Id = Field(description="the application whose conversation this is")
+
+
+class SidPath(BaseModel):
+    sid: Id = Field(description="the participant id whose connections to close")
+
+
+class DisconnectQuery(BaseModel):
+    role: Literal["staff", "customer"] | None = Field(
+        default=None,
+        description="only the staff connections of `sid`, or only its customers' "
+        "(default: every connection using the id)",
+    )
+    application_id: Id | None = Field(
+        default=None,
+        description="only the connections of the customer of this application "
+        "(implies role=customer)",
+    )
+
+
+class MessageListQuery(BaseModel):
+    before_id: Position | None = Field(default=None, description="a page before this id")
+    after_id: Position | None = Field(default=None, description="a page after this id")
+    limit: int = Field(default=ev.DEFAULT_PAGE, ge=1, le=ev.MAX_PAGE)
+
+
+class ConversationListQuery(BaseModel):
+    user_id: Id | None = Field(
+        default=None, description="only the conversations this participant takes part in"
+    )
+    limit: int = Field(default=ev.DEFAULT_LIST_PAGE, ge=1, le=ev.MAX_LIST_PAGE)
+    cursor: str | None = Field(
+        default=None,
+        max_length=ev.MAX_CURSOR_LEN,
+        pattern=CURSOR,
+        description="the next_cursor of the previous page",
+    )
+
+
+class PostHeaders(BaseModel):
+    idempotency_key: str | None = Field(
+        default=None,
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=ev.MAX_CLIENT_MSG_ID_LEN,
+        description="the message is stored once per key, sender and conversation; a retry "
+        "answers 200 with the first message and pushes nothing",
+    )
+
+
+def post_message_body(max_content: int) -> type[BaseModel]:
+    """The body of a posted message; ``content``'s length is a setting (--max-content)."""
+    return create_model(
+        "PostMessage",
+        __config__=ConfigDict(extra="forbid", strict=True),
+        __doc__="A staff or system message.",
+        sender_id=(
+            Id,
+            Field(description="the staff or system participant it is from (not the customer)"),
+        ),
+        content=(
+            str,
+            Field(min_length=1, max_length=max_content, pattern=r"^[^\x00]*$"),
+        ),
+        content_type=(
+            Annotated[Literal[1, 2], Integral],
+            Field(default=1, description="1 text, 2 image"),
+        ),
+    )

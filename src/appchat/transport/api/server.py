@@ -1,0 +1,194 @@
+"""The server API's operations and their route table: post a message, read a conversation,
+list conversations, disconnect a participant."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ...auth.apikeys import ApiKeys
+from ...auth.tokens import NO_IDS, IdRanges
+from ...chat.backend import BackendService
+from ...fanout.envelope import Whom
+from ...fanout.hub import Hub
+from ...protocol import defaults
+from ...protocol.closecodes import CloseCode
+from ...protocol.errors import BadRequest, Forbidden
+from ...protocol.models import Role
+from .models import (
+    ApplicationPath,
+    ConversationListQuery,
+    ConversationPageOut,
+    DisconnectOut,
+    DisconnectQuery,
+    MessageListQuery,
+    MessagePageOut,
+    MessageReply,
+    PostHeaders,
+    SidPath,
+    post_message_body,
+)
+from .openapi import openapi_document
+from .routing import Call, JsonRoutes, Route
+
+log = logging.getLogger("appchat.transport.api")
+
+
+class ServerApi:
+    def __init__(
+        self,
+        service: BackendService,
+        hub: Hub,
+        keys: ApiKeys,
+        *,
+        max_content: int = defaults.MAX_CONTENT,
+        max_body: int = defaults.MAX_FRAME,
+        monotonic: Callable[[], float] = time.monotonic,
+        sender_ids: IdRanges = NO_IDS,
+    ) -> None:
+        """``sender_ids`` (``--api-sender-ids``): the only ids posts may come from; empty:
+        any id but the conversation's customer."""
+        self._service = service
+        self._sender_ids = sender_ids
+        self._hub = hub
+        self.routes = [
+            Route(
+                "POST",
+                "/conversations/{application_id}/messages",
+                "postMessage",
+                "Post a staff or system message",
+                self._post_message,
+                {
+                    201: ("Stored and pushed to the participants' live connections", MessageReply),
+                    200: ("A retry with the same Idempotency-Key: the first message", MessageReply),
+                },
+                (400, 401, 403, 413, 415, 503),
+                path_model=ApplicationPath,
+                header_model=PostHeaders,
+                body_model=post_message_body(max_content),
+                description="Stored like Event.SendMessage (answered after the commit, with an "
+                "id above every earlier one of the conversation) and pushed as "
+                "Event.ReceiveMessage to every live connection of every participant, on "
+                "every node. The conversation is created if the application has none; the "
+                "sender becomes a staff participant.",
+                tags=("messages",),
+            ),
+            Route(
+                "GET",
+                "/conversations/{application_id}/messages",
+                "listMessages",
+                "Read a conversation a page at a time",
+                self._list_messages,
+                {200: ("A page of messages, oldest first", MessagePageOut)},
+                (400, 401, 404, 503),
+                path_model=ApplicationPath,
+                query_model=MessageListQuery,
+                description="Like Event.GetMessageList: the newest page, a page before "
+                "`before_id` or after `after_id` (at most one of them).",
+                tags=("messages",),
+            ),
+            Route(
+                "GET",
+                "/conversations",
+                "listConversations",
+                "List conversations, newest activity first",
+                self._list_conversations,
+                {200: ("A page of conversations", ConversationPageOut)},
+                (400, 401, 503),
+                query_model=ConversationListQuery,
+                description="Like Event.GetConversationList with `all`: every conversation, "
+                "or those of `user_id`.",
+                tags=("conversations",),
+            ),
+            Route(
+                "POST",
+                "/connections/{sid}/disconnect",
+                "disconnect",
+                "Close the WebSocket connections of a participant",
+                self._disconnect,
+                {202: ("Closing on every node", DisconnectOut)},
+                (400, 401, 503),
+                path_model=SidPath,
+                query_model=DisconnectQuery,
+                description=f"The connections using `sid`, on every node, are closed with "
+                f"{int(CloseCode.DISCONNECTED)}: a staff member and a customer (of any "
+                "application) may use the same id, so `role` and `application_id` name "
+                "whom; without them every connection using the id is closed. Tokens stay "
+                "valid: a client may connect again unless the backend stops giving it tokens.",
+                tags=("connections",),
+            ),
+        ]
+        self.document = openapi_document(self.routes)
+        self._router = JsonRoutes(
+            self.routes,
+            keys,
+            orjson.dumps(self.document),
+            max_body=max_body,
+            monotonic=monotonic,
+        )
+
+    def app(self) -> web.Application:
+        """The sub-application to mount at ``/api/``."""
+        return self._router.app()
+
+    # --- the operations ---------------------------------------------------------------------
+
+    async def _post_message(self, call: Call) -> tuple[int, Any]:
+        if self._sender_ids and call.body.sender_id not in self._sender_ids:
+            raise Forbidden(
+                f"sender_id {call.body.sender_id} is not one of the ids the server API posts "
+                f"as ({self._sender_ids})"
+            )
+        created, body = await self._service.post_message(
+            call.path.application_id,
+            sender_id=call.body.sender_id,
+            content=call.body.content,
+            content_type=call.body.content_type,
+            client_msg_id=call.headers.idempotency_key,
+        )
+        return (201 if created else 200), body
+
+    async def _list_messages(self, call: Call) -> tuple[int, Any]:
+        q = call.query
+        return 200, await self._service.message_list(
+            call.path.application_id, before_id=q.before_id, after_id=q.after_id, limit=q.limit
+        )
+
+    async def _list_conversations(self, call: Call) -> tuple[int, Any]:
+        q = call.query
+        return 200, await self._service.conversation_list(
+            user_id=q.user_id, limit=q.limit, cursor=q.cursor
+        )
+
+    async def _disconnect(self, call: Call) -> tuple[int, Any]:
+        sid = call.path.sid
+        q = call.query
+        if q.role == "staff" and q.application_id is not None:
+            raise BadRequest("query application_id: staff belong to no application")
+        role = Role(q.role) if q.role is not None else None
+        if q.application_id is not None:
+            role = Role.CUSTOMER
+        whom = Whom(role, q.application_id)
+        code = CloseCode.DISCONNECTED
+        closed = await self._hub.disconnect(sid, code, "disconnected by the server", whom)
+        log.info(
+            "api: %d connections of sid %s%s closed here (key %s)",
+            closed,
+            sid,
+            _describe(whom),
+            call.key,
+        )
+        return 202, {"sid": sid, "code": int(code), "closed_here": closed}
+
+
+def _describe(whom: Whom) -> str:
+    if whom.role is None:
+        return ""
+    if whom.application_id is None:
+        return f" ({whom.role.value})"
+    return f" (customer of application {whom.application_id})"
