@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -172,7 +172,6 @@ class WebSocketEndpoint:
             service=self._service,
             bucket=TokenBucket(self._options.rate, self._options.burst, clock=self._monotonic),
             close_soon=self._close_soon,
-            close_now=self._close_now,
         )
         opened = None
         try:
@@ -244,25 +243,14 @@ class WebSocketEndpoint:
         code: int,
         reason: str,
         counted_as: str,
-    ) -> None:
+    ) -> asyncio.Task[None]:
         """Close in a task of its own, counted in appchat_disconnects_total under
-        ``counted_as``; the caller goes on."""
+        ``counted_as``; the caller goes on, or awaits the task."""
         self._metrics.disconnects.labels(counted_as).inc()
         task = asyncio.get_running_loop().create_task(self._close(ws, transport, code, reason))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    async def _close_now(
-        self,
-        ws: web.WebSocketResponse,
-        transport: asyncio.Transport | None,
-        code: int,
-        reason: str,
-        counted_as: str,
-    ) -> None:
-        """Close and wait for it, counted under ``counted_as``."""
-        await self._close(ws, transport, code, reason)
-        self._metrics.disconnects.labels(counted_as).inc()
+        return task
 
     def _disconnect(
         self, ws: web.WebSocketResponse, transport: asyncio.Transport | None, code: int, reason: str
@@ -324,7 +312,9 @@ def _abort(transport: asyncio.Transport | None) -> None:
         transport.abort()
 
 
-Closing = Callable[[web.WebSocketResponse, asyncio.Transport | None, int, str, str], None]
+Closing = Callable[
+    [web.WebSocketResponse, asyncio.Transport | None, int, str, str], asyncio.Task[None]
+]
 """Closes a WebSocket with (code, reason), counted as (a disconnect reason of the metrics)."""
 
 
@@ -340,7 +330,6 @@ class _Session:
 
     __slots__ = (
         "_bucket",
-        "_close_now",
         "_close_soon",
         "_expired",
         "_inbox",
@@ -365,9 +354,6 @@ class _Session:
         service: ChatService,
         bucket: TokenBucket,
         close_soon: Closing,
-        close_now: Callable[
-            [web.WebSocketResponse, asyncio.Transport | None, int, str, str], Awaitable[None]
-        ],
     ) -> None:
         self.ws = ws
         self.conn = conn
@@ -375,7 +361,6 @@ class _Session:
         self._service = service
         self._bucket = bucket  # frames a second, control frames included
         self._close_soon = close_soon
-        self._close_now = close_now
         self.reader: asyncio.Task[Any] | None = None  # the task running read_loop
         self._inbox: list[str] = []
         self._inbox_room: asyncio.Event | None = None
@@ -406,7 +391,7 @@ class _Session:
                     self._server = asyncio.get_running_loop().create_task(self._serve())
             elif kind is WSMsgType.PING or kind is WSMsgType.PONG:
                 if not self._bucket.allow():
-                    await self._close_now(
+                    await self._close_soon(
                         ws,
                         self.transport,
                         CloseCode.POLICY_VIOLATION,
