@@ -27,9 +27,9 @@ from .config import (
     add_options,
     check_database,
     check_limits,
-    resolve_secret,
     settings_from,
 )
+from .credentials import resolve_secret
 from .node import Node
 from .supervisor import (
     Supervisor,

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import resource
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +15,8 @@ from ..protocol import defaults
 from ..protocol.errors import ConfigError
 from ..store import redact_url, sqlite_path
 
-DEV_SECRET_NAME = "appchat-dev.secret"
 # Descriptors a process keeps beside its connections (database, broker, logs, listeners).
 RESERVED_FILES = 1000
-MIN_WEBHOOK_SECRET = 32  # bytes, as for the HS256 secret
 CONNECTIONS_CAP = 100_000
 
 
@@ -370,45 +366,6 @@ def check_upload_limits(settings: Settings) -> None:
         raise ConfigError(f"--upload-timeout {settings.upload_timeout}: must be above 0")
 
 
-def secret_or_file(settings: Settings, name: str, what: str) -> bytes | None:
-    """The secret option ``name`` (flag or environment), else the file that option
-    ``name``_file names (stripped); ``None`` when neither is given, an error when both are.
-    A secret on the command line shows in ``ps``: the file is the way to give one."""
-    value: str | None = getattr(settings, name)
-    path: str | None = getattr(settings, name + "_file")
-    flag = "--" + name.replace("_", "-")
-    if value and path:
-        raise ConfigError(
-            f"{what} is given twice: use {flag} ({env_name(name)}) "
-            f"or {flag}-file ({env_name(name + '_file')}), not both"
-        )
-    if value:
-        return value.encode()
-    if path:
-        try:
-            return Path(path).read_text().strip().encode()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {flag}-file: {exc}") from exc
-    return None
-
-
-def resolve_webhook_secret(settings: Settings) -> bytes | None:
-    """The webhook signing secret (flag/env, else the file); ``None`` without webhook URLs."""
-    if not settings.webhook_url:
-        return None
-    secret = secret_or_file(settings, "webhook_secret", "the webhook secret")
-    if not secret:
-        raise ConfigError(
-            "--webhook-url needs a signing secret: --webhook-secret-file (or "
-            "APPCHAT_WEBHOOK_SECRET, at least 32 bytes)"
-        )
-    if len(secret) < MIN_WEBHOOK_SECRET:
-        raise ConfigError(
-            f"the webhook secret has {len(secret)} bytes: use at least {MIN_WEBHOOK_SECRET}"
-        )
-    return secret
-
-
 def upload_directory(settings: Settings) -> Path:
     """``--upload-dir``, else ``appchat-uploads`` beside the SQLite file (or in the working
     directory for PostgreSQL)."""
@@ -434,43 +391,4 @@ def check_database(url: str) -> None:
     raise ConfigError(
         f"--database {redact_url(url)!r}: unsupported (expected sqlite:///PATH or "
         "postgresql://USER@HOST:PORT/DB)"
-    )
-
-
-def dev_secret_path(database: str) -> Path | None:
-    if not database.startswith("sqlite://"):
-        return None
-    db = Path(sqlite_path(database))
-    return db.parent / DEV_SECRET_NAME
-
-
-def resolve_secret(
-    settings: Settings, *, use_dev_file: bool, create_dev_file: bool = False
-) -> bytes:
-    """The HS256 secret: flag/env, else the secret file, else the dev secret beside the database."""
-    secret = secret_or_file(settings, "jwt_secret", "the JWT secret")
-    if secret is not None:
-        return secret
-    path = dev_secret_path(settings.database)
-    if use_dev_file and path is not None:
-        if create_dev_file and not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(48) + "\n")
-        if path.exists():
-            return path.read_text().strip().encode()
-    if path is None and create_dev_file:
-        raise ConfigError(
-            f"no JWT secret: --dev keeps the secret it generates beside a SQLite database, "
-            f"and {redact_url(settings.database)} is not one: set APPCHAT_JWT_SECRET "
-            "(at least 32 bytes) or pass --jwt-secret-file"
-        )
-    if path is None:  # no dev secret can exist: --dev would not help
-        raise ConfigError(
-            "no JWT secret: set APPCHAT_JWT_SECRET (at least 32 bytes) or pass --jwt-secret-file"
-        )
-    raise ConfigError(
-        "no JWT secret: set APPCHAT_JWT_SECRET (at least 32 bytes), pass --jwt-secret-file, "
-        "or try it out with `appchat serve --dev`"
     )

@@ -29,7 +29,8 @@ from ..transport.uploads import UploadEndpoints
 from ..transport.web import WebClient
 from ..transport.ws import WebSocketEndpoint, WsOptions
 from ..webhooks.dispatcher import WebhookDispatcher, WebhookOptions
-from .config import Settings, resolve_webhook_secret, upload_directory
+from .config import Settings, upload_directory
+from .credentials import resolve_webhook_secret
 
 log = logging.getLogger(__name__)
 
