@@ -12,7 +12,6 @@ import aiohttp
 import pytest
 
 import appchat
-
 from appchat.auth.tokens import TokenVerifier
 
 from .support import SECRET, InProcessServer, Server, client, token
@@ -64,7 +63,12 @@ async def test_the_page_loads_each_of_its_modules_as_javascript(
 
     page = await (await browser.new_context()).new_page()
     errors: list[str] = []
-    page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+
+    def console(message: Any) -> None:
+        if message.type == "error":
+            errors.append(message.text)
+
+    page.on("console", console)
     page.on("pageerror", lambda e: errors.append(str(e)))
     responses: list[Any] = []
     page.on("response", lambda r: responses.append(r))
