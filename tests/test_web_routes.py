@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+import appchat
 from appchat.auth.tokens import TokenVerifier
 
 from .support import SECRET, InProcessServer, Server, client, token
@@ -50,6 +51,43 @@ async def test_static_files_are_served_with_a_strict_policy(
     assert needle in body
     assert "default-src 'self'" in headers["Content-Security-Policy"]
     assert headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_the_page_loads_each_of_its_modules_as_javascript(
+    server: Server, browser: Any
+) -> None:
+    """index.html loads app.js, which imports appchat.js and the modules in web/ui/: each is
+    served as JavaScript (a browser runs no module script of another type), every module
+    shipped is loaded, and the page comes up (the sign-in form) with no console error."""
+    from playwright.async_api import expect
+
+    page = await (await browser.new_context()).new_page()
+    errors: list[str] = []
+
+    def console(message: Any) -> None:
+        if message.type == "error":
+            errors.append(message.text)
+
+    page.on("console", console)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    responses: list[Any] = []
+    page.on("response", lambda r: responses.append(r))
+    await page.goto(server.http("/"))
+    await expect(page.locator("#signin")).to_be_visible()
+    scripts = {
+        r.url.removeprefix(server.http("")): (r.status, await r.header_value("content-type"))
+        for r in responses
+        if r.request.resource_type == "script"
+    }
+    ui = Path(appchat.__file__).parent / "web" / "ui"
+    shipped = {f"/ui/{module.name}" for module in ui.glob("*.js")}
+    assert len(shipped) > 1
+    assert set(scripts) == {"/app.js", "/appchat.js"} | shipped
+    assert all(
+        status == 200 and (kind or "").startswith("text/javascript")
+        for status, kind in scripts.values()
+    ), scripts
+    assert errors == []
 
 
 async def test_without_dev_there_is_no_token_endpoint(server: Server) -> None:

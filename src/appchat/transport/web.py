@@ -1,5 +1,6 @@
-"""The web client: its static files (``/``, ``/appchat.js``, …) and, only in ``--dev``, an
-endpoint that mints tokens for the one-click "join as" buttons."""
+"""The web client: its static files (``/``, ``/appchat.js``, ``/app.js`` and the page's
+modules under ``/ui/``, …) and, only in ``--dev``, an endpoint that mints tokens for the
+one-click "join as" buttons."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ from aiohttp import web
 
 from ..auth.tokens import mint
 
-# path -> (file in appchat/web/, content type)
+JAVASCRIPT = "text/javascript; charset=utf-8"  # a module script needs a JavaScript type
+# path -> (file in appchat/web/, content type); and every ``ui/*.js`` (the page's modules,
+# which app.js imports) at ``/ui/<name>``
 FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
-    "/appchat.js": ("appchat.js", "text/javascript; charset=utf-8"),
-    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/appchat.js": ("appchat.js", JAVASCRIPT),
+    "/app.js": ("app.js", JAVASCRIPT),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
 }
+MODULES = "ui"
 HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data: blob:; "
@@ -41,6 +45,9 @@ class WebClient:
         self._files = {
             path: ((root / name).read_bytes(), kind) for path, (name, kind) in FILES.items()
         }
+        for module in (root / MODULES).iterdir():
+            if module.name.endswith(".js"):
+                self._files[f"/{MODULES}/{module.name}"] = (module.read_bytes(), JAVASCRIPT)
 
     def add_routes(self, app: web.Application) -> None:
         for path in self._files:

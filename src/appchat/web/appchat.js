@@ -73,7 +73,8 @@ export async function checkToken(httpBase, token, sid = null) {
   }
 }
 
-function randomId() {
+/** A fresh client_msg_id: a random UUID (32 random hex digits in a browser without randomUUID). */
+export function randomId() {
   if (globalThis.crypto && typeof crypto.randomUUID === "function") return crypto.randomUUID();
   const bytes = new Uint8Array(16);
   crypto.getRandomValues(bytes);

@@ -1,0 +1,238 @@
+// The conversations and their threads: loading them from the server, opening one, reading
+// it, and the pushes (messages, read receipts, typing) that change them.
+
+import { ONLINE } from "/appchat.js";
+import { $, isOffline, showBanner } from "./dom.js";
+import { conversationTitle, learnName } from "./format.js";
+import { renderIfOpen, renderList, renderThread, renderTyping, showView } from "./render.js";
+import { state } from "./state.js";
+
+const PAGE = 30; // messages per history page
+const TYPING_SHOWN_MS = 5000; // how long "is typing" shows without news
+const INBOX_REFRESH_MS = 30000; // staff: conversations nobody pushed to us about
+
+// Online (again): load the lists now and, for staff, every INBOX_REFRESH_MS; offline: stop.
+export function followLists(online) {
+  clearInterval(state.timers.inbox);
+  if (!online) return;
+  loadLists();
+  if (state.me.staff) state.timers.inbox = setInterval(loadLists, INBOX_REFRESH_MS);
+}
+
+async function loadLists() {
+  const { chat, me, conversations, timers } = state;
+  try {
+    if (!me.staff) {
+      // A customer joins their request's conversation (creating it if need be), so that
+      // replies reach them as pushes from the first one on.
+      await chat.call("Event.AddConversation", { application_id: me.application });
+    }
+    const list = await chat.call("Event.GetConversationList", me.staff ? { all: true } : {});
+    const unread = await chat.call("Event.GetUnreadInfo", {});
+    const counts = new Map(unread.conversations.map((u) => [u.session_channel, u.unread]));
+    for (const c of list.conversations) {
+      const known = conversations.get(c.session_channel) || {};
+      conversations.set(c.session_channel, {
+        ...known,
+        channel: c.session_channel,
+        application_id: c.application_id,
+        update_at: c.update_at,
+        joined: counts.has(c.session_channel) || Boolean(known.joined),
+        unread: c.session_channel === state.openChannel ? 0 : counts.get(c.session_channel) || 0,
+      });
+    }
+    timers.listsAttempt = 0;
+    renderList();
+    if (!state.openChannel && !me.staff && conversations.size) openConversation(list.conversations[0].session_channel);
+    if (state.openChannel) markRead();
+  } catch (err) {
+    if (isOffline(err)) return; // loaded again once online
+    if (["timeout", "unavailable", "rate_limited"].includes(err.code) && chat.state === ONLINE) {
+      // A server too busy to answer in time: ask again, less and less often.
+      clearTimeout(timers.lists);
+      timers.lists = setTimeout(loadLists, Math.min(15000, 1000 * 2 ** timers.listsAttempt));
+      timers.listsAttempt += 1;
+      return;
+    }
+    showBanner(`Could not load conversations: ${err.message}`);
+  }
+}
+
+export async function openConversation(channel) {
+  const { chat, me } = state;
+  state.openChannel = channel;
+  showView("thread");
+  const c = state.conversations.get(channel);
+  $("no-thread").hidden = true;
+  $("thread").hidden = false;
+  $("thread-title").textContent = c ? conversationTitle(c) : `Request #${channel}`;
+  $("thread-sub").textContent = me.staff ? `Conversation of request ${channel}` : "Our support team answers here";
+  renderList();
+  renderTyping();
+  let thread = state.threads.get(channel);
+  if (!thread) {
+    thread = { messages: new Map(), hasMore: false, loadingOlder: false, readUpTo: 0, loaded: false };
+    state.threads.set(channel, thread);
+  }
+  renderThread({ stick: true });
+  try {
+    if (me.staff && c && !c.joined) {
+      // Opening a conversation joins it: its messages then arrive live and count as unread.
+      await chat.call("Event.AddConversation", { application_id: c.application_id });
+      c.joined = true;
+      renderList();
+    }
+    loadPresence(channel);
+    if (!thread.loaded) {
+      $("history-status").textContent = "Loading…";
+      const page = await chat.history(channel, { limit: PAGE });
+      for (const m of page.messages) thread.messages.set(m.id, m);
+      thread.hasMore = page.hasMore;
+      thread.loaded = true;
+      renderIfOpen(channel, { stick: true });
+      await fillViewport(channel);
+    }
+    markRead();
+  } catch (err) {
+    $("history-status").textContent = "";
+    if (!isOffline(err)) showBanner(`Could not open the conversation: ${err.message}`);
+  }
+  $("input").focus();
+}
+
+async function loadPresence(channel) {
+  if (!state.presenceAnswered) return;
+  try {
+    const result = await state.chat.call("Event.GetPresence", { session_channel: channel });
+    for (const p of result.participants || []) {
+      state.roles.set(p.user_id, Boolean(p.staff));
+      if (typeof p.name === "string" && p.name.trim()) state.names.set(p.user_id, p.name.trim());
+    }
+    if (state.openChannel === channel) {
+      renderThread();
+      renderTyping();
+    }
+  } catch (err) {
+    if (err.code === "unknown_event") state.presenceAnswered = false;
+  }
+}
+
+export async function loadOlder(channel) {
+  const thread = state.threads.get(channel);
+  if (!thread || !thread.hasMore || thread.loadingOlder || !thread.messages.size) return;
+  thread.loadingOlder = true;
+  $("history-status").textContent = "Loading earlier messages…";
+  try {
+    const oldest = Math.min(...thread.messages.keys());
+    const page = await state.chat.history(channel, { beforeId: oldest, limit: PAGE });
+    for (const m of page.messages) thread.messages.set(m.id, m);
+    thread.hasMore = page.hasMore;
+    if (state.openChannel === channel) {
+      const box = $("messages");
+      const fromBottom = box.scrollHeight - box.scrollTop;
+      renderThread();
+      box.scrollTop = box.scrollHeight - fromBottom; // keep what the user looks at in place
+    }
+  } finally {
+    thread.loadingOlder = false;
+  }
+}
+
+async function fillViewport(channel) {
+  const box = $("messages");
+  while (state.openChannel === channel && state.threads.get(channel)?.hasMore && box.scrollHeight <= box.clientHeight) {
+    await loadOlder(channel);
+  }
+}
+
+export function markRead() {
+  const channel = state.openChannel;
+  const thread = state.threads.get(channel);
+  if (!thread || !thread.messages.size || document.visibilityState !== "visible") return;
+  const newest = Math.max(...thread.messages.keys());
+  const c = state.conversations.get(channel);
+  if (newest > thread.readUpTo) {
+    thread.readUpTo = newest;
+    state.chat.read(channel, newest).catch(() => {
+      thread.readUpTo = 0; // try again on the next occasion
+    });
+  }
+  if (c && c.unread) {
+    c.unread = 0;
+    renderList();
+  }
+}
+
+// After a reconnect: read ticks that changed while we were away.
+export async function refreshStatuses() {
+  for (const [channel, thread] of state.threads) {
+    if (!thread.loaded) continue;
+    try {
+      const page = await state.chat.call("Event.GetMessageList", { session_channel: channel, limit: PAGE });
+      for (const m of page.Messages) if (thread.messages.has(m.id)) thread.messages.set(m.id, m);
+    } catch {
+      return;
+    }
+  }
+  renderThread();
+}
+
+// --- pushes -----------------------------------------------------------------------------------
+
+export function onMessage(m) {
+  const { me } = state;
+  const channel = m.session_channel;
+  let c = state.conversations.get(channel);
+  if (!c) {
+    c = { channel, application_id: Number(channel), update_at: m.create_at, unread: 0, joined: true };
+    state.conversations.set(channel, c);
+  }
+  if (m.create_at > c.update_at) c.update_at = m.create_at;
+  if (m.client_msg_id && m.sender_id === me.sid) state.pending.delete(m.client_msg_id);
+  learnName(m);
+  const thread = state.threads.get(channel);
+  if (thread && thread.loaded) thread.messages.set(m.id, m);
+  if (m.sender_id !== me.sid) {
+    clearTyping(channel, m.sender_id);
+    if (channel === state.openChannel && document.visibilityState === "visible") markRead();
+    else c.unread = (c.unread || 0) + 1;
+  }
+  renderList();
+  renderIfOpen(channel, { stick: m.sender_id === me.sid });
+}
+
+export function onRead({ session_channel: channel, reader_id: reader, message_id: upTo }) {
+  const thread = state.threads.get(channel);
+  if (reader === state.me.sid) {
+    // read on another device of ours
+    const c = state.conversations.get(channel);
+    if (c) c.unread = 0;
+    renderList();
+    return;
+  }
+  if (!thread) return;
+  for (const [id, m] of thread.messages) {
+    if (id <= upTo && m.sender_id !== reader && m.status < 1) thread.messages.set(id, { ...m, status: 1 });
+  }
+  renderIfOpen(channel);
+}
+
+export function onTyping({ session_channel: channel, user_id: userId }) {
+  if (userId === state.me.sid) return;
+  let who = state.typists.get(channel);
+  if (!who) state.typists.set(channel, (who = new Map()));
+  clearTimeout(who.get(userId));
+  who.set(userId, setTimeout(() => clearTyping(channel, userId), TYPING_SHOWN_MS));
+  renderTyping();
+  renderList();
+}
+
+function clearTyping(channel, userId) {
+  const who = state.typists.get(channel);
+  if (!who || !who.has(userId)) return;
+  clearTimeout(who.get(userId));
+  who.delete(userId);
+  if (!who.size) state.typists.delete(channel);
+  renderTyping();
+  renderList();
+}
