@@ -572,6 +572,19 @@ async def test_malformed_part_headers_are_400_json(
     assert doc["error"]["code"] == "bad_request" and "header" in doc["error"]["message"]
 
 
+async def test_a_charset_part_aiohttp_cannot_use_is_400_json(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    """A first part named _charset_ longer than aiohttp takes made its reader raise
+    RuntimeError: a plain-text 500 and a traceback for any token."""
+    app = new_app()
+    await conversation(server, app, 58)
+    body = multipart("b0undary", (field("_charset_"), b"x" * 64), (FILE, png(20, 20)))
+    status, doc = await post_raw(http, server, token(request_id=app, sid=58), body)
+    assert status == 400, doc
+    assert doc["error"]["code"] == "bad_request" and "multipart" in doc["error"]["message"]
+
+
 async def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
@@ -695,6 +708,25 @@ async def test_uploads_a_minute_are_limited_per_identity(tmp_path: Path) -> None
         proc.stop()
 
 
+async def test_an_upload_rate_under_one_a_minute_still_allows_one(tmp_path: Path) -> None:
+    """--upload-rate 0.5: one upload, then one every two minutes (a bucket smaller than one
+    upload used to refuse every upload for good)."""
+    monotonic = Clock(time.monotonic)
+    proc = InProcessServer(tmp_path / "a.db", "--upload-rate", "0.5", monotonic=monotonic)
+    proc.start()
+    try:
+        app = new_app()
+        await conversation(proc, app, 59)
+        tok = token(request_id=app, sid=59)
+        async with aiohttp.ClientSession() as http:
+            assert (await upload(http, proc, tok, form(app, png(20, 20))))[0] == 201
+            assert (await upload(http, proc, tok, form(app, png(20, 20))))[0] == 429
+            monotonic.advance(120)
+            assert (await upload(http, proc, tok, form(app, png(20, 20))))[0] == 201
+    finally:
+        proc.stop()
+
+
 async def test_a_slow_body_times_out_as_a_whole(tmp_path: Path) -> None:
     """A byte every 50 ms never stalls for the 30 s of READ_IDLE; --upload-timeout ends
     it all the same."""
@@ -729,7 +761,13 @@ async def test_a_waiting_body_is_spooled_to_disk(tmp_path: Path) -> None:
     fds = Path(f"/proc/{proc.proc.pid}/fd")
 
     def spooled() -> bool:
-        return any(os.readlink(fd).startswith(str(spool)) for fd in fds.iterdir())
+        for fd in fds.iterdir():
+            try:
+                if os.readlink(fd).startswith(str(spool)):
+                    return True
+            except OSError:  # closed while we looked
+                continue
+        return False
 
     try:
         app = new_app()

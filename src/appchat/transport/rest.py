@@ -62,6 +62,17 @@ def error_response(
     return response
 
 
+def refuse_encoded(request: web.Request, what: str) -> None:
+    """``UnsupportedType`` for a body sent with a ``Content-Encoding``: the server inflates
+    no request body (a few KiB could stand for gigabytes), so it is refused unread."""
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedType(
+            f"send {what} without Content-Encoding (got {encoding[:40]!r}): "
+            "the server decodes no request body"
+        )
+
+
 def bearer(request: web.Request, missing: str) -> str:
     """The credential of ``Authorization: Bearer <credential>``; ``Unauthorized(missing)``
     without one."""

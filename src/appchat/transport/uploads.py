@@ -38,11 +38,10 @@ from ..protocol.errors import (
     NotFound,
     RateLimited,
     TooLarge,
-    UnsupportedType,
 )
 from ..protocol.models import Principal
 from .quota import ConnectionQuota, quota_key
-from .rest import error_response, request_principal, status_of
+from .rest import error_response, refuse_encoded, request_principal, status_of
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +137,7 @@ class UploadEndpoints:
 
     async def _upload(self, request: web.Request) -> web.Response:
         principal = self._principal(request)
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
-            # The server never inflates a request body (app.py): this one is refused unread.
-            raise UnsupportedType(
-                f"send the upload without Content-Encoding (got {encoding[:40]!r}): "
-                "images are compressed already"
-            )
+        refuse_encoded(request, "the upload")  # images are compressed already
         length = request.content_length
         if length is not None and length > self._max_upload + FORM_OVERHEAD:
             raise self._too_large()
@@ -181,7 +174,8 @@ class UploadEndpoints:
         if bucket is None:
             if len(self._buckets) >= MAX_RATE_KEYS:
                 self._buckets.clear()  # a flood of identities: start everyone afresh
-            bucket = TokenBucket(self._rate / 60, self._rate, clock=self._monotonic)
+            # At least one upload at once, or a rate under 1 a minute would allow none.
+            bucket = TokenBucket(self._rate / 60, max(1.0, self._rate), clock=self._monotonic)
             self._buckets[key] = bucket
         return bucket.allow()
 
@@ -357,6 +351,8 @@ async def _next_part(reader: MultipartReader) -> BodyPartReader | None:
         raise BadRequest(f"malformed multipart body: {exc}") from None
     except BadHttpMessage as exc:  # a part's headers: no colon, too long, too many
         raise BadRequest(f"malformed multipart part headers: {exc.message}") from None
+    except RuntimeError as exc:  # aiohttp: e.g. a _charset_ part it cannot use
+        raise BadRequest(f"malformed multipart body: {exc}") from None
     if part is None:
         return None
     if not isinstance(part, BodyPartReader):

@@ -22,9 +22,8 @@ from ...protocol.errors import (
     Internal,
     NotFound,
     Unauthorized,
-    UnsupportedType,
 )
-from ..rest import bearer, error_response, status_of
+from ..rest import bearer, error_response, refuse_encoded, status_of
 
 log = logging.getLogger("appchat.transport.api")
 refusals = RateLimitedLog(log)
@@ -150,10 +149,7 @@ class JsonRoutes:
     async def _body(self, route: Route, request: web.Request) -> Any:
         if route.body_model is None:
             return None
-        if request.headers.get("Content-Encoding", "identity").lower() != "identity":
-            # Not inflated here (nor by aiohttp, which decodes no request body): a few KiB
-            # could stand for megabytes.
-            raise UnsupportedType("the body must not be encoded: send it without Content-Encoding")
+        refuse_encoded(request, "the body")
         if request.content_length is not None and request.content_length > self._max_body:
             raise _TooLarge(self._max_body)
         # The whole body, however the network cut it (a read returns what has arrived).
