@@ -51,12 +51,14 @@ def test_open_and_close_lines_carry_who_how_and_how_long(
     log.closed("c1", sid=7, remote="10.0.0.1", code=4009, since=since)
     log.closed("c2", sid=8, remote="10.0.0.2", code=None, since=since)  # no close frame
     log.refused(401, "token has expired", remote="10.0.0.3", sid=None)
+    log.refused(401, "bad signature", remote="10.0.0.4", sid=3, what="token check")
     assert lines(caplog) == [
         "connection c1 opened: sid 7 (customer) from 10.0.0.1",
         "connection c1 closed: sid 7 from 10.0.0.1, code 4009 "
         "(disconnected by the server API) after 2.5 s",
         "connection c2 closed: sid 8 from 10.0.0.2, code 1006 (connection lost) after 2.5 s",
         "handshake refused from 10.0.0.3 (sid -): 401 token has expired",
+        "token check refused from 10.0.0.4 (sid 3): 401 bad signature",
     ]
     closed = next(r for r in caplog.records if "closed" in r.getMessage())
     assert (closed.__dict__["code"], closed.__dict__["duration"]) == (4009, 2.5)

@@ -17,6 +17,7 @@ import pytest
 
 from appchat.auth.tokens import TokenVerifier, bind, mint
 from appchat.chat.service import ChatService, Limits
+from appchat.protocol.errors import Unavailable
 from appchat.protocol.models import Principal
 from appchat.store import Store
 
@@ -911,3 +912,35 @@ async def test_closed_store_is_unavailable(chat: Chat, store: Store) -> None:
     await store.close()
     assert await chat.err(staff, "Event.GetConversationList", {}) == "unavailable"
     assert await chat.err(staff, "Event.AddConversation", {"application_id": 5}) == "unavailable"
+
+
+async def test_names_are_kept_per_connection_and_never_cost_a_push(
+    chat: Chat, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    staff = chat.staff(1)
+    await chat.add(staff, 100)
+
+    def named(name: str) -> Session:
+        tok = mint(SECRET, request_id=100, sid=7, now=NOW, name=name)
+        return Session(id=f"conn-{name}", principal=bind(chat.verifier.verify(tok), 7))
+
+    phone, laptop = named("Anna"), named("Anna K.")
+    await chat.add(phone, 100)
+    first = await chat.send(phone, 100, "from the phone")
+    assert first["sender_name"] == "Anna"
+    await chat.send(laptop, 100, "from the laptop")  # another connection, another name
+    page = await chat.messages(staff, 100)
+    assert [m["sender_name"] for m in page["Messages"]] == ["Anna K.", "Anna K."]
+
+    async def down(*args: Any, **kwargs: Any) -> None:
+        raise Unavailable("the database is away")
+
+    # The name is written after the message is committed and pushed: its failure is
+    # logged, and neither answered nor allowed to swallow the push.
+    monkeypatch.setattr(store, "set_participant_name", down)
+    pushes = len(chat.fanout.calls)
+    later = await chat.send(named("Anna Karenina"), 100, "while names cannot be kept")
+    assert later["sender_name"] == "Anna Karenina"
+    assert chat.fanout.calls[pushes].frame["result"]["message"] == later
+    await chat.read(named("A."), 100, later["id"])
+    assert chat.fanout.calls[-1].frame["name"] == "Event.MessageRead"

@@ -38,7 +38,7 @@ from typing import IO, Any, Protocol
 from ..protocol.errors import ConfigError
 from .config import LISTS, Settings
 
-log = logging.getLogger("appchat.app.supervisor")
+log = logging.getLogger("appchat.supervisor")
 
 # Seconds before a dead worker is started again: doubles while workers keep dying.
 RESTART_DELAY = 0.5

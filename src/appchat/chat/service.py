@@ -15,6 +15,7 @@ from ..auth.tokens import TokenVerifier, bind, parse_id
 from ..blobs.images import IMAGE, ImageReferences
 from ..common.metrics import Metrics
 from ..common.ratelimit import Throttle
+from ..common.ratelog import RateLimitedLog
 from ..protocol import defaults
 from ..protocol import events as ev
 from ..protocol.errors import AppError, Forbidden, Internal, NotFound, Unauthorized
@@ -22,9 +23,10 @@ from ..protocol.models import Conversation, Message, MessagePage, Principal, Sen
 from ..store import Store
 
 log = logging.getLogger(__name__)
+name_errors = RateLimitedLog(log)  # a store that fails while keeping display names
 
 MAX_KNOWN_CONVERSATIONS = 100_000  # application -> conversation, remembered per node
-NAMES_REMEMBERED = 100_000  # (conversation, participant) -> display name stored, per node
+NAMES_REMEMBERED = 100_000  # (connection, conversation, participant) -> display name stored
 MAX_REPLY_BYTES = 1024 * 1024  # messages in one GetMessageList reply, serialised
 PAGE_CHUNK = 50  # messages read at once for a longer GetMessageList page
 # At most one forwarded Typing per connection and conversation: half the web client's
@@ -74,7 +76,7 @@ class ChatService:
         self._trust_query_sid = trust_query_sid
         self._known: dict[int, Conversation] = {}
         # (conversation id, user id) -> the display name this node last stored for them
-        self._names: dict[tuple[int, int], str] = {}
+        self._names: dict[tuple[str, int, int], str] = {}
         self._metrics = metrics or Metrics()
         self._now = clock_us
         self._handlers: dict[str, Callable[[Session, dict[str, Any]], Awaitable[Any]]] = {
@@ -206,7 +208,7 @@ class ChatService:
             args.application_id, user_id, staff=p.is_staff and user_id == p.sid, now=self._now()
         )
         if user_id == p.sid:
-            await self._keep_name(p, conversation, user_id)
+            await self._keep_name(session, conversation, user_id)
         return ev.conversation_obj(conversation)
 
     async def _get_conversation_list(self, session: Session, raw: dict[str, Any]) -> Any:
@@ -292,20 +294,30 @@ class ChatService:
             now=self._now(),
             guard_staff=not (p.is_staff or p.bound),
         )
-        await self._keep_name(p, conversation, sender)
         if outcome.created and p.name is not None:
             outcome = replace(outcome, message=replace(outcome.message, sender_name=p.name))
-        return self.deliver_message(conversation, outcome, session.id)
+        body = self.deliver_message(conversation, outcome, session.id)
+        await self._keep_name(session, conversation, sender)
+        return body
 
-    async def _keep_name(self, p: Principal, conversation: Conversation, user_id: int) -> None:
-        """Store the token's display name for ``user_id``, a participant of ``conversation``
-        now, when this node has not stored that name for them yet (one write per change)."""
-        if p.name is None or self._names.get((conversation.id, user_id)) == p.name:
+    async def _keep_name(self, session: Session, conversation: Conversation, user_id: int) -> None:
+        """Store the connection's display name for ``user_id``, a participant of
+        ``conversation`` now, unless this connection stored it already (one write per
+        connection and conversation while the name stays the same: another connection, on
+        any node, with another name, writes its own). Best effort: the action it follows
+        is committed and pushed already, so a failure here is logged, never answered."""
+        name = session.principal.name
+        key = (session.id, conversation.id, user_id)
+        if name is None or self._names.get(key) == name:
             return
-        await self._store.set_participant_name(conversation.id, user_id, p.name)
+        try:
+            await self._store.set_participant_name(conversation.id, user_id, name)
+        except AppError as exc:
+            name_errors.warning(exc.code, "could not keep a display name: %s", exc.message)
+            return
         if len(self._names) >= NAMES_REMEMBERED:
             self._names.clear()
-        self._names[(conversation.id, user_id)] = p.name
+        self._names[key] = name
 
     def deliver_message(
         self, conversation: Conversation, outcome: SendOutcome, origin: str | None
@@ -329,7 +341,6 @@ class ChatService:
             message_id=args.message_id,
             now=self._now(),
         )
-        await self._keep_name(p, conversation, reader)
         if outcome.moved:
             frame = ev.push(
                 ev.MESSAGE_READ,
@@ -338,6 +349,7 @@ class ChatService:
             self._fanout.deliver(
                 outcome.participants, conversation.application_id, frame, session.id
             )
+        await self._keep_name(session, conversation, reader)
         return None
 
     async def _get_unread_info(self, session: Session, raw: dict[str, Any]) -> Any:

@@ -128,7 +128,8 @@ class UnreadPage:
     last: ActivityKey | None  # the key of the page's last conversation
 
 
-# Webhook events (docs/api.md, "Webhooks"): the stores record them, webhooks.py delivers them.
+# Webhook events (docs/api.md, "Webhooks"): the stores record them, webhooks/dispatcher.py
+# delivers them.
 MESSAGE_CREATED = "message.created"
 MESSAGE_READ = "message.read"
 CONVERSATION_CREATED = "conversation.created"

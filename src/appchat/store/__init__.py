@@ -109,7 +109,7 @@ class Store(Protocol):
         """Keep ``name`` as the participant's display name (``sender_name`` of their
         messages); nothing when ``user_id`` takes no part in the conversation."""
 
-    # --- the webhook outbox (appchat/webhooks.py) ------------------------------------------------
+    # --- the webhook outbox (appchat/webhooks/dispatcher.py) -------------------------------------
 
     def record_webhooks(self, urls: Sequence[str], wake: Callable[[], None]) -> None:
         """From now on, write the events of every change into the outbox, one row per URL,

@@ -3,8 +3,9 @@ the status of a refused handshake (a browser reports only "closed, 1006").
 
 It asks the same verifier as the handshake (``transport/ws.py``) and binds the same way,
 and answers no more than the handshake's 401 says (its reason). It reads and writes
-nothing else: no store, no connection quota, no rate bucket; refusals are logged through
-the same per-address budget of lines as refused handshakes.
+nothing else: no store, no connection quota, no rate bucket; refusals are logged as
+"token check refused" lines, with a budget of lines per address of their own (as refused
+handshakes have theirs).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class TokenCheck:
             )
         except AppError as exc:
             status = status_of(exc)
-            self._log.refused(status, exc.message, remote=request.remote or "unknown", sid=sid)
+            remote = request.remote or "unknown"
+            self._log.refused(status, exc.message, remote=remote, sid=sid, what="token check")
             return error_response(exc, status, headers=HEADERS, ok=False)
         doc: dict[str, object] = {
             "ok": True,

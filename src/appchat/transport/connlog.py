@@ -29,10 +29,14 @@ class ConnectionLog:
         self._lines = RateLimitedLog(log, period=period, burst=burst, clock=clock)
         self._clock = clock
 
-    def refused(self, status: int, reason: str, *, remote: str, sid: int | None) -> None:
+    def refused(
+        self, status: int, reason: str, *, remote: str, sid: int | None, what: str = "handshake"
+    ) -> None:
+        """``what`` was refused: a handshake, or a token check (``POST /auth/check``)."""
         self._lines.info(
             remote,
-            "handshake refused from %s (sid %s): %s %s",
+            "%s refused from %s (sid %s): %s %s",
+            what,
             remote,
             sid if sid is not None else "-",
             status,
