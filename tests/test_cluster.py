@@ -35,6 +35,7 @@ from .support import (
     ServerProcess,
     TcpProxy,
     client,
+    connections,
     customer,
     eventually,
     staff,
@@ -392,14 +393,6 @@ def require_nginx() -> None:
         pytest.skip("SKIPPED LOUDLY: nginx is not installed")
 
 
-def _connections(node: Server) -> float:
-    with urllib.request.urlopen(node.http("/metrics"), timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("appchat_connections "):
-                return float(line.split()[1])
-    return 0.0
-
-
 async def test_behind_nginx_with_tls_no_sticky_sessions(
     cluster: list[Server], tmp_path: Path
 ) -> None:
@@ -418,7 +411,7 @@ async def test_behind_nginx_with_tls_no_sticky_sessions(
             ]
             staff_c = await stack.enter_async_context(client(front, 1, token(admin_id=1), ssl=ctx))
             # round robin spread the five sockets over both nodes
-            counts = [await asyncio.to_thread(_connections, n) for n in cluster]
+            counts = [await asyncio.to_thread(connections, n) for n in cluster]
             assert all(count >= 1 for count in counts), counts
             await staff_c.ok("Event.AddConversation", {"application_id": 400})
             for c in clients:
