@@ -1,14 +1,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
 from .backends import AHEAD
-from .support import InProcessServer
+from .support import close_raw_sockets, module_server
 from .test_browser import CHROMIUM, CHROMIUM_ARGS, chromium_available
 
 
@@ -19,14 +18,16 @@ def databases_ahead() -> Iterator[None]:
     AHEAD.close()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
-    """One real ``appchat serve`` node per test module (in this process, on a real socket),
-    on a fresh SQLite file."""
-    db: Path = tmp_path_factory.mktemp("db") / "appchat.db"
-    proc = InProcessServer(db, "--rate", "0").start()
-    yield proc
-    proc.stop()
+# One real ``appchat serve`` node per test module (in this process, on a real socket), on a
+# fresh SQLite file.
+server = module_server("--rate", "0")
+
+
+@pytest.fixture(autouse=True)
+def raw_sockets_closed() -> Iterator[None]:
+    """The raw sockets a test opened (``RawSocket``) are closed after it, whatever it did."""
+    yield
+    close_raw_sockets()
 
 
 @pytest.fixture

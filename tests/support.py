@@ -4,6 +4,7 @@ tokens."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import inspect
 import itertools
@@ -11,18 +12,23 @@ import json
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
 import jwt
 import orjson
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
 
 from appchat.app import cli
@@ -282,6 +288,21 @@ def _loop_factory() -> Any:
 Server: TypeAlias = ServerProcess | InProcessServer
 
 
+def module_server(*args: str, process: bool = False) -> Any:
+    """A module-scoped fixture: one ``appchat serve`` with ``args`` for the module's tests, on
+    a fresh SQLite file; in a child process with ``process`` (tests that read its log, send
+    it signals or read its memory), else in this one."""
+
+    @pytest.fixture(scope="module")
+    def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+        db = tmp_path_factory.mktemp("db") / "appchat.db"
+        srv = (ServerProcess if process else InProcessServer)(db, *args).start()
+        yield srv
+        srv.stop()
+
+    return fixture
+
+
 class Client:
     """A WebSocket client that pairs replies with requests by ``id`` and keeps pushes aside."""
 
@@ -386,6 +407,17 @@ async def client(server: Server, sid: int, tok: str, **kwargs: Any) -> AsyncIter
         await c.close()
 
 
+async def status(srv: Server, sid: int, tok: str, **kwargs: Any) -> int:
+    """The handshake's HTTP status: 101 when the connection was made and served a request.
+    ``kwargs`` go to the client (``local_addr=("127.0.0.N", 0)``: connect from 127.0.0.N)."""
+    try:
+        async with client(srv, sid, tok, **kwargs) as c:
+            await c.ok("Event.GetUnreadInfo", {})
+            return 101
+    except InvalidStatus as exc:
+        return exc.response.status_code
+
+
 def staff(server: Server, admin_id: int = 1) -> AbstractAsyncContextManager[Client]:
     """A client of staff member ``admin_id`` (a token naming the admin, sid = admin_id)."""
     return client(server, admin_id, token(admin_id=admin_id))
@@ -478,3 +510,133 @@ class TcpProxy:
         finally:
             self._writers.discard(writer)
             writer.transport.abort()
+
+
+# The server's log (a ServerProcess's output). Tests that read it connect from addresses of
+# their own (127.0.0.N): the server's budget of log lines is per remote address.
+
+
+def lines_with(srv: Server, *parts: str) -> list[str]:
+    return [line for line in list(srv.lines) if all(p in line for p in parts)]
+
+
+def logged(srv: Server, *parts: str, timeout: float = 10) -> str:
+    """The first log line holding every part (waits for the output pipe)."""
+    wait_until(lambda: bool(lines_with(srv, *parts)), timeout)
+    return lines_with(srv, *parts)[0]
+
+
+# What the server counts at /metrics.
+
+
+def metrics_text(srv: Server) -> str:
+    with urllib.request.urlopen(srv.http("/metrics"), timeout=10) as r:
+        body: bytes = r.read()
+    return body.decode()
+
+
+def metric(srv: Server, name: str) -> float:
+    for line in metrics_text(srv).splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def connections(srv: Server) -> int:
+    return int(metric(srv, "appchat_connections"))
+
+
+def rss_mb(srv: ServerProcess, field: str = "VmRSS") -> float:
+    """The server process's memory in MB: resident now (VmRSS), or at its peak (VmHWM)."""
+    assert srv.proc is not None
+    for line in Path(f"/proc/{srv.proc.pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no {field}")
+
+
+# Clients no client library would be: raw sockets.
+
+
+async def open_raw(srv: Server, source: str) -> tuple[asyncio.StreamReader, Any]:
+    """A plain TCP connection to the server from ``source`` (an address 127.0.0.N)."""
+    return await asyncio.open_connection("127.0.0.1", srv.port, local_addr=(source, 0))
+
+
+_RAW_SOCKETS: list[socket.socket] = []  # every RawSocket's socket, closed after each test
+
+
+def close_raw_sockets() -> None:
+    """Close what a test's RawSockets left open (conftest calls it after every test)."""
+    while _RAW_SOCKETS:
+        _RAW_SOCKETS.pop().close()
+
+
+class RawSocket:
+    """A WebSocket client on a plain socket: it writes frames and reads only when told.
+
+    The attackers speak WebSocket over it: they choose their receive buffer, never read,
+    and end with a TCP reset, as no polite client library would.
+    """
+
+    def __init__(self, srv: Server, sid: int, tok: str, *, rcvbuf: int = 4096) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        _RAW_SOCKETS.append(self.sock)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(10)
+        self.sock.connect(("127.0.0.1", srv.port))
+        self.sock.sendall(self.handshake(sid, tok))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(1)
+            if not chunk:
+                raise ConnectionError("closed during the handshake")
+            head += chunk
+        self.status = int(head.split(b" ", 2)[1])
+
+    @staticmethod
+    def handshake(sid: int, tok: str) -> bytes:
+        """The upgrade request of participant ``sid`` with ``tok``."""
+        key = base64.b64encode(os.urandom(16)).decode()
+        return (
+            f"GET /ws?sid={sid} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: access_token, {tok}\r\n\r\n"
+        ).encode()
+
+    @staticmethod
+    def frame(payload: bytes, opcode: int = 0x1) -> bytes:
+        """A client frame, masked with the key 0 (legal, and the payload stays as is)."""
+        n = len(payload)
+        if n < 126:
+            head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+        elif n < 65536:
+            head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+        else:
+            head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+        return head + b"\0\0\0\0" + payload
+
+    def request(self, name: str, args: dict[str, object], request_id: str) -> bytes:
+        doc = {"name": name, "id": request_id, "args": json.dumps(args)}
+        return self.frame(json.dumps(doc).encode())
+
+    def pipeline(self, data: bytes, *, until_blocked: float = 1.0, most: int = 10_000) -> int:
+        """Send ``data`` again and again until the server stops taking it; how many went."""
+        self.sock.settimeout(until_blocked)
+        sent = 0
+        try:
+            for _ in range(most):
+                self.sock.sendall(data)
+                sent += 1
+        except TimeoutError:
+            pass
+        return sent
+
+    def reset(self) -> None:
+        """End with a TCP reset (SO_LINGER 0), whatever is still buffered."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()

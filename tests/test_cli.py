@@ -19,7 +19,7 @@ from .support import SECRET, ServerProcess, client, wait_until
 
 
 def appchat(
-    *args: str, cwd: Path, env: dict[str, str] | None = None
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("APPCHAT_")}
     return subprocess.run(
@@ -28,7 +28,7 @@ def appchat(
         env={**clean, **(env or {})},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
     )
 
 
@@ -150,6 +150,41 @@ def test_migrate_postgres_and_unreachable_database(tmp_path: Path) -> None:
     )
     assert out.returncode == 1
     assert "cannot start" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_migrate_does_not_print_the_database_password(tmp_path: Path) -> None:
+    from .backends import postgres_database
+
+    with postgres_database() as url:  # the server trusts local users: any password works
+        with_password = url.replace("postgres@", "postgres:hunter2-secret@", 1)
+        out = appchat("migrate", "--database", with_password, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert "hunter2" not in out.stdout + out.stderr
+        assert "postgres:***@" in out.stdout
+    out = appchat(
+        "migrate", "--database", "postgresql://postgres:hunter2-secret@127.0.0.1:1/x", cwd=tmp_path
+    )
+    assert out.returncode == 2 and "hunter2" not in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_a_port_out_of_range_is_refused(port: str, tmp_path: Path) -> None:
+    try:
+        out = appchat(
+            "serve",
+            "--port",
+            port,
+            "--database",
+            f"sqlite:///{tmp_path}/p.db",
+            cwd=tmp_path,
+            env={"APPCHAT_JWT_SECRET": SECRET},
+            timeout=30,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"--port {port} was taken: the server ran instead of refusing")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"--port {port}" in out.stderr and "65535" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_busy_port_and_bad_log_level_are_one_line_errors(tmp_path: Path) -> None:

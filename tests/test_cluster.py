@@ -8,12 +8,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -33,9 +35,11 @@ from .support import (
     ServerProcess,
     TcpProxy,
     client,
+    connections,
     customer,
     eventually,
     staff,
+    status,
     token,
     wait_until,
 )
@@ -212,56 +216,129 @@ async def test_postgres_down_is_unavailable_never_a_false_ack(tmp_path: Path) ->
             await proxy.stop()
 
 
-async def test_redis_restart_mid_traffic(tmp_path: Path) -> None:
+@asynccontextmanager
+async def two_nodes_on_a_private_redis(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[PrivateRedis, InProcessServer, InProcessServer]]:
+    """Two nodes on one PostgreSQL database and on a Redis of the test's own, which the test
+    may kill, start again or stop."""
     require("Redis", "127.0.0.1", 6379)  # the binary is what matters; the service proves it
     redis = PrivateRedis(tmp_path)
     redis.start()
     try:
         with postgres_database() as url:
-            a, b = _start_all(
-                [InProcessServer(url, "--broker", redis.url, "--rate", "0") for _ in range(2)]
+            a, b = await asyncio.to_thread(
+                _start_all,
+                [InProcessServer(url, "--broker", redis.url, "--rate", "0") for _ in range(2)],
             )
             try:
-                async with customer(a, 300, 950) as c, staff(b, 1) as s:
-                    await c.ok("Event.AddConversation", {"application_id": 300})
-                    await s.ok("Event.AddConversation", {"application_id": 300})
-                    sent: list[int] = []
-                    first = await c.ok(
-                        "Event.SendMessage", {"session_channel": "300", "content": "0"}
-                    )
-                    sent.append(first["message"]["id"])
-                    await s.push("Event.ReceiveMessage")
-
-                    redis.kill()
-                    for i in range(1, 6):  # committed while the broker is gone: still acked
-                        r = await c.ok(
-                            "Event.SendMessage", {"session_channel": "300", "content": str(i)}
-                        )
-                        sent.append(r["message"]["id"])
-                    redis.start()
-
-                    # both nodes come back and tell their clients to refetch
-                    for who in (c, s):
-                        frame = await who.push(timeout=20)
-                        while frame["name"] != "Event.Resync":
-                            frame = await who.push(timeout=20)
-                        assert frame["result"] is None
-                    page = await s.ok("Event.GetMessageList", {"session_channel": "300"})
-                    assert [m["id"] for m in page["Messages"]] == sent
-
-                    # and pushes flow across nodes again, from the very first message
-                    r = await c.ok(
-                        "Event.SendMessage", {"session_channel": "300", "content": "again"}
-                    )
-                    frame = await s.push(timeout=5)
-                    while frame["name"] == "Event.Resync":  # node A's, for what it lost
-                        frame = await s.push(timeout=5)
-                    assert frame["name"] == "Event.ReceiveMessage" and frame["result"] == r
+                yield redis, a, b
             finally:
                 for n in (a, b):
-                    n.stop()
+                    await asyncio.to_thread(n.stop)
     finally:
         redis.kill()
+
+
+async def test_redis_restart_mid_traffic(tmp_path: Path) -> None:
+    async with (
+        two_nodes_on_a_private_redis(tmp_path) as (redis, a, b),
+        customer(a, 300, 950) as c,
+        staff(b, 1) as s,
+    ):
+        await c.ok("Event.AddConversation", {"application_id": 300})
+        await s.ok("Event.AddConversation", {"application_id": 300})
+        sent: list[int] = []
+        first = await c.ok("Event.SendMessage", {"session_channel": "300", "content": "0"})
+        sent.append(first["message"]["id"])
+        await s.push("Event.ReceiveMessage")
+
+        redis.kill()
+        for i in range(1, 6):  # committed while the broker is gone: still acked
+            r = await c.ok("Event.SendMessage", {"session_channel": "300", "content": str(i)})
+            sent.append(r["message"]["id"])
+        redis.start()
+
+        # both nodes come back and tell their clients to refetch
+        for who in (c, s):
+            frame = await who.push(timeout=20)
+            while frame["name"] != "Event.Resync":
+                frame = await who.push(timeout=20)
+            assert frame["result"] is None
+        page = await s.ok("Event.GetMessageList", {"session_channel": "300"})
+        assert [m["id"] for m in page["Messages"]] == sent
+
+        # and pushes flow across nodes again, from the very first message
+        r = await c.ok("Event.SendMessage", {"session_channel": "300", "content": "again"})
+        frame = await s.push(timeout=5)
+        while frame["name"] == "Event.Resync":  # node A's, for what it lost
+            frame = await s.push(timeout=5)
+        assert frame["name"] == "Event.ReceiveMessage" and frame["result"] == r
+
+
+async def test_a_stopped_broker_stalls_no_ack_and_silences_no_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keepalive = {"ping_interval": 0.5, "ping_timeout": 1.5}  # as a mobile app would
+
+    def gave_up() -> bool:
+        """Whether a node gave up publishing a push: after its publish timeout (2 s), so
+        what comes before it did not wait for the broker."""
+        return "pushes not published" in caplog.text
+
+    async with two_nodes_on_a_private_redis(tmp_path) as (redis, a, b):
+        assert redis.proc is not None
+        async with (
+            client(a, 960, token(request_id=310, sid=960), **keepalive) as c,
+            client(b, 9, token(admin_id=9), **keepalive) as s,
+        ):
+            await c.ok("Event.AddConversation", {"application_id": 310})
+            await s.ok("Event.AddConversation", {"application_id": 310})
+            first = await c.ok("Event.SendMessage", {"session_channel": "310", "content": "0"})
+            assert (await s.push("Event.ReceiveMessage"))["result"] == first
+
+            redis.proc.send_signal(signal.SIGSTOP)  # open socket, nobody answers
+            try:
+                stalled = await c.ok(
+                    "Event.SendMessage", {"session_channel": "310", "content": "1"}
+                )
+                # The ack waits for the commit only; a ping and the next request wait for
+                # nothing either: all three come before node A gives up on the broker.
+                await asyncio.wait_for(await c.ws.ping(), 10)
+                await c.ok("Event.GetUnreadInfo", {})
+                assert not gave_up()
+                # The connection answers pings all along, past the publish timeout: until
+                # node A gave up, and a round after.
+                async with asyncio.timeout(30):
+                    while not gave_up():
+                        pong = await c.ws.ping()
+                        await asyncio.wait_for(pong, 1.0)
+                        await c.ok("Event.GetUnreadInfo", {})
+                        await asyncio.sleep(0.25)
+                await asyncio.wait_for(await c.ws.ping(), 1.0)
+                await c.ok("Event.GetUnreadInfo", {})
+                # A new participant's handshake ends in bounded time: in, or 503.
+                started = time.monotonic()
+                code = await asyncio.wait_for(status(a, 961, token(request_id=311, sid=961)), 10)
+                assert code in (101, 503) and time.monotonic() - started < 5, code
+            finally:
+                redis.proc.send_signal(signal.SIGCONT)
+
+            # Staff on the other node lost the push: it is told to refetch.
+            frame = await s.push(timeout=20)
+            while frame["name"] != "Event.Resync":
+                assert frame["result"] == stalled  # (a late copy of the lost push)
+                frame = await s.push(timeout=20)
+            page = await s.ok("Event.GetMessageList", {"session_channel": "310"})
+            assert [m["id"] for m in page["Messages"]][-1] == stalled["message"]["id"]
+            # Pushes flow again.
+            again = await c.ok("Event.SendMessage", {"session_channel": "310", "content": "2"})
+            frame = await s.push("Event.ReceiveMessage", timeout=10)
+            while frame["result"] != again:
+                assert frame["result"] == stalled
+                frame = await s.push("Event.ReceiveMessage", timeout=10)
+            # Neither client gave up on its connection for want of a pong.
+            assert c.ws.close_code is None and s.ws.close_code is None
 
 
 def test_nodes_report_ready(cluster: list[Server]) -> None:
@@ -316,14 +393,6 @@ def require_nginx() -> None:
         pytest.skip("SKIPPED LOUDLY: nginx is not installed")
 
 
-def _connections(node: Server) -> float:
-    with urllib.request.urlopen(node.http("/metrics"), timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("appchat_connections "):
-                return float(line.split()[1])
-    return 0.0
-
-
 async def test_behind_nginx_with_tls_no_sticky_sessions(
     cluster: list[Server], tmp_path: Path
 ) -> None:
@@ -342,7 +411,7 @@ async def test_behind_nginx_with_tls_no_sticky_sessions(
             ]
             staff_c = await stack.enter_async_context(client(front, 1, token(admin_id=1), ssl=ctx))
             # round robin spread the five sockets over both nodes
-            counts = [await asyncio.to_thread(_connections, n) for n in cluster]
+            counts = [await asyncio.to_thread(connections, n) for n in cluster]
             assert all(count >= 1 for count in counts), counts
             await staff_c.ok("Event.AddConversation", {"application_id": 400})
             for c in clients:

@@ -1,10 +1,13 @@
 """Bad frames get a clear error reply and the connection stays up; the WebSocket layer
-itself refuses only oversize frames (1009) and invalid UTF-8 (1007)."""
+itself refuses only oversize frames (1009), invalid UTF-8 (1007) and a flood of control
+frames beyond the frame budget (1008)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -16,19 +19,28 @@ from appchat.app.config import Settings
 from appchat.app.node import Node
 from appchat.store.sqlite import SqliteStore
 
+from .backends import postgres_database
 from .support import (
     SECRET,
     Client,
     Clock,
     InProcessServer,
+    RawSocket,
     Server,
     ServerProcess,
     client,
+    metrics_text,
+    module_server,
     staff,
     token,
+    wait_until,
 )
 
 APP = 3000
+
+# The default frame budget (--rate 50 --burst 100), in a child process: its log is read, and
+# a flood sent from this process would take the turns of a server running here.
+process = module_server(process=True)
 
 
 BAD_FRAMES: list[tuple[str, str | None, str]] = [
@@ -122,6 +134,29 @@ async def test_hostile_content_is_stored_verbatim(server: Server) -> None:
         assert [m["content"] for m in page["Messages"]] == texts
 
 
+async def nul_client_msg_id_is_refused(srv: Server) -> None:
+    async with client(srv, 38, token(admin_id=38)) as c:
+        await c.ok("Event.AddConversation", {"application_id": 380})
+        args = {"session_channel": "380", "content": "hi", "client_msg_id": "a\x00b"}
+        assert await c.error("Event.SendMessage", args) == "bad_request"
+        page = await c.ok("Event.GetMessageList", {"session_channel": "380"})
+        assert page["Messages"] == []  # nothing stored
+    assert "Traceback" not in srv.output
+
+
+async def test_nul_in_client_msg_id_is_bad_request_on_sqlite(process: Server) -> None:
+    await nul_client_msg_id_is_refused(process)
+
+
+async def test_nul_in_client_msg_id_is_bad_request_on_postgres() -> None:
+    with postgres_database() as url:
+        srv = await asyncio.to_thread(InProcessServer(url, "--rate", "0").start)
+        try:
+            await nul_client_msg_id_is_refused(srv)
+        finally:
+            await asyncio.to_thread(srv.stop)
+
+
 async def test_binary_frame_is_bad_request(server: Server) -> None:
     async with staff(server) as s:
         await s.send_raw(b'{"name": "Event.GetUnreadInfo"}')
@@ -152,6 +187,61 @@ async def test_invalid_utf8_closes_1007(server: Server) -> None:
     async with staff(server) as s:
         await s.send_raw(b'{"name": "\xff\xfe"}', text=True)
         assert await closed_with(s) == 1007
+
+
+async def test_a_ping_flood_is_closed_1008_and_others_are_served(process: Server) -> None:
+    async with client(process, 1900, token(admin_id=1900)) as other:
+        await other.ok("Event.GetUnreadInfo", {})
+        reader, writer = await asyncio.open_connection("127.0.0.1", process.port)
+        try:
+            writer.write(RawSocket.handshake(1901, token(admin_id=1901)))
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert b" 101 " in head
+            ping = RawSocket.frame(b"p" * 100, opcode=0x9)
+            closed = asyncio.Event()
+
+            async def flood() -> int:
+                sent = 0
+                with contextlib.suppress(ConnectionError):
+                    while not closed.is_set():
+                        writer.write(ping * 50)
+                        sent += 50
+                        await writer.drain()
+                return sent
+
+            async def close_code() -> int:
+                # Read frames until the server's close frame: its code.
+                try:
+                    while True:
+                        b0, b1 = await reader.readexactly(2)
+                        n = b1 & 0x7F
+                        if n == 126:
+                            (n,) = struct.unpack("!H", await reader.readexactly(2))
+                        elif n == 127:
+                            (n,) = struct.unpack("!Q", await reader.readexactly(8))
+                        payload = await reader.readexactly(n)
+                        if b0 & 0x0F == 0x8:
+                            return int(struct.unpack("!H", payload[:2])[0])
+                finally:
+                    closed.set()
+
+            flooding = asyncio.create_task(flood())
+            code_task = asyncio.create_task(close_code())
+            # Another connection is served while the flood lasts: each request answered
+            # (within the client's 10 s: a starved connection would wait for good).
+            during = 0
+            while not code_task.done() and during < 20:
+                await other.ok("Event.GetUnreadInfo", {})
+                during += 1
+            code = await asyncio.wait_for(code_task, 10)
+            sent = await asyncio.wait_for(flooding, 10)
+            assert code == 1008, code
+            assert sent >= 100  # it got past its burst before it was closed
+            await other.ok("Event.GetUnreadInfo", {})  # and after it
+        finally:
+            writer.close()
+    flood_counted = 'appchat_disconnects_total{reason="frame flood"} 1.0'
+    await asyncio.to_thread(wait_until, lambda: flood_counted in metrics_text(process))
 
 
 async def test_rate_limited(tmp_path: Path) -> None:

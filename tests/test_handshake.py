@@ -7,6 +7,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -15,9 +16,22 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
 
-from .support import SECRET, Client, InProcessServer, Server, client, raw_token, token
+from .support import (
+    SECRET,
+    Client,
+    InProcessServer,
+    Server,
+    client,
+    module_server,
+    raw_token,
+    status,
+    token,
+)
 
 ORIGINAL_SHAPE = {"iss": "", "iat": None, "aud": "", "sub": "", "admin_id": "1"}
+
+# A server in a child process, for the tests that read its log.
+process = module_server("--rate", "0", process=True)
 
 
 def b64(data: bytes) -> str:
@@ -195,3 +209,23 @@ async def test_trust_query_sid_takes_the_sid_for_staff(tmp_path: object) -> None
 
 def test_secret_constant_is_long_enough() -> None:
     assert len(SECRET.encode()) >= 32
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+async def test_a_huge_time_claim_is_401_not_500(process: Server, claim: str) -> None:
+    claims: dict[str, Any] = {"admin_id": 36, "exp": int(time.time()) + 600}
+    claims[claim] = 10**400
+    assert await status(process, 36, raw_token(claims)) == 401
+    async with client(process, 36, token(admin_id=36)) as c:
+        reply = await c.call("Event.RefreshToken", {"token": raw_token(claims)})
+        assert reply["ok"] is False and reply["error"]["code"] == "unauthorized", reply
+        await c.ok("Event.GetUnreadInfo", {})  # the connection stays up
+    assert "OverflowError" not in process.output
+
+
+@pytest.mark.parametrize("aud", [0, False, {}, [], "api", ["api"]])
+async def test_only_an_absent_or_empty_audience_is_accepted(server: Server, aud: Any) -> None:
+    exp = int(time.time()) + 600
+    assert await status(server, 37, raw_token({"admin_id": 37, "exp": exp, "aud": aud})) == 401
+    assert await status(server, 37, raw_token({"admin_id": 37, "exp": exp, "aud": ""})) == 101
+    assert await status(server, 37, raw_token({"admin_id": 37, "exp": exp, "aud": None})) == 101

@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidStatus
 
 from .support import (
     SECRET,
@@ -30,6 +29,7 @@ from .support import (
     ServerProcess,
     client,
     eventually,
+    status,
     subprotocols,
     token,
 )
@@ -54,12 +54,7 @@ def signed(key: bytes, algorithm: str, kid: str | None = None, **claims: object)
 
 
 async def status_of(srv: Server, tok: str, sid: int = 1, **kw: object) -> int:
-    try:
-        async with client(srv, sid, tok, **kw) as c:
-            await c.ok("Event.GetUnreadInfo", {})
-            return 101
-    except InvalidStatus as exc:
-        return exc.response.status_code
+    return await status(srv, sid, tok, **kw)
 
 
 async def test_public_keys_and_rotation_by_kid(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """The connection quota and the handshake guard with plain values: no sockets. The
 transport the guard sees is a small double recording what the guard does to it; the
-guard against real sockets is tested in tests/test_hostile_transport.py."""
+guard against real sockets is tested in tests/test_handshake_deadline.py, the quota in
+tests/test_connection_limits.py."""
 
 from __future__ import annotations
 
