@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from .support import InProcessServer, Server, staff
+from .support import InProcessServer, Server, customer, staff
 from .test_web import join_as_customer, join_as_staff, open_page, screenshot
 
 
@@ -81,8 +81,9 @@ FOREIGN = [
 
 
 def store_as_sent(server: InProcessServer, application_id: int, contents: list[str]) -> None:
-    """Store image messages as the server keeps them for such a client (SPEC, "Seed
-    compatibility"), straight into the node's store."""
+    """Store image messages straight into the node's store: for content SendMessage
+    refuses today (a reference to another conversation's upload) that a page may still
+    meet in a database written before the rule."""
     node = server.node
     assert node is not None
 
@@ -108,9 +109,16 @@ async def test_foreign_image_content_is_a_link_the_page_never_fetches(
 ) -> None:
     from playwright.async_api import expect
 
-    async with staff(dev_server) as s:
+    async with staff(dev_server) as s, customer(dev_server, 500, 7) as c:
         await s.ok("Event.AddConversation", {"application_id": 500})
-    store_as_sent(dev_server, 500, FOREIGN)
+        await c.ok("Event.AddConversation", {"application_id": 500})
+        # What a client of the original server sends, stored as sent (SPEC, "Seed
+        # compatibility")...
+        for content in FOREIGN[:-1]:
+            args = {"session_channel": "500", "content": content, "content_type": 2}
+            await c.ok("Event.SendMessage", args)
+    # ... and a reference to another conversation's upload, which SendMessage refuses.
+    store_as_sent(dev_server, 500, FOREIGN[-1:])
     errors: list[str] = []
     page = await open_page(browser, dev_server, errors)
     requested: list[str] = []
