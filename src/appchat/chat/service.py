@@ -75,7 +75,7 @@ class ChatService:
         self._limits = limits or Limits()
         self._trust_query_sid = trust_query_sid
         self._known: dict[int, Conversation] = {}
-        # (conversation id, user id) -> the display name this node last stored for them
+        # (connection id, conversation id, user id) -> the display name that connection stored
         self._names: dict[tuple[str, int, int], str] = {}
         self._metrics = metrics or Metrics()
         self._now = clock_us

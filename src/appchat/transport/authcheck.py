@@ -19,7 +19,7 @@ from ..auth.tokens import NO_IDS, IdRanges, TokenVerifier, parse_id
 from ..protocol.errors import AppError, Forbidden
 from ..protocol.models import Role
 from .connlog import ConnectionLog
-from .rest import error_response, request_principal, status_of
+from .rest import error_response, origin_allowed, request_principal, status_of
 
 HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
 
@@ -51,8 +51,8 @@ class TokenCheck:
         sid = None
         try:
             origin = request.headers.get("Origin")
-            if self._allowed_origins and origin is not None and origin not in self._allowed_origins:
-                raise Forbidden(f"origin {origin[:200]} is not allowed")
+            if not origin_allowed(self._allowed_origins, origin):
+                raise Forbidden(f"origin {origin[:200] if origin else ''} is not allowed")
             sid = parse_id(request.query.get("sid"))
             principal = request_principal(
                 request,

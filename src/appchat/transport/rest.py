@@ -62,6 +62,12 @@ def error_response(
     return response
 
 
+def origin_allowed(allowed: frozenset[str], origin: str | None) -> bool:
+    """``--allowed-origins`` (empty: any). Browsers always send Origin; other clients may
+    not, and are not what this guards."""
+    return not allowed or origin is None or origin in allowed
+
+
 def refuse_encoded(request: web.Request, what: str) -> None:
     """``UnsupportedType`` for a body sent with a ``Content-Encoding``: the server inflates
     no request body (a few KiB could stand for gigabytes), so it is refused unread."""

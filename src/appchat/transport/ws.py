@@ -30,6 +30,7 @@ from ..protocol.models import Principal
 from .connlog import ConnectionLog
 from .memory import MemoryRelease
 from .quota import ConnectionQuota, quota_key
+from .rest import origin_allowed
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class WebSocketEndpoint:
             transport,
             service=self._service,
             bucket=TokenBucket(self._options.rate, self._options.burst, clock=self._monotonic),
-            close_soon=self._close_soon,
+            close_soon=partial(self._close_soon, ws, transport),
         )
         opened = None
         try:
@@ -213,10 +214,8 @@ class WebSocketEndpoint:
         return ws
 
     def _check_origin(self, origin: str | None) -> None:
-        # Browsers always send Origin; other clients may not, and are not what this guards.
-        allowed = self._options.allowed_origins
-        if allowed and origin is not None and origin not in allowed:
-            raise HandshakeError(403, f"origin {origin[:200]} is not allowed")
+        if not origin_allowed(self._options.allowed_origins, origin):
+            raise HandshakeError(403, f"origin {origin[:200] if origin else ''} is not allowed")
 
     def _check_capacity(self, principal: Principal) -> str:
         """Room on this node and in the allowance of the token's identity (see quota.py);
@@ -312,10 +311,9 @@ def _abort(transport: asyncio.Transport | None) -> None:
         transport.abort()
 
 
-Closing = Callable[
-    [web.WebSocketResponse, asyncio.Transport | None, int, str, str], asyncio.Task[None]
-]
-"""Closes a WebSocket with (code, reason), counted as (a disconnect reason of the metrics)."""
+Closing = Callable[[int, str, str], asyncio.Task[None]]
+"""Closes the session's WebSocket with (code, reason), counted as (a disconnect reason of
+the metrics); the task may be awaited."""
 
 
 class _Session:
@@ -391,13 +389,8 @@ class _Session:
                     self._server = asyncio.get_running_loop().create_task(self._serve())
             elif kind is WSMsgType.PING or kind is WSMsgType.PONG:
                 if not self._bucket.allow():
-                    await self._close_soon(
-                        ws,
-                        self.transport,
-                        CloseCode.POLICY_VIOLATION,
-                        "too many frames",
-                        "frame flood",
-                    )
+                    flood = CloseCode.POLICY_VIOLATION
+                    await self._close_soon(flood, "too many frames", "frame flood")
                     return
                 if kind is WSMsgType.PING:
                     with contextlib.suppress(ConnectionError, RuntimeError):
@@ -491,6 +484,4 @@ class _Session:
         if self._expired:
             return
         self._expired = True
-        self._close_soon(
-            self.ws, self.transport, CloseCode.TOKEN_EXPIRED, "token expired", "token expired"
-        )
+        self._close_soon(CloseCode.TOKEN_EXPIRED, "token expired", "token expired")
