@@ -191,6 +191,9 @@ class WebSocketEndpoint:
         finally:
             self._quota.give_back(quota)  # first: nothing below may keep it if cancelled
             self._live.pop(conn, None)
+            # No longer reading: from here this task finishes the connection (its last
+            # replies, its close), and a request ending now must not cancel it.
+            session.reader = None
             await session.finish()
             await self._hub.unregister(conn)
             await conn.flush(CLOSE_TIMEOUT)
@@ -359,7 +362,7 @@ class _Session:
         self._service = service
         self._bucket = bucket  # frames a second, control frames included
         self._close_soon = close_soon
-        self.reader: asyncio.Task[Any] | None = None  # the task running read_loop
+        self.reader: asyncio.Task[Any] | None = None  # the task running read_loop, while it runs
         self._inbox: list[str] = []
         self._inbox_room: asyncio.Event | None = None
         self._server: asyncio.Task[None] | None = None
