@@ -528,3 +528,66 @@ async def test_an_image_that_failed_offline_is_sent_on_retry(browser: Any, tmp_p
         assert errors == []
     finally:
         server.stop()
+
+
+async def test_a_late_copy_of_a_message_never_unreads_it(browser: Any, tmp_path: Path) -> None:
+    """After a reconnect the page refetches its thread for read ticks that changed while it
+    was away. A copy the server wrote before a read, arriving after that read's
+    MessageRead push, used to turn ✓✓ back into ✓: status only grows now."""
+    from playwright.async_api import expect
+
+    server = InProcessServer(tmp_path / "late.db", "--dev", "--rate", "0").start()
+    try:
+        errors: list[str] = []
+        page = await open_page(browser, server, errors)
+        held: list[str] = []  # the refetch's replies, kept back until the read was shown
+        refetches: set[object] = set()
+        sockets: list[Any] = []
+
+        def handler(route: Any) -> None:
+            upstream = route.connect_to_server()
+            sockets.append(route)
+
+            def to_server(data: str | bytes) -> None:
+                frame = json.loads(data)
+                args = json.loads(frame.get("args") or "{}")
+                refetch = "after_id" not in args and "before_id" not in args
+                if frame.get("name") == "Event.GetMessageList" and refetch and len(sockets) > 1:
+                    refetches.add(frame.get("id"))
+                upstream.send(data)
+
+            def to_page(data: str | bytes) -> None:
+                if json.loads(data).get("id") in refetches:
+                    held.append(data if isinstance(data, str) else data.decode())
+                    return
+                route.send(data)
+
+            route.on_message(to_server)
+            upstream.on_message(to_page)
+
+        await page.route_web_socket(re.compile(r"/ws\?"), handler)
+        await join_as_customer(page, 2, 600)
+        await send(page, "is anyone there?")
+        ticks = bubble(page, "is anyone there?").locator(".ticks")
+        await expect(ticks).to_have_text("✓")
+        # The socket drops; the page comes back and refetches its thread (held back here).
+        await sockets[0].close(code=1011)
+        await eventually(lambda: bool(held), timeout=20, what="the page's refetch answered")
+        async with staff(server, 1) as s:
+            await s.ok("Event.AddConversation", {"application_id": 600})
+            thread = await s.ok("Event.GetMessageList", {"session_channel": "600"})
+            newest = thread["Messages"][-1]["id"]
+            await s.ok("Event.ReadMessage", {"session_channel": "600", "message_id": newest})
+        await expect(ticks).to_have_text("✓✓")
+        # Now the copy written before the read reaches the page, and then a message: frames
+        # are handled in order, so once that message shows, the copy has been taken in.
+        for data in held:
+            sockets[-1].send(data)
+        async with staff(server, 1) as s:
+            await s.ok("Event.SendMessage", {"session_channel": "600", "content": "yes, here"})
+        await expect(bubble(page, "yes, here")).to_be_visible()
+        await expect(ticks).to_have_text("✓✓")
+        assert '"status":0' in "".join(held).replace(" ", "")  # it was a stale copy
+        assert errors == []
+    finally:
+        server.stop()

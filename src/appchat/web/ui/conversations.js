@@ -86,7 +86,7 @@ export async function openConversation(channel) {
     if (!thread.loaded) {
       $("history-status").textContent = "Loading…";
       const page = await chat.history(channel, { limit: PAGE });
-      for (const m of page.messages) thread.messages.set(m.id, m);
+      for (const m of page.messages) remember(thread, m);
       thread.hasMore = page.hasMore;
       thread.loaded = true;
       renderIfOpen(channel, { stick: true });
@@ -125,7 +125,7 @@ export async function loadOlder(channel) {
   try {
     const oldest = Math.min(...thread.messages.keys());
     const page = await state.chat.history(channel, { beforeId: oldest, limit: PAGE });
-    for (const m of page.messages) thread.messages.set(m.id, m);
+    for (const m of page.messages) remember(thread, m);
     thread.hasMore = page.hasMore;
     if (state.openChannel === channel) {
       const box = $("messages");
@@ -163,13 +163,20 @@ export function markRead() {
   }
 }
 
+// Keep a copy of a message the server sent. A read receipt (MessageRead) may have arrived
+// after the server wrote this copy and before it got here: status only ever grows.
+function remember(thread, m) {
+  const known = thread.messages.get(m.id);
+  thread.messages.set(m.id, known && known.status > m.status ? { ...m, status: known.status } : m);
+}
+
 // After a reconnect: read ticks that changed while we were away.
 export async function refreshStatuses() {
   for (const [channel, thread] of state.threads) {
     if (!thread.loaded) continue;
     try {
       const page = await state.chat.call("Event.GetMessageList", { session_channel: channel, limit: PAGE });
-      for (const m of page.Messages) if (thread.messages.has(m.id)) thread.messages.set(m.id, m);
+      for (const m of page.Messages) if (thread.messages.has(m.id)) remember(thread, m);
     } catch {
       return;
     }
@@ -191,7 +198,7 @@ export function onMessage(m) {
   if (m.client_msg_id && m.sender_id === me.sid) state.pending.delete(m.client_msg_id);
   learnName(m);
   const thread = state.threads.get(channel);
-  if (thread && thread.loaded) thread.messages.set(m.id, m);
+  if (thread && thread.loaded) remember(thread, m);
   if (m.sender_id !== me.sid) {
     clearTyping(channel, m.sender_id);
     if (channel === state.openChannel && document.visibilityState === "visible") markRead();
