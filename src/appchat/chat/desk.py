@@ -50,14 +50,11 @@ class SnoozeWaker:
             await asyncio.wait([task])
 
     async def wake_due(self) -> int:
-        """Open what is due now; how many this node opened."""
+        """Open what is due now; how many this node opened. (One write that finds nothing
+        costs SQLite no fsync and PostgreSQL one indexed probe.)"""
         woken = 0
         while True:
-            now = self._now()
-            due = await self._store.next_snooze()
-            if due is None or due > now:
-                return woken
-            changes = await self._store.wake_snoozed(now=now, limit=WAKE_BATCH)
+            changes = await self._store.wake_snoozed(now=self._now(), limit=WAKE_BATCH)
             for change in changes:
                 self._on_change(change)
             woken += len(changes)

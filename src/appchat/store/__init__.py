@@ -83,9 +83,6 @@ class Store(Protocol):
         """Open the snoozed conversations due at ``now`` (at most ``limit``); a conversation
         is woken once, whichever node asks."""
 
-    async def next_snooze(self) -> int | None:
-        """When the next snoozed conversation falls due (``None``: none is snoozed)."""
-
     async def unread_page(
         self,
         user_id: int,

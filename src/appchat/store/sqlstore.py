@@ -87,7 +87,6 @@ SNOOZES_DUE = (
     "SELECT c.id FROM conversations c WHERE c.status = 'snoozed' AND c.snooze_until <= ? "
     f"ORDER BY c.snooze_until LIMIT ? {SKIP_LOCKED}"
 )
-NEXT_SNOOZE = "SELECT min(snooze_until) FROM conversations WHERE status = 'snoozed'"
 NEW_CONVERSATION = (
     "INSERT INTO conversations (application_id, create_at, update_at) VALUES (?, ?, ?) "
     "ON CONFLICT (application_id) DO NOTHING"
@@ -308,11 +307,6 @@ def wake_snoozed(now: int, limit: int, hooks: tuple[str, ...]) -> Plan[list[Conv
     return woken
 
 
-def next_snooze() -> Plan[int | None]:
-    value = yield Step("value", NEXT_SNOOZE, ())
-    return None if value is None else int(value)
-
-
 def unread_page(
     user_id: int, application_id: int | None, limit: int, after: ActivityKey | None
 ) -> Plan[UnreadPage]:
@@ -526,9 +520,6 @@ class SqlStore(ABC):
         if woken:
             self._woken(hooks)
         return woken
-
-    async def next_snooze(self) -> int | None:
-        return await self._read_plan(next_snooze)
 
     async def unread_page(
         self,
