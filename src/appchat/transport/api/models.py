@@ -105,7 +105,8 @@ class ConversationReply(BaseModel):
 
 
 class ConversationPatch(BaseModel):
-    """What to change; a field left out stays as it is."""
+    """What to change; a field left out (or a null status or snooze time) stays as it
+    is; a null ``assignee_id`` leaves the conversation unassigned."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -178,7 +179,7 @@ class ConversationListQuery(BaseModel):
     assignee: str | None = Field(
         default=None,
         max_length=20,
-        pattern=r"^(none|[1-9][0-9]{0,18})$",
+        pattern=r"^(none|[1-9][0-9]{0,17})$",
         description="only those assigned to this staff id, or `none`: unassigned",
     )
     limit: int = Field(default=ev.DEFAULT_LIST_PAGE, ge=1, le=ev.MAX_LIST_PAGE)

@@ -188,7 +188,12 @@ class ServerApi:
         )
 
     async def _update_conversation(self, call: Call) -> tuple[int, Any]:
-        changes = call.body.model_dump(include=call.body.model_fields_set)
+        # A null status or snooze time is one left out; a null assignee is nobody.
+        changes = {
+            k: v
+            for k, v in call.body.model_dump(include=call.body.model_fields_set).items()
+            if v is not None or k == "assignee_id"
+        }
         return 200, await self._service.update_conversation(call.path.application_id, changes)
 
     async def _disconnect(self, call: Call) -> tuple[int, Any]:
