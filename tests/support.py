@@ -383,6 +383,16 @@ class Client:
         assert frame["ok"] is True and "id" not in frame
         return frame
 
+    async def desk_push(self, name: str, timeout: float = 5) -> dict[str, Any]:
+        """The next push named ``name``, passing over Event.ReceivePresence (an inbox
+        subscriber hears every staff member come and go)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await self.push()
+                if frame["name"] != "Event.ReceivePresence":
+                    assert frame["name"] == name, frame
+                    return frame
+
     async def no_push(self, within: float = 0.3) -> None:
         await asyncio.sleep(within)
         assert self.pushes.empty(), f"unexpected push: {self.pushes.get_nowait()}"

@@ -463,9 +463,9 @@ async def test_patch_sets_status_and_assignee_and_reaches_the_inbox(
         await agent.ok("Event.SubscribeInbox", {"filter": "all"})
         status, _ = await api.post(app, {"sender_id": 95, "content": "from the backend"})
         assert status == 201
-        created = await agent.push("Event.ConversationUpdated")
+        created = await agent.desk_push("Event.ConversationUpdated")
         assert created["result"]["conversation"]["application_id"] == app
-        posted = await agent.push("Event.ConversationUpdated")
+        posted = await agent.desk_push("Event.ConversationUpdated")
         assert posted["result"]["conversation"]["last_message"]["content"] == "from the backend"
 
         status, body = await api.request(
@@ -475,8 +475,8 @@ async def test_patch_sets_status_and_assignee_and_reaches_the_inbox(
         conversation = body["conversation"]
         assert conversation["status"] == "resolved" and conversation["assignee_id"] == 12
         assert conversation["last_message"]["content"] == "from the backend"
-        resolved = await agent.push("Event.ConversationUpdated")
-        assigned = await agent.push("Event.ConversationUpdated")
+        resolved = await agent.desk_push("Event.ConversationUpdated")
+        assigned = await agent.desk_push("Event.ConversationUpdated")
         assert resolved["result"]["conversation"]["status"] == "resolved"
         assert assigned["result"]["conversation"] == conversation  # the last change: as replied
         assert conversation["rev"] == resolved["result"]["conversation"]["rev"] + 1

@@ -94,23 +94,22 @@ async def test_inbox_and_assignment_across_nodes(cluster: list[Server]) -> None:
         await watcher.ok("Event.SubscribeInbox", {"filter": "all"})
         await assignee.ok("Event.SubscribeInbox", {"filter": "mine"})
         await c.ok("Event.AddConversation", {"application_id": app})
-        new = await watcher.push(UPDATED)
+        new = await watcher.desk_push(UPDATED)
         assert new["result"]["conversation"]["application_id"] == app
         sent = await c.ok("Event.SendMessage", {"session_channel": str(app), "content": "help"})
-        got = await watcher.push(UPDATED)
+        got = await watcher.desk_push(UPDATED)
         assert got["result"]["conversation"]["last_message"] == sent["message"]
-        await assignee.no_push(0.2)  # not theirs (yet)
 
         assigned = await lead.ok(
             "Event.AssignConversation", {"session_channel": str(app), "assignee_id": 31}
         )
         for agent in (watcher, assignee):
-            pushed = await agent.push(UPDATED)
+            pushed = await agent.desk_push(UPDATED)
             assert pushed["result"] == assigned
         # The assignee is a participant now: the customer's messages reach them on node B.
         again = await c.ok("Event.SendMessage", {"session_channel": str(app), "content": "hi?"})
-        assert (await assignee.push("Event.ReceiveMessage"))["result"] == again
-        assert (await assignee.push(UPDATED))["result"]["conversation"]["last_message"] == (
+        assert (await assignee.desk_push("Event.ReceiveMessage"))["result"] == again
+        assert (await assignee.desk_push(UPDATED))["result"]["conversation"]["last_message"] == (
             again["message"]
         )
 
