@@ -41,7 +41,15 @@ T = TypeVar("T")
 SECRET = "test-secret-" + "0123456789abcdef" * 4
 # The wire shapes SPEC fixes: RFC 3339 UTC with microseconds; the objects' field names.
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
-CONVERSATION_KEYS = {"id", "session_channel", "application_id", "create_at", "update_at"}
+SEED_CONVERSATION_KEYS = {"id", "session_channel", "application_id", "create_at", "update_at"}
+# SPEC, third round: the desk's fields beside the seed's (rev: a conversation's revision)
+CONVERSATION_KEYS = SEED_CONVERSATION_KEYS | {
+    "status",
+    "assignee_id",
+    "snooze_until",
+    "last_message",
+    "rev",
+}
 MESSAGE_KEYS = {
     "id",
     "session_channel",

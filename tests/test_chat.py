@@ -6,6 +6,7 @@ import itertools
 import json
 
 from .support import (
+    CONVERSATION_KEYS,
     MESSAGE_KEYS,
     RFC3339_UTC,
     Client,
@@ -36,7 +37,8 @@ async def test_add_conversation_once_per_application(server: Server) -> None:
     app = new_app()
     async with staff(server) as s, customer(server, app, 500) as c:
         first = await c.ok("Event.AddConversation", {"user_id": 500, "application_id": app})
-        assert set(first) == {"id", "session_channel", "application_id", "create_at", "update_at"}
+        assert set(first) == CONVERSATION_KEYS  # the seed's keys and the desk's
+        assert first["status"] == "open" and first["assignee_id"] is None
         assert first["session_channel"] == str(app) and first["application_id"] == app
         assert RFC3339_UTC.match(first["create_at"])
         again = await s.ok("Event.AddConversation", {"user_id": 1, "application_id": app})

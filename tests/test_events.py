@@ -457,6 +457,11 @@ def test_conversation_object_shape() -> None:
         "application_id": 100,
         "create_at": "2020-03-05T18:18:30.698284Z",
         "update_at": "2020-03-06T03:29:29.321142Z",
+        "status": "open",
+        "assignee_id": None,
+        "snooze_until": None,
+        "last_message": None,
+        "rev": 0,
     }
 
 

@@ -48,10 +48,14 @@ class RecordingFanout:
         )
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity, as a connection is
 class Session:
     id: str
     principal: Principal
+    pushes: list[dict[str, Any]] = field(default_factory=list)  # what the inbox sent it
+
+    def push(self, frame: bytes) -> None:
+        self.pushes.append(orjson.loads(frame))
 
 
 @dataclass

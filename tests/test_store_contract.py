@@ -476,12 +476,16 @@ async def test_a_batch_sees_its_own_earlier_messages(store: Store) -> None:
 # --- paged lists by activity (issue 12, item 6) ------------------------------------------
 
 
-async def paged_conversations(store: Store, user: int | None, limit: int, **kw: int) -> list[int]:
+async def paged_conversations(
+    store: Store, user: int | None, limit: int, application_id: int | None = None
+) -> list[int]:
     """Walk every page; check each page's size and has_more."""
     ids: list[int] = []
     after = None
     while True:
-        page = await store.conversation_page(user, limit=limit, after=after, **kw)
+        page = await store.conversation_page(
+            user, limit=limit, after=after, application_id=application_id
+        )
         assert len(page.conversations) <= limit
         ids += [c.id for c in page.conversations]
         if not page.has_more:

@@ -17,6 +17,7 @@ from ..blobs import BlobStore, open_blob_store
 from ..blobs.images import ImageLimits, ImageReferences
 from ..broker import Broker, open_broker
 from ..chat.backend import BackendService
+from ..chat.desk import SnoozeWaker
 from ..chat.service import MAX_REPLY_BYTES, ChatService, Limits
 from ..common.metrics import Metrics
 from ..fanout.hub import Hub
@@ -94,7 +95,9 @@ class Node:
             trust_query_sid=settings.trust_query_sid,
             metrics=self.metrics,
             images=images,
+            inbox=self.hub.inbox,
         )
+        self.snoozes = SnoozeWaker(self.store, self.service.changed)
         backend = BackendService(self.service, self.store, limits=limits, images=images)
         self.uploads = UploadEndpoints(
             self.service,
@@ -200,6 +203,7 @@ class Node:
         await self.hub.start()
         if self.webhooks is not None:
             await self.webhooks.start()
+        self.snoozes.start()
         timeout = self.settings.handshake_timeout
         self._runner = web.AppRunner(
             self.web_app(),
@@ -253,6 +257,7 @@ class Node:
             # replies still in its buffer: end it, as the exit of the process would.
             for transport in transports:
                 transport.abort()
+        await self.snoozes.stop()
         await self.hub.stop()
         if self.webhooks is not None:
             await self.webhooks.stop()

@@ -18,8 +18,23 @@ from ..common.ratelimit import Throttle
 from ..common.ratelog import RateLimitedLog
 from ..protocol import defaults
 from ..protocol import events as ev
-from ..protocol.errors import AppError, Forbidden, Internal, NotFound, Unauthorized
-from ..protocol.models import Conversation, Message, MessagePage, Principal, SendOutcome, now_us
+from ..protocol.errors import (
+    AppError,
+    Forbidden,
+    Internal,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+)
+from ..protocol.models import (
+    Conversation,
+    ConversationChange,
+    Message,
+    MessagePage,
+    Principal,
+    SendOutcome,
+    now_us,
+)
 from ..store import Store
 
 log = logging.getLogger(__name__)
@@ -47,6 +62,38 @@ class Session(Protocol):
     id: str
     principal: Principal
 
+    def push(self, frame: bytes) -> None:
+        """Send a push to this connection alone; never waits."""
+
+
+class Inbox(Protocol):
+    """Staff connections subscribed to conversation changes, on every node (the hub's)."""
+
+    @property
+    def wanted(self) -> bool:
+        """Whether a change may concern anyone (subscribers here, or other nodes)."""
+
+    async def subscribe(self, session: Session, inbox_filter: str) -> None: ...
+
+    async def unsubscribe(self, session: Session) -> None: ...
+
+    def publish(self, frame: bytes, assignee: int | None, before: int | None) -> None:
+        """Push ``frame`` (Event.ConversationUpdated about a conversation assigned to
+        ``assignee``, and to ``before`` until this change) to the subscribers it concerns."""
+
+
+class Presence(Protocol):
+    """Who is there, across nodes (``appchat.fanout.presence``)."""
+
+    def availability(self, user_id: int) -> str: ...
+
+    def set_availability(self, user_id: int, availability: str) -> None: ...
+
+    def staff(self) -> list[tuple[int, str, str | None]]:
+        """(user id, availability, name) of every staff member known now."""
+
+    def staff_available(self) -> bool: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -66,9 +113,14 @@ class ChatService:
         metrics: Metrics | None = None,
         clock_us: Callable[[], int] = now_us,
         images: ImageReferences | None = None,
+        inbox: Inbox | None = None,
+        presence: Presence | None = None,
     ) -> None:
-        """``images`` checks image messages; without one only their form is checked."""
+        """``images`` checks image messages; without one only their form is checked.
+        Without ``inbox`` and ``presence`` the desk's events answer ``unavailable``."""
         self._store = store
+        self._inbox = inbox
+        self._presence = presence
         self._images = images or ImageReferences()
         self._fanout = fanout
         self._verifier = verifier
@@ -88,6 +140,12 @@ class ChatService:
             ev.GET_UNREAD_INFO: self._get_unread_info,
             ev.REFRESH_TOKEN: self._refresh_token,
             ev.TYPING: self._typing,
+            ev.SUBSCRIBE_INBOX: self._subscribe_inbox,
+            ev.UNSUBSCRIBE_INBOX: self._unsubscribe_inbox,
+            ev.ASSIGN_CONVERSATION: self._assign_conversation,
+            ev.SET_CONVERSATION_STATUS: self._set_conversation_status,
+            ev.SET_AVAILABILITY: self._set_availability,
+            ev.GET_PRESENCE: self._get_presence,
         }
         self._typing_throttle = Throttle(TYPING_INTERVAL_US)
 
@@ -204,9 +262,12 @@ class ChatService:
         if not p.is_staff and user_id != p.sid:
             raise Forbidden("a customer may only add themselves")
         await self._not_impersonating_staff_in_own(p, user_id)
+        now = self._now()
         conversation = await self._store.add_conversation(
-            args.application_id, user_id, staff=p.is_staff and user_id == p.sid, now=self._now()
+            args.application_id, user_id, staff=p.is_staff and user_id == p.sid, now=now
         )
+        if conversation.rev == 0 and conversation.create_at == now:  # made by this call
+            self.announce(conversation)
         if user_id == p.sid:
             await self._keep_name(session, conversation, user_id)
         return ev.conversation_obj(conversation)
@@ -222,6 +283,7 @@ class ChatService:
             application_id=p.application_id,
             limit=args.limit,
             after=args.cursor,
+            desk=args.desk(user_id),
         )
         return ev.conversation_page(page.conversations, page.has_more)
 
@@ -322,12 +384,39 @@ class ChatService:
     def deliver_message(
         self, conversation: Conversation, outcome: SendOutcome, origin: str | None
     ) -> orjson.Fragment:
-        # Serialised once, for the reply and for the push.
-        body = orjson.Fragment(orjson.dumps({"message": ev.message_obj(outcome.message)}))
+        # Serialised once, for the reply, the push and the inbox's last_message.
+        message = orjson.dumps(ev.message_obj(outcome.message))
+        body = orjson.Fragment(b'{"message":' + message + b"}")
         if outcome.created:
             frame = ev.push(ev.RECEIVE_MESSAGE, body)
             self._fanout.deliver(outcome.participants, conversation.application_id, frame, origin)
+            after = outcome.conversation
+            if after is not None and self._inbox is not None and self._inbox.wanted:
+                obj = ev.conversation_obj(after)
+                obj["last_message"] = orjson.Fragment(message)
+                self._inbox.publish(
+                    ev.push(ev.CONVERSATION_UPDATED, {"conversation": obj}),
+                    after.assignee_id,
+                    after.assignee_id,
+                )
         return body
+
+    def announce(self, conversation: Conversation) -> None:
+        """Tell the inbox about a conversation just made."""
+        if self._inbox is not None and self._inbox.wanted:
+            frame = ev.push(
+                ev.CONVERSATION_UPDATED, {"conversation": ev.conversation_obj(conversation)}
+            )
+            self._inbox.publish(frame, conversation.assignee_id, conversation.assignee_id)
+
+    def changed(self, change: ConversationChange) -> dict[str, Any]:
+        """Tell the inbox about a change of status or assignee (if something changed);
+        the conversation's object, for a reply."""
+        obj = ev.conversation_obj(change.conversation)
+        if change.before is not change.conversation and self._inbox is not None:
+            frame = ev.push(ev.CONVERSATION_UPDATED, {"conversation": obj})
+            self._inbox.publish(frame, change.conversation.assignee_id, change.before.assignee_id)
+        return obj
 
     async def _read_message(self, session: Session, raw: dict[str, Any]) -> Any:
         p = session.principal
@@ -371,6 +460,79 @@ class ChatService:
             raise Unauthorized("the new token names a different identity")
         session.principal = renewed
         return {"exp": claims.exp}
+
+    # --- the support desk (SPEC, third round) ---------------------------------------------
+
+    @staticmethod
+    def _staff_only(principal: Principal, what: str) -> None:
+        if not principal.is_staff:
+            raise Forbidden(f"only staff may {what}")
+
+    def _inbox_here(self) -> Inbox:
+        if self._inbox is None:
+            raise Unavailable("the inbox is not available on this server")
+        return self._inbox
+
+    def _presence_here(self) -> Presence:
+        if self._presence is None:
+            raise Unavailable("presence is not available on this server")
+        return self._presence
+
+    async def _subscribe_inbox(self, session: Session, raw: dict[str, Any]) -> Any:
+        self._staff_only(session.principal, "subscribe to the inbox")
+        inbox_filter = ev.parse_subscribe_inbox(raw)
+        await self._inbox_here().subscribe(session, inbox_filter)
+        return None
+
+    async def _unsubscribe_inbox(self, session: Session, raw: dict[str, Any]) -> Any:
+        self._staff_only(session.principal, "subscribe to the inbox")
+        await self._inbox_here().unsubscribe(session)
+        return None
+
+    async def _assign_conversation(self, session: Session, raw: dict[str, Any]) -> Any:
+        p = session.principal
+        self._staff_only(p, "assign conversations")
+        args = ev.parse_assign(raw)
+        conversation = await self._open(p, args.session_channel, p.sid)
+        change = await self._store.assign(conversation, args.assignee_id, now=self._now())
+        return {"conversation": self.changed(change)}
+
+    async def _set_conversation_status(self, session: Session, raw: dict[str, Any]) -> Any:
+        p = session.principal
+        self._staff_only(p, "change a conversation's status")
+        args = ev.parse_set_status(raw)
+        conversation = await self._open(p, args.session_channel, p.sid)
+        change = await self._store.set_status(
+            conversation, args.status, args.snooze_until, now=self._now()
+        )
+        return {"conversation": self.changed(change)}
+
+    async def _set_availability(self, session: Session, raw: dict[str, Any]) -> Any:
+        p = session.principal
+        self._staff_only(p, "set an availability")
+        availability = ev.parse_set_availability(raw)
+        self._presence_here().set_availability(p.sid, availability)
+        return None
+
+    async def _get_presence(self, session: Session, raw: dict[str, Any]) -> Any:
+        """The participants of a conversation with their presence, or (staff, no
+        ``session_channel``) every staff member the desk knows now."""
+        p = session.principal
+        channel = ev.parse_get_presence(raw)
+        presence = self._presence_here()
+        if channel is None:
+            self._staff_only(p, "list the whole desk")
+            people = [
+                ev.presence_obj(user_id, True, availability, name)
+                for user_id, availability, name in presence.staff()
+            ]
+        else:
+            conversation = await self._open(p, channel, p.sid)
+            people = [
+                ev.presence_obj(x.user_id, x.staff, presence.availability(x.user_id), x.name)
+                for x in await self._store.participant_list(conversation.id)
+            ]
+        return {"participants": people, "staff_available": presence.staff_available()}
 
     async def _typing(self, session: Session, raw: dict[str, Any]) -> Any:
         """Forward "is typing" to the other participants; never stored. Checked like

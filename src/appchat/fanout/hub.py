@@ -13,7 +13,7 @@ import itertools
 import logging
 import secrets
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ..broker import Broker
 from ..protocol import defaults
@@ -29,6 +29,7 @@ from .envelope import (
     open_disconnect,
     open_envelope,
 )
+from .inbox import Inbox
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,20 @@ class Hub:
         self._missed: set[int] = set()  # users whose pushes could not be published
         self._wake: asyncio.Event | None = None  # a push came while the publisher waits
         self._started = False
+        self.inbox = Inbox(broker, self.node_id, prefix=prefix, publish_timeout=publish_timeout)
+        # Channels that are not a participant's: their messages go to their own handler.
+        self._routes: dict[str, Callable[[bytes], None]] = {self.inbox.channel: self.inbox.handle}
+
+    def route(self, channel: str, handler: Callable[[bytes], None]) -> None:
+        """Hand the messages of ``channel`` (subscribed by its owner) to ``handler``."""
+        self._routes[channel] = handler
 
     async def start(self) -> None:
         await self._broker.start(self._on_broker_message, self.resync)
         self._started = True
 
     async def stop(self) -> None:
+        await self.inbox.stop()
         publisher = self._publisher  # set to None by the task itself when it ends
         if publisher is not None:
             await asyncio.wait([publisher], timeout=self._publish_timeout)
@@ -96,6 +105,7 @@ class Hub:
 
     async def unregister(self, conn: Connection) -> None:
         user_id = conn.principal.sid
+        await self.inbox.unsubscribe(conn)
         async with self._lock:
             conns = self._by_user.get(user_id)
             if conns is None or conn not in conns:
@@ -194,6 +204,10 @@ class Hub:
         return True
 
     def _on_broker_message(self, channel: str, data: bytes) -> None:
+        route = self._routes.get(channel)
+        if route is not None:
+            route(data)
+            return
         if data.startswith(self._own_head):
             return  # this node's own publication: delivered locally when published
         if data.startswith(DISCONNECT):

@@ -6,16 +6,22 @@ Pure code: text in, typed values (or a precise :class:`FrameError`) out; no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
 import orjson
 
 from .errors import AppError, BadRequest, RateLimited, UnknownEvent
 from .models import (
+    AVAILABILITIES,
+    EVERY_CONVERSATION,
     MAX_ID,
+    SNOOZED,
+    STATUSES,
     TEXT,
     ActivityKey,
     Conversation,
+    DeskFilter,
     Message,
     UnreadCount,
     UnreadPage,
@@ -34,6 +40,17 @@ REFRESH_TOKEN = "Event.RefreshToken"
 RESYNC = "Event.Resync"
 TYPING = "Event.Typing"
 RECEIVE_TYPING = "Event.ReceiveTyping"
+# The support desk (SPEC, third round)
+SUBSCRIBE_INBOX = "Event.SubscribeInbox"
+UNSUBSCRIBE_INBOX = "Event.UnsubscribeInbox"
+CONVERSATION_UPDATED = "Event.ConversationUpdated"
+ASSIGN_CONVERSATION = "Event.AssignConversation"
+SET_CONVERSATION_STATUS = "Event.SetConversationStatus"
+SET_AVAILABILITY = "Event.SetAvailability"
+RECEIVE_PRESENCE = "Event.ReceivePresence"
+GET_PRESENCE = "Event.GetPresence"
+
+INBOX_FILTERS = ("all", "mine", "unassigned")
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
@@ -81,6 +98,27 @@ class GetConversationListArgs:
     all: bool
     limit: int = DEFAULT_LIST_PAGE
     cursor: ActivityKey | None = None
+    statuses: tuple[str, ...] = ()
+    assignee: int | Literal["any", "me"] | None = "any"
+
+    def desk(self, me: int) -> DeskFilter:
+        """The desk filters, ``"me"`` being ``me``."""
+        if not self.statuses and self.assignee == "any":
+            return EVERY_CONVERSATION
+        return DeskFilter(self.statuses, me if self.assignee == "me" else self.assignee)
+
+
+@dataclass(frozen=True, slots=True)
+class AssignArgs:
+    session_channel: str
+    assignee_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SetStatusArgs:
+    session_channel: str
+    status: str
+    snooze_until: int | None  # microseconds since the epoch, UTC
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +282,96 @@ def parse_get_conversation_list(args: dict[str, Any]) -> GetConversationListArgs
         all=everything,
         limit=_list_limit(args),
         cursor=_cursor(args),
+        statuses=_statuses(args.get("status")),
+        assignee=_assignee_filter(args.get("assignee")),
     )
+
+
+def _status(value: Any, key: str = "status") -> str:
+    if not isinstance(value, str) or value not in STATUSES:
+        raise BadRequest(f"{key} must be one of {', '.join(STATUSES)}")
+    return value
+
+
+def _statuses(value: Any) -> tuple[str, ...]:
+    """GetConversationList's ``status``: a status or a list of them (none: any)."""
+    if value is None:
+        return ()
+    if isinstance(value, list):
+        if not value or len(value) > len(STATUSES):
+            raise BadRequest(f"status must be a status or a list of 1 to {len(STATUSES)}")
+        return tuple(sorted({_status(v) for v in value}))
+    return (_status(value),)
+
+
+def _assignee_filter(value: Any) -> int | Literal["any", "me"] | None:
+    if value is None:
+        return "any"
+    if value == "me":
+        return "me"
+    if value == "none":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ID:
+        return value
+    raise BadRequest(f'assignee must be "me", "none" or a staff id (1 to {MAX_ID})')
+
+
+def parse_timestamp(value: Any, key: str) -> int:
+    """An RFC 3339 time with its offset, as microseconds since the epoch (UTC)."""
+    if not isinstance(value, str) or not 10 <= len(value) <= 40:
+        raise BadRequest(f"{key} must be an RFC 3339 time, e.g. 2030-01-31T09:00:00Z")
+    try:
+        when = datetime.fromisoformat(value.replace("z", "Z"))
+    except ValueError:
+        raise BadRequest(f"{key} must be an RFC 3339 time, e.g. 2030-01-31T09:00:00Z") from None
+    if when.tzinfo is None:
+        raise BadRequest(f"{key} must give its offset (Z for UTC)")
+    seconds = when.timestamp()
+    if not 0 <= seconds < 2**53 / 1_000_000:
+        raise BadRequest(f"{key} is out of range")
+    return round(seconds * 1_000_000)
+
+
+def parse_subscribe_inbox(args: dict[str, Any]) -> str:
+    value = args.get("filter")
+    if value is None:
+        return "all"
+    if not isinstance(value, str) or value not in INBOX_FILTERS:
+        raise BadRequest(f"filter must be one of {', '.join(INBOX_FILTERS)}")
+    return value
+
+
+def parse_assign(args: dict[str, Any]) -> AssignArgs:
+    if "assignee_id" not in args:
+        raise BadRequest("assignee_id is required (a staff id, or null for nobody)")
+    return AssignArgs(session_channel=_channel(args), assignee_id=_int(args, "assignee_id"))
+
+
+def parse_set_status(args: dict[str, Any]) -> SetStatusArgs:
+    channel = _channel(args)
+    status = _status(args.get("status"))
+    raw = args.get("snooze_until")
+    if status == SNOOZED:
+        if raw is None:
+            raise BadRequest("snooze_until is required with status snoozed")
+        return SetStatusArgs(channel, status, parse_timestamp(raw, "snooze_until"))
+    if raw is not None:
+        raise BadRequest("snooze_until is only for status snoozed")
+    return SetStatusArgs(channel, status, None)
+
+
+def parse_set_availability(args: dict[str, Any]) -> str:
+    value = args.get("availability")
+    if not isinstance(value, str) or value not in AVAILABILITIES:
+        raise BadRequest(f"availability must be one of {', '.join(AVAILABILITIES)}")
+    return value
+
+
+def parse_get_presence(args: dict[str, Any]) -> str | None:
+    """GetPresence's ``session_channel``; ``None``: the whole desk (staff)."""
+    if args.get("session_channel") is None:
+        return None
+    return _channel(args)
 
 
 def _list_limit(args: dict[str, Any]) -> int:
@@ -345,6 +472,11 @@ def conversation_obj(c: Conversation) -> dict[str, Any]:
         "application_id": c.application_id,
         "create_at": format_ts(c.create_at),
         "update_at": format_ts(c.update_at),
+        "status": c.status,
+        "assignee_id": c.assignee_id,
+        "snooze_until": None if c.snooze_until is None else format_ts(c.snooze_until),
+        "last_message": None if c.last_message is None else message_obj(c.last_message),
+        "rev": c.rev,
     }
 
 
@@ -455,6 +587,18 @@ def message_read(application_id: int, reader_id: int, message_id: int) -> dict[s
         "reader_id": reader_id,
         "message_id": message_id,
     }
+
+
+def presence_obj(user_id: int, staff: bool, availability: str, name: str | None) -> dict[str, Any]:
+    """A participant in GetPresence's result (``name`` only when known)."""
+    obj: dict[str, Any] = {"user_id": user_id, "staff": staff, "availability": availability}
+    if name is not None:
+        obj["name"] = name
+    return obj
+
+
+def receive_presence(user_id: int, availability: str) -> dict[str, Any]:
+    return {"user_id": user_id, "availability": availability}
 
 
 def receive_typing(application_id: int, user_id: int) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import lru_cache
+from typing import Literal, NamedTuple
 
 MAX_ID = 2**63 - 1
 
@@ -55,12 +56,23 @@ class Principal:
         return self.is_staff or self.application_id == application_id
 
 
+OPEN, PENDING, RESOLVED, SNOOZED = "open", "pending", "resolved", "snoozed"
+STATUSES = (OPEN, PENDING, RESOLVED, SNOOZED)  # a conversation's desk status
+REOPENED_BY_CUSTOMER = (RESOLVED, SNOOZED)  # a customer's message makes these open again
+AVAILABILITIES = ("online", "busy", "offline")  # a staff member's presence
+
+
 @dataclass(frozen=True, slots=True)
 class Conversation:
     id: int
     application_id: int
     create_at: int  # microseconds since the epoch, UTC
     update_at: int
+    status: str = OPEN
+    assignee_id: int | None = None
+    snooze_until: int | None = None  # microseconds since the epoch, UTC
+    rev: int = 0  # grows with every change: a message, a status, an assignee
+    last_message: Message | None = None  # the newest message, where the reader asked for it
 
     @property
     def session_channel(self) -> str:
@@ -86,6 +98,13 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
+class Participant:
+    user_id: int
+    staff: bool
+    name: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class UnreadCount:
     application_id: int
     unread: int
@@ -102,12 +121,36 @@ class SendOutcome:
     message: Message
     created: bool  # False when client_msg_id matched an earlier message
     participants: list[int]  # who gets the push (empty for a retry: nothing is pushed)
+    # The conversation as the send left it (``last_message`` not filled in); ``None`` for
+    # a retry. ``reopened``: the message was a customer's and made it open again.
+    conversation: Conversation | None = None
+    reopened: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationChange:
+    """A conversation after a change of its status or assignee (Assign/SetStatus, a
+    snooze falling due); ``before`` as it was, to tell who saw it leave their filter."""
+
+    conversation: Conversation
+    before: Conversation
 
 
 @dataclass(frozen=True, slots=True)
 class ReadOutcome:
     moved: bool  # the reader's position advanced
     participants: list[int]
+
+
+class DeskFilter(NamedTuple):
+    """GetConversationList's desk filters: statuses (empty: any) and the assignee
+    (``"any"``, ``None`` for unassigned, or an id)."""
+
+    statuses: tuple[str, ...] = ()
+    assignee: int | Literal["any"] | None = "any"
+
+
+EVERY_CONVERSATION = DeskFilter()
 
 
 ActivityKey = tuple[int, int]
@@ -133,6 +176,7 @@ class UnreadPage:
 MESSAGE_CREATED = "message.created"
 MESSAGE_READ = "message.read"
 CONVERSATION_CREATED = "conversation.created"
+CONVERSATION_UPDATED = "conversation.updated"
 
 
 @dataclass(frozen=True, slots=True)

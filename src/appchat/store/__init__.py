@@ -10,10 +10,14 @@ from typing import Protocol
 from ..protocol import defaults
 from ..protocol.errors import ConfigError
 from ..protocol.models import (
+    EVERY_CONVERSATION,
     ActivityKey,
     Conversation,
+    ConversationChange,
     ConversationPage,
+    DeskFilter,
     MessagePage,
+    Participant,
     ReadOutcome,
     SendOutcome,
     UnreadPage,
@@ -53,10 +57,31 @@ class Store(Protocol):
         application_id: int | None = None,
         limit: int,
         after: ActivityKey | None = None,
+        desk: DeskFilter = EVERY_CONVERSATION,
     ) -> ConversationPage:
         """Conversations ``user_id`` takes part in (``None``: every conversation), newest
         activity first (``update_at``, then ``id``, descending): at most ``limit`` of those
-        after the key ``after`` (the (``update_at``, ``id``) of the last one seen)."""
+        after the key ``after`` (the (``update_at``, ``id``) of the last one seen), within
+        the ``desk`` filter; each with its ``last_message``."""
+
+    async def view_conversation(self, application_id: int) -> Conversation | None:
+        """The conversation with its ``last_message``."""
+
+    async def set_status(
+        self, conversation: Conversation, status: str, snooze_until: int | None, *, now: int
+    ) -> ConversationChange:
+        """Set the desk status (``snooze_until`` kept only with ``snoozed``). A change takes
+        the conversation's next ``rev`` and is recorded as ``conversation.updated``; when
+        nothing changes, ``before`` is ``conversation``."""
+
+    async def assign(
+        self, conversation: Conversation, assignee_id: int | None, *, now: int
+    ) -> ConversationChange:
+        """Set the assignee (who joins as a staff participant); as ``set_status``."""
+
+    async def wake_snoozed(self, *, now: int, limit: int) -> list[ConversationChange]:
+        """Open the snoozed conversations due at ``now`` (at most ``limit``); a conversation
+        is woken once, whichever node asks."""
 
     async def unread_page(
         self,
@@ -91,7 +116,10 @@ class Store(Protocol):
         now: int,
         guard_staff: bool = False,
     ) -> SendOutcome:
-        """Store a message (once per ``client_msg_id``) and make the sender a participant.
+        """Store a message (once per ``client_msg_id``) and make the sender a participant;
+        the message takes the conversation's next ``rev``, and a customer's (not ``staff``)
+        makes a resolved or snoozed conversation open again (``SendOutcome.reopened``,
+        recorded as ``conversation.updated``).
 
         ``guard_staff``: refuse with ``Forbidden``, in the same transaction, when the
         sender is a staff participant of the conversation (a customer acting as staff).
@@ -104,6 +132,9 @@ class Store(Protocol):
 
     async def participant_ids(self, conversation_id: int) -> list[int]:
         """Every participant of the conversation, in no particular order."""
+
+    async def participant_list(self, conversation_id: int) -> list[Participant]:
+        """Every participant of the conversation with its staff flag and name, by id."""
 
     async def set_participant_name(self, conversation_id: int, user_id: int, name: str) -> None:
         """Keep ``name`` as the participant's display name (``sender_name`` of their

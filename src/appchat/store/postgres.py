@@ -1,7 +1,7 @@
 """PostgreSQL storage on an asyncpg pool.
 
 History no reader skips: a new message first locks its conversation's row, and only then
-draws its id from the sequence (``appchat_send_batch_v2``, migration 0005, does this for a
+draws its id from the sequence (``appchat_send_batch_v3``, migration 0007, does this for a
 whole batch of messages in one round trip, locking rows in id order). Two nodes writing to one
 conversation therefore take turns, and a message id is drawn only after every smaller id
 of that conversation committed: a reader resuming with ``after_id`` never skips one.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -20,6 +21,8 @@ import asyncpg
 from ..common.ratelog import RateLimitedLog
 from ..protocol.errors import AppError, Forbidden, Internal, Unavailable
 from ..protocol.models import (
+    Conversation,
+    Message,
     SendOutcome,
 )
 from .migrate import apply_postgres_migrations
@@ -36,7 +39,7 @@ _outage_log = RateLimitedLog(log)  # an outage fails every request: log a few
 
 T = TypeVar("T")
 
-MAX_SEND_BATCH = 500  # messages in one call of appchat_send_batch_v2
+MAX_SEND_BATCH = 500  # messages in one call of appchat_send_batch_v3
 
 # Connection trouble, a transaction rolled back by a deadlock or serialization failure,
 # a server out of resources or shutting down: try again later.
@@ -172,8 +175,7 @@ class PostgresStore(SqlStore):
 
         async def run(conn: asyncpg.Connection) -> list[SendOutcome | AppError]:
             rows = await conn.fetch(
-                "SELECT message_id, created, refused, participants FROM appchat_send_batch_v2("
-                "$1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                "SELECT * FROM appchat_send_batch_v3($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 [j.conversation.id for j in batch],
                 [j.sender_id for j in batch],
                 [j.staff for j in batch],
@@ -189,21 +191,45 @@ class PostgresStore(SqlStore):
             if retried:
                 found = await conn.fetch(SELECT_MESSAGES + "WHERE m.id = ANY($1)", retried)
                 firsts = {r[0]: message_of(r) for r in found}
-            outcomes: list[SendOutcome | AppError] = []
-            for job, row in zip(batch, rows, strict=True):
-                if row["refused"]:
-                    outcomes.append(Forbidden("you may not act as this participant"))
-                elif not row["created"]:  # a retry: answered with the first, not pushed again
-                    outcomes.append(SendOutcome(firsts[row["message_id"]], False, []))
-                else:
-                    message = new_message(row["message_id"], job)
-                    outcomes.append(SendOutcome(message, True, list(row["participants"])))
-            return outcomes
+            return _outcomes(batch, rows, firsts)
 
         outcomes = await self._run(run, tx=False)
         if any(isinstance(o, SendOutcome) and o.created for o in outcomes):
             self._woken(hooks)
         return outcomes
+
+
+def _outcomes(
+    batch: list[Send], rows: list[asyncpg.Record], firsts: dict[int, Message]
+) -> list[SendOutcome | AppError]:
+    """What each send of a batch gets: its message and its conversation as the batch left
+    it, each message in its own revision (the last one is the conversation's)."""
+    pairs = list(zip(batch, rows, strict=True))
+    created = Counter(job.conversation.id for job, row in pairs if row["created"])
+    outcomes: list[SendOutcome | AppError] = []
+    for job, row in pairs:
+        if row["refused"]:
+            outcomes.append(Forbidden("you may not act as this participant"))
+        elif not row["created"]:  # a retry: answered with the first, not pushed again
+            outcomes.append(SendOutcome(firsts[row["message_id"]], False, []))
+        else:
+            cid = job.conversation.id
+            created[cid] -= 1  # messages of this conversation after this one in the batch
+            conversation = Conversation(
+                id=cid,
+                application_id=job.conversation.application_id,
+                create_at=row["create_at"],
+                update_at=row["update_at"],
+                status=row["status"],
+                assignee_id=row["assignee_id"],
+                snooze_until=row["snooze_until"],
+                rev=row["rev"] - created[cid],
+            )
+            message = new_message(row["message_id"], job)
+            outcomes.append(
+                SendOutcome(message, True, list(row["participants"]), conversation, row["reopened"])
+            )
+    return outcomes
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -234,7 +260,11 @@ async def _drive(conn: asyncpg.Connection, plan: Plan[T]) -> T:
     result: Any = None
     try:
         while True:
-            kind, sql, params = expand(plan.send(result))
+            step = plan.send(result)
+            if step.kind == "changed":  # nothing of a conversation is remembered here
+                result = None
+                continue
+            kind, sql, params = expand(step)
             sql = postgres_sql(sql)
             if kind == "rows":
                 result = await conn.fetch(sql, *params)

@@ -10,11 +10,14 @@ import orjson
 
 from ..protocol.models import (
     CONVERSATION_CREATED,
+    CONVERSATION_UPDATED,
+    EVERY_CONVERSATION,
     MESSAGE_CREATED,
     MESSAGE_READ,
     ActivityKey,
     Conversation,
     ConversationPage,
+    DeskFilter,
     Message,
     MessagePage,
     UnreadCount,
@@ -22,21 +25,50 @@ from ..protocol.models import (
     WebhookEvent,
 )
 
-CONVERSATION_COLUMNS = "c.id, c.application_id, c.create_at, c.update_at"
+CONVERSATION_COLUMNS = (
+    "c.id, c.application_id, c.create_at, c.update_at, c.status, c.assignee_id, "
+    "c.snooze_until, c.rev"
+)
 MESSAGE_COLUMNS = (
     "m.id, c.application_id, m.sender_id, m.content, m.content_type, m.status, "
     "m.create_at, m.update_at, m.client_msg_id, sp.name"
 )
-SELECT_MESSAGES = (
-    f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+SENDER_NAME = (
     "LEFT JOIN participants sp ON sp.conversation_id = m.conversation_id "
     "AND sp.user_id = m.sender_id "
 )
+SELECT_MESSAGES = (
+    f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+    + SENDER_NAME
+)
+# A conversation with its newest message (``m``, NULLs when it has none): one index probe
+# per conversation.
+WITH_LAST_MESSAGE = f"{CONVERSATION_COLUMNS}, {MESSAGE_COLUMNS}"
+LAST_MESSAGE_JOIN = (
+    "LEFT JOIN messages m ON m.id = (SELECT max(lm.id) FROM messages lm "
+    "WHERE lm.conversation_id = c.id) " + SENDER_NAME
+)
+CONVERSATION_WIDTH = 8  # the columns of CONVERSATION_COLUMNS
 NEWEST = 2**63 - 1  # the ``before_id`` cursor of the default page
 
 
 def conversation_of(row: Sequence[Any]) -> Conversation:
-    return Conversation(id=row[0], application_id=row[1], create_at=row[2], update_at=row[3])
+    """A row of ``CONVERSATION_COLUMNS``, or of ``WITH_LAST_MESSAGE`` (then with its
+    ``last_message``)."""
+    last = None
+    if len(row) > CONVERSATION_WIDTH and row[CONVERSATION_WIDTH] is not None:
+        last = message_of(row[CONVERSATION_WIDTH:])
+    return Conversation(
+        id=row[0],
+        application_id=row[1],
+        create_at=row[2],
+        update_at=row[3],
+        status=row[4],
+        assignee_id=row[5],
+        snooze_until=row[6],
+        rev=row[7],
+        last_message=last,
+    )
 
 
 def message_of(row: Sequence[Any]) -> Message:
@@ -64,25 +96,34 @@ def activity_query(
     application_id: int | None,
     after: ActivityKey | None,
     limit: int | None,
+    desk: DeskFilter = EVERY_CONVERSATION,
+    joins: str = "",
 ) -> tuple[str, list[Any]]:
     """SQL and its parameters selecting ``columns`` of the conversations ``user_id`` takes
     part in (``None``: every one; ``p`` is then not joined), newest activity first, after
-    the key ``after``; ``limit``: ``None`` for an aggregate."""
+    the key ``after``, within ``desk``; ``limit``: ``None`` for an aggregate; ``joins``
+    (``LAST_MESSAGE_JOIN``) joined after ``c``."""
     params: list[Any] = []
 
-    def param(value: int) -> str:
+    def param(value: int | str) -> str:
         params.append(value)
         return "?"
 
     if user_id is None:
-        sql = f"SELECT {columns} FROM conversations c WHERE TRUE"
+        sql = f"SELECT {columns} FROM conversations c {joins}WHERE TRUE"
     else:
         sql = (
             f"SELECT {columns} FROM participants p JOIN conversations c "
-            f"ON c.id = p.conversation_id WHERE p.user_id = {param(user_id)}"
+            f"ON c.id = p.conversation_id {joins}WHERE p.user_id = {param(user_id)}"
         )
     if application_id is not None:
         sql += f" AND c.application_id = {param(application_id)}"
+    if desk.statuses:
+        sql += f" AND c.status IN ({', '.join(param(s) for s in desk.statuses)})"
+    if desk.assignee is None:
+        sql += " AND c.assignee_id IS NULL"
+    elif desk.assignee != "any":
+        sql += f" AND c.assignee_id = {param(desk.assignee)}"
     if after is not None:
         update_at, conversation_id = after
         sql += (
@@ -149,8 +190,24 @@ OutboxRow = tuple[str, str, str, int, str, int]
 
 def outbox_data(obj: Message | Conversation) -> str:
     """A stored message or conversation as outbox data: its fields by name (orjson writes a
-    dataclass as its fields; ``appchat_send_batch_v2`` writes a message's the same way)."""
+    dataclass as its fields; ``appchat_send_batch_v3`` writes a message's and a
+    conversation's the same way); a conversation without its ``last_message``."""
+    if isinstance(obj, Conversation):
+        fields = {k: getattr(obj, k) for k in CONVERSATION_FIELDS}
+        return orjson.dumps(fields).decode()
     return orjson.dumps(obj).decode()
+
+
+CONVERSATION_FIELDS = (
+    "id",
+    "application_id",
+    "create_at",
+    "update_at",
+    "status",
+    "assignee_id",
+    "snooze_until",
+    "rev",
+)
 
 
 def outbox_read(application_id: int, reader_id: int, message_id: int) -> str:
@@ -177,6 +234,10 @@ def read_rows(
 
 def conversation_rows(urls: Sequence[str], c: Conversation) -> list[OutboxRow]:
     return outbox_rows(urls, CONVERSATION_CREATED, c.create_at, outbox_data(c))
+
+
+def conversation_updated_rows(urls: Sequence[str], c: Conversation, now: int) -> list[OutboxRow]:
+    return outbox_rows(urls, CONVERSATION_UPDATED, now, outbox_data(c))
 
 
 def webhook_event_of(row: Sequence[Any], lease: int) -> WebhookEvent:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext, suppress
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,13 +30,19 @@ from ..common.ratelog import RateLimitedLog
 from ..protocol import defaults
 from ..protocol.errors import AppError, ConfigError, Forbidden, Internal, Unavailable
 from ..protocol.models import (
+    OPEN,
+    REOPENED_BY_CUSTOMER,
+    Conversation,
     Message,
     SendOutcome,
 )
 from .migrate import apply_sqlite_migrations
 from .rows import (
+    CONVERSATION_COLUMNS,
     SELECT_MESSAGES,
     Send,
+    conversation_of,
+    conversation_updated_rows,
     message_of,
     message_rows,
     new_message,
@@ -362,11 +369,36 @@ class _SendMessage:
             ).fetchone()
             return SendOutcome(message_of(found), False, [])  # nothing is pushed again
         members.join(conn, conversation.id, self.sender_id, self.staff, self.now, sent=True)
-        conn.execute(BUMP_CONVERSATION, (self.now, 1, conversation.id))
+        before = members.conversation(conn, conversation.id)
+        conn.execute(BUMP_CONVERSATION, (self.now, 1, 1, conversation.id))
+        after, reopened = _after_sends(conn, members, self.outbox, before, [self])
         message = self.message(row[0])
         if self.outbox is not None:
             self.outbox.add(conn, message_rows(self.outbox.urls, message))
-        return SendOutcome(message, True, members.of(conn, conversation.id))
+        participants = members.of(conn, conversation.id)
+        return SendOutcome(message, True, participants, after, reopened)
+
+
+def _after_sends(
+    conn: sqlite3.Connection,
+    members: _Members,
+    outbox: _Outbox | None,
+    before: Conversation,
+    sends: list[_SendMessage],
+) -> tuple[Conversation, bool]:
+    """The conversation after ``sends`` were stored in it (its counters already bumped):
+    remembered, and open again if one of them was a customer's and it was resolved or
+    snoozed; whether it was reopened."""
+    newest = max(send.now for send in sends)
+    after = replace(before, rev=before.rev + len(sends), update_at=max(before.update_at, newest))
+    reopened = after.status in REOPENED_BY_CUSTOMER and not all(send.staff for send in sends)
+    if reopened:
+        conn.execute(REOPEN, (before.id,))
+        after = replace(after, status=OPEN, snooze_until=None)
+        if outbox is not None:
+            outbox.add(conn, conversation_updated_rows(outbox.urls, after, newest))
+    members.remember(after)
+    return after, reopened
 
 
 def _send_many(
@@ -436,22 +468,37 @@ def _send_many(
             members.join(conn, key[0], key[1], send.staff, send.now, sent=True)
             senders[key] = 0
     conn.executemany(ADD_OWN_UNREAD, [(n, c, u) for (c, u), n in senders.items() if n])
+    befores = {c: members.conversation(conn, c) for c in conversations}
     conn.executemany(
-        BUMP_CONVERSATION, [(newest, n, c) for c, (newest, n) in conversations.items()]
+        BUMP_CONVERSATION, [(newest, n, n, c) for c, (newest, n) in conversations.items()]
     )
-    out: list[tuple[bool, Any]] = []
     outbox = sends[0].outbox
+    by_conversation: dict[int, list[_SendMessage]] = {c: [] for c in befores}
+    for send, no in zip(sends, refused, strict=True):
+        if not no:
+            by_conversation[send.conversation.id].append(send)
+    afters = {
+        c: _after_sends(conn, members, outbox, befores[c], stored)
+        for c, stored in by_conversation.items()
+    }
+    out: list[tuple[bool, Any]] = []
     hooks: list[tuple[str, str, str, int, str, int]] = []
     message_id = first
+    revs = {c: before.rev for c, before in befores.items()}  # each message its own revision
     for send, no in zip(sends, refused, strict=True):
         if no:
             out.append((False, Forbidden("you may not act as this participant")))
             continue
-        participants = members.of(conn, send.conversation.id)
+        cid = send.conversation.id
+        participants = members.of(conn, cid)
         message = send.message(message_id)
         if outbox is not None:
             hooks += message_rows(outbox.urls, message)
-        out.append((True, SendOutcome(message, True, participants)))
+        after, reopened = afters[cid]
+        revs[cid] += 1
+        if revs[cid] != after.rev:
+            after = replace(after, rev=revs[cid])
+        out.append((True, SendOutcome(message, True, participants, after, reopened)))
         message_id += 1
     if outbox is not None and hooks:
         outbox.add(conn, hooks)
@@ -469,6 +516,9 @@ class _Members:
     def __init__(self) -> None:
         self._version: int | None = None
         self._by_conversation: dict[int, dict[int, bool]] = {}  # user -> is_staff
+        # Conversations' rows as the writer left them; a change of status or assignee
+        # (a plan's ``changed`` step) drops one, to be read again.
+        self._conversations: dict[int, Conversation] = {}
         self.next_id: int | None = None  # the id the next message gets, when known
 
     def check(self, data_version: int) -> None:
@@ -478,7 +528,24 @@ class _Members:
 
     def forget(self) -> None:
         self._by_conversation.clear()
+        self._conversations.clear()
         self.next_id = None
+
+    def conversation(self, conn: sqlite3.Connection, conversation_id: int) -> Conversation:
+        known = self._conversations.get(conversation_id)
+        if known is None:
+            row = conn.execute(GET_CONVERSATION_BY_ID, (conversation_id,)).fetchone()
+            known = conversation_of(row)
+            self.remember(known)
+        return known
+
+    def remember(self, conversation: Conversation) -> None:
+        if len(self._conversations) >= MAX_CACHED_CONVERSATIONS:
+            self._conversations.clear()
+        self._conversations[conversation.id] = conversation
+
+    def changed(self, conversation_id: int) -> None:
+        self._conversations.pop(conversation_id, None)
 
     def needs_join(self, conversation_id: int, user_id: int, staff: bool) -> bool:
         """Whether ``user_id`` is not yet known as a participant (or not yet as staff)."""
@@ -558,11 +625,13 @@ def _settle_all(
             fut.set_exception(value)
 
 
-# The send path's own statement (PostgreSQL's is inside appchat_send_batch_v2).
+# The send path's own statements (PostgreSQL's are inside appchat_send_batch_v3).
 BUMP_CONVERSATION = (
     "UPDATE conversations SET update_at = max(update_at, ?), "
-    "message_count = message_count + ? WHERE id = ?"
+    "message_count = message_count + ?, rev = rev + ? WHERE id = ?"
 )
+REOPEN = "UPDATE conversations SET status = 'open', snooze_until = NULL WHERE id = ?"
+GET_CONVERSATION_BY_ID = f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.id = ?"
 
 
 def _drive(conn: sqlite3.Connection, plan: Plan[T], members: _Members | None) -> T:
@@ -578,6 +647,11 @@ def _drive(conn: sqlite3.Connection, plan: Plan[T], members: _Members | None) ->
                 continue
             if members is not None and step.kind == "members":
                 result = members.of(conn, step.params[0])
+                continue
+            if step.kind == "changed":
+                if members is not None:
+                    members.changed(step.params[0])
+                result = None
                 continue
             kind, sql, params = expand(step)
             if kind == "many":

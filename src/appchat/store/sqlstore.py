@@ -12,7 +12,7 @@ asyncpg connection (awaiting): each store has a small driver, and :class:`SqlSto
 implements the :class:`~appchat.store.Store` methods on top of two of them, ``_read_plan``
 and ``_write_plan``. What truly differs stays in the engine modules: SendMessage (SQLite's
 writer numbers a batch's messages itself; PostgreSQL sends a batch through
-``appchat_send_batch_v2`` in one round trip), connections and transactions.
+``appchat_send_batch_v3`` in one round trip), connections and transactions.
 """
 
 from __future__ import annotations
@@ -25,10 +25,16 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 from ..protocol.errors import NotFound
 from ..protocol.models import (
+    EVERY_CONVERSATION,
+    OPEN,
+    SNOOZED,
     ActivityKey,
     Conversation,
+    ConversationChange,
     ConversationPage,
+    DeskFilter,
     MessagePage,
+    Participant,
     ReadOutcome,
     SendOutcome,
     UnreadPage,
@@ -38,17 +44,20 @@ from ..protocol.models import (
 )
 from .rows import (
     CONVERSATION_COLUMNS,
+    LAST_MESSAGE_JOIN,
     NEWEST,
     OUTBOX_COLUMNS,
     SELECT_MESSAGES,
     UNREAD_PAGE_COLUMNS,
     UNREAD_TOTAL,
+    WITH_LAST_MESSAGE,
     OutboxRow,
     Send,
     activity_query,
     conversation_of,
     conversation_page_of,
     conversation_rows,
+    conversation_updated_rows,
     page_of,
     read_rows,
     unread_page_of,
@@ -63,6 +72,21 @@ FOR_UPDATE = "/*FOR UPDATE*/"  # PostgreSQL locks the row; SQLite's writer is al
 SKIP_LOCKED = "/*FOR UPDATE SKIP LOCKED*/"
 
 GET_CONVERSATION = f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.application_id = ?"
+VIEW_CONVERSATION = (
+    f"SELECT {WITH_LAST_MESSAGE} FROM conversations c {LAST_MESSAGE_JOIN}WHERE c.application_id = ?"
+)
+LOCK_CONVERSATION = (
+    f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.id = ? {FOR_UPDATE}"
+)
+CHANGE_CONVERSATION = (
+    "UPDATE conversations SET status = ?, snooze_until = ?, assignee_id = ?, rev = rev + 1 "
+    "WHERE id = ?"
+)
+# Snoozed conversations due: PostgreSQL's nodes each take different ones.
+SNOOZES_DUE = (
+    "SELECT c.id FROM conversations c WHERE c.status = 'snoozed' AND c.snooze_until <= ? "
+    f"ORDER BY c.snooze_until LIMIT ? {SKIP_LOCKED}"
+)
 NEW_CONVERSATION = (
     "INSERT INTO conversations (application_id, create_at, update_at) VALUES (?, ?, ?) "
     "ON CONFLICT (application_id) DO NOTHING"
@@ -70,6 +94,9 @@ NEW_CONVERSATION = (
 IS_STAFF = "SELECT is_staff FROM participants WHERE conversation_id = ? AND user_id = ?"
 PARTICIPANTS = "SELECT user_id FROM participants WHERE conversation_id = ?"
 PARTICIPANTS_STAFF = "SELECT user_id, is_staff FROM participants WHERE conversation_id = ?"
+PARTICIPANT_LIST = (
+    "SELECT user_id, is_staff, name FROM participants WHERE conversation_id = ? ORDER BY user_id"
+)
 # Joining changes a row only to make a participant staff, or to count a message they sent
 # as their own unread one (a row rewritten for nothing is a dead tuple in PostgreSQL).
 JOIN = (
@@ -136,7 +163,7 @@ def postgres_sql(sql: str) -> str:
 
 # --- plans ----------------------------------------------------------------------------------------
 
-Kind = Literal["rows", "row", "value", "column", "count", "many", "join", "members"]
+Kind = Literal["rows", "row", "value", "column", "count", "many", "join", "members", "changed"]
 
 
 class Step(NamedTuple):
@@ -144,7 +171,9 @@ class Step(NamedTuple):
     first or ``None``), ``value`` (its first column or ``None``), ``column`` (the first
     column of every row), ``count`` (rows changed), ``many`` (``params`` is a list of
     parameter tuples; nothing back). ``join`` and ``members`` (``params`` only) are
-    :func:`join` and :func:`participants`, which a store may answer from memory."""
+    :func:`join` and :func:`participants`, which a store may answer from memory;
+    ``changed`` (:func:`changed`) says a conversation's row was written, for a store that
+    remembers it."""
 
     kind: Kind
     sql: str
@@ -174,12 +203,22 @@ def participants(conversation_id: int) -> Step:
     return Step("members", "", (conversation_id,))
 
 
+def changed(conversation_id: int) -> Step:
+    """The plan wrote the conversation's row (its status, assignee or counters)."""
+    return Step("changed", "", (conversation_id,))
+
+
 def ping() -> Plan[None]:
     yield Step("value", "SELECT 1", ())
 
 
 def get_conversation(application_id: int) -> Plan[Conversation | None]:
     row = yield Step("row", GET_CONVERSATION, (application_id,))
+    return conversation_of(row) if row else None
+
+
+def view_conversation(application_id: int) -> Plan[Conversation | None]:
+    row = yield Step("row", VIEW_CONVERSATION, (application_id,))
     return conversation_of(row) if row else None
 
 
@@ -192,7 +231,7 @@ def add_conversation(
 ) -> Plan[tuple[Conversation, bool]]:
     """The conversation, and whether it is new (then recorded for ``hooks``)."""
     created = yield Step("count", NEW_CONVERSATION, (application_id, now, now))
-    conversation = conversation_of((yield Step("row", GET_CONVERSATION, (application_id,))))
+    conversation = conversation_of((yield Step("row", VIEW_CONVERSATION, (application_id,))))
     yield join(conversation.id, user_id, staff, now)
     if created and hooks:
         yield Step("many", RECORD_EVENT, conversation_rows(hooks, conversation))
@@ -200,16 +239,72 @@ def add_conversation(
 
 
 def conversation_page(
-    user_id: int | None, application_id: int | None, limit: int, after: ActivityKey | None
+    user_id: int | None,
+    application_id: int | None,
+    limit: int,
+    after: ActivityKey | None,
+    desk: DeskFilter,
 ) -> Plan[ConversationPage]:
     sql, params = activity_query(
-        CONVERSATION_COLUMNS,
+        WITH_LAST_MESSAGE,
         user_id=user_id,
         application_id=application_id,
         after=after,
         limit=limit,
+        desk=desk,
+        joins=LAST_MESSAGE_JOIN,
     )
     return conversation_page_of((yield Step("rows", sql, params)), limit)
+
+
+KEEP: Any = object()  # change_conversation: this field stays as it is
+
+
+def change_conversation(
+    conversation_id: int,
+    now: int,
+    hooks: tuple[str, ...],
+    status: str = KEEP,
+    snooze_until: int | None = KEEP,
+    assignee: int | None = KEEP,
+) -> Plan[ConversationChange]:
+    """Set the conversation's status (with its snooze time) or assignee; a change takes
+    the next revision and is recorded as ``conversation.updated``. The assignee joins as
+    staff. ``after`` comes with its last message; nothing changed: ``before is after``."""
+    before = conversation_of((yield Step("row", LOCK_CONVERSATION, (conversation_id,))))
+    new_status = before.status if status is KEEP else status
+    new_snooze = before.snooze_until if snooze_until is KEEP else snooze_until
+    if new_status != SNOOZED:
+        new_snooze = None
+    new_assignee = before.assignee_id if assignee is KEEP else assignee
+    if assignee is not KEEP and assignee is not None:
+        yield join(conversation_id, assignee, True, now)
+    if (new_status, new_snooze, new_assignee) == (
+        before.status,
+        before.snooze_until,
+        before.assignee_id,
+    ):
+        after = yield from view_conversation(before.application_id)
+        assert after is not None  # locked: it cannot have gone
+        return ConversationChange(after, after)
+    yield Step(
+        "count", CHANGE_CONVERSATION, (new_status, new_snooze, new_assignee, conversation_id)
+    )
+    yield changed(conversation_id)
+    after = yield from view_conversation(before.application_id)
+    assert after is not None
+    if hooks:
+        yield Step("many", RECORD_EVENT, conversation_updated_rows(hooks, after, now))
+    return ConversationChange(after, before)
+
+
+def wake_snoozed(now: int, limit: int, hooks: tuple[str, ...]) -> Plan[list[ConversationChange]]:
+    """Open the snoozed conversations whose time has come (at most ``limit``)."""
+    due = yield Step("column", SNOOZES_DUE, (now, limit))
+    woken = []
+    for conversation_id in due:
+        woken.append((yield from change_conversation(conversation_id, now, hooks, status=OPEN)))
+    return woken
 
 
 def unread_page(
@@ -273,6 +368,11 @@ def read_messages(
 
 def participant_ids(conversation_id: int) -> Plan[list[int]]:
     return list((yield participants(conversation_id)))
+
+
+def participant_list(conversation_id: int) -> Plan[list[Participant]]:
+    rows = yield Step("rows", PARTICIPANT_LIST, (conversation_id,))
+    return [Participant(r[0], bool(r[1]), r[2]) for r in rows]
 
 
 def set_participant_name(conversation_id: int, user_id: int, name: str) -> Plan[None]:
@@ -388,8 +488,38 @@ class SqlStore(ABC):
         application_id: int | None = None,
         limit: int,
         after: ActivityKey | None = None,
+        desk: DeskFilter = EVERY_CONVERSATION,
     ) -> ConversationPage:
-        return await self._read_plan(conversation_page, user_id, application_id, limit, after)
+        return await self._read_plan(conversation_page, user_id, application_id, limit, after, desk)
+
+    async def view_conversation(self, application_id: int) -> Conversation | None:
+        return await self._read_plan(view_conversation, application_id)
+
+    async def set_status(
+        self, conversation: Conversation, status: str, snooze_until: int | None, *, now: int
+    ) -> ConversationChange:
+        return await self._change(conversation.id, now, status=status, snooze_until=snooze_until)
+
+    async def assign(
+        self, conversation: Conversation, assignee_id: int | None, *, now: int
+    ) -> ConversationChange:
+        return await self._change(conversation.id, now, assignee=assignee_id)
+
+    async def _change(self, conversation_id: int, now: int, **fields: Any) -> ConversationChange:
+        hooks = self._hooks
+        change = await self._write_plan(
+            lambda: change_conversation(conversation_id, now, hooks, **fields)
+        )
+        if change.before is not change.conversation:
+            self._woken(hooks)
+        return change
+
+    async def wake_snoozed(self, *, now: int, limit: int) -> list[ConversationChange]:
+        hooks = self._hooks
+        woken = await self._write_plan(wake_snoozed, now, limit, hooks)
+        if woken:
+            self._woken(hooks)
+        return woken
 
     async def unread_page(
         self,
@@ -424,6 +554,9 @@ class SqlStore(ABC):
 
     async def participant_ids(self, conversation_id: int) -> list[int]:
         return await self._read_plan(participant_ids, conversation_id)
+
+    async def participant_list(self, conversation_id: int) -> list[Participant]:
+        return await self._read_plan(participant_list, conversation_id)
 
     async def set_participant_name(self, conversation_id: int, user_id: int, name: str) -> None:
         await self._write_plan(set_participant_name, conversation_id, user_id, name)
