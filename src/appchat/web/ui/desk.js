@@ -51,7 +51,18 @@ export function mergeConversation(doc, { push = false } = {}) {
 
 export function onConversationUpdated({ conversation }) {
   mergeConversation(conversation, { push: true });
-  renderList();
+  renderListSoon();
+}
+
+// A busy desk pushes many updates a second: the list is drawn once for those of a moment.
+let listQueued = false;
+function renderListSoon() {
+  if (listQueued) return;
+  listQueued = true;
+  setTimeout(() => {
+    listQueued = false;
+    renderList();
+  }, 50);
 }
 
 // --- status and assignment of the open conversation -------------------------------------------
@@ -173,7 +184,7 @@ export function onPresence({ user_id: userId, availability }) {
     state.availability = availability;
     renderAvailability();
   }
-  renderList();
+  renderListSoon();
 }
 
 // A customer's page: whether an agent is available, now and every CUSTOMER_PRESENCE_MS

@@ -45,6 +45,7 @@ export function customerWrote(message) {
   if (isStaff(message.sender_id) || message.private) return;
   if (state.notified.has(message.id)) return;
   state.notified.add(message.id);
+  if (state.notified.size > 2000) state.notified.delete(state.notified.values().next().value); // the oldest
   if (document.visibilityState !== "hidden") return;
   if (localStorage.getItem(SOUND_KEY) === "on") beep();
   if ("Notification" in globalThis && Notification.permission === "granted") {

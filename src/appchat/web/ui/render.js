@@ -41,6 +41,8 @@ export function renderList() {
   // desk has no status nor assignee to sort by).
   const desk = me.staff && inbox.mode === "live";
   $("inbox-tools").hidden = !desk;
+  if (desk) $("inbox-panel").setAttribute("role", "tabpanel");
+  else $("inbox-panel").removeAttribute("role");
   if (desk) {
     const shown = every.filter(SHOWN[inbox.show]);
     items = shown.filter(TABS[inbox.tab]);
