@@ -116,7 +116,6 @@ async def test_the_inbox_follows_assignment_status_and_reopening_live(
             await expect(options.nth(1).locator(".availability")).to_have_text("Online")
             await expect(options.nth(2)).to_have_text("Nobody")
             await expect(options.nth(2)).to_have_attribute("aria-pressed", "true")
-            await screenshot(anna, tmp_path, "web-desk-staff.png")
             await options.nth(0).click()
             await expect(menu).to_be_hidden()
             await expect(anna.locator("#assignee-name")).to_have_text("You")
@@ -163,6 +162,80 @@ async def test_the_inbox_follows_assignment_status_and_reopening_live(
             await expect(row(boris, 5150)).to_be_visible()
         assert len(lists) == 1, lists  # every change came as a push: no list asked for again
         assert errors == []
+    finally:
+        server.stop()
+
+
+async def test_the_staff_view_with_its_tabs_and_the_assignee_picker(
+    browser: Any, tmp_path: Path
+) -> None:
+    """A desk with a few requests in several states, seen by Anna with the assignee picker
+    open: the README's screenshot."""
+    from playwright.async_api import expect
+
+    server = InProcessServer(tmp_path / "view.db", "--dev", "--rate", "0").start()
+    try:
+        requests = {
+            6101: "Hi, my parcel has not arrived yet. Order #4471",
+            6102: "Can I change the delivery address?",
+            6103: "Where can I download the invoice?",
+            6104: "Thanks, all good now!",
+            6105: "The app crashes when I upload a photo",
+        }
+        async with (
+            client(server, 3, token(admin_id=3, name="Boris")) as boris,
+            client(server, 4, token(admin_id=4, name="Clara")) as clara,
+        ):
+            await clara.ok("Event.SubscribeInbox", {"filter": "all"})
+            await boris.ok("Event.SetAvailability", {"availability": "busy"})
+            for application, text in requests.items():
+                async with customer(server, application, 20 + application % 100) as cust:
+                    await cust.ok("Event.AddConversation", {"application_id": application})
+                    await cust.ok(
+                        "Event.SendMessage", {"session_channel": str(application), "content": text}
+                    )
+            await boris.ok(
+                "Event.AssignConversation", {"session_channel": "6103", "assignee_id": 3}
+            )
+            await boris.ok(
+                "Event.SendMessage",
+                {"session_channel": "6103", "content": "It is under Orders, then Invoices"},
+            )
+            await boris.ok(
+                "Event.SetConversationStatus", {"session_channel": "6103", "status": "pending"}
+            )
+            await clara.ok(
+                "Event.SetConversationStatus", {"session_channel": "6104", "status": "resolved"}
+            )
+            await clara.ok(
+                "Event.AssignConversation", {"session_channel": "6105", "assignee_id": 4}
+            )
+            await clara.ok(
+                "Event.AssignConversation", {"session_channel": "6101", "assignee_id": 1}
+            )
+
+            errors: list[str] = []
+            anna = await open_page(browser, server, errors)
+            await sign_in_with(anna, token(admin_id=1, name="Anna"))
+            await expect(anna.locator("#inbox-tools")).to_be_visible()
+            await expect_counts(anna, 1, 1, 4)  # the resolved one is not shown
+            await row(anna, 6101).click()
+            await send(anna, "Sorry about that! Let me check with the courier.")
+            await expect(bubble(anna, "courier").locator(".ticks")).to_have_text("✓")
+            await expect(row(anna, 6103).locator(".status-pill")).to_have_text("Pending")
+            await anna.locator("#assignee-button").click()
+            options = anna.locator("#assignee-menu .assignee-option")
+            # Me, then those available, then the busy, then nobody.
+            await expect(options).to_have_count(4)
+            await expect(options.nth(0).locator(".name")).to_have_text("Me")
+            await expect(options.nth(1).locator(".availability")).to_have_text("Online")
+            await expect(options.nth(2).locator(".availability")).to_have_text("Busy")
+            await expect(options.nth(1)).to_have_attribute("data-assign", "4")
+            await expect(options.nth(2)).to_have_attribute("data-assign", "3")
+            await expect(options.nth(0)).to_have_attribute("aria-pressed", "true")
+            await expect(options.nth(3)).to_have_text("Nobody")
+            await screenshot(anna, tmp_path, "web-desk-staff.png")
+            assert errors == []
     finally:
         server.stop()
 
