@@ -284,22 +284,28 @@ async def test_events_arrive_signed_shaped_like_the_protocol(tmp_path: Path) -> 
             mid = sent["message"]["id"]
             await s.ok("Event.ReadMessage", {"session_channel": "100", "message_id": mid})
             read = await c.push("Event.MessageRead")
+            assigned = await s.ok(
+                "Event.AssignConversation", {"session_channel": "100", "assignee_id": 1}
+            )
         async with asyncio.timeout(30):
-            while len(handled) < 3:
+            while len(handled) < 4:
                 arrived.clear()
                 await arrived.wait()
         by_type = {e["type"]: e for e in handled}
         assert by_type["conversation.created"]["data"] == {"conversation": conversation}
         assert by_type["message.created"]["data"] == sent
         assert by_type["message.read"]["data"] == read["result"]
-        assert len({e["id"] for e in handled}) == 3
+        updated = dict(assigned["conversation"])
+        del updated["last_message"]  # its messages have events of their own
+        assert by_type["conversation.updated"]["data"] == {"conversation": updated}
+        assert len({e["id"] for e in handled}) == 4
         assert all(
             re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", e["created_at"])
             for e in handled
         )
         assert by_type["message.created"]["created_at"] == sent["message"]["create_at"]
-        await until_metric(srv, DELIVERED, lambda n: n >= 3)  # counted once settled
-        assert metric(srv, DELIVERED) == 3 and metric(srv, FAILED) == 0
+        await until_metric(srv, DELIVERED, lambda n: n >= 4)  # counted once settled
+        assert metric(srv, DELIVERED) == 4 and metric(srv, FAILED) == 0
         # the docs receiver refuses what was not signed with the secret
         req = urllib.request.Request(
             url,
@@ -310,7 +316,7 @@ async def test_events_arrive_signed_shaped_like_the_protocol(tmp_path: Path) -> 
             await asyncio.to_thread(urllib.request.urlopen, req, timeout=5)
         assert refused.value.code == 401
         refused.value.close()
-        assert len(handled) == 3
+        assert len(handled) == 4
     finally:
         assert srv.stop() == 0
         await docs_receiver.stop()

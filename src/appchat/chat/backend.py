@@ -12,7 +12,7 @@ import orjson
 
 from ..blobs.images import IMAGE, ImageReferences
 from ..protocol import events as ev
-from ..protocol.errors import Forbidden, NotFound
+from ..protocol.errors import BadRequest, Forbidden, NotFound
 from ..protocol.models import now_us
 from ..store import Store
 from .service import ChatService, Limits
@@ -62,9 +62,11 @@ class BackendService:
             await self._images.check(args.content, application_id)
         conversation = await self._chat.conversation(application_id)
         if conversation is None:
+            now = self._now()
             conversation = await self._store.add_conversation(
-                application_id, args.sender_id, staff=True, now=self._now()
+                application_id, args.sender_id, staff=True, now=now
             )
+            self._chat.announce_if_new(conversation, now)
         elif not await self._store.is_staff_participant(
             conversation.id, args.sender_id
         ) and args.sender_id in await self._store.participant_ids(conversation.id):
@@ -103,14 +105,64 @@ class BackendService:
         return {"messages": result["Messages"], "has_more": result["has_more"]}
 
     async def conversation_list(
-        self, *, user_id: int | None, limit: int, cursor: str | None
+        self,
+        *,
+        user_id: int | None,
+        limit: int,
+        cursor: str | None,
+        status: list[str] | None = None,
+        assignee: int | str | None = None,
     ) -> dict[str, Any]:
         """Every conversation (or those ``user_id`` takes part in), newest activity first,
-        paged like GetConversationList."""
+        paged and filtered like GetConversationList (``assignee``: an id or ``"none"``)."""
         args = ev.parse_get_conversation_list(
-            {"user_id": user_id, "limit": limit, "cursor": cursor}
+            {
+                "user_id": user_id,
+                "limit": limit,
+                "cursor": cursor,
+                "status": status,
+                "assignee": assignee,
+            }
         )
+        if args.assignee == "me":  # (the API acts for nobody)
+            raise BadRequest('assignee must be "none" or a staff id')
         page = await self._store.conversation_page(
-            args.user_id, limit=args.limit, after=args.cursor
+            args.user_id, limit=args.limit, after=args.cursor, desk=args.desk(0)
         )
         return ev.conversation_page(page.conversations, page.has_more)
+
+    async def update_conversation(
+        self, application_id: int, changes: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Set the status (``status``, ``snooze_until``) and the assignee (``assignee_id``)
+        of the conversation, those that ``changes`` names; ``{"conversation": …}``. Each
+        change is pushed to the inbox like the staff events' (status first)."""
+        conversation = await self._chat.conversation(application_id)
+        if conversation is None:
+            raise NotFound("no such conversation")
+        channel = str(application_id)
+        result = None
+        if "status" in changes or "snooze_until" in changes:
+            status = ev.parse_set_status({"session_channel": channel, **_pick(changes, STATUS)})
+            change = await self._store.set_status(
+                conversation, status.status, status.snooze_until, now=self._now()
+            )
+            result = self._chat.changed(change)
+        if "assignee_id" in changes:
+            assign = ev.parse_assign({"session_channel": channel, **_pick(changes, ASSIGNEE)})
+            change = await self._store.assign(conversation, assign.assignee_id, now=self._now())
+            result = self._chat.changed(change)
+        if result is None:
+            view = await self._store.view_conversation(application_id)
+            if view is None:
+                raise NotFound("no such conversation")
+            result = ev.conversation_obj(view)
+        return {"conversation": result}
+
+
+STATUS = ("status", "snooze_until")
+ASSIGNEE = ("assignee_id",)
+
+
+def _pick(changes: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: changes[k] for k in keys if k in changes}

@@ -266,8 +266,7 @@ class ChatService:
         conversation = await self._store.add_conversation(
             args.application_id, user_id, staff=p.is_staff and user_id == p.sid, now=now
         )
-        if conversation.rev == 0 and conversation.create_at == now:  # made by this call
-            self.announce(conversation)
+        self.announce_if_new(conversation, now)
         if user_id == p.sid:
             await self._keep_name(session, conversation, user_id)
         return ev.conversation_obj(conversation)
@@ -401,8 +400,11 @@ class ChatService:
                 )
         return body
 
-    def announce(self, conversation: Conversation) -> None:
-        """Tell the inbox about a conversation just made."""
+    def announce_if_new(self, conversation: Conversation, now: int) -> None:
+        """Tell the inbox about the conversation if an AddConversation at ``now`` made it
+        (it was created then and nothing has happened in it since)."""
+        if conversation.create_at != now or conversation.rev != 0:
+            return
         if self._inbox is not None and self._inbox.wanted:
             frame = ev.push(
                 ev.CONVERSATION_UPDATED, {"conversation": ev.conversation_obj(conversation)}

@@ -51,6 +51,7 @@ RECEIVE_PRESENCE = "Event.ReceivePresence"
 GET_PRESENCE = "Event.GetPresence"
 
 INBOX_FILTERS = ("all", "mine", "unassigned")
+MAX_STATUSES = 16  # in one GetConversationList ``status`` list (repeats allowed)
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
@@ -298,8 +299,8 @@ def _statuses(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, list):
-        if not value or len(value) > len(STATUSES):
-            raise BadRequest(f"status must be a status or a list of 1 to {len(STATUSES)}")
+        if not value or len(value) > MAX_STATUSES:
+            raise BadRequest(f"status must be a status or a list of 1 to {MAX_STATUSES}")
         return tuple(sorted({_status(v) for v in value}))
     return (_status(value),)
 

@@ -35,6 +35,7 @@ from ..protocol import events as ev
 from ..protocol.errors import AppError
 from ..protocol.models import (
     CONVERSATION_CREATED,
+    CONVERSATION_UPDATED,
     MESSAGE_CREATED,
     MESSAGE_READ,
     Conversation,
@@ -90,6 +91,10 @@ def event_body(event: WebhookEvent) -> bytes:
         payload = {"message": ev.message_obj(Message(**data))}
     elif event.type == CONVERSATION_CREATED:
         payload = {"conversation": ev.conversation_obj(Conversation(**data))}
+    elif event.type == CONVERSATION_UPDATED:  # its messages have webhooks of their own
+        conversation = ev.conversation_obj(Conversation(**data))
+        del conversation["last_message"]
+        payload = {"conversation": conversation}
     elif event.type == MESSAGE_READ:
         payload = ev.message_read(**data)
     else:  # recorded by a newer release: passed on as it was recorded

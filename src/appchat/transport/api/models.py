@@ -82,12 +82,45 @@ class MessagePageOut(BaseModel):
     has_more: bool
 
 
+Status = Literal["open", "pending", "resolved", "snoozed"]
+
+
 class ConversationOut(BaseModel):
     id: Id
     session_channel: str
     application_id: Id
     create_at: Timestamp
     update_at: Timestamp = Field(description="time of the last activity")
+    status: Status = Field(description="the desk status; a new conversation is open")
+    assignee_id: Id | None = Field(description="the staff member it is assigned to, if any")
+    snooze_until: Timestamp | None = Field(description="when a snoozed conversation reopens")
+    last_message: MessageOut | None = Field(description="its newest message, if any")
+    rev: int = Field(
+        ge=0, description="grows with every message and every change of status or assignee"
+    )
+
+
+class ConversationReply(BaseModel):
+    conversation: ConversationOut
+
+
+class ConversationPatch(BaseModel):
+    """What to change; a field left out (or a null status or snooze time) stays as it
+    is; a null ``assignee_id`` leaves the conversation unassigned."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    status: Status | None = Field(
+        default=None,
+        description="with `snooze_until` when snoozed; a customer's message "
+        "reopens a resolved or snoozed conversation, a snoozed one reopens at its time",
+    )
+    snooze_until: Timestamp | None = Field(
+        default=None, description="RFC 3339 with an offset; only with status snoozed"
+    )
+    assignee_id: Id | None = Field(
+        default=None, description="a staff id, or null for nobody; the assignee joins"
+    )
 
 
 class ConversationPageOut(BaseModel):
@@ -136,6 +169,18 @@ class MessageListQuery(BaseModel):
 class ConversationListQuery(BaseModel):
     user_id: Id | None = Field(
         default=None, description="only the conversations this participant takes part in"
+    )
+    status: str | None = Field(
+        default=None,
+        max_length=40,
+        pattern=r"^(open|pending|resolved|snoozed)(,(open|pending|resolved|snoozed))*$",
+        description="only these statuses, comma-separated (open,pending)",
+    )
+    assignee: str | None = Field(
+        default=None,
+        max_length=20,
+        pattern=r"^(none|[1-9][0-9]{0,17})$",
+        description="only those assigned to this staff id, or `none`: unassigned",
     )
     limit: int = Field(default=ev.DEFAULT_LIST_PAGE, ge=1, le=ev.MAX_LIST_PAGE)
     cursor: str | None = Field(

@@ -24,6 +24,8 @@ from .models import (
     ApplicationPath,
     ConversationListQuery,
     ConversationPageOut,
+    ConversationPatch,
+    ConversationReply,
     DisconnectOut,
     DisconnectQuery,
     MessageListQuery,
@@ -102,7 +104,23 @@ class ServerApi:
                 (400, 401, 503),
                 query_model=ConversationListQuery,
                 description="Like Event.GetConversationList with `all`: every conversation, "
-                "or those of `user_id`.",
+                "or those of `user_id`, optionally only some statuses or one assignee.",
+                tags=("conversations",),
+            ),
+            Route(
+                "PATCH",
+                "/conversations/{application_id}",
+                "updateConversation",
+                "Change a conversation's status or assignee",
+                self._update_conversation,
+                {200: ("The conversation as it is now", ConversationReply)},
+                (400, 401, 404, 413, 415, 503),
+                path_model=ApplicationPath,
+                body_model=ConversationPatch,
+                description="Like Event.SetConversationStatus and Event.AssignConversation: "
+                "each change takes the conversation's next `rev`, is pushed as "
+                "Event.ConversationUpdated to the inbox subscribers and recorded as the "
+                "`conversation.updated` webhook; a field left out stays as it is.",
                 tags=("conversations",),
             ),
             Route(
@@ -162,8 +180,21 @@ class ServerApi:
     async def _list_conversations(self, call: Call) -> tuple[int, Any]:
         q = call.query
         return 200, await self._service.conversation_list(
-            user_id=q.user_id, limit=q.limit, cursor=q.cursor
+            user_id=q.user_id,
+            limit=q.limit,
+            cursor=q.cursor,
+            status=None if q.status is None else q.status.split(","),
+            assignee=q.assignee if q.assignee in (None, "none") else int(q.assignee),
         )
+
+    async def _update_conversation(self, call: Call) -> tuple[int, Any]:
+        # A null status or snooze time is one left out; a null assignee is nobody.
+        changes = {
+            k: v
+            for k, v in call.body.model_dump(include=call.body.model_fields_set).items()
+            if v is not None or k == "assignee_id"
+        }
+        return 200, await self._service.update_conversation(call.path.application_id, changes)
 
     async def _disconnect(self, call: Call) -> tuple[int, Any]:
         sid = call.path.sid
