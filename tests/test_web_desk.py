@@ -328,6 +328,7 @@ async def test_availability_and_whether_a_customer_sees_an_agent(
         shopper = await open_page(browser, server, errors, clock=True)
         await join_as_customer(shopper, 2, 5300)
         availability = shopper.locator("#agent-availability")
+        await expect(availability).to_be_visible()
         await expect(availability).to_have_text(
             "No agent is available right now: leave a message and we answer as soon as we can"
         )
