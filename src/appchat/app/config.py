@@ -82,6 +82,7 @@ class Settings:
     max_uploads_per_user: int = defaults.MAX_UPLOADS_PER_USER
     upload_rate: float = defaults.UPLOAD_RATE
     upload_timeout: float = defaults.UPLOAD_TIMEOUT
+    presence_grace: float = defaults.PRESENCE_GRACE
 
 
 # name -> (type, help); every option also reads APPCHAT_<NAME> from the environment.
@@ -130,6 +131,12 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "handshake_timeout": (
         float,
         "seconds a new connection gets to send a complete HTTP request; slower ones are closed",
+    ),
+    "presence_grace": (
+        float,
+        "seconds a staff member still shows their availability after their last connection "
+        "closed (a page reload is no flicker to offline); a node that dies is noticed "
+        "within 3 heartbeats of presence (a third of this, at most 10 s) on top",
     ),
     "max_pending_handshakes": (
         int,
@@ -308,6 +315,7 @@ AT_LEAST: dict[str, tuple[float, str]] = {
     "rate": (0, "0 (no limit) or more"),
     "burst": (1, "at least 1"),
     "sqlite_busy_timeout": (0, "0 or more"),
+    "presence_grace": (0.3, "at least 0.3"),
     "max_connections": (1, "at least 1"),
     "max_connections_per_user": (1, "at least 1"),
 }

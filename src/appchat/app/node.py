@@ -76,7 +76,9 @@ class Node:
         self.api_sender_ids = IdRanges.parse(settings.api_sender_ids)
         self.webhooks = self._webhooks(settings)
         self._dev_secret = secret if settings.dev else None  # mints tokens for the web client
-        self.hub = Hub(self.broker, prefix=settings.channel_prefix)
+        self.hub = Hub(
+            self.broker, prefix=settings.channel_prefix, presence_grace=settings.presence_grace
+        )
         self.blobs = blobs or open_blob_store(
             str(upload_directory(settings)),
             s3_url=settings.upload_s3,
@@ -96,6 +98,7 @@ class Node:
             metrics=self.metrics,
             images=images,
             inbox=self.hub.inbox,
+            presence=self.hub.presence,
         )
         self.snoozes = SnoozeWaker(self.store, self.service.changed)
         backend = BackendService(self.service, self.store, limits=limits, images=images)

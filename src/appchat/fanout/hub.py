@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from ..broker import Broker
 from ..protocol import defaults
 from ..protocol.errors import AppError, Unavailable
-from ..protocol.events import RESYNC, push
+from ..protocol.events import RECEIVE_PRESENCE, RESYNC, push, receive_presence
 from .connection import Connection
 from .envelope import (
     DISCONNECT,
@@ -30,6 +30,7 @@ from .envelope import (
     open_envelope,
 )
 from .inbox import Inbox
+from .presence import Presence
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Hub:
         prefix: str = defaults.CHANNEL_PREFIX,
         publish_timeout: float = 2.0,
         max_pending_publishes: int = 100_000,
+        presence_grace: float = defaults.PRESENCE_GRACE,
     ) -> None:
         self._broker = broker
         self._prefix = prefix
@@ -61,8 +63,17 @@ class Hub:
         self._wake: asyncio.Event | None = None  # a push came while the publisher waits
         self._started = False
         self.inbox = Inbox(broker, self.node_id, prefix=prefix, publish_timeout=publish_timeout)
+        self.presence = Presence(broker, self.node_id, prefix=prefix, grace=presence_grace)
+        self.presence.on_change = self._presence_changed
         # Channels that are not a participant's: their messages go to their own handler.
-        self._routes: dict[str, Callable[[bytes], None]] = {self.inbox.channel: self.inbox.handle}
+        self._routes: dict[str, Callable[[bytes], None]] = {
+            self.inbox.channel: self.inbox.handle,
+            self.presence.channel: self.presence.handle,
+        }
+
+    def _presence_changed(self, user_id: int, availability: str) -> None:
+        # Every node notices a change by itself: each tells its own inbox subscribers.
+        self.inbox.push_all(push(RECEIVE_PRESENCE, receive_presence(user_id, availability)))
 
     def route(self, channel: str, handler: Callable[[bytes], None]) -> None:
         """Hand the messages of ``channel`` (subscribed by its owner) to ``handler``."""
@@ -70,9 +81,11 @@ class Hub:
 
     async def start(self) -> None:
         await self._broker.start(self._on_broker_message, self.resync)
+        await self.presence.start()
         self._started = True
 
     async def stop(self) -> None:
+        await self.presence.stop()
         await self.inbox.stop()
         publisher = self._publisher  # set to None by the task itself when it ends
         if publisher is not None:
@@ -102,6 +115,8 @@ class Hub:
                     raise Unavailable("the broker did not answer in time") from None
                 self._by_user[user_id] = set()
             self._by_user[user_id].add(conn)
+        principal = conn.principal
+        self.presence.connected(user_id, staff=principal.is_staff, name=principal.name)
 
     async def unregister(self, conn: Connection) -> None:
         user_id = conn.principal.sid
@@ -111,6 +126,7 @@ class Hub:
             if conns is None or conn not in conns:
                 return
             conns.discard(conn)
+            self.presence.disconnected(user_id, staff=conn.principal.is_staff)
             if not conns:
                 del self._by_user[user_id]
                 await self._broker.unsubscribe(self._channel(user_id))
@@ -257,6 +273,7 @@ class Hub:
 
     async def resync(self) -> None:
         """Tell every local connection it may have missed pushes and should refetch."""
+        await self.presence.resync()
         frame = push(RESYNC, None)
         for conn in self.connections:
             conn.push(frame)

@@ -24,7 +24,8 @@ forgotten with the user: a staff member who comes back after being offline is ``
 
 Messages are ``P1\\t<node>\\t<kind>\\n`` and a JSON body:
 
-* ``snap``  ``{"users": [entry, ...]}``: every user connected on the node;
+* ``snap``  ``{"users": [entry, ...], "hb": seconds}``: every user connected on the node,
+  and its heartbeat (the others count it dead after three heartbeats of its own);
 * ``delta`` ``{"up": [entry, ...], "down": [user_id, ...], "avail": [[user_id, reg], ...]}``;
 * ``leave`` ``{}``;
 
@@ -97,6 +98,7 @@ class _Local:
 class _Peer:
     heard: float
     users: dict[int, bool] = field(default_factory=dict)  # connected there -> staff there
+    heartbeat: float | None = None  # the node's own, from its snapshots
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,9 +285,9 @@ class Presence:
         if self._ticker is not None and now >= self._next_heartbeat:
             self._next_heartbeat = now + self._heartbeat
             self._want_snapshot()
-        silence = MISSED_HEARTBEATS * self._heartbeat
         changed: set[int] = set()
         for node, peer in list(self._peers.items()):
+            silence = self._silence(peer)
             if now - peer.heard >= silence:
                 log.info("presence: node %s silent for %.1f s, counted as gone", node, silence)
                 del self._peers[node]
@@ -293,11 +295,16 @@ class Presence:
         changed |= {u for u in self._gone if not self._there(u, self._users[u], now)}
         self._settle(changed, now)
         dues = [self._next_heartbeat]
-        dues += [peer.heard + silence for peer in self._peers.values()]
+        dues += [peer.heard + self._silence(peer) for peer in self._peers.values()]
         for user_id in self._gone:
             left_at = self._users[user_id].left_at
             dues.append((now if left_at is None else left_at) + self._grace)
         self._due = min(dues)
+
+    def _silence(self, peer: _Peer) -> float:
+        """How long ``peer`` may stay silent: by its own heartbeat (nodes may be set up
+        with different grace periods), this node's until a snapshot said it."""
+        return MISSED_HEARTBEATS * (peer.heartbeat or self._heartbeat)
 
     async def _tick_loop(self) -> None:
         while True:
@@ -346,7 +353,12 @@ class Presence:
             raise ValueError("the body is not an object")
         if kind == SNAPSHOT:
             entries = [_entry(raw) for raw in _list(body.get("users"))]
-            return lambda node, now: self._apply_snapshot(node, now, entries)
+            beat = body.get("hb")  # (absent: a node of an earlier release, same settings)
+            if beat is not None and (
+                isinstance(beat, bool) or not isinstance(beat, int | float) or not beat > 0
+            ):
+                raise ValueError("hb is not a positive number")
+            return lambda node, now: self._apply_snapshot(node, now, entries, beat)
         if kind == DELTA:
             up = [_entry(raw) for raw in _list(body.get("up", []))]
             down = [_user_id(raw) for raw in _list(body.get("down", []))]
@@ -365,8 +377,11 @@ class Presence:
         peer.heard = now
         return peer
 
-    def _apply_snapshot(self, node: str, now: float, entries: list[_Entry]) -> None:
+    def _apply_snapshot(
+        self, node: str, now: float, entries: list[_Entry], heartbeat: float | None = None
+    ) -> None:
         peer = self._peer(node, now)
+        peer.heartbeat = heartbeat
         before, peer.users = peer.users, {e.user_id: e.staff for e in entries}
         changed = self._drop(before.keys() - peer.users.keys(), now)
         for e in entries:
@@ -490,7 +505,8 @@ class Presence:
 
     def _snapshot(self) -> bytes:
         users = [self._entry(u, local, self._users[u]) for u, local in self._local.items()]
-        return self._head + SNAPSHOT + b"\n" + orjson.dumps({"users": users})
+        body = {"users": users, "hb": self._heartbeat}
+        return self._head + SNAPSHOT + b"\n" + orjson.dumps(body)
 
     def _queue_delta(
         self,
