@@ -235,6 +235,15 @@ async def test_the_staff_view_with_its_tabs_and_the_assignee_picker(
             await expect(options.nth(0)).to_have_attribute("aria-pressed", "true")
             await expect(options.nth(3)).to_have_text("Nobody")
             await screenshot(anna, tmp_path, "web-desk-staff.png")
+            await anna.keyboard.press("Escape")
+            await expect(anna.locator("#assignee-menu")).to_be_hidden()
+            # Another agent's message shows as staff's (GetPresence says who is), with
+            # their name; the customer's as the customer's.
+            await row(anna, 6103).click()
+            sender = bubble(anna, "Orders, then Invoices").locator(".sender")
+            await expect(sender).to_have_text("Boris (support)")
+            await expect(bubble(anna, "invoice?").locator(".sender")).to_have_text("Customer")
+            await expect(anna.locator("#assignee-name")).to_have_text("Boris")
             assert errors == []
     finally:
         server.stop()
