@@ -12,9 +12,10 @@ import pytest
 
 from appchat.auth.tokens import TokenVerifier
 from appchat.broker.memory import MemoryBroker
-from appchat.chat.desk import SnoozeWaker
+from appchat.chat.desk import AutoAssigner, SnoozeWaker
 from appchat.chat.service import ChatService, Limits
 from appchat.fanout.inbox import Inbox
+from appchat.fanout.presence import Presence
 from appchat.protocol.models import format_ts
 from appchat.store import Store
 
@@ -414,3 +415,78 @@ async def test_ids_of_another_conversation_stay_apart(chat: Chat) -> None:
     after = await chat.ok(staff, "Event.GetConversationList", {"all": True})
     other = [c for c in after["conversations"] if c["application_id"] == 200]
     assert other == [c for c in before["conversations"] if c["application_id"] == 200]
+
+
+# --- auto-assignment (--auto-assign round-robin) -------------------------------------------------
+
+
+def auto_chat(store: Store, clock: Clock, max_open: int = 0) -> tuple[Chat, Presence]:  # noqa: F811
+    presence = Presence(MemoryBroker(), "node-a")
+    verifier = TokenVerifier(SECRET, clock=lambda: NOW)
+    fanout = RecordingFanout()
+    service = ChatService(
+        store,
+        fanout,
+        verifier,
+        clock_us=clock,
+        inbox=Inbox(MemoryBroker(), "node-a"),
+        presence=presence,
+        auto_assign=AutoAssigner(store, presence, max_open=max_open),
+    )
+    return Chat(service=service, store=store, fanout=fanout, verifier=verifier), presence
+
+
+async def assignee_of(chat: Chat, app: int) -> int | None:
+    (conv,) = [
+        c
+        for c in (await chat.ok(chat.staff(99), "Event.GetConversationList", {"all": True}))[
+            "conversations"
+        ]
+        if c["application_id"] == app
+    ]
+    assignee: int | None = conv["assignee_id"]
+    return assignee
+
+
+async def test_auto_assign_goes_round_the_online_agents_with_fewest_open(
+    store: Store,  # noqa: F811
+    clock: Clock,
+) -> None:
+    chat, presence = auto_chat(store, clock)
+    await chat.add(chat.customer(100, 500), 100)
+    assert await assignee_of(chat, 100) is None  # nobody online
+    for agent in (1, 2, 3):
+        presence.connected(agent, staff=True)
+    presence.set_availability(3, "busy")  # there, but not taking new ones
+    await chat.add(chat.staff(1), 200)  # made by staff: not assigned automatically
+    assert await assignee_of(chat, 200) is None
+    await assign(chat, chat.staff(1), 200, 1)  # agent 1 has one open
+    await chat.add(chat.customer(300, 501), 300)
+    assert await assignee_of(chat, 300) == 2  # the fewest
+    await chat.add(chat.customer(400, 502), 400)
+    await chat.add(chat.customer(500, 503), 500)
+    # 1 and 2 had one each: round from the last chosen (2) to 1, then 2 again.
+    assert [await assignee_of(chat, a) for a in (400, 500)] == [1, 2]
+    await set_status(chat, chat.staff(1), 400, "resolved")  # 1 has fewer open now
+    await chat.add(chat.customer(600, 504), 600)
+    assert await assignee_of(chat, 600) == 1
+
+
+async def test_auto_assign_respects_max_open_and_reopens(
+    store: Store,  # noqa: F811
+    clock: Clock,
+) -> None:
+    chat, presence = auto_chat(store, clock, max_open=1)
+    presence.connected(7, staff=True)
+    await chat.add(chat.customer(100, 500), 100)
+    await chat.add(chat.customer(200, 501), 200)
+    assert [await assignee_of(chat, a) for a in (100, 200)] == [7, None]  # 7 is full
+    staff = chat.staff(7)
+    await set_status(chat, staff, 100, "resolved")
+    await assign(chat, staff, 100, None)
+    await set_status(chat, staff, 200, "resolved")
+    await chat.send(chat.customer(100, 500), 100, "it broke again")  # reopens, unassigned
+    assert await assignee_of(chat, 100) == 7
+    await assign(chat, staff, 200, 8)
+    await chat.send(chat.customer(200, 501), 200, "me too")  # reopens, keeps its agent
+    assert await assignee_of(chat, 200) == 8

@@ -241,3 +241,63 @@ async def test_a_snooze_falls_due_while_the_node_that_set_it_is_dead(
     finally:
         if doomed.proc is not None and doomed.proc.poll() is None:
             doomed.stop()
+
+
+async def test_presence_across_nodes_and_a_node_killed(database: str) -> None:
+    prefix = unique_prefix()  # nodes of their own, with a short grace
+    grace = ("--presence-grace", "1")
+    node = InProcessServer(
+        database, "--broker", REDIS_URL, "--channel-prefix", prefix, "--rate", "0", *grace
+    ).start()
+    doomed = ServerProcess(
+        database, "--broker", REDIS_URL, "--channel-prefix", prefix, "--rate", "0", *grace
+    ).start()
+    app = 7701
+    try:
+        async with staff(node, 60) as watcher, customer(node, app, 7960) as c:
+            await watcher.ok("Event.SubscribeInbox", {})
+            await c.ok("Event.AddConversation", {"application_id": app})
+            async with staff(doomed, 61) as agent:
+                assert await presence_push(watcher, 61) == "online"
+                await agent.ok("Event.AddConversation", {"application_id": app})
+                await agent.ok("Event.SetAvailability", {"availability": "busy"})
+                assert await presence_push(watcher, 61) == "busy"
+                seen = await c.ok("Event.GetPresence", {"session_channel": str(app)})
+                assert seen["participants"] == [
+                    {"user_id": 61, "staff": True, "availability": "busy"},
+                    {"user_id": 7960, "staff": False, "availability": "online"},
+                ]
+                assert seen["staff_available"] is True  # the watcher, 60, is online
+                desk = await watcher.ok("Event.GetPresence", {})
+                assert {(p["user_id"], p["availability"]) for p in desk["participants"]} == {
+                    (60, "online"),
+                    (61, "busy"),
+                }
+                assert await c.error("Event.GetPresence", {}) == "forbidden"
+                assert await c.error("Event.GetPresence", {"session_channel": "7702"}) == (
+                    "forbidden"
+                )
+                doomed.stop(signal.SIGKILL)
+                # Its connections are gone with it: offline once the node is found silent
+                # and the grace has passed, never "online" for ever.
+                assert await presence_push(watcher, 61, timeout=20) == "offline"
+            after = await c.ok("Event.GetPresence", {"session_channel": str(app)})
+            assert after["participants"][0] == {
+                "user_id": 61,
+                "staff": True,
+                "availability": "offline",
+            }
+    finally:
+        if doomed.proc is not None and doomed.proc.poll() is None:
+            doomed.stop()
+        node.stop()
+
+
+async def presence_push(watcher: Client, user_id: int, timeout: float = 10) -> str:
+    """The next availability of ``user_id`` that Event.ReceivePresence brought."""
+    async with asyncio.timeout(timeout):
+        while True:
+            frame = await watcher.pushes.get()
+            if frame["name"] == "Event.ReceivePresence" and frame["result"]["user_id"] == user_id:
+                availability: str = frame["result"]["availability"]
+                return availability

@@ -83,7 +83,11 @@ class Settings:
     upload_rate: float = defaults.UPLOAD_RATE
     upload_timeout: float = defaults.UPLOAD_TIMEOUT
     presence_grace: float = defaults.PRESENCE_GRACE
+    auto_assign: str = "none"
+    max_open_per_agent: int = 0
 
+
+AUTO_ASSIGN = ("none", "round-robin")
 
 # name -> (type, help); every option also reads APPCHAT_<NAME> from the environment.
 OPTIONS: dict[str, tuple[type, str]] = {
@@ -131,6 +135,15 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "handshake_timeout": (
         float,
         "seconds a new connection gets to send a complete HTTP request; slower ones are closed",
+    ),
+    "auto_assign": (
+        str,
+        "none, or round-robin: a customer's new or reopened conversation that nobody has goes "
+        "to the online staff member with the fewest open conversations",
+    ),
+    "max_open_per_agent": (
+        int,
+        "with --auto-assign: an agent with this many open conversations gets no more (0: any)",
     ),
     "presence_grace": (
         float,
@@ -316,6 +329,7 @@ AT_LEAST: dict[str, tuple[float, str]] = {
     "burst": (1, "at least 1"),
     "sqlite_busy_timeout": (0, "0 or more"),
     "presence_grace": (0.3, "at least 0.3"),
+    "max_open_per_agent": (0, "0 (no limit) or more"),
     "max_connections": (1, "at least 1"),
     "max_connections_per_user": (1, "at least 1"),
 }
@@ -336,6 +350,8 @@ def check_limits(settings: Settings) -> None:
         raise ConfigError(f"--handshake-timeout {settings.handshake_timeout}: must be above 0")
     if settings.max_upload < 1:
         raise ConfigError(f"--max-upload {settings.max_upload}: must be at least 1")
+    if settings.auto_assign not in AUTO_ASSIGN:
+        raise ConfigError(f"--auto-assign {settings.auto_assign!r}: use none or round-robin")
     if settings.images not in IMAGE_POLICIES:
         raise ConfigError(f"--images {settings.images!r}: use any or uploads-only")
     if settings.max_pending_handshakes < 1:

@@ -17,7 +17,7 @@ from ..blobs import BlobStore, open_blob_store
 from ..blobs.images import ImageLimits, ImageReferences
 from ..broker import Broker, open_broker
 from ..chat.backend import BackendService
-from ..chat.desk import SnoozeWaker
+from ..chat.desk import AutoAssigner, SnoozeWaker
 from ..chat.service import MAX_REPLY_BYTES, ChatService, Limits
 from ..common.metrics import Metrics
 from ..fanout.hub import Hub
@@ -99,6 +99,11 @@ class Node:
             images=images,
             inbox=self.hub.inbox,
             presence=self.hub.presence,
+            auto_assign=(
+                AutoAssigner(self.store, self.hub.presence, max_open=settings.max_open_per_agent)
+                if settings.auto_assign == "round-robin"
+                else None
+            ),
         )
         self.snoozes = SnoozeWaker(self.store, self.service.changed)
         backend = BackendService(self.service, self.store, limits=limits, images=images)

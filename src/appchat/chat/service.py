@@ -36,9 +36,10 @@ from ..protocol.models import (
     now_us,
 )
 from ..store import Store
+from .desk import AutoAssigner
 
 log = logging.getLogger(__name__)
-name_errors = RateLimitedLog(log)  # a store that fails while keeping display names
+best_effort_errors = RateLimitedLog(log)  # a store failing in best-effort writes after an answer
 
 MAX_KNOWN_CONVERSATIONS = 100_000  # application -> conversation, remembered per node
 NAMES_REMEMBERED = 100_000  # (connection, conversation, participant) -> display name stored
@@ -115,12 +116,14 @@ class ChatService:
         images: ImageReferences | None = None,
         inbox: Inbox | None = None,
         presence: Presence | None = None,
+        auto_assign: AutoAssigner | None = None,
     ) -> None:
         """``images`` checks image messages; without one only their form is checked.
         Without ``inbox`` and ``presence`` the desk's events answer ``unavailable``."""
         self._store = store
         self._inbox = inbox
         self._presence = presence
+        self._auto_assign = auto_assign
         self._images = images or ImageReferences()
         self._fanout = fanout
         self._verifier = verifier
@@ -266,7 +269,8 @@ class ChatService:
         conversation = await self._store.add_conversation(
             args.application_id, user_id, staff=p.is_staff and user_id == p.sid, now=now
         )
-        self.announce_if_new(conversation, now)
+        if self.announce_if_new(conversation, now) and not p.is_staff:
+            await self._assign_automatically(conversation)
         if user_id == p.sid:
             await self._keep_name(session, conversation, user_id)
         return ev.conversation_obj(conversation)
@@ -359,6 +363,9 @@ class ChatService:
             outcome = replace(outcome, message=replace(outcome.message, sender_name=p.name))
         body = self.deliver_message(conversation, outcome, session.id)
         await self._keep_name(session, conversation, sender)
+        after = outcome.conversation
+        if outcome.reopened and after is not None and after.assignee_id is None:
+            await self._assign_automatically(conversation)
         return body
 
     async def _keep_name(self, session: Session, conversation: Conversation, user_id: int) -> None:
@@ -374,7 +381,7 @@ class ChatService:
         try:
             await self._store.set_participant_name(conversation.id, user_id, name)
         except AppError as exc:
-            name_errors.warning(exc.code, "could not keep a display name: %s", exc.message)
+            best_effort_errors.warning(exc.code, "could not keep a display name: %s", exc.message)
             return
         if len(self._names) >= NAMES_REMEMBERED:
             self._names.clear()
@@ -400,16 +407,30 @@ class ChatService:
                 )
         return body
 
-    def announce_if_new(self, conversation: Conversation, now: int) -> None:
+    def announce_if_new(self, conversation: Conversation, now: int) -> bool:
         """Tell the inbox about the conversation if an AddConversation at ``now`` made it
-        (it was created then and nothing has happened in it since)."""
+        (it was created then and nothing has happened in it since); whether it did."""
         if conversation.create_at != now or conversation.rev != 0:
-            return
+            return False
         if self._inbox is not None and self._inbox.wanted:
             frame = ev.push(
                 ev.CONVERSATION_UPDATED, {"conversation": ev.conversation_obj(conversation)}
             )
             self._inbox.publish(frame, conversation.assignee_id, conversation.assignee_id)
+        return True
+
+    async def _assign_automatically(self, conversation: Conversation) -> None:
+        """``--auto-assign``: give a new or reopened conversation nobody has to an agent.
+        Best effort: what it follows is committed and answered for already."""
+        if self._auto_assign is None:
+            return
+        try:
+            change = await self._auto_assign.assign(conversation, now=self._now())
+        except AppError as exc:
+            best_effort_errors.warning(exc.code, "could not assign a conversation: %s", exc.message)
+            return
+        if change is not None:
+            self.changed(change)
 
     def changed(self, change: ConversationChange) -> dict[str, Any]:
         """Tell the inbox about a change of status or assignee (if something changed);

@@ -59,6 +59,7 @@ AVAILABILITIES = frozenset({ONLINE, BUSY, OFFLINE})
 VERSION = b"P1"
 SNAPSHOT, DELTA, LEAVE = b"snap", b"delta", b"leave"
 MISSED_HEARTBEATS = 3  # a node not heard from for this many heartbeats is dead
+MAX_HEARTBEAT = 600.0  # a peer's heartbeat is believed up to this (its users do go)
 TICK = 1.0  # seconds between ticks when nothing falls due sooner
 PUBLISH_TIMEOUT = 2.0  # seconds a batch may take to publish (and stop() to say leave)
 MAX_OUTBOX = 1000  # deltas waiting beyond this are replaced by one snapshot
@@ -358,6 +359,7 @@ class Presence:
                 isinstance(beat, bool) or not isinstance(beat, int | float) or not beat > 0
             ):
                 raise ValueError("hb is not a positive number")
+            beat = None if beat is None else min(float(beat), MAX_HEARTBEAT)
             return lambda node, now: self._apply_snapshot(node, now, entries, beat)
         if kind == DELTA:
             up = [_entry(raw) for raw in _list(body.get("up", []))]

@@ -75,9 +75,19 @@ class Store(Protocol):
         nothing changes, ``before`` is ``conversation``."""
 
     async def assign(
-        self, conversation: Conversation, assignee_id: int | None, *, now: int
+        self,
+        conversation: Conversation,
+        assignee_id: int | None,
+        *,
+        now: int,
+        unassigned_only: bool = False,
     ) -> ConversationChange:
-        """Set the assignee (who joins as a staff participant); as ``set_status``."""
+        """Set the assignee (who joins as a staff participant); as ``set_status``.
+        ``unassigned_only``: only if nobody is assigned (decided in the write)."""
+
+    async def open_counts(self, assignees: Sequence[int]) -> dict[int, int]:
+        """How many conversations each of ``assignees`` has open or pending (none: left
+        out)."""
 
     async def wake_snoozed(self, *, now: int, limit: int) -> list[ConversationChange]:
         """Open the snoozed conversations due at ``now`` (at most ``limit``); a conversation

@@ -267,11 +267,15 @@ def change_conversation(
     status: str = KEEP,
     snooze_until: int | None = KEEP,
     assignee: int | None = KEEP,
+    unassigned_only: bool = False,
 ) -> Plan[ConversationChange]:
     """Set the conversation's status (with its snooze time) or assignee; a change takes
     the next revision and is recorded as ``conversation.updated``. The assignee joins as
-    staff. ``after`` comes with its last message; nothing changed: ``before is after``."""
+    staff. ``after`` comes with its last message; nothing changed: ``before is after``.
+    ``unassigned_only``: change nothing if it has an assignee already."""
     before = conversation_of((yield Step("row", LOCK_CONVERSATION, (conversation_id,))))
+    if unassigned_only and before.assignee_id is not None:
+        assignee = KEEP
     new_status = before.status if status is KEEP else status
     new_snooze = before.snooze_until if snooze_until is KEEP else snooze_until
     if new_status != SNOOZED:
@@ -296,6 +300,18 @@ def change_conversation(
     if hooks:
         yield Step("many", RECORD_EVENT, conversation_updated_rows(hooks, after, now))
     return ConversationChange(after, before)
+
+
+def open_counts(assignees: tuple[int, ...]) -> Plan[dict[int, int]]:
+    """Conversations open or pending per assignee (those with none left out)."""
+    marks = ", ".join("?" * len(assignees))
+    rows = yield Step(
+        "rows",
+        "SELECT assignee_id, count(*) FROM conversations WHERE status IN ('open', 'pending') "
+        f"AND assignee_id IN ({marks}) GROUP BY assignee_id",
+        assignees,
+    )
+    return {int(r[0]): int(r[1]) for r in rows}
 
 
 def wake_snoozed(now: int, limit: int, hooks: tuple[str, ...]) -> Plan[list[ConversationChange]]:
@@ -501,9 +517,21 @@ class SqlStore(ABC):
         return await self._change(conversation.id, now, status=status, snooze_until=snooze_until)
 
     async def assign(
-        self, conversation: Conversation, assignee_id: int | None, *, now: int
+        self,
+        conversation: Conversation,
+        assignee_id: int | None,
+        *,
+        now: int,
+        unassigned_only: bool = False,
     ) -> ConversationChange:
-        return await self._change(conversation.id, now, assignee=assignee_id)
+        return await self._change(
+            conversation.id, now, assignee=assignee_id, unassigned_only=unassigned_only
+        )
+
+    async def open_counts(self, assignees: Sequence[int]) -> dict[int, int]:
+        if not assignees:
+            return {}
+        return await self._read_plan(open_counts, tuple(assignees))
 
     async def _change(self, conversation_id: int, now: int, **fields: Any) -> ConversationChange:
         hooks = self._hooks
