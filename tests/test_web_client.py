@@ -421,8 +421,13 @@ async def test_the_keyboard_reaches_and_opens_conversations(browser: Any, tmp_pa
         await join_as_staff(page, 1)
         rows = page.get_by_role("button", name=re.compile(r"^Request #100[12]"))
         await expect(rows).to_have_count(2)
-        # From the last control of the top bar, Tab walks into the list, newest first.
+        # From the last control of the top bar, Tab walks through the inbox's tabs (the
+        # selected one) and its status filter into the list, newest first.
         await page.get_by_role("button", name="Sign out").focus()
+        await page.keyboard.press("Tab")
+        await expect(page.get_by_role("tab", name=re.compile("^All"))).to_be_focused()
+        await page.keyboard.press("Tab")
+        await expect(page.get_by_label("Show")).to_be_focused()
         await page.keyboard.press("Tab")
         await expect(page.locator("#conversations li[data-channel='1002']")).to_be_focused()
         await page.keyboard.press("Tab")

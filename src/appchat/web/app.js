@@ -1,14 +1,18 @@
 // The appchat web client: sign in, conversation list, message view. Built on appchat.js.
 // This module wires the page; the rest is in ui/: state.js (what the page knows),
-// render.js (drawing it), conversations.js (loading it, pushes), composer.js (sending),
-// signin.js (the session), format.js and dom.js (helpers).
+// render.js (drawing it), conversations.js (loading it, pushes), desk.js (the support desk:
+// status, assignment, availability, presence), notify.js (notifications for a hidden tab),
+// composer.js (sending), signin.js (the session), format.js and dom.js (helpers).
 import { AppChat, CONNECTING, ONLINE, OFFLINE, TOKEN_EXPIRED, REFUSED, tokenClaims } from "/appchat.js";
 import { attach, dismissPending, onInput, sendPending, submit } from "./ui/composer.js";
 import {
-  followLists, loadOlder, markRead, onMessage, onRead, onTyping, openConversation, refreshStatuses,
+  followLists, loadOlder, markRead, onInboxSubscribed, onMessage, onRead, onTyping, openConversation,
+  refreshStatuses,
 } from "./ui/conversations.js";
+import { onConversationUpdated, onPresence, setupDesk, storedAvailability } from "./ui/desk.js";
 import { $, hideBanner, isOffline, showBanner } from "./ui/dom.js";
-import { keepAtBottom, renderComposerHint, showView } from "./ui/render.js";
+import { renderNotificationControls, setupNotifications } from "./ui/notify.js";
+import { keepAtBottom, renderAvailability, renderComposerHint, showView } from "./ui/render.js";
 import { devToken, joinDev, savedSession, saveSession, showSignin, signinWithToken, signOut } from "./ui/signin.js";
 import { state } from "./ui/state.js";
 
@@ -29,6 +33,12 @@ function start(session) {
     : `Customer #${me.sid} · request #${me.application}`;
   $("list-title").textContent = me.staff ? "Inbox" : "Your request";
   document.body.dataset.role = me.staff ? "staff" : "customer";
+  $("staff-tools").hidden = !me.staff;
+  if (me.staff) {
+    state.availability = storedAvailability() || "online";
+    renderAvailability();
+    renderNotificationControls();
+  }
 
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const chat = new AppChat({
@@ -49,6 +59,9 @@ function start(session) {
   chat.on("message", ({ message }) => onMessage(message));
   chat.on("read", onRead);
   chat.on("typing", onTyping);
+  chat.on("conversation", onConversationUpdated);
+  chat.on("presence", onPresence);
+  chat.on("inbox", onInboxSubscribed);
   chat.on("resumed", () => {
     if (chat.state === ONLINE) $("status").textContent = "Online";
     refreshStatuses();
@@ -110,6 +123,8 @@ async function boot() {
     $("conversations").querySelector(".active")?.focus();
   });
   $("retry").addEventListener("click", () => state.chat && state.chat.retryNow());
+  setupDesk();
+  setupNotifications(openConversation);
   // A conversation row opens on a click, Enter or Space (render.js draws them).
   $("conversations").addEventListener("click", (event) => {
     const row = event.target.closest("li[data-channel]");

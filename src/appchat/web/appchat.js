@@ -13,11 +13,24 @@
 //   await chat.sendImage("100", fileInput.files[0]); // POST /upload, then an image message
 //   const blob = await chat.fetchImage(message.content + "/thumb"); // with the token
 //
+// The support desk (staff; see docs/protocol.md):
+//   chat.on("conversation", ({ conversation }) => ...); // Event.ConversationUpdated pushes
+//   chat.on("presence", ({ user_id, availability }) => ...); // Event.ReceivePresence pushes
+//   chat.on("inbox", ({ filter }) => ...);          // subscribed again (after a reconnect or
+//                                                   // Resync): refetch the list, pushes were missed
+//   await chat.subscribeInbox("all");                // "all" | "mine" | "unassigned"
+//   await chat.assignConversation("100", 7);          // or null: nobody
+//   await chat.setConversationStatus("100", "snoozed", new Date(Date.now() + 3600e3));
+//   await chat.setAvailability("busy");               // "online" | "busy" | "offline"
+//   const { participants, staff_available } = await chat.getPresence("100");
+//
 // What it does for you: request/reply matched by id, with a timeout; pushes as events;
 // reconnects with backoff; after a reconnect or an Event.Resync push it fetches, for every
 // followed conversation, everything after the last message it knows (GetMessageList with
 // after_id), so no message is lost or shown twice; renews the token with RefreshToken before
-// it expires, through the getToken callback the page supplies.
+// it expires, through the getToken callback the page supplies. An inbox subscription
+// (subscribeInbox) is made again on every new connection and after Event.Resync, then an
+// "inbox" event tells the page to refetch its list.
 
 export const CONNECTING = "connecting";
 export const ONLINE = "online";
@@ -115,10 +128,12 @@ export class AppChat extends EventTarget {
     this._followed = new Map(); // session_channel -> {cursor, seen: Set of ids > cursor}
     this._outbox = []; // sends waiting for a connection
     this._attempt = 0;
-    this._timers = { reconnect: null, refresh: null, flush: null, resume: null };
+    this._timers = { reconnect: null, refresh: null, flush: null, resume: null, inbox: null };
     this._resumeAttempt = 0;
     this._resuming = null;
     this._resumeAgain = false;
+    this._inbox = null; // the filter of the inbox subscription, or null
+    this._inboxAttempt = 0;
     this._stopped = true;
   }
 
@@ -208,6 +223,7 @@ export class AppChat extends EventTarget {
       this._scheduleRefresh();
       this._flushOutbox();
       if (this._followed.size) this.resume();
+      if (this._inbox !== null) this._resubscribeInbox();
     };
     ws.onmessage = (event) => {
       if (this._ws === ws) this._onFrame(event.data);
@@ -218,6 +234,7 @@ export class AppChat extends EventTarget {
       this._failPending("disconnected", "the connection closed");
       clearTimeout(this._timers.refresh);
       clearTimeout(this._timers.resume); // the next connection resumes anyway
+      clearTimeout(this._timers.inbox); // and subscribes again
       if (event.code === CLOSE_TOKEN_EXPIRED) {
         this._renewExpired().then((renewed) => renewed && this._connect());
         return;
@@ -389,6 +406,13 @@ export class AppChat extends EventTarget {
         break;
       case "Event.Resync":
         this.resume();
+        if (this._inbox !== null) this._resubscribeInbox();
+        break;
+      case "Event.ConversationUpdated":
+        if (result && result.conversation) this._emit("conversation", result);
+        break;
+      case "Event.ReceivePresence":
+        if (result) this._emit("presence", result);
         break;
       default:
         break;
@@ -631,5 +655,92 @@ export class AppChat extends EventTarget {
       session_channel: String(channel),
       message_id: messageId,
     });
+  }
+
+  // --- the support desk (staff, except getPresence) -------------------------------------------
+
+  /**
+   * Receive Event.ConversationUpdated pushes ("conversation" events) for every conversation
+   * in `filter` ("all", "mine" or "unassigned"); calling it again replaces the filter. Kept
+   * across reconnects: each new connection subscribes again and then emits "inbox". Rejects
+   * with the server's error: `unknown_event` from a server without the desk.
+   */
+  async subscribeInbox(filter = "all") {
+    const result = await this.call("Event.SubscribeInbox", { filter });
+    this._inbox = filter;
+    this._inboxAttempt = 0;
+    return result;
+  }
+
+  /** Stop the ConversationUpdated pushes (and their renewal on reconnect). */
+  unsubscribeInbox() {
+    this._inbox = null;
+    clearTimeout(this._timers.inbox);
+    return this.call("Event.UnsubscribeInbox", {});
+  }
+
+  /** The filter the inbox subscription holds, or null. */
+  get inboxFilter() {
+    return this._inbox;
+  }
+
+  async _resubscribeInbox() {
+    const filter = this._inbox;
+    clearTimeout(this._timers.inbox);
+    try {
+      await this.call("Event.SubscribeInbox", { filter });
+      if (this._inbox !== filter) return; // replaced or dropped meanwhile
+      this._inboxAttempt = 0;
+      this._emit("inbox", { filter });
+    } catch (err) {
+      if (this._inbox !== filter) return;
+      if (RETRYABLE.has(err.code) && this.state === ONLINE && !this._stopped) {
+        const base = Math.min(this.backoffMax, this.backoffMin * 2 ** this._inboxAttempt);
+        const retryIn = Math.round(base / 2 + (Math.random() * base) / 2);
+        this._inboxAttempt += 1;
+        this._timers.inbox = setTimeout(() => this._resubscribeInbox(), retryIn);
+        this._emit("error", { error: err, during: "Event.SubscribeInbox", retryIn });
+      } else if (!RETRYABLE.has(err.code)) {
+        // The server no longer offers it (or refuses it): no subscription any more.
+        this._inbox = null;
+        this._emit("inbox", { filter: null, error: err });
+      }
+      // offline: the next connection subscribes again
+    }
+  }
+
+  /** Assign a conversation to a staff id, or to nobody (null). Resolves with the conversation. */
+  async assignConversation(channel, assigneeId) {
+    const result = await this.call("Event.AssignConversation", {
+      session_channel: String(channel),
+      assignee_id: assigneeId === null || assigneeId === undefined ? null : Number(assigneeId),
+    });
+    return result.conversation;
+  }
+
+  /**
+   * Set a conversation's status: "open", "pending", "resolved" or "snoozed" (with
+   * snoozeUntil, a Date or an RFC 3339 string). Resolves with the conversation.
+   */
+  async setConversationStatus(channel, status, snoozeUntil = null) {
+    const args = { session_channel: String(channel), status };
+    if (status === "snoozed") {
+      args.snooze_until = snoozeUntil instanceof Date ? snoozeUntil.toISOString() : snoozeUntil;
+    }
+    const result = await this.call("Event.SetConversationStatus", args);
+    return result.conversation;
+  }
+
+  /** This staff member's availability: "online", "busy" or "offline". */
+  setAvailability(availability) {
+    return this.call("Event.SetAvailability", { availability });
+  }
+
+  /**
+   * {participants: [{user_id, staff, availability, name?}], staff_available}: of one
+   * conversation, or (staff, no channel) every staff member the desk knows now.
+   */
+  getPresence(channel = null) {
+    return this.call("Event.GetPresence", channel === null ? {} : { session_channel: String(channel) });
   }
 }

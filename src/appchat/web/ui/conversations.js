@@ -1,22 +1,70 @@
 // The conversations and their threads: loading them from the server, opening one, reading
-// it, and the pushes (messages, read receipts, typing) that change them.
+// it, and the pushes (messages, read receipts, typing) that change them. The staff inbox
+// follows the desk live (Event.SubscribeInbox, then ConversationUpdated pushes: desk.js);
+// from a server without it, it polls.
 
 import { ONLINE } from "/appchat.js";
+import { followAgentAvailability, followDesk, mergeConversation } from "./desk.js";
 import { $, isOffline, showBanner } from "./dom.js";
 import { conversationTitle, learnName } from "./format.js";
+import { customerWrote } from "./notify.js";
 import { renderIfOpen, renderList, renderThread, renderTyping, showView } from "./render.js";
 import { state } from "./state.js";
 
 const PAGE = 30; // messages per history page
 const TYPING_SHOWN_MS = 5000; // how long "is typing" shows without news
-const INBOX_REFRESH_MS = 30000; // staff: conversations nobody pushed to us about
+const INBOX_REFRESH_MS = 30000; // staff, from a server without SubscribeInbox: poll the list
 
-// Online (again): load the lists now and, for staff, every INBOX_REFRESH_MS; offline: stop.
+// Online (again): load the lists now; offline: stop. Staff subscribe to the inbox first
+// (a subscription made before is made again by appchat.js, whose "inbox" event then
+// reloads the list: onInboxSubscribed), so that no change falls between the list and the
+// pushes; a customer's page asks whether an agent is there.
 export function followLists(online) {
+  clearTimeout(state.timers.inbox);
   clearInterval(state.timers.inbox);
+  clearInterval(state.timers.presence);
   if (!online) return;
+  if (!state.me.staff) {
+    loadLists();
+    followAgentAvailability();
+    return;
+  }
+  followDesk();
+  if (state.inbox.mode === "polling") pollInbox();
+  else if (state.chat.inboxFilter === null) subscribeInbox();
+}
+
+async function subscribeInbox() {
+  const { chat, inbox, timers } = state;
+  try {
+    await chat.subscribeInbox("all"); // the tabs are drawn from every conversation
+    inbox.mode = "live";
+    inbox.attempt = 0;
+  } catch (err) {
+    if (isOffline(err)) return; // again once online
+    if (err.code === "unknown_event") {
+      pollInbox();
+      return;
+    }
+    // A busy server: load the list meanwhile and ask again, less and less often.
+    timers.inbox = setTimeout(subscribeInbox, Math.min(15000, 1000 * 2 ** inbox.attempt));
+    inbox.attempt += 1;
+  }
   loadLists();
-  if (state.me.staff) state.timers.inbox = setInterval(loadLists, INBOX_REFRESH_MS);
+}
+
+function pollInbox() {
+  state.inbox.mode = "polling";
+  clearInterval(state.timers.inbox);
+  loadLists();
+  state.timers.inbox = setInterval(loadLists, INBOX_REFRESH_MS);
+}
+
+// appchat.js subscribed again (a new connection, Event.Resync): pushes may have been
+// missed meanwhile, so the list is loaded again. filter null: the server no longer offers it.
+export function onInboxSubscribed({ filter }) {
+  if (filter === null) pollInbox();
+  else loadLists();
 }
 
 async function loadLists() {
@@ -30,16 +78,11 @@ async function loadLists() {
     const list = await chat.call("Event.GetConversationList", me.staff ? { all: true } : {});
     const unread = await chat.call("Event.GetUnreadInfo", {});
     const counts = new Map(unread.conversations.map((u) => [u.session_channel, u.unread]));
-    for (const c of list.conversations) {
-      const known = conversations.get(c.session_channel) || {};
-      conversations.set(c.session_channel, {
-        ...known,
-        channel: c.session_channel,
-        application_id: c.application_id,
-        update_at: c.update_at,
-        joined: counts.has(c.session_channel) || Boolean(known.joined),
-        unread: c.session_channel === state.openChannel ? 0 : counts.get(c.session_channel) || 0,
-      });
+    for (const doc of list.conversations) {
+      const c = mergeConversation(doc);
+      c.joined = counts.has(c.channel) || c.joined;
+      c.unread = c.channel === state.openChannel ? 0 : counts.get(c.channel) || 0;
+      if (c.joined) c.fresh = 0; // counted in unread now
     }
     timers.listsAttempt = 0;
     renderList();
@@ -76,12 +119,13 @@ export async function openConversation(channel) {
   }
   renderThread({ stick: true });
   try {
+    if (c) c.fresh = 0;
     if (me.staff && c && !c.joined) {
       // Opening a conversation joins it: its messages then arrive live and count as unread.
       await chat.call("Event.AddConversation", { application_id: c.application_id });
       c.joined = true;
-      renderList();
     }
+    renderList();
     loadPresence(channel);
     if (!thread.loaded) {
       $("history-status").textContent = "Loading…";
@@ -191,15 +235,18 @@ export function onMessage(m) {
   const channel = m.session_channel;
   let c = state.conversations.get(channel);
   if (!c) {
-    c = { channel, application_id: Number(channel), update_at: m.create_at, unread: 0, joined: true };
+    c = { channel, application_id: Number(channel), update_at: m.create_at, unread: 0, fresh: 0, joined: true };
     state.conversations.set(channel, c);
   }
+  c.joined = true; // pushes reach participants only
   if (m.create_at > c.update_at) c.update_at = m.create_at;
+  if (!c.last_message || m.id > c.last_message.id) c.last_message = m;
   if (m.client_msg_id && m.sender_id === me.sid) state.pending.delete(m.client_msg_id);
   learnName(m);
   const thread = state.threads.get(channel);
   if (thread && thread.loaded) remember(thread, m);
   if (m.sender_id !== me.sid) {
+    customerWrote(m);
     clearTyping(channel, m.sender_id);
     if (channel === state.openChannel && document.visibilityState === "visible") markRead();
     else c.unread = (c.unread || 0) + 1;

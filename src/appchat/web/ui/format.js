@@ -27,7 +27,8 @@ export function conversationTitle(c) {
 // Who is who. A message may carry its sender's display name (`sender_name`, from the
 // token's `name` claim); GetPresence, where the server has it, says which participants
 // are staff. Without that news, the others in a customer's conversation are support, and
-// those in a staff member's view customers.
+// those in a staff member's view customers; the desk's staff list (GetPresence without a
+// conversation) and assignees are staff.
 export function learnName(m) {
   if (typeof m.sender_name === "string" && m.sender_name.trim()) state.names.set(m.sender_id, m.sender_name.trim());
 }
@@ -35,7 +36,40 @@ export function learnName(m) {
 export function personName(userId) {
   if (userId === state.me.sid) return "You";
   const name = state.names.get(userId);
-  const staff = state.roles.has(userId) ? state.roles.get(userId) : !state.me.staff;
+  const staff = state.roles.has(userId) ? state.roles.get(userId) : state.desk.has(userId) || !state.me.staff;
   if (staff) return name ? `${name} (support)` : `Support #${userId}`;
   return name || "Customer";
 }
+
+// A staff member, as the desk shows them (an assignee, the assignee picker): "You", their
+// display name, or "Support #N".
+export function staffName(userId) {
+  if (userId === state.me.sid) return "You";
+  const name = state.names.get(userId) || state.desk.get(userId)?.name;
+  return name || `Support #${userId}`;
+}
+
+// Is this participant staff, as far as the page knows (GetPresence, an assignee)?
+export function isStaff(userId) {
+  if (userId === state.me.sid) return state.me.staff;
+  return state.roles.get(userId) === true || state.desk.has(userId);
+}
+
+export const STATUS_LABELS = { open: "Open", pending: "Pending", resolved: "Resolved", snoozed: "Snoozed" };
+
+// "Open", "Pending", "Resolved", "Snoozed until 09:00" (or "until Dec 3").
+export function statusText(c) {
+  const label = STATUS_LABELS[c.status] || "Open";
+  if (c.status === "snoozed" && c.snooze_until) return `${label} until ${shortTime(c.snooze_until)}`;
+  return label;
+}
+
+// One line of a message for a list row or a notification.
+export function messagePreview(m) {
+  if (!m) return "";
+  if (m.deleted) return "Message deleted";
+  if (m.content_type === 2) return "Image";
+  return String(m.content || "").replace(/\s+/g, " ").trim();
+}
+
+export const AVAILABILITY_LABELS = { online: "Online", busy: "Busy", offline: "Offline" };

@@ -4,57 +4,186 @@
 
 import { ONLINE } from "/appchat.js";
 import { $, el, patchChildren, showBanner } from "./dom.js";
-import { conversationTitle, dayLabel, learnName, personName, shortTime, timeFmt } from "./format.js";
+import {
+  AVAILABILITY_LABELS, conversationTitle, dayLabel, learnName, messagePreview, personName, shortTime, staffName,
+  statusText, timeFmt,
+} from "./format.js";
 import { state } from "./state.js";
 
 // --- the conversation list --------------------------------------------------------------------
 
+// Newest activity first, then the higher id: the server's order (GetConversationList).
+function byActivity(a, b) {
+  if (a.update_at !== b.update_at) return a.update_at < b.update_at ? 1 : -1;
+  return (b.id ?? 0) - (a.id ?? 0);
+}
+
+// The staff inbox's tabs: whose conversations (mine, unassigned, all), and which statuses
+// the "Show" filter keeps (a server without the desk sends no status: open).
+const TABS = {
+  mine: (c) => c.assignee_id === state.me.sid,
+  unassigned: (c) => c.assignee_id == null,
+  all: () => true,
+};
+const SHOWN = {
+  active: (c) => !c.status || c.status === "open" || c.status === "pending",
+  snoozed: (c) => c.status === "snoozed",
+  resolved: (c) => c.status === "resolved",
+  any: () => true,
+};
+
 export function renderList() {
   const ul = $("conversations");
-  const items = [...state.conversations.values()].sort(
-    (a, b) => (a.update_at < b.update_at ? 1 : a.update_at > b.update_at ? -1 : 0),
-  );
+  const { inbox, me } = state;
+  const every = [...state.conversations.values()].sort(byActivity);
+  let items = every;
+  // The tabs and the filter, once the server has answered SubscribeInbox (one without the
+  // desk has no status nor assignee to sort by).
+  const desk = me.staff && inbox.mode === "live";
+  $("inbox-tools").hidden = !desk;
+  if (desk) $("inbox-panel").setAttribute("role", "tabpanel");
+  else $("inbox-panel").removeAttribute("role");
+  if (desk) {
+    const shown = every.filter(SHOWN[inbox.show]);
+    items = shown.filter(TABS[inbox.tab]);
+    for (const tab of $("inbox-tabs").querySelectorAll("[role=tab]")) {
+      const selected = tab.dataset.tab === inbox.tab;
+      const count = shown.filter(TABS[tab.dataset.tab]).length;
+      tab.setAttribute("aria-selected", String(selected));
+      tab.tabIndex = selected ? 0 : -1;
+      tab.querySelector(".count").textContent = String(count);
+      if (selected) $("inbox-panel").setAttribute("aria-labelledby", tab.id);
+    }
+  }
   const focused = ul.contains(document.activeElement) ? document.activeElement.dataset.channel : null;
   ul.replaceChildren(...items.map(conversationNode));
   if (focused) ul.querySelector(`[data-channel="${CSS.escape(focused)}"]`)?.focus();
-  $("list-empty").hidden = state.conversations.size > 0;
-  const total = items.reduce((n, c) => n + (c.unread || 0), 0);
+  $("list-empty").hidden = items.length > 0;
+  $("list-empty").textContent = every.length
+    ? "Nothing here. Another tab or status may hold what you look for."
+    : "No conversations yet. New requests show up here.";
+  // Unread messages of the conversations we take part in, and customers' messages in those
+  // we do not (the inbox's news): in the badge and the tab's title, "(N) appchat".
+  const total = every.reduce((n, c) => n + (c.unread || 0) + (c.fresh || 0), 0);
   $("total-unread").hidden = total === 0;
   $("total-unread").textContent = String(total);
   document.title = total ? `(${total}) appchat` : "appchat";
+  renderDesk();
 }
 
 function conversationNode(c) {
   const li = el("li", "conversation");
   li.dataset.channel = c.channel;
+  const news = (c.unread || 0) + (c.fresh || 0);
   li.classList.toggle("active", c.channel === state.openChannel);
-  li.classList.toggle("unread", c.unread > 0);
+  li.classList.toggle("unread", news > 0);
   const avatar = el("div", "avatar", `#${String(c.application_id).slice(-3)}`);
-  const body = el("div");
+  const body = el("div", "row-body");
   body.append(el("div", "title", conversationTitle(c)));
   const typingNow = state.typists.get(c.channel)?.size;
-  const sub = el(
-    "div",
-    typingNow ? "sub typing-now" : "sub",
-    typingNow ? "typing…" : c.joined || !state.me.staff ? `Last activity ${shortTime(c.update_at)}` : "Not joined yet",
-  );
-  body.append(sub);
+  let line;
+  if (typingNow) line = "typing…";
+  else if (c.last_message) {
+    const m = c.last_message;
+    line = `${m.sender_id === state.me.sid ? "You: " : ""}${messagePreview(m)}`;
+  } else line = c.joined || !state.me.staff ? `Last activity ${shortTime(c.update_at)}` : "Not joined yet";
+  body.append(el("div", typingNow ? "sub typing-now" : "sub", line));
+  const desk = state.me.staff && c.status !== undefined;
+  if (desk) {
+    const meta = el("div", "row-meta");
+    const pill = el("span", "status-pill", statusText(c));
+    pill.dataset.status = c.status;
+    meta.append(pill, el("span", "assignee", c.assignee_id == null ? "Unassigned" : staffName(c.assignee_id)));
+    body.append(meta);
+  }
   const side = el("div", "side");
   const time = el("time", "", shortTime(c.update_at));
   time.dateTime = c.update_at;
   side.append(time);
-  if (c.unread > 0) side.append(el("span", "badge", String(c.unread)));
+  if (news > 0) side.append(el("span", "badge", String(news)));
   li.append(avatar, body, side);
   // A row is a button for the keyboard and screen readers: Tab reaches it, Enter or
   // Space opens it.
   li.tabIndex = 0;
   li.setAttribute("role", "button");
   if (c.channel === state.openChannel) li.setAttribute("aria-current", "true");
+  const assigned = c.assignee_id == null ? "unassigned" : `assigned to ${staffName(c.assignee_id)}`;
   li.setAttribute(
     "aria-label",
-    `${conversationTitle(c)}${c.unread > 0 ? `, ${c.unread} unread` : ""}${typingNow ? ", typing" : ""}`,
+    `${conversationTitle(c)}${desk ? `, ${statusText(c)}, ${assigned}` : ""}${news > 0 ? `, ${news} unread` : ""}${typingNow ? ", typing" : ""}`,
   );
   return li;
+}
+
+// --- the desk: the open conversation's status and assignee, availability ---------------------
+
+// The status control and the assignee picker of the open conversation (staff, on a server
+// that sends a status).
+export function renderDesk() {
+  const controls = $("desk-controls");
+  const c = state.conversations.get(state.openChannel);
+  const shown = Boolean(state.me.staff && c && c.status !== undefined);
+  controls.hidden = !shown;
+  if (!shown) return;
+  const pill = $("conversation-status");
+  pill.dataset.status = c.status;
+  pill.textContent = statusText(c);
+  for (const button of controls.querySelectorAll("[data-set-status]")) button.hidden = button.dataset.setStatus === c.status;
+  $("assignee-name").textContent = c.assignee_id == null ? "Nobody" : staffName(c.assignee_id);
+  if (!$("assignee-menu").hidden) renderAssigneeOptions();
+}
+
+const AVAILABILITY_ORDER = { online: 0, busy: 1, offline: 2 };
+
+// The assignee picker's choices: me, the desk's other staff (available first), whoever
+// is assigned now, and nobody; each with their availability.
+export function renderAssigneeOptions() {
+  const c = state.conversations.get(state.openChannel);
+  if (!c) return;
+  const { me, desk } = state;
+  const people = [me.sid, ...[...desk.keys()].filter((id) => id !== me.sid).sort(
+    (a, b) => (AVAILABILITY_ORDER[desk.get(a).availability] ?? 3) - (AVAILABILITY_ORDER[desk.get(b).availability] ?? 3) || a - b,
+  )];
+  if (c.assignee_id != null && !people.includes(c.assignee_id)) people.push(c.assignee_id);
+  const ul = $("assignee-options");
+  const focused = ul.contains(document.activeElement) ? document.activeElement.dataset.assign : null;
+  const option = (key, name, availability) => {
+    const current = key === "none" ? c.assignee_id == null : c.assignee_id === Number(key);
+    const button = el("button", "assignee-option");
+    button.type = "button";
+    button.dataset.assign = key;
+    button.setAttribute("aria-pressed", String(current));
+    const dot = el("span", "dot");
+    dot.setAttribute("aria-hidden", "true");
+    if (availability) dot.dataset.availability = availability;
+    button.append(dot, el("span", "name", name));
+    if (key !== "none") button.append(el("span", "availability", AVAILABILITY_LABELS[availability] || "Unknown"));
+    const li = el("li");
+    li.append(button);
+    return li;
+  };
+  const rows = people.map((id) => {
+    const availability = id === me.sid ? state.availability : desk.get(id)?.availability;
+    return option(String(id), id === me.sid ? "Me" : staffName(id), availability);
+  });
+  rows.push(option("none", "Nobody"));
+  ul.replaceChildren(...rows);
+  if (focused) ul.querySelector(`[data-assign="${CSS.escape(focused)}"]`)?.focus();
+}
+
+export function renderAvailability() {
+  $("availability").value = state.availability;
+  $("availability-dot").dataset.availability = state.availability;
+}
+
+// A customer's page: is someone there to answer?
+export function renderAgentAvailability() {
+  const box = $("agent-availability");
+  box.hidden = state.me.staff || state.staffAvailable === null;
+  box.dataset.available = String(Boolean(state.staffAvailable));
+  box.textContent = state.staffAvailable
+    ? "An agent is available"
+    : "No agent is available right now: leave a message and we answer as soon as we can";
 }
 
 // On a narrow screen the page shows the list or the thread, not both (style.css).
