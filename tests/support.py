@@ -50,7 +50,7 @@ CONVERSATION_KEYS = SEED_CONVERSATION_KEYS | {
     "last_message",
     "rev",
 }
-MESSAGE_KEYS = {
+SEED_MESSAGE_KEYS = {
     "id",
     "session_channel",
     "content",
@@ -60,6 +60,9 @@ MESSAGE_KEYS = {
     "update_at",
     "content_type",
 }
+# SPEC, third round: a message's revision beside the seed's keys (``private``, ``edited_at``
+# and ``deleted`` only when set)
+MESSAGE_KEYS = SEED_MESSAGE_KEYS | {"rev"}
 LISTENING = re.compile(r"listening on (wss?)://([^:/]+):(\d+)/ws")
 
 

@@ -475,7 +475,20 @@ def test_message_object_shape() -> None:
         "create_at": "2020-03-06T03:29:29.321142Z",
         "update_at": "2020-03-06T03:29:29.321143Z",
         "content_type": 1,
+        "rev": 0,
     }
+
+
+def test_message_object_carries_the_history_fields_only_when_set() -> None:
+    changed = Message(
+        10, 100, 1, "", 1, 0, 1583465369321142, 1583465369321143,
+        private=True, rev=7, edited_at=1583465369321143, deleted=True,
+    )  # fmt: skip
+    obj = ev.message_obj(changed)
+    assert obj["private"] is True and obj["deleted"] is True and obj["rev"] == 7
+    assert obj["edited_at"] == "2020-03-06T03:29:29.321143Z"
+    plain = ev.message_obj(MSG)
+    assert "private" not in plain and "deleted" not in plain and "edited_at" not in plain
 
 
 def test_message_object_carries_client_msg_id_only_when_set() -> None:

@@ -34,6 +34,7 @@ class Delivery:
     application_id: int
     frame: dict[str, Any]
     origin: str | None
+    staff_only: bool = False
 
 
 class RecordingFanout:
@@ -41,10 +42,15 @@ class RecordingFanout:
         self.calls: list[Delivery] = []
 
     def deliver(
-        self, user_ids: Iterable[int], application_id: int, frame: bytes, origin: str | None
+        self,
+        user_ids: Iterable[int],
+        application_id: int,
+        frame: bytes,
+        origin: str | None,
+        staff_only: bool = False,
     ) -> None:
         self.calls.append(
-            Delivery(sorted(set(user_ids)), application_id, orjson.loads(frame), origin)
+            Delivery(sorted(set(user_ids)), application_id, orjson.loads(frame), origin, staff_only)
         )
 
 

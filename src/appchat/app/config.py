@@ -83,6 +83,7 @@ class Settings:
     upload_rate: float = defaults.UPLOAD_RATE
     upload_timeout: float = defaults.UPLOAD_TIMEOUT
     presence_grace: float = defaults.PRESENCE_GRACE
+    edit_window: float = defaults.EDIT_WINDOW
     auto_assign: str = "none"
     max_open_per_agent: int = 0
 
@@ -135,6 +136,10 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "handshake_timeout": (
         float,
         "seconds a new connection gets to send a complete HTTP request; slower ones are closed",
+    ),
+    "edit_window": (
+        float,
+        "seconds after sending during which a message's sender may edit it (0: never)",
     ),
     "auto_assign": (
         str,
@@ -330,6 +335,7 @@ AT_LEAST: dict[str, tuple[float, str]] = {
     "sqlite_busy_timeout": (0, "0 or more"),
     "presence_grace": (0.3, "at least 0.3"),
     "max_open_per_agent": (0, "0 (no limit) or more"),
+    "edit_window": (0, "0 (no edits) or more"),
     "max_connections": (1, "at least 1"),
     "max_connections_per_user": (1, "at least 1"),
 }

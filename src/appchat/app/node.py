@@ -87,6 +87,7 @@ class Node:
         limits = Limits(
             max_content=settings.max_content,
             max_reply_bytes=min(MAX_REPLY_BYTES, settings.send_buffer),
+            edit_window_us=int(settings.edit_window * 1_000_000),
         )
         images = ImageReferences(self.blobs, policy=settings.images)
         self.service = ChatService(

@@ -346,3 +346,11 @@ class ImageReferences:
             raise BadRequest(NOT_A_REFERENCE)
         if self._blobs is not None and not await self._blobs.exists(upload.key):
             raise BadRequest(NOT_A_REFERENCE)
+
+    async def remove(self, content: str) -> None:
+        """Delete the upload (and its thumbnail) an image message's ``content`` refers to;
+        other content names nothing of ours."""
+        upload = parse_reference(content)
+        if upload is not None and self._blobs is not None:
+            await self._blobs.delete(upload.thumbnail_key)
+            await self._blobs.delete(upload.key)

@@ -101,7 +101,7 @@ class BackendService:
         conversation = await self._chat.conversation(application_id)
         if conversation is None:
             raise NotFound("no such conversation")
-        result = await self._chat.message_list_reply(conversation, args)
+        result = await self._chat.message_list_reply(conversation, args, public=False)
         return {"messages": result["Messages"], "has_more": result["has_more"]}
 
     async def conversation_list(

@@ -20,6 +20,7 @@ from ..protocol import defaults
 from ..protocol import events as ev
 from ..protocol.errors import (
     AppError,
+    BadRequest,
     Forbidden,
     Internal,
     NotFound,
@@ -30,6 +31,7 @@ from ..protocol.models import (
     Conversation,
     ConversationChange,
     Message,
+    MessageChange,
     MessagePage,
     Principal,
     SendOutcome,
@@ -52,9 +54,15 @@ TYPING_INTERVAL_US = 1_000_000
 
 class Fanout(Protocol):
     def deliver(
-        self, user_ids: Iterable[int], application_id: int, frame: bytes, origin: str | None
+        self,
+        user_ids: Iterable[int],
+        application_id: int,
+        frame: bytes,
+        origin: str | None,
+        staff_only: bool = False,
     ) -> None:
-        """Hand ``frame`` to every connection of these users but ``origin``; never waits."""
+        """Hand ``frame`` to every connection of these users but ``origin`` (``staff_only``:
+        to their staff connections only); never waits."""
 
 
 class Session(Protocol):
@@ -100,6 +108,7 @@ class Presence(Protocol):
 class Limits:
     max_content: int = defaults.MAX_CONTENT
     max_reply_bytes: int = MAX_REPLY_BYTES  # a page holds fewer messages beyond it
+    edit_window_us: int = int(defaults.EDIT_WINDOW * 1_000_000)  # --edit-window
 
 
 class ChatService:
@@ -149,6 +158,8 @@ class ChatService:
             ev.SET_CONVERSATION_STATUS: self._set_conversation_status,
             ev.SET_AVAILABILITY: self._set_availability,
             ev.GET_PRESENCE: self._get_presence,
+            ev.EDIT_MESSAGE: self._edit_message,
+            ev.DELETE_MESSAGE: self._delete_message,
         }
         self._typing_throttle = Throttle(TYPING_INTERVAL_US)
 
@@ -273,6 +284,11 @@ class ChatService:
             await self._assign_automatically(conversation)
         if user_id == p.sid:
             await self._keep_name(session, conversation, user_id)
+        last = conversation.last_message
+        if last is not None and last.private and not p.is_staff:  # as a customer sees it
+            conversation = await self._store.view_conversation(
+                conversation.application_id, public=True
+            ) or replace(conversation, last_message=None)
         return ev.conversation_obj(conversation)
 
     async def _get_conversation_list(self, session: Session, raw: dict[str, Any]) -> Any:
@@ -287,6 +303,7 @@ class ChatService:
             limit=args.limit,
             after=args.cursor,
             desk=args.desk(user_id),
+            public=not p.is_staff,
         )
         return ev.conversation_page(page.conversations, page.has_more)
 
@@ -295,40 +312,51 @@ class ChatService:
         args = ev.parse_get_message_list(raw)
         executor = self._actor(p, args.executor_id, "executor_id")
         conversation = await self._open(p, args.session_channel, executor)
-        return await self.message_list_reply(conversation, args)
+        return await self.message_list_reply(conversation, args, public=not p.is_staff)
 
     async def message_list_reply(
-        self, conversation: Conversation, args: ev.GetMessageListArgs
+        self, conversation: Conversation, args: ev.GetMessageListArgs, *, public: bool
     ) -> dict[str, Any]:
-        """``{"Messages": […], "has_more": …}``: the page, within the reply's byte budget."""
-        page = await self._message_page(conversation, args)
+        """``{"Messages": […], "has_more": …}``: the page, within the reply's byte budget
+        (``public``: without private notes, as a customer reads)."""
+        page = await self._message_page(conversation, args, public)
         return ev.message_list_within(
             page.messages,
             page.has_more,
             self._limits.max_reply_bytes,
-            keep_newest=args.after_id is None,
+            keep_newest=args.after_id is None and args.changed_since is None,
         )
 
     async def _message_page(
-        self, conversation: Conversation, args: ev.GetMessageListArgs
+        self, conversation: Conversation, args: ev.GetMessageListArgs, public: bool
     ) -> MessagePage:
         """The page asked for, read in chunks when it is long: no more is read than the
-        reply can hold (``max_reply_bytes``), however big the messages."""
-        if args.limit <= PAGE_CHUNK:
-            return await self._store.list_messages(
-                conversation, before_id=args.before_id, after_id=args.after_id, limit=args.limit
-            )
-        forward = args.after_id is not None
-        before_id, after_id = args.before_id, args.after_id
+        reply can hold (``max_reply_bytes``), however big the messages. Pages go back from
+        ``before_id`` (or the newest), forward from ``after_id``, or forward by revision
+        from ``changed_since``."""
+        store = self._store
+
+        async def read(cursor: int | None, n: int) -> MessagePage:
+            if args.changed_since is not None:
+                assert cursor is not None
+                return await store.changed_messages(
+                    conversation, since=cursor, limit=n, public=public
+                )
+            if args.after_id is not None:
+                return await store.list_messages(
+                    conversation, after_id=cursor, limit=n, public=public
+                )
+            return await store.list_messages(conversation, before_id=cursor, limit=n, public=public)
+
+        forward = args.after_id is not None or args.changed_since is not None
+        cursor = next(
+            (c for c in (args.changed_since, args.after_id, args.before_id) if c is not None),
+            None,
+        )
         messages: list[Message] = []
         chars = 0
         while True:
-            chunk = await self._store.list_messages(
-                conversation,
-                before_id=before_id,
-                after_id=after_id,
-                limit=min(PAGE_CHUNK, args.limit - len(messages)),
-            )
+            chunk = await read(cursor, min(PAGE_CHUNK, args.limit - len(messages)))
             if forward:
                 messages += chunk.messages
             else:
@@ -337,15 +365,19 @@ class ChatService:
             full = len(messages) >= args.limit or chars >= self._limits.max_reply_bytes
             if not chunk.has_more or not chunk.messages or full:
                 return MessagePage(messages, chunk.has_more)
-            if forward:
-                after_id = chunk.messages[-1].id
+            if args.changed_since is not None:
+                cursor = chunk.messages[-1].rev
+            elif forward:
+                cursor = chunk.messages[-1].id
             else:
-                before_id = chunk.messages[0].id
+                cursor = chunk.messages[0].id
 
     async def _send_message(self, session: Session, raw: dict[str, Any]) -> Any:
         p = session.principal
         args = ev.parse_send_message(raw, self._limits.max_content)
         sender = self._actor(p, args.sender_id, "sender_id")
+        if args.private and not p.is_staff:
+            raise Forbidden("only staff may write private notes")
         conversation = await self._open(p, args.session_channel, sender, guard=False)
         if args.content_type == IMAGE:
             await self._images.check(args.content, conversation.application_id)
@@ -358,6 +390,7 @@ class ChatService:
             client_msg_id=args.client_msg_id,
             now=self._now(),
             guard_staff=not (p.is_staff or p.bound),
+            private=args.private,
         )
         if outcome.created and p.name is not None:
             outcome = replace(outcome, message=replace(outcome.message, sender_name=p.name))
@@ -395,7 +428,13 @@ class ChatService:
         body = orjson.Fragment(b'{"message":' + message + b"}")
         if outcome.created:
             frame = ev.push(ev.RECEIVE_MESSAGE, body)
-            self._fanout.deliver(outcome.participants, conversation.application_id, frame, origin)
+            self._fanout.deliver(
+                outcome.participants,
+                conversation.application_id,
+                frame,
+                origin,
+                staff_only=outcome.message.private,
+            )
             after = outcome.conversation
             if after is not None and self._inbox is not None and self._inbox.wanted:
                 obj = ev.conversation_obj(after)
@@ -412,12 +451,17 @@ class ChatService:
         (it was created then and nothing has happened in it since); whether it did."""
         if conversation.create_at != now or conversation.rev != 0:
             return False
-        if self._inbox is not None and self._inbox.wanted:
-            frame = ev.push(
-                ev.CONVERSATION_UPDATED, {"conversation": ev.conversation_obj(conversation)}
-            )
-            self._inbox.publish(frame, conversation.assignee_id, conversation.assignee_id)
+        self.publish(ev.conversation_obj(conversation), conversation.assignee_id)
         return True
+
+    def publish(
+        self, obj: dict[str, Any], assignee: int | None, before: int | bool | None = False
+    ) -> None:
+        """Push Event.ConversationUpdated with the conversation ``obj`` to the inbox
+        (assigned to ``assignee``, and to ``before`` until now if it changed)."""
+        if self._inbox is not None and self._inbox.wanted:
+            frame = ev.push(ev.CONVERSATION_UPDATED, {"conversation": obj})
+            self._inbox.publish(frame, assignee, assignee if before is False else before)
 
     async def _assign_automatically(self, conversation: Conversation) -> None:
         """``--auto-assign``: give a new or reopened conversation nobody has to an agent.
@@ -436,9 +480,8 @@ class ChatService:
         """Tell the inbox about a change of status or assignee (if something changed);
         the conversation's object, for a reply."""
         obj = ev.conversation_obj(change.conversation)
-        if change.before is not change.conversation and self._inbox is not None:
-            frame = ev.push(ev.CONVERSATION_UPDATED, {"conversation": obj})
-            self._inbox.publish(frame, change.conversation.assignee_id, change.before.assignee_id)
+        if change.before is not change.conversation:
+            self.publish(obj, change.conversation.assignee_id, change.before.assignee_id)
         return obj
 
     async def _read_message(self, session: Session, raw: dict[str, Any]) -> Any:
@@ -556,6 +599,70 @@ class ChatService:
                 for x in await self._store.participant_list(conversation.id)
             ]
         return {"participants": people, "staff_available": presence.staff_available()}
+
+    # --- history: edits and deletions ------------------------------------------------------
+
+    async def _message_of(self, p: Principal, message_id: int) -> tuple[Message, Conversation]:
+        """The message ``message_id`` and its conversation, if ``p`` may read it; one it
+        may not (another application's, a private note for a customer) is ``not_found``
+        like one that does not exist."""
+        message = await self._store.get_message(message_id)
+        if (
+            message is None
+            or not p.may_read_application(message.application_id)
+            or (message.private and not p.is_staff)
+        ):
+            raise NotFound("no such message")
+        conversation = await self.conversation(message.application_id)
+        if conversation is None:  # (a message has its conversation)
+            raise NotFound("no such message")
+        await self._not_impersonating_staff(p, conversation.id, p.sid)
+        return message, conversation
+
+    async def _edit_message(self, session: Session, raw: dict[str, Any]) -> Any:
+        p = session.principal
+        args = ev.parse_edit_message(raw, self._limits.max_content)
+        message, conversation = await self._message_of(p, args.id)
+        if message.sender_id != p.sid:
+            raise Forbidden("only its sender may edit a message")
+        if message.content_type == IMAGE:
+            raise BadRequest("an image message cannot be edited (delete it and send another)")
+        now = self._now()
+        if now - message.create_at > self._limits.edit_window_us:
+            window = self._limits.edit_window_us // 1_000_000
+            raise Forbidden(f"messages may be edited for {window} s after they were sent")
+        change = await self._store.edit_message(conversation, message.id, args.content, now=now)
+        return self._deliver_change(conversation, change, session.id)
+
+    async def _delete_message(self, session: Session, raw: dict[str, Any]) -> Any:
+        p = session.principal
+        message, conversation = await self._message_of(p, ev.parse_delete_message(raw))
+        if message.sender_id != p.sid and not p.is_staff:
+            raise Forbidden("only its sender or staff may delete a message")
+        change = await self._store.delete_message(conversation, message.id, now=self._now())
+        if change.conversation is not None and message.content_type == IMAGE:
+            await self._images.remove(message.content)
+        return self._deliver_change(conversation, change, session.id)
+
+    def _deliver_change(
+        self, conversation: Conversation, change: MessageChange, origin: str
+    ) -> orjson.Fragment:
+        """Event.MessageUpdated to the participants (staff only for a note) but ``origin``,
+        and the conversation's new revision to the inbox; ``{"message": …}``."""
+        body = orjson.Fragment(orjson.dumps({"message": ev.message_obj(change.message)}))
+        if change.conversation is None:  # nothing changed: nothing to tell
+            return body
+        frame = ev.push(ev.MESSAGE_UPDATED, body)
+        self._fanout.deliver(
+            change.participants,
+            conversation.application_id,
+            frame,
+            origin,
+            staff_only=change.message.private,
+        )
+        after = change.conversation
+        self.publish(ev.conversation_obj(after), after.assignee_id)
+        return body
 
     async def _typing(self, session: Session, raw: dict[str, Any]) -> Any:
         """Forward "is typing" to the other participants; never stored. Checked like

@@ -132,9 +132,15 @@ class Hub:
                 await self._broker.unsubscribe(self._channel(user_id))
 
     def deliver(
-        self, user_ids: Iterable[int], application_id: int, frame: bytes, origin: str | None
+        self,
+        user_ids: Iterable[int],
+        application_id: int,
+        frame: bytes,
+        origin: str | None,
+        staff_only: bool = False,
     ) -> None:
-        """Send ``frame`` to every connection of each user, on any node, but ``origin``.
+        """Send ``frame`` to every connection of each user, on any node, but ``origin``;
+        ``staff_only``: only to their staff connections (a private note).
 
         This node's connections get it at once; other nodes through the broker, by a task
         beside the request path: the caller (an ack waiting on it) never waits for the
@@ -146,12 +152,15 @@ class Hub:
             local = self._by_user.get(user_id)
             if local:
                 for conn in local:
-                    if conn.id != origin and conn.principal.may_read_application(application_id):
+                    if conn.id != origin and _may_see(conn, application_id, staff_only):
                         conn.push(frame)
             if not self._broker.shared:
                 continue
             if enveloped is None:
-                enveloped = envelope(self.node_id, origin, application_id, frame)
+                # Staff only: the application's id negated, which no customer's token
+                # names (a node of the previous release also shows it to staff only).
+                shown = -application_id if staff_only else application_id
+                enveloped = envelope(self.node_id, origin, shown, frame)
             self._publish(self._channel(user_id), user_id, enveloped)
 
     def _publish(self, channel: str, user_id: int, data: bytes) -> None:
@@ -237,7 +246,7 @@ class Hub:
             return
         for conn in list(self._by_user.get(user_id, ())):
             if conn.id != origin and (
-                application_id == 0 or conn.principal.may_read_application(application_id)
+                application_id == 0 or _may_see(conn, abs(application_id), application_id < 0)
             ):
                 conn.push(frame)
 
@@ -277,6 +286,13 @@ class Hub:
         frame = push(RESYNC, None)
         for conn in self.connections:
             conn.push(frame)
+
+
+def _may_see(conn: Connection, application_id: int, staff_only: bool) -> bool:
+    principal = conn.principal
+    if staff_only:
+        return principal.is_staff
+    return principal.may_read_application(application_id)
 
 
 def _reason(exc: BaseException) -> str:

@@ -27,6 +27,7 @@ BURST = 100.0
 MAX_CONNECTIONS = 10_000  # when the open-file limit cannot be read
 MAX_CONNECTIONS_PER_USER = 32
 HANDSHAKE_TIMEOUT = 5.0
+EDIT_WINDOW = 900.0  # seconds a message's sender may edit it
 PRESENCE_GRACE = 30.0  # seconds a staff member stays "there" after their last connection
 MAX_PENDING_HANDSHAKES = 1000
 

@@ -49,6 +49,10 @@ SET_CONVERSATION_STATUS = "Event.SetConversationStatus"
 SET_AVAILABILITY = "Event.SetAvailability"
 RECEIVE_PRESENCE = "Event.ReceivePresence"
 GET_PRESENCE = "Event.GetPresence"
+# History (SPEC, third round)
+EDIT_MESSAGE = "Event.EditMessage"
+DELETE_MESSAGE = "Event.DeleteMessage"
+MESSAGE_UPDATED = "Event.MessageUpdated"
 
 INBOX_FILTERS = ("all", "mine", "unassigned")
 MAX_STATUSES = 16  # in one GetConversationList ``status`` list (repeats allowed)
@@ -129,6 +133,13 @@ class GetMessageListArgs:
     before_id: int | None
     after_id: int | None
     limit: int
+    changed_since: int | None = None  # a rev: what was created or changed after it
+
+
+@dataclass(frozen=True, slots=True)
+class EditMessageArgs:
+    id: int
+    content: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +149,7 @@ class SendMessageArgs:
     content: str
     content_type: int
     client_msg_id: str | None
+    private: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,8 +417,9 @@ def cursor_of(key: ActivityKey) -> str:
 def parse_get_message_list(args: dict[str, Any]) -> GetMessageListArgs:
     before_id = _int(args, "before_id", minimum=0)
     after_id = _int(args, "after_id", minimum=0)
-    if before_id is not None and after_id is not None:
-        raise BadRequest("give at most one of before_id and after_id")
+    changed_since = _int(args, "changed_since", minimum=0)
+    if sum(x is not None for x in (before_id, after_id, changed_since)) > 1:
+        raise BadRequest("give at most one of before_id, after_id and changed_since")
     limit = args.get("limit")
     if limit is None:
         limit = DEFAULT_PAGE
@@ -418,6 +431,7 @@ def parse_get_message_list(args: dict[str, Any]) -> GetMessageListArgs:
         before_id=before_id,
         after_id=after_id,
         limit=limit,
+        changed_since=changed_since,
     )
 
 
@@ -428,7 +442,25 @@ def parse_send_message(args: dict[str, Any], max_content: int) -> SendMessageArg
         content=_content(args, max_content),
         content_type=_content_type(args),
         client_msg_id=_client_msg_id(args),
+        private=_flag(args, "private"),
     )
+
+
+def _flag(args: dict[str, Any], key: str) -> bool:
+    value = args.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise BadRequest(f"{key} must be a boolean")
+    return value
+
+
+def parse_edit_message(args: dict[str, Any], max_content: int) -> EditMessageArgs:
+    return EditMessageArgs(id=_required_int(args, "id"), content=_content(args, max_content))
+
+
+def parse_delete_message(args: dict[str, Any]) -> int:
+    return _required_int(args, "id")
 
 
 def parse_read_message(args: dict[str, Any]) -> ReadMessageArgs:
@@ -497,6 +529,13 @@ def message_obj(m: Message) -> dict[str, Any]:
         obj["client_msg_id"] = shown_client_msg_id(m.client_msg_id)
     if m.sender_name is not None:
         obj["sender_name"] = m.sender_name
+    if m.private:
+        obj["private"] = True
+    if m.edited_at is not None:
+        obj["edited_at"] = format_ts(m.edited_at)
+    if m.deleted:
+        obj["deleted"] = True
+    obj["rev"] = m.rev
     return obj
 
 

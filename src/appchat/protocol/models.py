@@ -91,6 +91,10 @@ class Message:
     update_at: int
     client_msg_id: str | None = None
     sender_name: str | None = None  # the sender's display name, the latest one seen
+    private: bool = False  # a staff-only note
+    rev: int = 0  # the conversation's revision its creation, or its latest change, took
+    edited_at: int | None = None
+    deleted: bool = False  # a stub: its content is gone
 
     @property
     def session_channel(self) -> str:
@@ -125,6 +129,16 @@ class SendOutcome:
     # a retry. ``reopened``: the message was a customer's and made it open again.
     conversation: Conversation | None = None
     reopened: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MessageChange:
+    """A message after an edit or a deletion: who gets its push (only staff for a private
+    note), and its conversation after it (``None``: nothing changed)."""
+
+    message: Message
+    participants: list[int]
+    conversation: Conversation | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +189,8 @@ class UnreadPage:
 # delivers them.
 MESSAGE_CREATED = "message.created"
 MESSAGE_READ = "message.read"
+MESSAGE_UPDATED = "message.updated"
+MESSAGE_DELETED = "message.deleted"
 CONVERSATION_CREATED = "conversation.created"
 CONVERSATION_UPDATED = "conversation.updated"
 

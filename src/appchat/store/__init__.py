@@ -16,6 +16,8 @@ from ..protocol.models import (
     ConversationChange,
     ConversationPage,
     DeskFilter,
+    Message,
+    MessageChange,
     MessagePage,
     Participant,
     ReadOutcome,
@@ -58,14 +60,18 @@ class Store(Protocol):
         limit: int,
         after: ActivityKey | None = None,
         desk: DeskFilter = EVERY_CONVERSATION,
+        public: bool = False,
     ) -> ConversationPage:
         """Conversations ``user_id`` takes part in (``None``: every conversation), newest
         activity first (``update_at``, then ``id``, descending): at most ``limit`` of those
         after the key ``after`` (the (``update_at``, ``id``) of the last one seen), within
-        the ``desk`` filter; each with its ``last_message``."""
+        the ``desk`` filter; each with its ``last_message`` (``public``: the last one a
+        customer may see, no private note)."""
 
-    async def view_conversation(self, application_id: int) -> Conversation | None:
-        """The conversation with its ``last_message``."""
+    async def view_conversation(
+        self, application_id: int, *, public: bool = False
+    ) -> Conversation | None:
+        """The conversation with its ``last_message`` (``public``: as a customer sees it)."""
 
     async def set_status(
         self, conversation: Conversation, status: str, snooze_until: int | None, *, now: int
@@ -111,8 +117,29 @@ class Store(Protocol):
         before_id: int | None = None,
         after_id: int | None = None,
         limit: int,
+        public: bool = False,
     ) -> MessagePage:
-        """A page of messages, oldest first."""
+        """A page of messages, oldest first (``public``: no private note)."""
+
+    async def get_message(self, message_id: int) -> Message | None: ...
+
+    async def changed_messages(
+        self, conversation: Conversation, *, since: int, limit: int, public: bool = False
+    ) -> MessagePage:
+        """The messages created or changed after revision ``since``, by ``rev``."""
+
+    async def edit_message(
+        self, conversation: Conversation, message_id: int, content: str, *, now: int
+    ) -> MessageChange:
+        """Replace the message's content: the conversation's next ``rev``, recorded as
+        ``message.updated``; ``BadRequest`` for a deleted one, ``NotFound`` for one not in
+        the conversation."""
+
+    async def delete_message(
+        self, conversation: Conversation, message_id: int, *, now: int
+    ) -> MessageChange:
+        """Make the message a stub (empty content, ``deleted``): the next ``rev``, recorded
+        as ``message.deleted``; a stub again changes nothing (``conversation`` ``None``)."""
 
     async def add_message(
         self,
@@ -125,11 +152,13 @@ class Store(Protocol):
         client_msg_id: str | None,
         now: int,
         guard_staff: bool = False,
+        private: bool = False,
     ) -> SendOutcome:
         """Store a message (once per ``client_msg_id``) and make the sender a participant;
         the message takes the conversation's next ``rev``, and a customer's (not ``staff``)
         makes a resolved or snoozed conversation open again (``SendOutcome.reopened``,
-        recorded as ``conversation.updated``).
+        recorded as ``conversation.updated``). ``private``: a staff-only note, pushed to the
+        staff participants only (``SendOutcome.participants``).
 
         ``guard_staff``: refuse with ``Forbidden``, in the same transaction, when the
         sender is a staff participant of the conversation (a customer acting as staff).

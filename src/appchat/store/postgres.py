@@ -1,7 +1,7 @@
 """PostgreSQL storage on an asyncpg pool.
 
 History no reader skips: a new message first locks its conversation's row, and only then
-draws its id from the sequence (``appchat_send_batch_v3``, migration 0007, does this for a
+draws its id from the sequence (``appchat_send_batch_v4``, migration 0008, does this for a
 whole batch of messages in one round trip, locking rows in id order). Two nodes writing to one
 conversation therefore take turns, and a message id is drawn only after every smaller id
 of that conversation committed: a reader resuming with ``after_id`` never skips one.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -39,7 +38,7 @@ _outage_log = RateLimitedLog(log)  # an outage fails every request: log a few
 
 T = TypeVar("T")
 
-MAX_SEND_BATCH = 500  # messages in one call of appchat_send_batch_v3
+MAX_SEND_BATCH = 500  # messages in one call of appchat_send_batch_v4
 
 # Connection trouble, a transaction rolled back by a deadlock or serialization failure,
 # a server out of resources or shutting down: try again later.
@@ -175,7 +174,7 @@ class PostgresStore(SqlStore):
 
         async def run(conn: asyncpg.Connection) -> list[SendOutcome | AppError]:
             rows = await conn.fetch(
-                "SELECT * FROM appchat_send_batch_v3($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                "SELECT * FROM appchat_send_batch_v4($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 [j.conversation.id for j in batch],
                 [j.sender_id for j in batch],
                 [j.staff for j in batch],
@@ -184,6 +183,7 @@ class PostgresStore(SqlStore):
                 [j.client_msg_id for j in batch],
                 [j.now for j in batch],
                 [j.guard_staff for j in batch],
+                [j.private for j in batch],
                 hooks or None,
             )
             retried = [r["message_id"] for r in rows if not r["created"] and not r["refused"]]
@@ -202,30 +202,26 @@ class PostgresStore(SqlStore):
 def _outcomes(
     batch: list[Send], rows: list[asyncpg.Record], firsts: dict[int, Message]
 ) -> list[SendOutcome | AppError]:
-    """What each send of a batch gets: its message and its conversation as the batch left
-    it, each message in its own revision (the last one is the conversation's)."""
-    pairs = list(zip(batch, rows, strict=True))
-    created = Counter(job.conversation.id for job, row in pairs if row["created"])
+    """What each send of a batch gets: its message, and its conversation as the batch left
+    it but at the message's own revision."""
     outcomes: list[SendOutcome | AppError] = []
-    for job, row in pairs:
+    for job, row in zip(batch, rows, strict=True):
         if row["refused"]:
             outcomes.append(Forbidden("you may not act as this participant"))
         elif not row["created"]:  # a retry: answered with the first, not pushed again
             outcomes.append(SendOutcome(firsts[row["message_id"]], False, []))
         else:
-            cid = job.conversation.id
-            created[cid] -= 1  # messages of this conversation after this one in the batch
             conversation = Conversation(
-                id=cid,
+                id=job.conversation.id,
                 application_id=job.conversation.application_id,
                 create_at=row["create_at"],
                 update_at=row["update_at"],
                 status=row["status"],
                 assignee_id=row["assignee_id"],
                 snooze_until=row["snooze_until"],
-                rev=row["rev"] - created[cid],
+                rev=row["message_rev"],
             )
-            message = new_message(row["message_id"], job)
+            message = new_message(row["message_id"], job, row["message_rev"])
             outcomes.append(
                 SendOutcome(message, True, list(row["participants"]), conversation, row["reopened"])
             )

@@ -31,7 +31,8 @@ CONVERSATION_COLUMNS = (
 )
 MESSAGE_COLUMNS = (
     "m.id, c.application_id, m.sender_id, m.content, m.content_type, m.status, "
-    "m.create_at, m.update_at, m.client_msg_id, sp.name"
+    "m.create_at, m.update_at, m.client_msg_id, sp.name, m.private, m.rev, m.edited_at, "
+    "m.deleted"
 )
 SENDER_NAME = (
     "LEFT JOIN participants sp ON sp.conversation_id = m.conversation_id "
@@ -47,6 +48,11 @@ WITH_LAST_MESSAGE = f"{CONVERSATION_COLUMNS}, {MESSAGE_COLUMNS}"
 LAST_MESSAGE_JOIN = (
     "LEFT JOIN messages m ON m.id = (SELECT max(lm.id) FROM messages lm "
     "WHERE lm.conversation_id = c.id) " + SENDER_NAME
+)
+# What a customer sees: private notes left out.
+LAST_PUBLIC_MESSAGE_JOIN = (
+    "LEFT JOIN messages m ON m.id = (SELECT max(lm.id) FROM messages lm "
+    "WHERE lm.conversation_id = c.id AND NOT lm.private) " + SENDER_NAME
 )
 CONVERSATION_WIDTH = 8  # the columns of CONVERSATION_COLUMNS
 NEWEST = 2**63 - 1  # the ``before_id`` cursor of the default page
@@ -72,7 +78,23 @@ def conversation_of(row: Sequence[Any]) -> Conversation:
 
 
 def message_of(row: Sequence[Any]) -> Message:
-    return Message(*row)
+    """A row of ``MESSAGE_COLUMNS`` (SQLite's flags are integers: made booleans)."""
+    return Message(
+        id=row[0],
+        application_id=row[1],
+        sender_id=row[2],
+        content=row[3],
+        content_type=row[4],
+        status=row[5],
+        create_at=row[6],
+        update_at=row[7],
+        client_msg_id=row[8],
+        sender_name=row[9],
+        private=bool(row[10]),
+        rev=row[11],
+        edited_at=row[12],
+        deleted=bool(row[13]),
+    )
 
 
 def page_of(rows: list[Any], limit: int, *, newest_first: bool) -> MessagePage:
@@ -84,7 +106,11 @@ def page_of(rows: list[Any], limit: int, *, newest_first: bool) -> MessagePage:
     return MessagePage(messages=[message_of(r) for r in rows], has_more=has_more)
 
 
-UNREAD = "c.message_count - p.read_count - p.own_unread"  # kept counters: O(1) each
+# Kept counters: O(1) each. Private notes count for staff participants only.
+UNREAD = (
+    "CASE WHEN p.is_staff THEN c.message_count ELSE c.message_count - c.private_count END "
+    "- p.read_count - p.own_unread"
+)
 UNREAD_PAGE_COLUMNS = f"c.application_id, {UNREAD}, c.update_at, c.id"
 UNREAD_TOTAL = f"COALESCE(SUM({UNREAD}), 0)"
 
@@ -164,9 +190,10 @@ class Send(NamedTuple):
     client_msg_id: str | None
     now: int
     guard_staff: bool
+    private: bool = False
 
 
-def new_message(message_id: int, send: Send) -> Message:
+def new_message(message_id: int, send: Send, rev: int) -> Message:
     """The message a send just stored: unread (status 0), created and updated ``now``."""
     return Message(
         id=message_id,
@@ -178,6 +205,8 @@ def new_message(message_id: int, send: Send) -> Message:
         create_at=send.now,
         update_at=send.now,
         client_msg_id=send.client_msg_id,
+        private=send.private,
+        rev=rev,
     )
 
 
@@ -222,8 +251,11 @@ def outbox_rows(urls: Sequence[str], kind: str, occurred_at: int, data: str) -> 
     return [(event_id, url, kind, occurred_at, data, occurred_at) for url in urls]
 
 
-def message_rows(urls: Sequence[str], m: Message) -> list[OutboxRow]:
-    return outbox_rows(urls, MESSAGE_CREATED, m.create_at, outbox_data(m))
+def message_rows(urls: Sequence[str], m: Message, kind: str = MESSAGE_CREATED) -> list[OutboxRow]:
+    """``message.created`` at its creation; ``message.updated`` or ``message.deleted`` at
+    its change."""
+    at = m.create_at if kind == MESSAGE_CREATED else m.update_at
+    return outbox_rows(urls, kind, at, outbox_data(m))
 
 
 def read_rows(

@@ -313,6 +313,7 @@ class _SendMessage:
         "members",
         "now",
         "outbox",
+        "private",
         "send",
         "sender_id",
         "staff",
@@ -331,6 +332,7 @@ class _SendMessage:
             self.client_msg_id,
             self.now,
             self.guard_staff,
+            self.private,
         ) = send
 
     def refused(self, conn: sqlite3.Connection) -> bool:
@@ -339,18 +341,25 @@ class _SendMessage:
             conn, self.conversation.id, self.sender_id
         )
 
-    def message(self, message_id: int) -> Message:
-        return new_message(message_id, self.send)
+    def message(self, message_id: int, rev: int) -> Message:
+        return new_message(message_id, self.send, rev)
+
+    def told(self, conn: sqlite3.Connection) -> list[int]:
+        """Who gets the push: every participant, only the staff ones for a private note."""
+        if self.private:
+            return self.members.staff_of(conn, self.conversation.id)
+        return self.members.of(conn, self.conversation.id)
 
     def __call__(self, conn: sqlite3.Connection) -> SendOutcome:
         members, conversation = self.members, self.conversation
         if self.refused(conn):
             raise Forbidden("you may not act as this participant")
         members.next_id = None  # this insert draws an id of its own
+        before = members.conversation(conn, conversation.id)
         row = conn.execute(
             "INSERT INTO messages (conversation_id, sender_id, content, content_type, status, "
-            "client_msg_id, create_at, update_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?) "
-            "ON CONFLICT DO NOTHING RETURNING id",
+            "client_msg_id, create_at, update_at, private, rev) "
+            "VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
             (
                 conversation.id,
                 self.sender_id,
@@ -359,6 +368,8 @@ class _SendMessage:
                 self.client_msg_id,
                 self.now,
                 self.now,
+                self.private,
+                before.rev + 1,
             ),
         ).fetchone()
         if row is None:  # a retry with the same client_msg_id: answer with the first
@@ -369,14 +380,12 @@ class _SendMessage:
             ).fetchone()
             return SendOutcome(message_of(found), False, [])  # nothing is pushed again
         members.join(conn, conversation.id, self.sender_id, self.staff, self.now, sent=True)
-        before = members.conversation(conn, conversation.id)
-        conn.execute(BUMP_CONVERSATION, (self.now, 1, 1, conversation.id))
+        conn.execute(BUMP_CONVERSATION, (self.now, 1, 1, int(self.private), conversation.id))
         after, reopened = _after_sends(conn, members, self.outbox, before, [self])
-        message = self.message(row[0])
+        message = self.message(row[0], after.rev)
         if self.outbox is not None:
             self.outbox.add(conn, message_rows(self.outbox.urls, message))
-        participants = members.of(conn, conversation.id)
-        return SendOutcome(message, True, participants, after, reopened)
+        return SendOutcome(message, True, self.told(conn), after, reopened)
 
 
 def _after_sends(
@@ -417,27 +426,39 @@ def _send_many(
             " coalesce((SELECT max(id) FROM messages), 0)) + 1"
         ).fetchone()
     first = next_id = members.next_id
+    # Each message the next revision of its conversation, in the batch's order.
+    befores: dict[int, Conversation] = {}
+    taken: dict[int, int] = {}  # conversation -> the last revision given out so far
     rows = []
     for send, no in zip(sends, refused, strict=True):
-        if not no:
-            rows.append(
-                (
-                    next_id,
-                    send.conversation.id,
-                    send.sender_id,
-                    send.content,
-                    send.content_type,
-                    send.client_msg_id,
-                    send.now,
-                    send.now,
-                )
+        if no:
+            continue
+        cid = send.conversation.id
+        if cid not in befores:
+            befores[cid] = members.conversation(conn, cid)
+            taken[cid] = befores[cid].rev
+        taken[cid] += 1
+        rows.append(
+            (
+                next_id,
+                cid,
+                send.sender_id,
+                send.content,
+                send.content_type,
+                send.client_msg_id,
+                send.now,
+                send.now,
+                send.private,
+                taken[cid],
             )
-            next_id += 1
+        )
+        next_id += 1
     conn.execute("SAVEPOINT sends")
     try:
         conn.executemany(
             "INSERT INTO messages (id, conversation_id, sender_id, content, content_type, "
-            "status, client_msg_id, create_at, update_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)",
+            "status, client_msg_id, create_at, update_at, private, rev) "
+            "VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",
             rows,
         )
     except sqlite3.IntegrityError:  # a retry among them: the careful way
@@ -453,14 +474,15 @@ def _send_many(
         return outcomes
     conn.execute("RELEASE sends")
     members.next_id = next_id
-    conversations: dict[int, list[int]] = {}  # id -> [newest time, messages]
+    conversations: dict[int, list[int]] = {}  # id -> [newest time, messages, private ones]
     senders: dict[tuple[int, int], int] = {}
     for send, no in zip(sends, refused, strict=True):
         if no:
             continue
-        seen = conversations.setdefault(send.conversation.id, [send.now, 0])
+        seen = conversations.setdefault(send.conversation.id, [send.now, 0, 0])
         seen[0] = max(seen[0], send.now)
         seen[1] += 1
+        seen[2] += send.private
         key = (send.conversation.id, send.sender_id)
         if key in senders or not members.needs_join(key[0], key[1], send.staff):
             senders[key] = senders.get(key, 0) + 1
@@ -468,9 +490,9 @@ def _send_many(
             members.join(conn, key[0], key[1], send.staff, send.now, sent=True)
             senders[key] = 0
     conn.executemany(ADD_OWN_UNREAD, [(n, c, u) for (c, u), n in senders.items() if n])
-    befores = {c: members.conversation(conn, c) for c in conversations}
     conn.executemany(
-        BUMP_CONVERSATION, [(newest, n, n, c) for c, (newest, n) in conversations.items()]
+        BUMP_CONVERSATION,
+        [(newest, n, n, private, c) for c, (newest, n, private) in conversations.items()],
     )
     outbox = sends[0].outbox
     by_conversation: dict[int, list[_SendMessage]] = {c: [] for c in befores}
@@ -490,15 +512,14 @@ def _send_many(
             out.append((False, Forbidden("you may not act as this participant")))
             continue
         cid = send.conversation.id
-        participants = members.of(conn, cid)
-        message = send.message(message_id)
+        revs[cid] += 1
+        message = send.message(message_id, revs[cid])
         if outbox is not None:
             hooks += message_rows(outbox.urls, message)
         after, reopened = afters[cid]
-        revs[cid] += 1
         if revs[cid] != after.rev:
             after = replace(after, rev=revs[cid])
-        out.append((True, SendOutcome(message, True, participants, after, reopened)))
+        out.append((True, SendOutcome(message, True, send.told(conn), after, reopened)))
         message_id += 1
     if outbox is not None and hooks:
         outbox.add(conn, hooks)
@@ -568,6 +589,9 @@ class _Members:
     def of(self, conn: sqlite3.Connection, conversation_id: int) -> list[int]:
         return list(self._load(conn, conversation_id))
 
+    def staff_of(self, conn: sqlite3.Connection, conversation_id: int) -> list[int]:
+        return [u for u, staff in self._load(conn, conversation_id).items() if staff]
+
     def join(
         self,
         conn: sqlite3.Connection,
@@ -628,7 +652,8 @@ def _settle_all(
 # The send path's own statements (PostgreSQL's are inside appchat_send_batch_v3).
 BUMP_CONVERSATION = (
     "UPDATE conversations SET update_at = max(update_at, ?), "
-    "message_count = message_count + ?, rev = rev + ? WHERE id = ?"
+    "message_count = message_count + ?, rev = rev + ?, private_count = private_count + ? "
+    "WHERE id = ?"
 )
 REOPEN = "UPDATE conversations SET status = 'open', snooze_until = NULL WHERE id = ?"
 GET_CONVERSATION_BY_ID = f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.id = ?"

@@ -23,9 +23,11 @@ from collections.abc import Callable, Generator, Sequence
 from functools import lru_cache
 from typing import Any, Literal, NamedTuple, TypeVar
 
-from ..protocol.errors import NotFound
+from ..protocol.errors import BadRequest, NotFound
 from ..protocol.models import (
     EVERY_CONVERSATION,
+    MESSAGE_DELETED,
+    MESSAGE_UPDATED,
     OPEN,
     SNOOZED,
     ActivityKey,
@@ -33,6 +35,8 @@ from ..protocol.models import (
     ConversationChange,
     ConversationPage,
     DeskFilter,
+    Message,
+    MessageChange,
     MessagePage,
     Participant,
     ReadOutcome,
@@ -45,6 +49,7 @@ from ..protocol.models import (
 from .rows import (
     CONVERSATION_COLUMNS,
     LAST_MESSAGE_JOIN,
+    LAST_PUBLIC_MESSAGE_JOIN,
     NEWEST,
     OUTBOX_COLUMNS,
     SELECT_MESSAGES,
@@ -58,6 +63,8 @@ from .rows import (
     conversation_page_of,
     conversation_rows,
     conversation_updated_rows,
+    message_of,
+    message_rows,
     page_of,
     read_rows,
     unread_page_of,
@@ -75,6 +82,17 @@ GET_CONVERSATION = f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.
 VIEW_CONVERSATION = (
     f"SELECT {WITH_LAST_MESSAGE} FROM conversations c {LAST_MESSAGE_JOIN}WHERE c.application_id = ?"
 )
+VIEW_PUBLIC_CONVERSATION = (
+    f"SELECT {WITH_LAST_MESSAGE} FROM conversations c {LAST_PUBLIC_MESSAGE_JOIN}"
+    "WHERE c.application_id = ?"
+)
+GET_MESSAGE = SELECT_MESSAGES + "WHERE m.id = ?"
+LOCK_MESSAGE = "SELECT m.id FROM messages m WHERE m.id = ? " + FOR_UPDATE
+EDIT_MESSAGE = "UPDATE messages SET content = ?, edited_at = ?, update_at = ?, rev = ? WHERE id = ?"
+DELETE_MESSAGE = (
+    "UPDATE messages SET content = '', deleted = TRUE, update_at = ?, rev = ? WHERE id = ?"
+)
+NEXT_REV = "UPDATE conversations SET rev = rev + 1 WHERE id = ?"
 LOCK_CONVERSATION = (
     f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.id = ? {FOR_UPDATE}"
 )
@@ -113,13 +131,14 @@ SET_NAME = (
     "UPDATE participants SET name = ? WHERE conversation_id = ? AND user_id = ? "
     "AND (name IS NULL OR name <> ?)"
 )
-MESSAGE_IN_CONVERSATION = "SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?"
+MESSAGE_IN_CONVERSATION = "SELECT private FROM messages WHERE id = ? AND conversation_id = ?"
 READ_POSITION = (
     "SELECT read_position FROM participants WHERE conversation_id = ? AND user_id = ? " + FOR_UPDATE
 )
+# What a reader reads: a customer, no private note.
 NEWLY_READ = (
     "SELECT count(*), count(*) FILTER (WHERE sender_id = ?) FROM messages "
-    "WHERE conversation_id = ? AND id > ? AND id <= ?"
+    "WHERE conversation_id = ? AND id > ? AND id <= ? AND (? OR NOT private)"
 )
 MOVE_READ_POSITION = (
     "UPDATE participants SET read_position = ?, read_count = read_count + ?, "
@@ -127,7 +146,7 @@ MOVE_READ_POSITION = (
 )
 MARK_READ = (
     "UPDATE messages SET status = 1, update_at = ? WHERE conversation_id = ? "
-    "AND id > ? AND id <= ? AND sender_id <> ? AND status = 0"
+    "AND id > ? AND id <= ? AND sender_id <> ? AND status = 0 AND (? OR NOT private)"
 )
 RECORD_EVENT = (
     "INSERT INTO webhook_outbox (event_id, url, type, occurred_at, data, next_attempt) "
@@ -217,8 +236,10 @@ def get_conversation(application_id: int) -> Plan[Conversation | None]:
     return conversation_of(row) if row else None
 
 
-def view_conversation(application_id: int) -> Plan[Conversation | None]:
-    row = yield Step("row", VIEW_CONVERSATION, (application_id,))
+def view_conversation(application_id: int, public: bool = False) -> Plan[Conversation | None]:
+    """The conversation with its last message (``public``: the last a customer sees)."""
+    sql = VIEW_PUBLIC_CONVERSATION if public else VIEW_CONVERSATION
+    row = yield Step("row", sql, (application_id,))
     return conversation_of(row) if row else None
 
 
@@ -244,6 +265,7 @@ def conversation_page(
     limit: int,
     after: ActivityKey | None,
     desk: DeskFilter,
+    public: bool,
 ) -> Plan[ConversationPage]:
     sql, params = activity_query(
         WITH_LAST_MESSAGE,
@@ -252,7 +274,7 @@ def conversation_page(
         after=after,
         limit=limit,
         desk=desk,
-        joins=LAST_MESSAGE_JOIN,
+        joins=LAST_PUBLIC_MESSAGE_JOIN if public else LAST_MESSAGE_JOIN,
     )
     return conversation_page_of((yield Step("rows", sql, params)), limit)
 
@@ -339,9 +361,15 @@ def unread_page(
 
 
 def list_messages(
-    conversation: Conversation, before_id: int | None, after_id: int | None, limit: int
+    conversation: Conversation,
+    before_id: int | None,
+    after_id: int | None,
+    limit: int,
+    public: bool = False,
 ) -> Plan[MessagePage]:
     base = SELECT_MESSAGES + "WHERE m.conversation_id = ?"
+    if public:
+        base += " AND NOT m.private"
     if after_id is not None:
         sql = base + " AND m.id > ? ORDER BY m.id ASC LIMIT ?"
         cursor = after_id
@@ -366,20 +394,81 @@ def read_messages(
     commits a conversation's ids in order (see store/postgres.py), SQLite has one writer.
     """
     cid = conversation.id
-    if not (yield Step("value", MESSAGE_IN_CONVERSATION, (message_id, cid))):
+    private = yield Step("value", MESSAGE_IN_CONVERSATION, (message_id, cid))
+    if private is None or (private and not staff):  # a customer never sees a note
         raise NotFound(f"message {message_id} is not in this conversation")
     yield join(cid, reader_id, staff, now)
     position = yield Step("value", READ_POSITION, (cid, reader_id))
     if message_id <= position:
         return ReadOutcome(False, [])  # nothing moved: nothing is pushed
-    read, own = yield Step("row", NEWLY_READ, (reader_id, cid, position, message_id))
+    read, own = yield Step("row", NEWLY_READ, (reader_id, cid, position, message_id, staff))
     yield Step("count", MOVE_READ_POSITION, (message_id, read, own, cid, reader_id))
     # Messages up to the old position were marked when it was reached.
-    yield Step("count", MARK_READ, (now, cid, position, message_id, reader_id))
+    yield Step("count", MARK_READ, (now, cid, position, message_id, reader_id, staff))
     if hooks:
         app = conversation.application_id
         yield Step("many", RECORD_EVENT, read_rows(hooks, app, reader_id, message_id, now))
-    return ReadOutcome(True, (yield participants(cid)))
+    # Read up to a note: only staff hear of it (its id would tell a customer one exists).
+    told = (yield from staff_ids(cid)) if private else (yield participants(cid))
+    return ReadOutcome(True, told)
+
+
+def staff_ids(conversation_id: int) -> Plan[list[int]]:
+    rows = yield Step("rows", PARTICIPANTS_STAFF, (conversation_id,))
+    return [r[0] for r in rows if r[1]]
+
+
+def get_message(message_id: int) -> Plan[Message | None]:
+    row = yield Step("row", GET_MESSAGE, (message_id,))
+    return None if row is None else message_of(row)
+
+
+def changed_messages(
+    conversation: Conversation, since: int, limit: int, public: bool
+) -> Plan[MessagePage]:
+    """Messages of the conversation created or changed after revision ``since``, by rev."""
+    sql = SELECT_MESSAGES + "WHERE m.conversation_id = ? AND m.rev > ?"
+    if public:
+        sql += " AND NOT m.private"
+    rows = yield Step("rows", sql + " ORDER BY m.rev LIMIT ?", (conversation.id, since, limit + 1))
+    return page_of(list(rows), limit, newest_first=False)
+
+
+def change_message(
+    conversation: Conversation,
+    message_id: int,
+    now: int,
+    hooks: tuple[str, ...],
+    content: str | None,
+) -> Plan[MessageChange]:
+    """Edit the message (``content``) or delete it (``None``: it becomes a stub): the
+    conversation's next revision, recorded as ``message.updated`` or ``message.deleted``.
+    Deleting a stub again changes nothing (``conversation`` ``None``)."""
+    cid = conversation.id
+    locked = conversation_of((yield Step("row", LOCK_CONVERSATION, (cid,))))
+    message = yield from get_message(message_id)
+    if message is None or message.application_id != conversation.application_id:
+        raise NotFound("no such message")
+    if message.deleted:
+        if content is not None:
+            raise BadRequest("a deleted message cannot be edited")
+        return MessageChange(message, [], None)
+    rev = locked.rev + 1
+    if content is None:
+        yield Step("count", DELETE_MESSAGE, (now, rev, message_id))
+        kind = MESSAGE_DELETED
+    else:
+        yield Step("count", EDIT_MESSAGE, (content, now, now, rev, message_id))
+        kind = MESSAGE_UPDATED
+    yield Step("count", NEXT_REV, (cid,))
+    yield changed(cid)
+    message = yield from get_message(message_id)
+    assert message is not None  # locked with its conversation
+    if hooks:
+        yield Step("many", RECORD_EVENT, message_rows(hooks, message, kind))
+    after = yield from view_conversation(conversation.application_id)
+    told = (yield from staff_ids(cid)) if message.private else (yield participants(cid))
+    return MessageChange(message, told, after)
 
 
 def participant_ids(conversation_id: int) -> Plan[list[int]]:
@@ -454,6 +543,7 @@ class SqlStore(ABC):
         client_msg_id: str | None,
         now: int,
         guard_staff: bool = False,
+        private: bool = False,
     ) -> SendOutcome:
         return await self._send(
             Send(
@@ -465,6 +555,7 @@ class SqlStore(ABC):
                 client_msg_id,
                 now,
                 guard_staff,
+                private,
             )
         )
 
@@ -505,11 +596,45 @@ class SqlStore(ABC):
         limit: int,
         after: ActivityKey | None = None,
         desk: DeskFilter = EVERY_CONVERSATION,
+        public: bool = False,
     ) -> ConversationPage:
-        return await self._read_plan(conversation_page, user_id, application_id, limit, after, desk)
+        return await self._read_plan(
+            conversation_page, user_id, application_id, limit, after, desk, public
+        )
 
-    async def view_conversation(self, application_id: int) -> Conversation | None:
-        return await self._read_plan(view_conversation, application_id)
+    async def view_conversation(
+        self, application_id: int, *, public: bool = False
+    ) -> Conversation | None:
+        return await self._read_plan(view_conversation, application_id, public)
+
+    async def get_message(self, message_id: int) -> Message | None:
+        return await self._read_plan(get_message, message_id)
+
+    async def changed_messages(
+        self, conversation: Conversation, *, since: int, limit: int, public: bool = False
+    ) -> MessagePage:
+        return await self._read_plan(changed_messages, conversation, since, limit, public)
+
+    async def edit_message(
+        self, conversation: Conversation, message_id: int, content: str, *, now: int
+    ) -> MessageChange:
+        return await self._change_message(conversation, message_id, now, content)
+
+    async def delete_message(
+        self, conversation: Conversation, message_id: int, *, now: int
+    ) -> MessageChange:
+        return await self._change_message(conversation, message_id, now, None)
+
+    async def _change_message(
+        self, conversation: Conversation, message_id: int, now: int, content: str | None
+    ) -> MessageChange:
+        hooks = self._hooks
+        change = await self._write_plan(
+            change_message, conversation, message_id, now, hooks, content
+        )
+        if change.conversation is not None:
+            self._woken(hooks)
+        return change
 
     async def set_status(
         self, conversation: Conversation, status: str, snooze_until: int | None, *, now: int
@@ -566,8 +691,11 @@ class SqlStore(ABC):
         before_id: int | None = None,
         after_id: int | None = None,
         limit: int,
+        public: bool = False,
     ) -> MessagePage:
-        return await self._read_plan(list_messages, conversation, before_id, after_id, limit)
+        return await self._read_plan(
+            list_messages, conversation, before_id, after_id, limit, public
+        )
 
     async def read_messages(
         self, conversation: Conversation, *, reader_id: int, staff: bool, message_id: int, now: int

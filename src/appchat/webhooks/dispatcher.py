@@ -37,7 +37,9 @@ from ..protocol.models import (
     CONVERSATION_CREATED,
     CONVERSATION_UPDATED,
     MESSAGE_CREATED,
+    MESSAGE_DELETED,
     MESSAGE_READ,
+    MESSAGE_UPDATED,
     Conversation,
     Message,
     WebhookBacklog,
@@ -87,7 +89,7 @@ def event_body(event: WebhookEvent) -> bytes:
     """The JSON a receiver gets: the same bytes on every attempt and for every URL."""
     data = orjson.loads(event.data)
     payload: object
-    if event.type == MESSAGE_CREATED:
+    if event.type in (MESSAGE_CREATED, MESSAGE_UPDATED, MESSAGE_DELETED):
         payload = {"message": ev.message_obj(Message(**data))}
     elif event.type == CONVERSATION_CREATED:
         payload = {"conversation": ev.conversation_obj(Conversation(**data))}
