@@ -31,7 +31,8 @@ from .rows import (
     message_of,
     new_message,
 )
-from .sqlstore import Plan, SqlStore, expand, postgres_sql
+from .plan import Plan, expand, postgres_sql
+from .sqlstore import SqlStore
 
 log = logging.getLogger(__name__)
 _outage_log = RateLimitedLog(log)  # an outage fails every request: log a few
@@ -259,6 +260,9 @@ async def _drive(conn: asyncpg.Connection, plan: Plan[T]) -> T:
             step = plan.send(result)
             if step.kind == "changed":  # nothing of a conversation is remembered here
                 result = None
+                continue
+            if step.kind == "exclusive":
+                result = await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", *step.params)
                 continue
             kind, sql, params = expand(step)
             sql = postgres_sql(sql)

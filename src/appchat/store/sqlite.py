@@ -47,15 +47,8 @@ from .rows import (
     message_rows,
     new_message,
 )
-from .sqlstore import (
-    ADD_OWN_UNREAD,
-    JOIN,
-    PARTICIPANTS_STAFF,
-    RECORD_EVENT,
-    Plan,
-    SqlStore,
-    expand,
-)
+from .plan import JOIN, RECORD_EVENT, Plan, expand
+from .sqlstore import ADD_OWN_UNREAD, PARTICIPANTS_STAFF, SqlStore
 from .writelock import WriterLock
 
 log = logging.getLogger(__name__)
@@ -566,7 +559,9 @@ class _Members:
         self._conversations[conversation.id] = conversation
 
     def changed(self, conversation_id: int) -> None:
+        """Its row or its participants were written (or deleted): read them again."""
         self._conversations.pop(conversation_id, None)
+        self._by_conversation.pop(conversation_id, None)
 
     def needs_join(self, conversation_id: int, user_id: int, staff: bool) -> bool:
         """Whether ``user_id`` is not yet known as a participant (or not yet as staff)."""
@@ -677,6 +672,9 @@ def _drive(conn: sqlite3.Connection, plan: Plan[T], members: _Members | None) ->
                 if members is not None:
                     members.changed(step.params[0])
                 result = None
+                continue
+            if step.kind == "exclusive":  # the writer is alone (other processes take turns)
+                result = True
                 continue
             kind, sql, params = expand(step)
             if kind == "many":
