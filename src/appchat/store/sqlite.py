@@ -28,7 +28,14 @@ from typing import Any, TypeVar
 
 from ..common.ratelog import RateLimitedLog
 from ..protocol import defaults
-from ..protocol.errors import AppError, ConfigError, Forbidden, Internal, Unavailable
+from ..protocol.errors import (
+    AppError,
+    ConfigError,
+    Forbidden,
+    Internal,
+    NotFound,
+    Unavailable,
+)
 from ..protocol.models import (
     OPEN,
     REOPENED_BY_CUSTOMER,
@@ -37,6 +44,7 @@ from ..protocol.models import (
     SendOutcome,
 )
 from .migrate import apply_sqlite_migrations
+from .plan import JOIN, RECORD_EVENT, Plan, expand
 from .rows import (
     CONVERSATION_COLUMNS,
     SELECT_MESSAGES,
@@ -47,7 +55,6 @@ from .rows import (
     message_rows,
     new_message,
 )
-from .plan import JOIN, RECORD_EVENT, Plan, expand
 from .sqlstore import ADD_OWN_UNREAD, PARTICIPANTS_STAFF, SqlStore
 from .writelock import WriterLock
 
@@ -549,6 +556,8 @@ class _Members:
         known = self._conversations.get(conversation_id)
         if known is None:
             row = conn.execute(GET_CONVERSATION_BY_ID, (conversation_id,)).fetchone()
+            if row is None:  # erased meanwhile
+                raise NotFound("no such conversation")
             known = conversation_of(row)
             self.remember(known)
         return known

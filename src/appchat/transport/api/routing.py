@@ -57,7 +57,7 @@ class Route:
     operation_id: str
     summary: str
     handler: Callable[[Call], Awaitable[tuple[int, Any]]]
-    responses: dict[int, tuple[str, type[BaseModel]]]
+    responses: dict[int, tuple[str, type[BaseModel] | None]]  # None: no body (204)
     errors: tuple[int, ...]
     path_model: type[BaseModel] | None = None
     query_model: type[BaseModel] | None = None
