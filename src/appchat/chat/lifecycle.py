@@ -28,6 +28,7 @@ _failures = RateLimitedLog(log)
 EXPORT_CHUNK = 500  # messages read (and written out) at once
 PURGE_BATCH = 500  # messages deleted in one transaction by retention
 DAY = 86_400.0
+FIRST_ROUND = 5.0  # seconds after start: a node started to purge does not wait a round
 
 
 class Lifecycle:
@@ -142,13 +143,14 @@ class Lifecycle:
             await asyncio.wait([task])
 
     async def _run(self) -> None:
+        await asyncio.sleep(min(self._interval, FIRST_ROUND))
         while True:
-            await asyncio.sleep(self._interval)
             try:
                 await self.expire()
                 await self.sweep_orphans()
             except AppError as exc:
                 _failures.warning(exc.code, "retention round failed: %s", exc.message)
+            await asyncio.sleep(self._interval)
 
     async def expire(self) -> int:
         """Delete what is past the retention period, a small batch per transaction (each
