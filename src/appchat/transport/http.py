@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -40,18 +41,23 @@ class HealthEndpoints:
         )
 
     async def _checks(self) -> dict[str, str]:
-        """Each dependency's answer ("ok" or why not); sets ``appchat_ready``."""
-        checks: dict[str, str] = {}
-        for name, ping in (("database", self._store.ping), ("broker", self._broker.ping)):
-            try:
-                async with asyncio.timeout(READY_TIMEOUT):
-                    await ping()
-                checks[name] = "ok"
-            except AppError as exc:
-                checks[name] = exc.message
-            except TimeoutError:
-                checks[name] = f"no answer within {READY_TIMEOUT:g} s"
-            except Exception:
-                checks[name] = "unreachable"
-        self._metrics.ready.set(1 if all(v == "ok" for v in checks.values()) else 0)
+        """Each dependency's answer ("ok" or why not), both asked at once; sets
+        ``appchat_ready``."""
+        names = ("database", "broker")
+        answers = await asyncio.gather(_check(self._store.ping), _check(self._broker.ping))
+        checks = dict(zip(names, answers, strict=True))
+        self._metrics.ready.set(1 if all(v == "ok" for v in answers) else 0)
         return checks
+
+
+async def _check(ping: Callable[[], Awaitable[None]]) -> str:
+    try:
+        async with asyncio.timeout(READY_TIMEOUT):
+            await ping()
+        return "ok"
+    except AppError as exc:
+        return exc.message
+    except TimeoutError:
+        return f"no answer within {READY_TIMEOUT:g} s"
+    except Exception:
+        return "unreachable"
