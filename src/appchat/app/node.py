@@ -78,7 +78,10 @@ class Node:
         self.webhooks = self._webhooks(settings)
         self._dev_secret = secret if settings.dev else None  # mints tokens for the web client
         self.hub = Hub(
-            self.broker, prefix=settings.channel_prefix, presence_grace=settings.presence_grace
+            self.broker,
+            prefix=settings.channel_prefix,
+            presence_grace=settings.presence_grace,
+            on_publish_failure=self.metrics.publish_failed,
         )
         self.blobs = blobs or open_blob_store(
             str(upload_directory(settings)),
@@ -124,6 +127,7 @@ class Node:
             upload_rate=settings.upload_rate,
             upload_timeout=settings.upload_timeout,
             monotonic=monotonic,
+            metrics=self.metrics,
         )
         self.ws = WebSocketEndpoint(
             self.service,

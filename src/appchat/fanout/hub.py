@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 RESYNC_RETRY = 0.1  # seconds before retrying Event.Resync to a broker that did not answer
 
 
+def _ignore(kind: str, messages: int) -> None:
+    return None
+
+
 class Hub:
     def __init__(
         self,
@@ -47,8 +51,12 @@ class Hub:
         publish_timeout: float = 2.0,
         max_pending_publishes: int = 100_000,
         presence_grace: float = defaults.PRESENCE_GRACE,
+        on_publish_failure: Callable[[str, int], None] | None = None,
     ) -> None:
+        """``on_publish_failure(kind, n)``: ``n`` messages of ``kind`` (push, inbox,
+        presence) the broker did not take (the node counts them in its metrics)."""
         self._broker = broker
+        self._publish_failed = on_publish_failure or _ignore
         self._prefix = prefix
         self.node_id = secrets.token_hex(4)
         self._own_head = f"{self.node_id}\t".encode()  # how this node's envelopes start
@@ -62,8 +70,20 @@ class Hub:
         self._missed: set[int] = set()  # users whose pushes could not be published
         self._wake: asyncio.Event | None = None  # a push came while the publisher waits
         self._started = False
-        self.inbox = Inbox(broker, self.node_id, prefix=prefix, publish_timeout=publish_timeout)
-        self.presence = Presence(broker, self.node_id, prefix=prefix, grace=presence_grace)
+        self.inbox = Inbox(
+            broker,
+            self.node_id,
+            prefix=prefix,
+            publish_timeout=publish_timeout,
+            on_publish_failure=self._publish_failed,
+        )
+        self.presence = Presence(
+            broker,
+            self.node_id,
+            prefix=prefix,
+            grace=presence_grace,
+            on_publish_failure=self._publish_failed,
+        )
         self.presence.on_change = self._presence_changed
         # Channels that are not a participant's: their messages go to their own handler.
         self._routes: dict[str, Callable[[bytes], None]] = {
@@ -198,6 +218,7 @@ class Hub:
                     except (AppError, TimeoutError) as exc:
                         # Committed messages are not lost: clients catch up with after_id.
                         log.warning("%d pushes not published: %s", len(batch), _reason(exc))
+                        self._publish_failed("push", len(batch))
                         self._miss(batch)
         finally:
             self._publisher = None
@@ -224,6 +245,7 @@ class Hub:
                 await self._broker.publish_many(batch)
         except (AppError, TimeoutError):
             self._missed |= users
+            self._publish_failed("push", len(batch))
             return False
         log.info("broker answers again: %d participants told to refetch", len(users))
         return True
