@@ -21,7 +21,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Sequence
 from functools import lru_cache
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
 
 from ..protocol.errors import NotFound
 from ..protocol.models import (
@@ -63,6 +63,9 @@ from .rows import (
     unread_page_of,
     webhook_event_of,
 )
+
+if TYPE_CHECKING:
+    from .notices import NoticeRound
 
 T = TypeVar("T")
 
@@ -602,3 +605,32 @@ class SqlStore(ABC):
 
     async def webhook_backlog(self, url: str) -> WebhookBacklog:
         return await self._read_plan(webhook_backlog, url)
+
+    # --- away notices (store/notices.py: it uses this module's plans, so it is imported late)
+
+    async def mark_seen(self, user_ids: Sequence[int], *, now: int) -> None:
+        from .notices import SEEN_BATCH, mark_seen
+
+        if not self._hooks:
+            return
+        ids = sorted(set(user_ids))
+        for start in range(0, len(ids), SEEN_BATCH):
+            await self._write_plan(mark_seen, ids[start : start + SEEN_BATCH], now)
+
+    async def notice_unread(
+        self, *, now: int, away_before: int, since: int | None, limit: int
+    ) -> NoticeRound:
+        from .notices import NoticeRound, away_unread, record_notices
+
+        hooks = self._hooks
+        if not hooks:
+            return NoticeRound(0, [])
+        # Found outside a transaction (SQLite's writer is not held by the look); recorded
+        # in one, where each is checked again.
+        found = await self._read_plan(away_unread, now, away_before, since, limit)
+        if not found:
+            return NoticeRound(0, [])
+        recorded = await self._write_plan(record_notices, found, away_before, now, hooks)
+        if recorded:
+            self._woken(hooks)
+        return NoticeRound(len(found), recorded)
