@@ -11,9 +11,13 @@ participant's last connection killed, the notice delivered once to a real receiv
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
+import re
 import signal
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -32,6 +36,7 @@ from .test_service import Chat, store  # noqa: F401
 from .test_webhooks import Receiver, serve, serve_process
 
 URL = "http://127.0.0.1:9/hook"
+DOCS = Path(__file__).parent.parent / "docs" / "api.md"
 SECOND = 1_000_000
 NOTIFY = 300.0  # --notify-after of these tests (the default)
 
@@ -287,7 +292,10 @@ async def test_a_graceful_stop_writes_the_users_who_left(chat: Chat, clock: Cloc
 
 
 def unread_notices(receiver: Receiver, user_id: int) -> list[dict[str, Any]]:
-    return [e for e in receiver.of_type(PARTICIPANT_UNREAD) if e["data"]["user_id"] == user_id]
+    """The ``participant.unread`` events of ``user_id`` received, each once (a delivery
+    repeated with the same id is the at-least-once of every webhook, not a second one)."""
+    events = [e for e in receiver.of_type(PARTICIPANT_UNREAD) if e["data"]["user_id"] == user_id]
+    return list({e["id"]: e for e in events}.values())
 
 
 async def pushed(client: Client, content: str) -> None:
@@ -324,8 +332,9 @@ async def test_the_node_of_the_last_connection_killed_the_notice_comes_once(
         "--notify-after",
         "2",
     )
-    b = serve(cluster_database, receiver.url, more=more).start()
-    a = serve_process(cluster_database, receiver.url, more=more).start()
+    # Started and stopped beside this loop: the receiver answers meanwhile.
+    b = await asyncio.to_thread(serve(cluster_database, receiver.url, more=more).start)
+    a = await asyncio.to_thread(serve_process(cluster_database, receiver.url, more=more).start)
     try:
         async with staff(b, 1) as agent:
             for app, sid in ((8101, 9101), (8102, 9102), (8103, 9103)):
@@ -342,7 +351,7 @@ async def test_the_node_of_the_last_connection_killed_the_notice_comes_once(
                 await agent.ok("Event.SendMessage", {"session_channel": "8102", "content": "yo"})
                 await receiver.until(lambda: len(unread_notices(receiver, 9102)) == 1)
                 killed_at = datetime.now(UTC)
-                assert a.stop(signal.SIGKILL) == -signal.SIGKILL
+                assert await asyncio.to_thread(a.stop, signal.SIGKILL) == -signal.SIGKILL
                 await receiver.until(lambda: len(unread_notices(receiver, 9101)) == 1)
             (notice,) = unread_notices(receiver, 9101)
             # Recorded after the kill: while A lived, it kept 9101 seen.
@@ -352,7 +361,7 @@ async def test_the_node_of_the_last_connection_killed_the_notice_comes_once(
             assert notice["data"]["last_message"]["content"] == "hi"
 
             # More messages, A back (its first look covers everything): no second notice.
-            a.start()
+            await asyncio.to_thread(a.start)
             await agent.ok("Event.SendMessage", {"session_channel": "8101", "content": "again"})
             async with customer(a, 8103, 9103):
                 pass  # 9103 leaves from A
@@ -361,9 +370,95 @@ async def test_the_node_of_the_last_connection_killed_the_notice_comes_once(
             assert len(unread_notices(receiver, 9101)) == 1
             assert len(unread_notices(receiver, 9102)) == 1
     finally:
-        b.stop()
-        a.stop()
+        await asyncio.to_thread(b.stop)
+        await asyncio.to_thread(a.stop)
         await receiver.stop()
+
+
+def email_example() -> dict[str, Any]:
+    """The e-mail handler of docs/api.md's away notices, executed."""
+    text = DOCS.read_text()
+    marker = "<!-- unread e-mail example: tests/test_away_notices.py executes this block -->"
+    found = re.search(re.escape(marker) + r"\s*```python\n(.*?)```", text, re.S)
+    assert found, "docs/api.md lost its unread e-mail example"
+    namespace: dict[str, Any] = {"__name__": "appchat_docs_email"}
+    exec(compile(found.group(1), str(DOCS), "exec"), namespace)
+    return namespace
+
+
+class Smtp:
+    """A minimal SMTP server on 127.0.0.1 that keeps each mail's DATA."""
+
+    def __init__(self) -> None:
+        self.mails: list[bytes] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 test\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"DATA":
+                writer.write(b"354 go on\r\n")
+                data = await reader.readuntil(b"\r\n.\r\n")
+                self.mails.append(data[: -len(b"\r\n.\r\n")])
+                writer.write(b"250 kept\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+            else:  # EHLO, MAIL, RCPT, RSET …
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        await writer.drain()
+        writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def test_the_docs_handler_turns_a_notice_into_an_email(chat: Chat, clock: Clock) -> None:  # noqa: F811
+    node = Node(hook(chat).store, clock)
+    agent = chat.staff(1)
+    await chat.add(agent, 100)
+    await chat.add(agent, 200)
+    for app, user in ((100, 5), (200, 6)):
+        await node.connect(user)
+        await chat.add(chat.customer(app, user), app)
+        await node.leave(user)
+    await chat.send(agent, 100, "first")
+    await chat.send(agent, 100, "Your parcel left today")
+    await chat.send(agent, 200, "hello")
+    clock.now += 301 * SECOND
+    assert len(await node.look()) == 2
+    events = await chat.store.claim_webhooks(URL, now=2**62, lease_until=2**62 + 1, limit=100)
+    bodies = [orjson.loads(event_body(e)) for e in events]
+
+    example = email_example()
+    smtp = Smtp()
+    example["SMTP_HOST"] = await smtp.start()
+    addresses = {5: "visitor@example.org"}  # 6 left no address
+
+    async def address_of(user_id: int) -> str | None:
+        return addresses.get(user_id)
+
+    handle = example["email_unread"](address_of)
+    try:
+        for body in bodies:  # message.created, conversation.created …: skipped
+            await handle(body)
+    finally:
+        await smtp.stop()
+    (raw,) = smtp.mails
+    mail = email.message_from_bytes(raw, policy=email.policy.default)
+    assert mail["To"] == "visitor@example.org"
+    assert mail["Subject"] == "2 unread messages from support"
+    text = mail.get_content()
+    assert "Your parcel left today" in text and "first" not in text
+    assert "https://example.com/support/100" in text
 
 
 async def test_notice_data_is_the_documented_shape() -> None:
