@@ -375,6 +375,42 @@ async def test_the_node_of_the_last_connection_killed_the_notice_comes_once(
         await receiver.stop()
 
 
+async def test_workers_on_one_sqlite_file_record_each_notice_once(tmp_path: Path) -> None:
+    """``serve --workers 2``: both processes look every 0.1 s on one file; each away
+    participant's notice is recorded by one of them."""
+    require("Redis", "127.0.0.1", 6379)
+    receiver = await Receiver().start()
+    more = ("--workers", "2", "--broker", REDIS_URL, "--channel-prefix", unique_prefix())
+    more += ("--notify-after", "1")
+    srv = await asyncio.to_thread(serve_process(tmp_path / "w.db", receiver.url, more=more).start)
+    users = {8200 + k: 9200 + k for k in range(1, 9)}  # application -> customer
+    try:
+        async with staff(srv, 1) as agent:
+            for app, sid in users.items():
+                await agent.ok("Event.AddConversation", {"application_id": app})
+                async with customer(srv, app, sid) as c:
+                    await c.ok("Event.AddConversation", {"application_id": app})
+            for app in users:
+                args = {"session_channel": str(app), "content": f"for {app}"}
+                await agent.ok("Event.SendMessage", args)
+
+            def noticed() -> bool:
+                return all(unread_notices(receiver, sid) for sid in users.values())
+
+            await receiver.until(noticed)
+            async with customer(srv, 8299, 9299) as c:  # the clock: a look or ten later
+                await c.ok("Event.AddConversation", {"application_id": 8299})
+            await agent.ok("Event.SendMessage", {"session_channel": "8299", "content": "tick"})
+            await receiver.until(lambda: bool(unread_notices(receiver, 9299)))
+            for app, sid in users.items():
+                (notice,) = unread_notices(receiver, sid)
+                assert notice["data"]["application_id"] == app
+                assert notice["data"]["last_message"]["content"] == f"for {app}"
+    finally:
+        await asyncio.to_thread(srv.stop)
+        await receiver.stop()
+
+
 def email_example() -> dict[str, Any]:
     """The e-mail handler of docs/api.md's away notices, executed."""
     text = DOCS.read_text()
