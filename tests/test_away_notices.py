@@ -380,8 +380,10 @@ async def test_workers_on_one_sqlite_file_record_each_notice_once(tmp_path: Path
     participant's notice is recorded by one of them."""
     require("Redis", "127.0.0.1", 6379)
     receiver = await Receiver().start()
-    more = ("--workers", "2", "--broker", REDIS_URL, "--channel-prefix", unique_prefix())
-    more += ("--notify-after", "1")
+    more = (
+        *("--workers", "2", "--notify-after", "1"),
+        *("--broker", REDIS_URL, "--channel-prefix", unique_prefix()),
+    )
     srv = await asyncio.to_thread(serve_process(tmp_path / "w.db", receiver.url, more=more).start)
     users = {8200 + k: 9200 + k for k in range(1, 9)}  # application -> customer
     try:
