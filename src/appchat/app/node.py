@@ -19,6 +19,7 @@ from ..broker import Broker, open_broker
 from ..chat.backend import BackendService
 from ..chat.desk import AutoAssigner, SnoozeWaker
 from ..chat.lifecycle import Lifecycle
+from ..chat.notices import AwayNotices
 from ..chat.service import MAX_REPLY_BYTES, ChatService, Limits
 from ..common.metrics import Metrics
 from ..fanout.hub import Hub
@@ -111,6 +112,11 @@ class Node:
             ),
         )
         self.snoozes = SnoozeWaker(self.store, self.service.changed)
+        # participant.unread: only with webhooks (nothing is written or looked for without)
+        self.notices: AwayNotices | None = None
+        if self.webhooks is not None:
+            self.notices = AwayNotices(self.store, self.hub, notify_after=settings.notify_after)
+            self.hub.on_user_edge = self.notices.user_edge
         backend = BackendService(self.service, self.store, limits=limits, images=images)
         self.uploads = UploadEndpoints(
             self.service,
@@ -227,6 +233,8 @@ class Node:
             await self.webhooks.start()
         self.snoozes.start()
         self.lifecycle.start()
+        if self.notices is not None:
+            self.notices.start()
         timeout = self.settings.handshake_timeout
         self._runner = web.AppRunner(
             self.web_app(),
@@ -282,6 +290,8 @@ class Node:
                 transport.abort()
         await self.snoozes.stop()
         await self.lifecycle.stop()
+        if self.notices is not None:
+            await self.notices.stop()  # the users whose connections closed: seen until now
         await self.hub.stop()
         if self.webhooks is not None:
             await self.webhooks.stop()

@@ -70,6 +70,9 @@ class Hub:
         self._missed: set[int] = set()  # users whose pushes could not be published
         self._wake: asyncio.Event | None = None  # a push came while the publisher waits
         self._started = False
+        # Called with a user id when their first connection on this node opened or their
+        # last one closed (the away notices keep when each user was last there).
+        self.on_user_edge: Callable[[int], None] | None = None
         self.inbox = Inbox(
             broker,
             self.node_id,
@@ -123,6 +126,10 @@ class Hub:
     def connections(self) -> list[Connection]:
         return [c for conns in self._by_user.values() for c in conns]
 
+    def connected_user_ids(self) -> list[int]:
+        """The users with a connection on this node."""
+        return list(self._by_user)
+
     async def register(self, conn: Connection) -> None:
         """Route the participant's pushes to ``conn``; raises if the broker refuses."""
         user_id = conn.principal.sid
@@ -134,6 +141,8 @@ class Hub:
                 except TimeoutError:
                     raise Unavailable("the broker did not answer in time") from None
                 self._by_user[user_id] = set()
+                if self.on_user_edge is not None:
+                    self.on_user_edge(user_id)
             self._by_user[user_id].add(conn)
         principal = conn.principal
         self.presence.connected(user_id, staff=principal.is_staff, name=principal.name)
@@ -149,6 +158,8 @@ class Hub:
             self.presence.disconnected(user_id, staff=conn.principal.is_staff)
             if not conns:
                 del self._by_user[user_id]
+                if self.on_user_edge is not None:
+                    self.on_user_edge(user_id)
                 await self._broker.unsubscribe(self._channel(user_id))
 
     def deliver(
