@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,24 @@ def test_make_bench_runs_end_to_end_on_a_tiny_load(tmp_path: Path) -> None:
     for plot in ("bench-throughput.png", "bench-latency.png", "bench-memory.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "bench:" in out.stderr  # the progress bar
+
+
+@pytest.mark.timeout(300)
+def test_desk_bench_runs_end_to_end_on_a_tiny_load() -> None:
+    """bench/desk.py --tiny: the baseline checked out and served, then inbox subscribers
+    that must each read one ConversationUpdated per stored message (else it exits 1)."""
+    out = subprocess.run(
+        [sys.executable, "bench/desk.py", "--tiny"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {line.split(" | ")[0]: line for line in out.stdout.splitlines() if line.startswith("| ")}
+    assert "| appchat@110e219" in rows and "| appchat, 0 subscribers" in rows
+    for n in (3, 10):
+        assert rows[f"| appchat, {n} subscribers"].endswith(" yes |")  # delivery checked
+    assert "With no subscriber, a message costs" in out.stdout
+    assert "desk:" in out.stderr  # the progress bar
