@@ -470,7 +470,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.tiny:
         args.runs, args.messages, args.conversations, args.recent = 1, 3000, 20, 3
-        args.clients, args.after = 4, 1.0
+        args.clients, args.after, args.timeout = 4, 1.0, 60.0
     return args
 
 
