@@ -294,7 +294,9 @@ class ChatService:
         conversation = await self._store.add_conversation(
             args.application_id, user_id, staff=p.is_staff and user_id == p.sid, now=now
         )
-        self._known[conversation.application_id] = replace(conversation, last_message=None)
+        known = self._known.get(conversation.application_id)
+        if known is not None and known.id != conversation.id:  # erased and made again
+            self._known[conversation.application_id] = replace(conversation, last_message=None)
         if self.announce_if_new(conversation, now) and not p.is_staff:
             await self._assign_automatically(conversation)
         if user_id == p.sid:
