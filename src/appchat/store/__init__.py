@@ -200,6 +200,22 @@ class Store(Protocol):
 
     async def webhook_backlog(self, url: str) -> WebhookBacklog: ...
 
+    # --- full-text search (appchat/store/search.py) ----------------------------------------------
+
+    async def search_messages(
+        self,
+        words: Sequence[str],
+        *,
+        conversation_id: int | None = None,
+        public: bool = False,
+        before_id: int | None = None,
+        limit: int,
+    ) -> MessagePage:
+        """Text messages holding every one of ``words`` (as the index splits and folds
+        them), newest first, with ids below ``before_id``; only those of
+        ``conversation_id`` if given; ``public``: no private notes. Deleted stubs are
+        never found; a message is found from the moment its write committed."""
+
 
 def open_store(
     url: str,

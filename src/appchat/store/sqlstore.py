@@ -730,3 +730,26 @@ class SqlStore(ABC):
 
     async def webhook_backlog(self, url: str) -> WebhookBacklog:
         return await self._read_plan(webhook_backlog, url)
+
+    _search_dialect: Literal["sqlite", "postgresql"] = "sqlite"
+
+    async def search_messages(
+        self,
+        words: Sequence[str],
+        *,
+        conversation_id: int | None = None,
+        public: bool = False,
+        before_id: int | None = None,
+        limit: int,
+    ) -> MessagePage:
+        from .search import search_messages  # (search.py builds on this module)
+
+        return await self._read_plan(
+            search_messages,
+            self._search_dialect,
+            tuple(words),
+            conversation_id,
+            public,
+            before_id,
+            limit,
+        )

@@ -1,5 +1,5 @@
 """The server API's operations and their route table: post a message, read a conversation,
-list conversations, disconnect a participant."""
+list conversations, search messages, disconnect a participant."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ from .models import (
     MessagePageOut,
     MessageReply,
     PostHeaders,
+    SearchQuery,
+    SearchResultsOut,
     SidPath,
     post_message_body,
 )
@@ -140,6 +142,20 @@ class ServerApi:
                 "valid: a client may connect again unless the backend stops giving it tokens.",
                 tags=("connections",),
             ),
+            Route(
+                "GET",
+                "/search",
+                "searchMessages",
+                "Find messages by their words, newest first",
+                self._search,
+                {200: ("A page of messages holding every word of `q`", SearchResultsOut)},
+                (400, 401, 404, 503),
+                query_model=SearchQuery,
+                description="Like Event.SearchMessages as staff: every conversation (or the "
+                "one of `session_channel`), private notes included, deleted messages never. "
+                "A message is found as soon as it is stored; an edited one by its new words.",
+                tags=("messages",),
+            ),
         ]
         self.document = openapi_document(self.routes)
         self._router = JsonRoutes(
@@ -195,6 +211,12 @@ class ServerApi:
             if v is not None or k == "assignee_id"
         }
         return 200, await self._service.update_conversation(call.path.application_id, changes)
+
+    async def _search(self, call: Call) -> tuple[int, Any]:
+        q = call.query
+        return 200, await self._service.search(
+            q.q, session_channel=q.session_channel, limit=q.limit, cursor=q.cursor
+        )
 
     async def _disconnect(self, call: Call) -> tuple[int, Any]:
         sid = call.path.sid
