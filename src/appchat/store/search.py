@@ -32,8 +32,8 @@ from collections.abc import Sequence
 from typing import Literal
 
 from ..protocol.models import MessagePage
+from .plan import Plan, Step
 from .rows import MESSAGE_COLUMNS, NEWEST, SENDER_NAME, page_of
-from .sqlstore import Plan, Step
 
 Dialect = Literal["sqlite", "postgresql"]
 
