@@ -193,3 +193,24 @@ async def test_operators_are_searched_as_words(chat: Chat, store: Store) -> None
     assert await found(chat, staff, 'hello "world"') == ["hello world"]
     page = await store.search_messages(["hello"], limit=1)
     assert [m.content for m in page.messages] == ["hello there"] and page.has_more
+
+
+async def test_erased_and_expired_messages_are_gone_from_the_index(
+    chat: Chat,  # noqa: F811
+    store: Store,  # noqa: F811
+) -> None:
+    staff, alice, bob = chat.staff(1), chat.customer(100, 5), chat.customer(200, 6)
+    await chat.add(alice, 100)
+    await chat.add(bob, 200)
+    await chat.send(alice, 100, "pelican one")
+    await chat.send(bob, 200, "pelican two")
+    await chat.send(staff, 200, "pelican three")
+    await store.erase_conversation(100, now=2_000_000_000_000_000)  # rows deleted
+    assert await found(chat, staff, "pelican") == ["pelican three", "pelican two"]
+    await store.erase_participant(6, now=2_000_000_000_000_000)  # stubs: content ''
+    assert await found(chat, staff, "pelican") == ["pelican three"]
+    await store.expire(before=2_000_000_000_000_000, limit=10)
+    assert await found(chat, staff, "pelican") == []
+    await chat.add(staff, 300)
+    await chat.send(staff, 300, "pelican four")  # the index goes on after deletions
+    assert await found(chat, staff, "pelican") == ["pelican four"]
