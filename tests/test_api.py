@@ -402,6 +402,38 @@ async def test_message_list_pages_like_get_message_list(api: Api) -> None:
     assert error_code(*await api.messages("abc"), 400) == "bad_request"
 
 
+# --- GET /api/search -------------------------------------------------------------------------
+
+
+async def test_search_finds_words_in_every_conversation_newest_first(api: Api) -> None:
+    first = (await api.post(1201, {"sender_id": 94, "content": "Shipment delayed"}))[1]
+    second = (await api.post(1202, {"sender_id": 94, "content": "shipment ARRIVED"}))[1]
+    await api.post(1202, {"sender_id": 94, "content": "nothing to see"})
+
+    def got(page: Any) -> list[int]:
+        return [r["message"]["id"] for r in page["results"]]
+
+    status, page = await api.request("GET", "/api/search", params={"q": "SHIPMENT"})
+    assert status == 200
+    assert got(page) == [second["message"]["id"], first["message"]["id"]]
+    assert page["has_more"] is False and page["next_cursor"] is None
+    status, page = await api.request("GET", "/api/search", params={"q": "shipment", "limit": 1})
+    assert got(page) == [second["message"]["id"]] and page["has_more"] is True
+    params = {"q": "shipment", "limit": 1, "cursor": page["next_cursor"]}
+    status, page = await api.request("GET", "/api/search", params=params)
+    assert got(page) == [first["message"]["id"]] and page["has_more"] is False
+    params = {"q": "shipment", "session_channel": "1201"}
+    status, page = await api.request("GET", "/api/search", params=params)
+    assert got(page) == [first["message"]["id"]]
+    for bad in ({"q": "?!"}, {}, {"q": "x", "limit": 51}, {"q": "x", "cursor": "a_1"}):
+        status, body = await api.request("GET", "/api/search", params=bad)
+        assert error_code(status, body, 400) == "bad_request", bad
+    status, body = await api.request(
+        "GET", "/api/search", params={"q": "x", "session_channel": "999999"}
+    )
+    assert error_code(status, body, 404) == "not_found"
+
+
 # --- GET /api/conversations -----------------------------------------------------------------
 
 
@@ -875,6 +907,7 @@ async def test_openapi_document_describes_every_route(
         ("GET", "/api/conversations/{application_id}/export"),
         ("POST", "/api/participants/{user_id}/erase"),
         ("POST", "/api/connections/{sid}/disconnect"),
+        ("GET", "/api/search"),
         ("GET", "/api/openapi.json"),
     }
     post = operations[("POST", "/api/conversations/{application_id}/messages")]

@@ -159,6 +159,25 @@ class BackendService:
             result = ev.conversation_obj(view)
         return {"conversation": result}
 
+    async def search(
+        self, query: str, *, session_channel: str | None, limit: int, cursor: str | None
+    ) -> dict[str, Any]:
+        """SearchMessages as staff: every conversation (or ``session_channel``'s), private
+        notes included; ``{"results": [{"message": …}], "has_more", "next_cursor"}``."""
+        args = ev.parse_search_messages(
+            {"query": query, "session_channel": session_channel, "limit": limit, "cursor": cursor}
+        )
+        conversation_id = None
+        if args.session_channel is not None:
+            conversation = await self._chat.conversation(int(args.session_channel))
+            if conversation is None:
+                raise NotFound("no such conversation")
+            conversation_id = conversation.id
+        page = await self._store.search_messages(
+            args.words, conversation_id=conversation_id, before_id=args.before_id, limit=args.limit
+        )
+        return ev.search_results(page.messages, page.has_more)
+
 
 STATUS = ("status", "snooze_until")
 ASSIGNEE = ("assignee_id",)

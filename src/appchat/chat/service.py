@@ -160,6 +160,7 @@ class ChatService:
             ev.GET_PRESENCE: self._get_presence,
             ev.EDIT_MESSAGE: self._edit_message,
             ev.DELETE_MESSAGE: self._delete_message,
+            ev.SEARCH_MESSAGES: self._search_messages,
         }
         self._typing_throttle = Throttle(TYPING_INTERVAL_US)
 
@@ -703,3 +704,33 @@ class ChatService:
             )
             self._fanout.deliver(others, conversation.application_id, frame, session.id)
         return None
+
+    # --- full-text search -------------------------------------------------------------------
+
+    async def _search_messages(self, session: Session, raw: dict[str, Any]) -> Any:
+        """Messages holding every word of the query, newest first, of what the caller may
+        read: staff everything (or one conversation), a customer their own application's
+        conversation without private notes. Another application's channel is refused like
+        every event's (``_open``)."""
+        p = session.principal
+        args = ev.parse_search_messages(raw)
+        channel = args.session_channel
+        conversation_id = None
+        if channel is None and not p.is_staff:
+            if p.application_id is None:
+                raise Forbidden("you may not search")
+            conversation = await self.conversation(p.application_id)
+            if conversation is None:  # nothing written yet: nothing to find
+                return ev.search_results([], False)
+            await self._not_impersonating_staff(p, conversation.id, p.sid)
+            conversation_id = conversation.id
+        elif channel is not None:
+            conversation_id = (await self._open(p, channel, p.sid)).id
+        page = await self._store.search_messages(
+            args.words,
+            conversation_id=conversation_id,
+            public=not p.is_staff,
+            before_id=args.before_id,
+            limit=args.limit,
+        )
+        return ev.search_results(page.messages, page.has_more)

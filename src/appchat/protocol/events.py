@@ -5,6 +5,7 @@ Pure code: text in, typed values (or a precise :class:`FrameError`) out; no I/O.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -688,3 +689,69 @@ def rate_limited_reply(frame: str | None) -> bytes:
 
 def push(name: str, result: Any) -> bytes:
     return orjson.dumps({"name": name, "ok": True, "result": result})
+
+
+# --- full-text search (SPEC, third round) ----------------------------------------------------
+
+SEARCH_MESSAGES = "Event.SearchMessages"
+DEFAULT_SEARCH_PAGE = 20
+MAX_SEARCH_PAGE = 50
+MAX_QUERY_LEN = 256  # characters of a search query (so at most 128 words)
+# A word: letters and digits of any script with their combining marks. Everything else
+# (punctuation, symbols, "_", spaces) separates words, as the indexes' tokenizers do, so
+# nothing of the query's text ever reaches an engine as query syntax.
+_WORD = re.compile(r"(?:[^\W_][\u0300-\u036f\u0483-\u0489]*)+")
+
+
+@dataclass(frozen=True, slots=True)
+class SearchMessagesArgs:
+    words: tuple[str, ...]
+    session_channel: str | None
+    limit: int
+    before_id: int | None  # from ``cursor``: the last id of the previous page
+
+
+def search_words(query: Any) -> tuple[str, ...]:
+    """The words of a search query, all of them required; ``BadRequest`` if it has none."""
+    if not isinstance(query, str):
+        raise BadRequest("query is required (a string of words)")
+    if len(query) > MAX_QUERY_LEN:
+        raise BadRequest(f"query is longer than {MAX_QUERY_LEN} characters")
+    words = tuple(dict.fromkeys(_WORD.findall(query)))
+    if not words:
+        raise BadRequest("query must contain a word (letters or digits)")
+    return words
+
+
+def search_cursor(value: Any) -> int | None:
+    """The ``next_cursor`` of an earlier search page (opaque to clients: an id)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and 1 <= len(value) <= 19 and value.isascii() and value.isdigit():
+        number = int(value)
+        if 1 <= number <= MAX_ID:
+            return number
+    raise BadRequest("cursor must be the next_cursor of an earlier page")
+
+
+def parse_search_messages(args: dict[str, Any]) -> SearchMessagesArgs:
+    limit = args.get("limit")
+    if limit is None:
+        limit = DEFAULT_SEARCH_PAGE
+    elif isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_SEARCH_PAGE:
+        raise BadRequest(f"limit must be an integer between 1 and {MAX_SEARCH_PAGE}")
+    return SearchMessagesArgs(
+        words=search_words(args.get("query")),
+        session_channel=None if args.get("session_channel") is None else _channel(args),
+        limit=limit,
+        before_id=search_cursor(args.get("cursor")),
+    )
+
+
+def search_results(messages: list[Message], has_more: bool) -> dict[str, Any]:
+    """``{"results": [{"message": …}], "has_more", "next_cursor"}``, newest first."""
+    return {
+        "results": [{"message": message_obj(m)} for m in messages],
+        "has_more": has_more,
+        "next_cursor": str(messages[-1].id) if has_more and messages else None,
+    }

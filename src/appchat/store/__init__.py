@@ -243,6 +243,22 @@ class Store(Protocol):
         looks only at those who became away, or whose conversation had activity, at or after
         it. Nothing while webhooks are not recorded."""
 
+    # --- full-text search (appchat/store/search.py) ----------------------------------------------
+
+    async def search_messages(
+        self,
+        words: Sequence[str],
+        *,
+        conversation_id: int | None = None,
+        public: bool = False,
+        before_id: int | None = None,
+        limit: int,
+    ) -> MessagePage:
+        """Text messages holding every one of ``words`` (as the index splits and folds
+        them), newest first, with ids below ``before_id``; only those of
+        ``conversation_id`` if given; ``public``: no private notes. Deleted stubs are
+        never found; a message is found from the moment its write committed."""
+
 
 def open_store(
     url: str,

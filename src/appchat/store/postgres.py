@@ -62,6 +62,8 @@ def translate(exc: BaseException) -> AppError:
 
 
 class PostgresStore(SqlStore):
+    _search_dialect = "postgresql"
+
     def __init__(
         self,
         dsn: str,

@@ -45,7 +45,7 @@ from ..protocol.models import (
     WebhookEvent,
     WebhookFailure,
 )
-from . import lifecycle
+from . import lifecycle, search
 from .lifecycle import ErasedConversation, ErasedParticipant, Expired, ExportedParticipant
 from .plan import (
     FOR_UPDATE,
@@ -744,3 +744,26 @@ class SqlStore(ABC):
         if recorded:
             self._woken(hooks)
         return NoticeRound(len(found), recorded)
+
+    # --- full-text search (search.py) ------------------------------------------------------
+
+    _search_dialect: search.Dialect = "sqlite"
+
+    async def search_messages(
+        self,
+        words: Sequence[str],
+        *,
+        conversation_id: int | None = None,
+        public: bool = False,
+        before_id: int | None = None,
+        limit: int,
+    ) -> MessagePage:
+        return await self._read_plan(
+            search.search_messages,
+            self._search_dialect,
+            tuple(words),
+            conversation_id,
+            public,
+            before_id,
+            limit,
+        )

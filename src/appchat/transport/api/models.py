@@ -253,3 +253,38 @@ def post_message_body(max_content: int) -> type[BaseModel]:
             Field(default=1, description="1 text, 2 image"),
         ),
     )
+
+
+class SearchQuery(BaseModel):
+    q: str = Field(
+        min_length=1,
+        max_length=ev.MAX_QUERY_LEN,
+        pattern=r"[^\W_]",
+        description="words, every one required (letters and digits; anything else separates "
+        "words and is no syntax); case does not matter",
+    )
+    session_channel: str | None = Field(
+        default=None,
+        max_length=20,
+        pattern=r"^[1-9][0-9]{0,18}$",
+        description="only this application's conversation",
+    )
+    limit: int = Field(default=ev.DEFAULT_SEARCH_PAGE, ge=1, le=ev.MAX_SEARCH_PAGE)
+    cursor: str | None = Field(
+        default=None,
+        max_length=19,
+        pattern=r"^[1-9][0-9]{0,18}$",
+        description="the next_cursor of the previous page",
+    )
+
+
+class SearchResultOut(BaseModel):
+    message: MessageOut
+
+
+class SearchResultsOut(BaseModel):
+    """Messages holding every word, newest first; pass ``next_cursor`` on for older ones."""
+
+    results: list[SearchResultOut]
+    has_more: bool
+    next_cursor: str | None

@@ -1,5 +1,6 @@
 """The server API's operations and their route table: post a message, read a conversation,
-list, change, export and erase conversations, erase a participant, disconnect one."""
+list, change, export and erase conversations, search messages, erase a participant,
+disconnect one."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from .models import (
     MessagePageOut,
     MessageReply,
     PostHeaders,
+    SearchQuery,
+    SearchResultsOut,
     SidPath,
     UserPath,
     post_message_body,
@@ -192,6 +195,20 @@ class ServerApi:
                 "valid: a client may connect again unless the backend stops giving it tokens.",
                 tags=("connections",),
             ),
+            Route(
+                "GET",
+                "/search",
+                "searchMessages",
+                "Find messages by their words, newest first",
+                self._search,
+                {200: ("A page of messages holding every word of `q`", SearchResultsOut)},
+                (400, 401, 404, 503),
+                query_model=SearchQuery,
+                description="Like Event.SearchMessages as staff: every conversation (or the "
+                "one of `session_channel`), private notes included, deleted messages never. "
+                "A message is found as soon as it is stored; an edited one by its new words.",
+                tags=("messages",),
+            ),
         ]
         self.document = openapi_document(self.routes)
         self._router = JsonRoutes(
@@ -263,6 +280,12 @@ class ServerApi:
         count = await self._lifecycle.erase_participant(user_id)
         log.info("api: %d messages of participant %s erased (key %s)", count, user_id, call.key)
         return 200, {"user_id": user_id, "messages": count}
+
+    async def _search(self, call: Call) -> tuple[int, Any]:
+        q = call.query
+        return 200, await self._service.search(
+            q.q, session_channel=q.session_channel, limit=q.limit, cursor=q.cursor
+        )
 
     async def _disconnect(self, call: Call) -> tuple[int, Any]:
         sid = call.path.sid
