@@ -277,7 +277,8 @@ function resultNode(result, query) {
 
 // The text with the query's words in <mark>, built as text nodes (never as HTML).
 function marked(text, query) {
-  const words = query.split(/\s+/).filter((w) => w.length > 1).map((w) => w.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"));
+  // The query's words as the server takes them: runs of letters and digits of any script.
+  const words = (query.match(/[\p{L}\p{N}\p{M}]+/gu) || []).filter((w) => w.length > 1);
   if (!words.length) return [document.createTextNode(text)];
   const pattern = new RegExp(`(${words.join("|")})`, "giu");
   return text.split(pattern).map((part, i) => (i % 2 ? el("mark", "", part) : document.createTextNode(part)));
