@@ -871,6 +871,9 @@ async def test_openapi_document_describes_every_route(
         ("GET", "/api/conversations/{application_id}/messages"),
         ("GET", "/api/conversations"),
         ("PATCH", "/api/conversations/{application_id}"),
+        ("DELETE", "/api/conversations/{application_id}"),
+        ("GET", "/api/conversations/{application_id}/export"),
+        ("POST", "/api/participants/{user_id}/erase"),
         ("POST", "/api/connections/{sid}/disconnect"),
         ("GET", "/api/openapi.json"),
     }

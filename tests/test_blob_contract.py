@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -68,6 +69,18 @@ async def test_put_replaces_and_delete_removes(blobs: BlobStore) -> None:
     assert await blobs.get("7/a") is None
     assert not await blobs.exists("7/a")
     await blobs.delete("7/a")  # deleting nothing is fine
+
+
+async def test_listing_names_every_blob_under_a_prefix_with_its_time(blobs: BlobStore) -> None:
+    for key in ("10/a", "10/a.thumb", "100/b", "11/c"):
+        await blobs.put(key, b"x")
+    assert sorted(k for k, _t in await blobs.listing("10/")) == ["10/a", "10/a.thumb"]
+    everything = await blobs.listing("")
+    assert sorted(k for k, _t in everything) == ["10/a", "10/a.thumb", "100/b", "11/c"]
+    assert all(abs(t - time.time()) < 600 for _k, t in everything)  # written just now
+    assert await blobs.listing("12/") == []
+    await blobs.delete("100/b")
+    assert "100/b" not in [k for k, _t in await blobs.listing("")]
 
 
 async def test_an_empty_blob_is_a_blob(blobs: BlobStore) -> None:

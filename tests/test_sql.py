@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from appchat.store import sqlstore
-from appchat.store.sqlstore import FOR_UPDATE, SKIP_LOCKED, postgres_sql
+from appchat.store import lifecycle, plan, sqlstore
+from appchat.store.plan import FOR_UPDATE, SKIP_LOCKED, postgres_sql
 
 
 def test_placeholders_are_numbered_in_order() -> None:
@@ -29,7 +29,8 @@ def test_every_shared_statement_translates_whole() -> None:
     numbered 1..n, no ``?`` and no lock comment left."""
     statements = [
         value
-        for name, value in vars(sqlstore).items()
+        for module in (plan, sqlstore, lifecycle)
+        for name, value in vars(module).items()
         if name.isupper() and isinstance(value, str) and value.lstrip()[:6].isalpha()
     ]
     assert len(statements) > 10, statements

@@ -84,6 +84,8 @@ class Settings:
     upload_timeout: float = defaults.UPLOAD_TIMEOUT
     presence_grace: float = defaults.PRESENCE_GRACE
     edit_window: float = defaults.EDIT_WINDOW
+    retention_days: float = 0
+    upload_orphan_ttl: float = 86_400.0
     auto_assign: str = "none"
     max_open_per_agent: int = 0
 
@@ -140,6 +142,15 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "edit_window": (
         float,
         "seconds after sending during which a message's sender may edit it (0: never)",
+    ),
+    "retention_days": (
+        float,
+        "delete messages older than this many days (and uploads only they showed), in small "
+        "batches, one node at a time (0: keep everything)",
+    ),
+    "upload_orphan_ttl": (
+        float,
+        "seconds an upload may go without a message showing it before it is removed",
     ),
     "auto_assign": (
         str,
@@ -336,6 +347,8 @@ AT_LEAST: dict[str, tuple[float, str]] = {
     "presence_grace": (0.3, "at least 0.3"),
     "max_open_per_agent": (0, "0 (no limit) or more"),
     "edit_window": (0, "0 (no edits) or more"),
+    "retention_days": (0, "0 (keep everything) or more"),
+    "upload_orphan_ttl": (60, "at least 60"),
     "max_connections": (1, "at least 1"),
     "max_connections_per_user": (1, "at least 1"),
 }

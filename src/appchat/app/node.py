@@ -18,6 +18,7 @@ from ..blobs.images import ImageLimits, ImageReferences
 from ..broker import Broker, open_broker
 from ..chat.backend import BackendService
 from ..chat.desk import AutoAssigner, SnoozeWaker
+from ..chat.lifecycle import Lifecycle
 from ..chat.service import MAX_REPLY_BYTES, ChatService, Limits
 from ..common.metrics import Metrics
 from ..fanout.hub import Hub
@@ -145,6 +146,13 @@ class Node:
             clock=clock,
             monotonic=monotonic,
         )
+        self.lifecycle = Lifecycle(
+            self.store,
+            self.blobs,
+            self.service,
+            retention_days=settings.retention_days,
+            orphan_ttl=settings.upload_orphan_ttl,
+        )
         self.api = ServerApi(
             backend,
             self.hub,
@@ -152,6 +160,7 @@ class Node:
                 [parse_key_spec(spec) for spec in settings.api_key],
                 settings.api_keys_file,
             ),
+            self.lifecycle,
             max_content=settings.max_content,
             max_body=settings.max_frame,
             sender_ids=self.api_sender_ids,
@@ -213,6 +222,7 @@ class Node:
         if self.webhooks is not None:
             await self.webhooks.start()
         self.snoozes.start()
+        self.lifecycle.start()
         timeout = self.settings.handshake_timeout
         self._runner = web.AppRunner(
             self.web_app(),
@@ -267,6 +277,7 @@ class Node:
             for transport in transports:
                 transport.abort()
         await self.snoozes.stop()
+        await self.lifecycle.stop()
         await self.hub.stop()
         if self.webhooks is not None:
             await self.webhooks.stop()

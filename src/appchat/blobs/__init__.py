@@ -34,6 +34,10 @@ class BlobStore(Protocol):
     async def delete(self, key: str) -> None:
         """Remove the blob; nothing happens if there is none."""
 
+    async def listing(self, prefix: str) -> list[tuple[str, float]]:
+        """Every blob whose key starts with ``prefix`` (a whole first segment and its
+        ``/``, or ``""`` for all), with when it was written (seconds since the epoch)."""
+
 
 def check_key(key: str) -> str:
     if not KEY.fullmatch(key):

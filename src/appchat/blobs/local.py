@@ -63,6 +63,31 @@ class LocalBlobStore:
         except OSError as exc:
             raise Unavailable(f"cannot delete the upload: {exc.strerror or exc}") from exc
 
+    async def listing(self, prefix: str) -> list[tuple[str, float]]:
+        try:
+            return await asyncio.to_thread(_walk, self.root, prefix)
+        except OSError as exc:
+            raise Unavailable(f"cannot list the uploads: {exc.strerror or exc}") from exc
+
+
+def _walk(root: Path, prefix: str) -> list[tuple[str, float]]:
+    """(key, mtime) of every file under ``root`` whose key starts with ``prefix``, leaving
+    out files being written (their names start with a dot)."""
+    top = root / prefix.rstrip("/") if prefix else root
+    if not top.is_dir():
+        return []
+    found = []
+    for folder, dirs, files in os.walk(top):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if name.startswith("."):
+                continue
+            path = Path(folder) / name
+            key = path.relative_to(root).as_posix()
+            if key.startswith(prefix):
+                found.append((key, path.stat().st_mtime))
+    return found
+
 
 def _write_atomically(path: Path, data: bytes) -> None:
     """Write to a temporary file beside ``path``, flush it to disk, rename it into place

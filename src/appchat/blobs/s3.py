@@ -108,6 +108,22 @@ class S3BlobStore:
             "delete the upload", self._client.delete_object, Bucket=self.bucket, Key=self._key(key)
         )
 
+    async def listing(self, prefix: str) -> list[tuple[str, float]]:
+        def walk() -> list[tuple[str, float]]:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix
+            )
+            return [
+                (item["Key"][len(self.prefix) :], item["LastModified"].timestamp())
+                for page in pages
+                for item in page.get("Contents", ())
+            ]
+
+        try:
+            return await asyncio.to_thread(walk)
+        except (ClientError, BotoCoreError) as exc:
+            raise Unavailable(f"cannot list the uploads in S3: {type(exc).__name__}") from exc
+
 
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", "error"))

@@ -253,6 +253,20 @@ class ChatService:
             raise NotFound("no such conversation")
         return conversation
 
+    def forget(self, application_id: int) -> None:
+        """The application's conversation was erased: look it up again next time. (Other
+        nodes learn it when their next write to it finds it gone.)"""
+        self._known.pop(application_id, None)
+
+    def announce_deletion(self, conversation: Conversation, participants: list[int]) -> None:
+        """Event.ConversationDeleted to the erased conversation's live connections, on
+        every node, and to the inbox."""
+        body = ev.conversation_deleted(conversation.application_id)
+        frame = ev.push(ev.CONVERSATION_DELETED, body)
+        self._fanout.deliver(participants, conversation.application_id, frame, None)
+        if self._inbox is not None and self._inbox.wanted:
+            self._inbox.publish(frame, conversation.assignee_id, None)
+
     async def conversation(self, application_id: int) -> Conversation | None:
         """Which conversation belongs to an application never changes once created, so this
         node remembers it (only ``id`` and ``application_id`` of the result are used)."""
@@ -280,6 +294,7 @@ class ChatService:
         conversation = await self._store.add_conversation(
             args.application_id, user_id, staff=p.is_staff and user_id == p.sid, now=now
         )
+        self._known[conversation.application_id] = replace(conversation, last_message=None)
         if self.announce_if_new(conversation, now) and not p.is_staff:
             await self._assign_automatically(conversation)
         if user_id == p.sid:
@@ -381,17 +396,21 @@ class ChatService:
         conversation = await self._open(p, args.session_channel, sender, guard=False)
         if args.content_type == IMAGE:
             await self._images.check(args.content, conversation.application_id)
-        outcome = await self._store.add_message(
-            conversation,
-            sender_id=sender,
-            staff=p.is_staff,
-            content=args.content,
-            content_type=args.content_type,
-            client_msg_id=args.client_msg_id,
-            now=self._now(),
-            guard_staff=not (p.is_staff or p.bound),
-            private=args.private,
-        )
+        try:
+            outcome = await self._store.add_message(
+                conversation,
+                sender_id=sender,
+                staff=p.is_staff,
+                content=args.content,
+                content_type=args.content_type,
+                client_msg_id=args.client_msg_id,
+                now=self._now(),
+                guard_staff=not (p.is_staff or p.bound),
+                private=args.private,
+            )
+        except NotFound:  # erased meanwhile (on another node): forget it
+            self.forget(conversation.application_id)
+            raise
         if outcome.created and p.name is not None:
             outcome = replace(outcome, message=replace(outcome.message, sender_name=p.name))
         body = self.deliver_message(conversation, outcome, session.id)

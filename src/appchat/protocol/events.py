@@ -53,6 +53,7 @@ GET_PRESENCE = "Event.GetPresence"
 EDIT_MESSAGE = "Event.EditMessage"
 DELETE_MESSAGE = "Event.DeleteMessage"
 MESSAGE_UPDATED = "Event.MessageUpdated"
+CONVERSATION_DELETED = "Event.ConversationDeleted"
 
 INBOX_FILTERS = ("all", "mine", "unassigned")
 MAX_STATUSES = 16  # in one GetConversationList ``status`` list (repeats allowed)
@@ -635,6 +636,10 @@ def presence_obj(user_id: int, staff: bool, availability: str, name: str | None)
     if name is not None:
         obj["name"] = name
     return obj
+
+
+def conversation_deleted(application_id: int) -> dict[str, Any]:
+    return {"session_channel": str(application_id), "application_id": application_id}
 
 
 def receive_presence(user_id: int, availability: str) -> dict[str, Any]:

@@ -193,6 +193,7 @@ MESSAGE_UPDATED = "message.updated"
 MESSAGE_DELETED = "message.deleted"
 CONVERSATION_CREATED = "conversation.created"
 CONVERSATION_UPDATED = "conversation.updated"
+CONVERSATION_DELETED = "conversation.deleted"
 
 
 @dataclass(frozen=True, slots=True)

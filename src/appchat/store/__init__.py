@@ -27,6 +27,7 @@ from ..protocol.models import (
     WebhookEvent,
     WebhookFailure,
 )
+from .lifecycle import ErasedConversation, ErasedParticipant, Expired, ExportedParticipant
 
 
 class Store(Protocol):
@@ -199,6 +200,30 @@ class Store(Protocol):
         """Delete the delivered rows; reschedule the failed ones whose claim still holds."""
 
     async def webhook_backlog(self, url: str) -> WebhookBacklog: ...
+
+    # --- the data's lifecycle (store/lifecycle.py) -----------------------------------------
+
+    async def export_participants(self, conversation_id: int) -> list[ExportedParticipant]:
+        """The participants with their read positions, for an export."""
+
+    async def erase_conversation(
+        self, application_id: int, *, now: int
+    ) -> ErasedConversation | None:
+        """Erase the conversation and everything of it (messages in batches first, then
+        the rest in one transaction with the ``conversation.deleted`` event, and what the
+        outbox held of it); ``None`` if there is none. Its uploads' files are the
+        caller's to delete."""
+
+    async def erase_participant(self, user_id: int, *, now: int) -> ErasedParticipant:
+        """Make every message ``user_id`` sent a deleted stub (in batches), then forget
+        their participation and what the outbox held of their messages."""
+
+    async def expire(self, *, before: int, limit: int) -> Expired | None:
+        """Delete up to ``limit`` of the oldest messages created before ``before`` (counters
+        kept exact), and conversations left empty; ``None``: another node is at it."""
+
+    async def upload_used(self, application_id: int, content: str) -> bool:
+        """Whether a message of the application's conversation shows this upload."""
 
 
 def open_store(

@@ -18,20 +18,21 @@ from typing import Any, TypeVar
 import asyncpg
 
 from ..common.ratelog import RateLimitedLog
-from ..protocol.errors import AppError, Forbidden, Internal, Unavailable
+from ..protocol.errors import AppError, Forbidden, Internal, NotFound, Unavailable
 from ..protocol.models import (
     Conversation,
     Message,
     SendOutcome,
 )
 from .migrate import apply_postgres_migrations
+from .plan import Plan, expand, postgres_sql
 from .rows import (
     SELECT_MESSAGES,
     Send,
     message_of,
     new_message,
 )
-from .sqlstore import Plan, SqlStore, expand, postgres_sql
+from .sqlstore import SqlStore
 
 log = logging.getLogger(__name__)
 _outage_log = RateLimitedLog(log)  # an outage fails every request: log a few
@@ -52,6 +53,8 @@ def translate(exc: BaseException) -> AppError:
         state = getattr(exc, "sqlstate", "") or ""
         if state[:2] in _UNAVAILABLE_CLASSES:
             return Unavailable("the database is unavailable, try again")
+        if state == "23503":  # a foreign key: its conversation was erased meanwhile
+            return NotFound("no such conversation")
         return Internal()
     if isinstance(exc, OSError | asyncpg.InterfaceError | TimeoutError):
         return Unavailable("the database is unreachable, try again")
@@ -152,7 +155,7 @@ class PostgresStore(SqlStore):
                 try:
                     outcomes = await self._send_batch(batch)
                 except AppError as exc:
-                    if len(batch) == 1 or not isinstance(exc, Internal):
+                    if len(batch) == 1 or not isinstance(exc, Internal | NotFound):
                         for job in batch:
                             _settle(job.future, exc)
                         continue
@@ -259,6 +262,9 @@ async def _drive(conn: asyncpg.Connection, plan: Plan[T]) -> T:
             step = plan.send(result)
             if step.kind == "changed":  # nothing of a conversation is remembered here
                 result = None
+                continue
+            if step.kind == "exclusive":
+                result = await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", *step.params)
                 continue
             kind, sql, params = expand(step)
             sql = postgres_sql(sql)

@@ -28,7 +28,14 @@ from typing import Any, TypeVar
 
 from ..common.ratelog import RateLimitedLog
 from ..protocol import defaults
-from ..protocol.errors import AppError, ConfigError, Forbidden, Internal, Unavailable
+from ..protocol.errors import (
+    AppError,
+    ConfigError,
+    Forbidden,
+    Internal,
+    NotFound,
+    Unavailable,
+)
 from ..protocol.models import (
     OPEN,
     REOPENED_BY_CUSTOMER,
@@ -37,6 +44,7 @@ from ..protocol.models import (
     SendOutcome,
 )
 from .migrate import apply_sqlite_migrations
+from .plan import JOIN, RECORD_EVENT, Plan, expand
 from .rows import (
     CONVERSATION_COLUMNS,
     SELECT_MESSAGES,
@@ -47,15 +55,7 @@ from .rows import (
     message_rows,
     new_message,
 )
-from .sqlstore import (
-    ADD_OWN_UNREAD,
-    JOIN,
-    PARTICIPANTS_STAFF,
-    RECORD_EVENT,
-    Plan,
-    SqlStore,
-    expand,
-)
+from .sqlstore import ADD_OWN_UNREAD, PARTICIPANTS_STAFF, SqlStore
 from .writelock import WriterLock
 
 log = logging.getLogger(__name__)
@@ -556,6 +556,8 @@ class _Members:
         known = self._conversations.get(conversation_id)
         if known is None:
             row = conn.execute(GET_CONVERSATION_BY_ID, (conversation_id,)).fetchone()
+            if row is None:  # erased meanwhile
+                raise NotFound("no such conversation")
             known = conversation_of(row)
             self.remember(known)
         return known
@@ -566,7 +568,9 @@ class _Members:
         self._conversations[conversation.id] = conversation
 
     def changed(self, conversation_id: int) -> None:
+        """Its row or its participants were written (or deleted): read them again."""
         self._conversations.pop(conversation_id, None)
+        self._by_conversation.pop(conversation_id, None)
 
     def needs_join(self, conversation_id: int, user_id: int, staff: bool) -> bool:
         """Whether ``user_id`` is not yet known as a participant (or not yet as staff)."""
@@ -677,6 +681,9 @@ def _drive(conn: sqlite3.Connection, plan: Plan[T], members: _Members | None) ->
                 if members is not None:
                     members.changed(step.params[0])
                 result = None
+                continue
+            if step.kind == "exclusive":  # the writer is alone (other processes take turns)
+                result = True
                 continue
             kind, sql, params = expand(step)
             if kind == "many":

@@ -17,11 +17,10 @@ writer numbers a batch's messages itself; PostgreSQL sends a batch through
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Generator, Sequence
-from functools import lru_cache
-from typing import Any, Literal, NamedTuple, TypeVar
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
 
 from ..protocol.errors import BadRequest, NotFound
 from ..protocol.models import (
@@ -45,6 +44,20 @@ from ..protocol.models import (
     WebhookBacklog,
     WebhookEvent,
     WebhookFailure,
+)
+from . import lifecycle
+from .lifecycle import ErasedConversation, ErasedParticipant, Expired, ExportedParticipant
+from .plan import (
+    FOR_UPDATE,
+    GET_CONVERSATION,
+    RECORD_EVENT,
+    SKIP_LOCKED,
+    Plan,
+    Step,
+    T,
+    changed,
+    join,
+    participants,
 )
 from .rows import (
     CONVERSATION_COLUMNS,
@@ -71,14 +84,8 @@ from .rows import (
     webhook_event_of,
 )
 
-T = TypeVar("T")
-
 # --- the statements -------------------------------------------------------------------------------
 
-FOR_UPDATE = "/*FOR UPDATE*/"  # PostgreSQL locks the row; SQLite's writer is alone anyway
-SKIP_LOCKED = "/*FOR UPDATE SKIP LOCKED*/"
-
-GET_CONVERSATION = f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.application_id = ?"
 VIEW_CONVERSATION = (
     f"SELECT {WITH_LAST_MESSAGE} FROM conversations c {LAST_MESSAGE_JOIN}WHERE c.application_id = ?"
 )
@@ -87,7 +94,6 @@ VIEW_PUBLIC_CONVERSATION = (
     "WHERE c.application_id = ?"
 )
 GET_MESSAGE = SELECT_MESSAGES + "WHERE m.id = ?"
-LOCK_MESSAGE = "SELECT m.id FROM messages m WHERE m.id = ? " + FOR_UPDATE
 EDIT_MESSAGE = "UPDATE messages SET content = ?, edited_at = ?, update_at = ?, rev = ? WHERE id = ?"
 DELETE_MESSAGE = (
     "UPDATE messages SET content = '', deleted = TRUE, update_at = ?, rev = ? WHERE id = ?"
@@ -110,19 +116,9 @@ NEW_CONVERSATION = (
     "ON CONFLICT (application_id) DO NOTHING"
 )
 IS_STAFF = "SELECT is_staff FROM participants WHERE conversation_id = ? AND user_id = ?"
-PARTICIPANTS = "SELECT user_id FROM participants WHERE conversation_id = ?"
 PARTICIPANTS_STAFF = "SELECT user_id, is_staff FROM participants WHERE conversation_id = ?"
 PARTICIPANT_LIST = (
     "SELECT user_id, is_staff, name FROM participants WHERE conversation_id = ? ORDER BY user_id"
-)
-# Joining changes a row only to make a participant staff, or to count a message they sent
-# as their own unread one (a row rewritten for nothing is a dead tuple in PostgreSQL).
-JOIN = (
-    "INSERT INTO participants (conversation_id, user_id, is_staff, read_position, joined_at, "
-    "own_unread) VALUES (?, ?, ?, 0, ?, ?) ON CONFLICT (conversation_id, user_id) DO UPDATE SET "
-    "is_staff = participants.is_staff OR excluded.is_staff, "
-    "own_unread = participants.own_unread + excluded.own_unread "
-    "WHERE (excluded.is_staff AND NOT participants.is_staff) OR excluded.own_unread > 0"
 )
 ADD_OWN_UNREAD = (
     "UPDATE participants SET own_unread = own_unread + ? WHERE conversation_id = ? AND user_id = ?"
@@ -148,10 +144,6 @@ MARK_READ = (
     "UPDATE messages SET status = 1, update_at = ? WHERE conversation_id = ? "
     "AND id > ? AND id <= ? AND sender_id <> ? AND status = 0 AND (? OR NOT private)"
 )
-RECORD_EVENT = (
-    "INSERT INTO webhook_outbox (event_id, url, type, occurred_at, data, next_attempt) "
-    "VALUES (?, ?, ?, ?, ?, ?)"
-)
 # The lease is the claimed rows' next_attempt: until it passes they are not due again.
 # PostgreSQL: a node claiming at the same moment skips these rows and takes others.
 CLAIM_EVENTS = (
@@ -170,61 +162,7 @@ BACKLOG = (
 )
 
 
-@lru_cache(maxsize=256)
-def postgres_sql(sql: str) -> str:
-    """A statement in PostgreSQL's terms: ``?`` numbered ``$1``, ``$2`` …, row locks on."""
-    parts = sql.split("?")
-    out = [parts[0]]
-    for n, part in enumerate(parts[1:], 1):
-        out.append(f"${n}{part}")
-    return re.sub(r"/\*(FOR UPDATE[A-Z ]*)\*/", r"\1", "".join(out))
-
-
 # --- plans ----------------------------------------------------------------------------------------
-
-Kind = Literal["rows", "row", "value", "column", "count", "many", "join", "members", "changed"]
-
-
-class Step(NamedTuple):
-    """One statement of a plan, and what it wants back: ``rows`` (every row), ``row`` (the
-    first or ``None``), ``value`` (its first column or ``None``), ``column`` (the first
-    column of every row), ``count`` (rows changed), ``many`` (``params`` is a list of
-    parameter tuples; nothing back). ``join`` and ``members`` (``params`` only) are
-    :func:`join` and :func:`participants`, which a store may answer from memory;
-    ``changed`` (:func:`changed`) says a conversation's row was written, for a store that
-    remembers it."""
-
-    kind: Kind
-    sql: str
-    params: Sequence[Any]
-
-
-Plan = Generator[Step, Any, T]
-
-
-def expand(step: Step) -> Step:
-    """``join`` and ``members`` as the statements they stand for."""
-    if step.kind == "join":
-        conversation_id, user_id, staff, now = step.params
-        return Step("count", JOIN, (conversation_id, user_id, staff, now, 0))
-    if step.kind == "members":
-        return Step("column", PARTICIPANTS, step.params)
-    return step
-
-
-def join(conversation_id: int, user_id: int, staff: bool, now: int) -> Step:
-    """Make ``user_id`` a participant (staff if ``staff``)."""
-    return Step("join", "", (conversation_id, user_id, staff, now))
-
-
-def participants(conversation_id: int) -> Step:
-    """Every participant of the conversation (a list of ids)."""
-    return Step("members", "", (conversation_id,))
-
-
-def changed(conversation_id: int) -> Step:
-    """The plan wrote the conversation's row (its status, assignee or counters)."""
-    return Step("changed", "", (conversation_id,))
 
 
 def ping() -> Plan[None]:
@@ -513,6 +451,9 @@ def record(rows: list[OutboxRow]) -> Step:
 # --- the Store interface on plans -----------------------------------------------------------------
 
 
+ERASE_BATCH = 1000  # messages erased in one transaction
+
+
 class SqlStore(ABC):
     """The :class:`~appchat.store.Store` methods both SQL stores share, run as plans."""
 
@@ -730,3 +671,44 @@ class SqlStore(ABC):
 
     async def webhook_backlog(self, url: str) -> WebhookBacklog:
         return await self._read_plan(webhook_backlog, url)
+
+    # --- the data's lifecycle (lifecycle.py) ---------------------------------------------
+
+    async def export_participants(self, conversation_id: int) -> list[ExportedParticipant]:
+        return await self._read_plan(lifecycle.export_participants, conversation_id)
+
+    async def erase_conversation(
+        self, application_id: int, *, now: int
+    ) -> ErasedConversation | None:
+        conversation = await self.get_conversation(application_id)
+        if conversation is None:
+            return None
+        uploads: list[str] = []
+        while True:  # the bulk in batches: no request waits behind one long transaction
+            count, images = await self._write_plan(
+                lifecycle.erase_messages, conversation.id, ERASE_BATCH
+            )
+            uploads += images
+            if count < ERASE_BATCH:
+                break
+        hooks = self._hooks
+        erased = await self._write_plan(lifecycle.erase_conversation, application_id, now, hooks)
+        if erased is None:
+            return None
+        self._woken(hooks)
+        return replace(erased, uploads=uploads + erased.uploads)
+
+    async def erase_participant(self, user_id: int, *, now: int) -> ErasedParticipant:
+        total = ErasedParticipant()
+        while True:
+            erased = await self._write_plan(lifecycle.erase_participant, user_id, now, ERASE_BATCH)
+            total.messages += erased.messages
+            total.uploads += erased.uploads
+            if erased.messages < ERASE_BATCH:
+                return total
+
+    async def expire(self, *, before: int, limit: int) -> Expired | None:
+        return await self._write_plan(lifecycle.expire, before, limit)
+
+    async def upload_used(self, application_id: int, content: str) -> bool:
+        return await self._read_plan(lifecycle.upload_used, application_id, content)

@@ -69,6 +69,10 @@ class MessageOut(BaseModel):
         default=None,
         description="the sender's display name (the name claim of their latest token), if any",
     )
+    private: bool | None = Field(default=None, description="true: a staff-only note")
+    edited_at: Timestamp | None = Field(default=None, description="when it was last edited")
+    deleted: bool | None = Field(default=None, description="true: a deleted message's stub")
+    rev: int = Field(ge=0, description="the conversation's revision of its latest change")
 
 
 class MessageReply(BaseModel):
@@ -129,6 +133,34 @@ class ConversationPageOut(BaseModel):
     conversations: list[ConversationOut]
     has_more: bool
     next_cursor: str | None
+
+
+class ExportParticipant(BaseModel):
+    user_id: Id
+    staff: bool = Field(description="whether they acted in it as staff")
+    name: str | None = Field(description="their display name, if a token gave one")
+    read_position: int = Field(ge=0, description="the highest message id they have read")
+    joined_at: Timestamp
+
+
+class ExportOut(BaseModel):
+    """The whole conversation, as one JSON document (streamed)."""
+
+    conversation: ConversationOut
+    participants: list[ExportParticipant]
+    messages: list[MessageOut] = Field(
+        description="every message, oldest first: private notes and deleted stubs included"
+    )
+    uploads: list[str] = Field(description="the references of the uploads its messages show")
+
+
+class ErasedOut(BaseModel):
+    user_id: Id
+    messages: int = Field(ge=0, description="messages made deleted stubs")
+
+
+class UserPath(BaseModel):
+    user_id: Id = Field(description="the participant id")
 
 
 class DisconnectOut(BaseModel):

@@ -23,7 +23,9 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
     for route in routes:
         if route.body_model is not None:
             models.append((route.body_model, "validation"))
-        models += [(model, "serialization") for _, model in route.responses.values()]
+        models += [
+            (model, "serialization") for _, model in route.responses.values() if model is not None
+        ]
     refs, top = models_json_schema(models, ref_template="#/components/schemas/{model}")
     schemas: dict[str, Any] = top.get("$defs", {})
     error_ref = refs[(ErrorReply, "serialization")]
@@ -48,10 +50,11 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
                 "content": {"application/json": {"schema": refs[(route.body_model, "validation")]}},
             }
         for status, (text, model) in sorted(route.responses.items()):
-            operation["responses"][str(status)] = {
-                "description": text,
-                "content": {"application/json": {"schema": refs[(model, "serialization")]}},
-            }
+            operation["responses"][str(status)] = {"description": text}
+            if model is not None:
+                operation["responses"][str(status)]["content"] = {
+                    "application/json": {"schema": refs[(model, "serialization")]}
+                }
         for status in route.errors:
             operation["responses"][str(status)] = {
                 "description": ERROR_TEXT[status],

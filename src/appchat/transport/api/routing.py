@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,13 +41,23 @@ class Call:
 
 
 @dataclass(frozen=True, slots=True)
+class Streamed:
+    """A JSON body written a piece at a time (an export of 100,000 messages is never held
+    whole): the handler's result for a route that streams. A failure after the first
+    piece can no longer be answered with an error: the connection is cut, so the client
+    sees a truncated body, never a complete-looking one."""
+
+    pieces: AsyncIterator[bytes]
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     method: str
     path: str
     operation_id: str
     summary: str
     handler: Callable[[Call], Awaitable[tuple[int, Any]]]
-    responses: dict[int, tuple[str, type[BaseModel]]]
+    responses: dict[int, tuple[str, type[BaseModel] | None]]  # None: no body (204)
     errors: tuple[int, ...]
     path_model: type[BaseModel] | None = None
     query_model: type[BaseModel] | None = None
@@ -87,13 +97,13 @@ class JsonRoutes:
     async def _openapi(self, request: web.Request) -> web.Response:
         return web.Response(body=self._document, content_type="application/json")
 
-    def _endpoint(self, route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
-        async def endpoint(request: web.Request) -> web.Response:
+    def _endpoint(self, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def endpoint(request: web.Request) -> web.StreamResponse:
             return await self._serve(route, request)
 
         return endpoint
 
-    async def _serve(self, route: Route, request: web.Request) -> web.Response:
+    async def _serve(self, route: Route, request: web.Request) -> web.StreamResponse:
         started = self._monotonic()
         key: str | None = None
         try:
@@ -110,28 +120,60 @@ class JsonRoutes:
                 key=key,
             )
             status, result = await route.handler(call)
+            if isinstance(result, Streamed):
+                return await self._stream(request, status, result, key, started)
         except AppError as exc:
             status = _status(exc)
-            response = error_response(exc, status)
+            response: web.StreamResponse = error_response(exc, status)
         except Exception:
             log.exception("internal error serving %s %s", request.method, request.path)
             status = 500
             response = error_response(Internal(), status)
         else:
-            response = web.Response(
-                body=orjson.dumps(result), status=status, content_type="application/json"
-            )
+            if status == 204:
+                response = web.Response(status=status)
+            else:
+                response = web.Response(
+                    body=orjson.dumps(result), status=status, content_type="application/json"
+                )
         response.headers["Cache-Control"] = "no-store"
+        self._log(request, status, key, started)
+        return response
+
+    async def _stream(
+        self, request: web.Request, status: int, body: Streamed, key: str | None, started: float
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=status)
+        response.content_type = "application/json"
+        response.headers["Cache-Control"] = "no-store"
+        await response.prepare(request)
+        try:
+            async for piece in body.pieces:
+                await response.write(piece)
+        except Exception as exc:
+            if not isinstance(exc, AppError | ConnectionResetError):
+                log.exception("internal error streaming %s %s", request.method, request.path)
+            assert request.transport is not None
+            request.transport.abort()  # a truncated body, never a complete-looking one
+            self._log(request, status, key, started, " (cut off)")
+            return response
+        await response.write_eof()
+        self._log(request, status, key, started)
+        return response
+
+    def _log(
+        self, request: web.Request, status: int, key: str | None, started: float, note: str = ""
+    ) -> None:
         if key is not None:
             log.info(
-                "api %s %s -> %d (key %s, %.1f ms)",
+                "api %s %s -> %d (key %s, %.1f ms)%s",
                 request.method,
                 request.path,
                 status,
                 key,
                 (self._monotonic() - started) * 1000,
+                note,
             )
-        return response
 
     def _authenticate(self, request: web.Request) -> str:
         if not self._keys.configured:

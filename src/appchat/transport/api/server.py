@@ -1,5 +1,5 @@
 """The server API's operations and their route table: post a message, read a conversation,
-list conversations, disconnect a participant."""
+list, change, export and erase conversations, erase a participant, disconnect one."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from aiohttp import web
 from ...auth.apikeys import ApiKeys
 from ...auth.tokens import NO_IDS, IdRanges
 from ...chat.backend import BackendService
+from ...chat.lifecycle import Lifecycle
 from ...fanout.envelope import Whom
 from ...fanout.hub import Hub
 from ...protocol import defaults
 from ...protocol.closecodes import CloseCode
-from ...protocol.errors import BadRequest, Forbidden
+from ...protocol.errors import BadRequest, Forbidden, NotFound
 from ...protocol.models import Role
 from .models import (
     ApplicationPath,
@@ -28,15 +29,18 @@ from .models import (
     ConversationReply,
     DisconnectOut,
     DisconnectQuery,
+    ErasedOut,
+    ExportOut,
     MessageListQuery,
     MessagePageOut,
     MessageReply,
     PostHeaders,
     SidPath,
+    UserPath,
     post_message_body,
 )
 from .openapi import openapi_document
-from .routing import Call, JsonRoutes, Route
+from .routing import Call, JsonRoutes, Route, Streamed
 
 log = logging.getLogger("appchat.transport.api")
 
@@ -47,6 +51,7 @@ class ServerApi:
         service: BackendService,
         hub: Hub,
         keys: ApiKeys,
+        lifecycle: Lifecycle,
         *,
         max_content: int = defaults.MAX_CONTENT,
         max_body: int = defaults.MAX_FRAME,
@@ -56,6 +61,7 @@ class ServerApi:
         """``sender_ids`` (``--api-sender-ids``): the only ids posts may come from; empty:
         any id but the conversation's customer."""
         self._service = service
+        self._lifecycle = lifecycle
         self._sender_ids = sender_ids
         self._hub = hub
         self.routes = [
@@ -122,6 +128,52 @@ class ServerApi:
                 "Event.ConversationUpdated to the inbox subscribers and recorded as the "
                 "`conversation.updated` webhook; a field left out stays as it is.",
                 tags=("conversations",),
+            ),
+            Route(
+                "GET",
+                "/conversations/{application_id}/export",
+                "exportConversation",
+                "Export a conversation whole",
+                self._export,
+                {200: ("The conversation, streamed as one JSON document", ExportOut)},
+                (400, 401, 404, 503),
+                path_model=ApplicationPath,
+                description="The conversation, its participants with their read positions, "
+                "every message (private notes and deleted stubs included) and the references "
+                "of its uploads (fetch each from /files/…): what a customer's request for "
+                "their data needs. Written a chunk at a time: a failure midway cuts the "
+                "connection, so an incomplete body is never a valid document.",
+                tags=("lifecycle",),
+            ),
+            Route(
+                "DELETE",
+                "/conversations/{application_id}",
+                "eraseConversation",
+                "Erase a conversation and everything of it",
+                self._erase_conversation,
+                {204: ("Erased", None)},
+                (400, 401, 404, 503),
+                path_model=ApplicationPath,
+                description="Its messages, participants, read positions, counters, search "
+                "index, webhook events still waiting and uploaded files go; live connections "
+                "in it get Event.ConversationDeleted and the webhook `conversation.deleted` "
+                "is sent. A new AddConversation for the application starts afresh.",
+                tags=("lifecycle",),
+            ),
+            Route(
+                "POST",
+                "/participants/{user_id}/erase",
+                "eraseParticipant",
+                "Erase what a participant sent",
+                self._erase_participant,
+                {200: ("Erased", ErasedOut)},
+                (400, 401, 503),
+                path_model=UserPath,
+                description="Every message the participant sent, in every conversation, "
+                "becomes a deleted stub (its id kept), its uploads go, and their read "
+                "positions and names go; other participants' unread counts stay as they "
+                "were.",
+                tags=("lifecycle",),
             ),
             Route(
                 "POST",
@@ -195,6 +247,22 @@ class ServerApi:
             if v is not None or k == "assignee_id"
         }
         return 200, await self._service.update_conversation(call.path.application_id, changes)
+
+    async def _export(self, call: Call) -> tuple[int, Any]:
+        return 200, Streamed(await self._lifecycle.export(call.path.application_id))
+
+    async def _erase_conversation(self, call: Call) -> tuple[int, Any]:
+        application_id = call.path.application_id
+        if not await self._lifecycle.erase_conversation(application_id):
+            raise NotFound("no such conversation")
+        log.info("api: conversation of application %s erased (key %s)", application_id, call.key)
+        return 204, None
+
+    async def _erase_participant(self, call: Call) -> tuple[int, Any]:
+        user_id = call.path.user_id
+        count = await self._lifecycle.erase_participant(user_id)
+        log.info("api: %d messages of participant %s erased (key %s)", count, user_id, call.key)
+        return 200, {"user_id": user_id, "messages": count}
 
     async def _disconnect(self, call: Call) -> tuple[int, Any]:
         sid = call.path.sid
