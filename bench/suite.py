@@ -66,6 +66,13 @@ def pinned(cpu: int) -> list[str]:
     return ["taskset", "-c", str(cpu)] if (os.cpu_count() or 1) >= 2 else []
 
 
+def pin_generator() -> None:
+    """Run this process (the load generator) on CPU 1, beside the servers' CPU 0."""
+    with contextlib.suppress(OSError):
+        if (os.cpu_count() or 1) >= 2:
+            os.sched_setaffinity(0, {1})
+
+
 @contextlib.contextmanager
 def server(kind: str, workdir: Path, extra: list[str] | None = None) -> Iterator[Server]:
     py = sys.executable
@@ -935,9 +942,7 @@ def main(argv: list[str] | None = None) -> int:
     for n, rev in enumerate(args.baseline):
         checkout_baseline(rev)
         args.servers.insert(n, f"appchat@{rev}")
-    with contextlib.suppress(OSError):
-        if (os.cpu_count() or 1) >= 2:
-            os.sched_setaffinity(0, {1})
+    pin_generator()
     try:
         import uvloop
 

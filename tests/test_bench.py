@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +34,59 @@ def test_make_bench_runs_end_to_end_on_a_tiny_load(tmp_path: Path) -> None:
     for plot in ("bench-throughput.png", "bench-latency.png", "bench-memory.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "bench:" in out.stderr  # the progress bar
+
+
+@pytest.mark.timeout(300)
+def test_desk_bench_runs_end_to_end_on_a_tiny_load() -> None:
+    """bench/desk.py --tiny: the baseline checked out and served, then inbox subscribers
+    that must each read one ConversationUpdated per stored message (else it exits 1)."""
+    out = subprocess.run(
+        [sys.executable, "bench/desk.py", "--tiny"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {line.split(" | ")[0]: line for line in out.stdout.splitlines() if line.startswith("| ")}
+    assert "| appchat@110e219" in rows and "| appchat, 0 subscribers" in rows
+    for n in (3, 10):
+        assert rows[f"| appchat, {n} subscribers"].endswith(" yes |")  # delivery checked
+    assert "With no subscriber, a message costs" in out.stdout
+    assert "desk:" in out.stderr  # the progress bar
+
+
+def test_retention_bench_purges_exactly_the_old_messages_on_a_tiny_load(tmp_path: Path) -> None:
+    """bench/retention.py --tiny: a server with --retention-days purges the seeded old
+    messages under SendMessage load, leaves the recent ones and exact counters, and the
+    figures come out for both servers and every phase."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "retention.py"),
+            "--tiny",
+            "--json",
+            str(tmp_path / "retention.json"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads((tmp_path / "retention.json").read_text())
+    (run,) = result["runs"]
+    check = run["check"]
+    assert check["old_left"] == 0
+    assert check["seeded_left"] == check["recent_seeded"] > 0  # the recent ones only
+    assert check["conversations_left"] == check["conversations_kept"] > 0
+    assert check["orphan_participants"] == 0
+    assert check["wrong_message_counts"] == check["wrong_read_counters"] == 0
+    assert run["purge_s"] > 0 and run["errors"] == 0
+    for server in ("retention", "reference"):
+        assert run[server]["during"]["n"] > 0 and run[server]["after"]["n"] > 0
+    assert (
+        "| --retention-days 30 | during |" in out.stdout and "| reference | during |" in out.stdout
+    )

@@ -484,3 +484,22 @@ async def test_disconnect_reports_a_broker_that_refuses() -> None:
     with pytest.raises(Unavailable):
         await hub.disconnect(9, 4009, "disconnected by the server")
     assert closer.closed == [(conn.id, 4009, "disconnected by the server")]  # local: done
+
+
+async def test_the_hub_lists_its_users_and_reports_first_and_last_connections() -> None:
+    """What the away notices keep ``seen`` by: a user's first connection on the node and
+    their last one closing are reported, the ones between are not."""
+    hub = await hub_on()
+    edges: list[int] = []
+    hub.on_user_edge = edges.append
+    first, _ = await join(hub, customer_principal(7, 100))
+    second, _ = await join(hub, customer_principal(7, 100))
+    staff_conn, _ = await join(hub, staff_principal(8))
+    assert edges == [7, 8]
+    assert sorted(hub.connected_user_ids()) == [7, 8]
+    await hub.unregister(first)
+    assert edges == [7, 8] and sorted(hub.connected_user_ids()) == [7, 8]
+    await hub.unregister(second)
+    assert edges == [7, 8, 7] and hub.connected_user_ids() == [8]
+    await hub.unregister(staff_conn)
+    assert edges == [7, 8, 7, 8] and hub.connected_user_ids() == []

@@ -1,4 +1,4 @@
-"""The command line: ``appchat serve | token | migrate``."""
+"""The command line: ``appchat serve | token | migrate | backup | restore``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from .. import __version__
@@ -20,6 +21,7 @@ from ..auth.tokens import IdRanges, mint
 from ..common.logformat import FORMATS, configure_logging
 from ..protocol.errors import AppError, ConfigError
 from ..store import apply_migrations, redact_url
+from . import backup as backups
 from .config import (
     OPTIONS,
     Settings,
@@ -74,6 +76,21 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="apply pending schema migrations and exit")
     add_options(migrate, ["database"], env)
+
+    backup = sub.add_parser(
+        "backup",
+        help="copy the SQLite database to PATH, safely while the server runs (PostgreSQL: pg_dump)",
+    )
+    backup.add_argument("path", metavar="PATH", help="the backup file (replaced if it exists)")
+    add_options(backup, ["database"], env)
+
+    restore = sub.add_parser(
+        "restore",
+        help="replace the SQLite database with the backup PATH; every server using it must "
+        "be stopped (PostgreSQL: pg_restore)",
+    )
+    restore.add_argument("path", metavar="PATH", help="a file written by appchat backup")
+    add_options(restore, ["database"], env)
     return parser
 
 
@@ -106,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(ns)
         if ns.command == "token":
             return token(ns)
+        if ns.command == "backup":
+            return backup(ns)
+        if ns.command == "restore":
+            return restore(ns)
         return migrate(ns)
     except ConfigError as exc:
         print(f"appchat: {exc}", file=sys.stderr)
@@ -126,6 +147,27 @@ def migrate(ns: argparse.Namespace) -> int:
     check_database(ns.database)
     applied = apply_migrations(ns.database)
     print(f"appchat: applied {applied} migration(s); {redact_url(ns.database)} is up to date")
+    return 0
+
+
+def backup(ns: argparse.Namespace) -> int:
+    check_database(ns.database)
+    copied = backups.backup(ns.database, Path(ns.path))
+    print(
+        f"appchat: backed up {redact_url(ns.database)} to {copied.path} "
+        f"({copied.size} bytes, {copied.messages} messages, integrity ok)"
+    )
+    return 0
+
+
+def restore(ns: argparse.Namespace) -> int:
+    check_database(ns.database)
+    copied, kept = backups.restore(Path(ns.path), ns.database)
+    print(
+        f"appchat: restored {copied.path} from {ns.path} ({copied.messages} messages, integrity ok)"
+    )
+    if kept is not None:
+        print(f"appchat: the database it replaced is kept as {kept}")
     return 0
 
 

@@ -69,6 +69,7 @@ class Settings:
     webhook_retry_min: float = defaults.WEBHOOK_RETRY_MIN
     webhook_retry_max: float = defaults.WEBHOOK_RETRY_MAX
     webhook_give_up: float = defaults.WEBHOOK_GIVE_UP
+    notify_after: float = defaults.NOTIFY_AFTER
     max_upload: int = defaults.MAX_UPLOAD
     upload_dir: str | None = None  # None: beside the SQLite file (upload_directory)
     upload_s3: str | None = None
@@ -183,6 +184,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "webhook_give_up": (
         float,
         "seconds after an event when its webhook is given up (0: retry for ever)",
+    ),
+    "notify_after": (
+        float,
+        "with --webhook-url: seconds a participant has had no connection on any node before "
+        "their unread messages make a participant.unread webhook (once until they read)",
     ),
     "max_upload": (int, "largest uploaded image in bytes (more is refused with 413)"),
     "upload_dir": (
@@ -345,6 +351,7 @@ AT_LEAST: dict[str, tuple[float, str]] = {
     "burst": (1, "at least 1"),
     "sqlite_busy_timeout": (0, "0 or more"),
     "presence_grace": (0.3, "at least 0.3"),
+    "notify_after": (1, "at least 1"),
     "max_open_per_agent": (0, "0 (no limit) or more"),
     "edit_window": (0, "0 (no edits) or more"),
     "retention_days": (0, "0 (keep everything) or more"),

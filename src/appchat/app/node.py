@@ -19,6 +19,7 @@ from ..broker import Broker, open_broker
 from ..chat.backend import BackendService
 from ..chat.desk import AutoAssigner, SnoozeWaker
 from ..chat.lifecycle import Lifecycle
+from ..chat.notices import AwayNotices
 from ..chat.service import MAX_REPLY_BYTES, ChatService, Limits
 from ..common.metrics import Metrics
 from ..fanout.hub import Hub
@@ -78,7 +79,10 @@ class Node:
         self.webhooks = self._webhooks(settings)
         self._dev_secret = secret if settings.dev else None  # mints tokens for the web client
         self.hub = Hub(
-            self.broker, prefix=settings.channel_prefix, presence_grace=settings.presence_grace
+            self.broker,
+            prefix=settings.channel_prefix,
+            presence_grace=settings.presence_grace,
+            on_publish_failure=self.metrics.publish_failed,
         )
         self.blobs = blobs or open_blob_store(
             str(upload_directory(settings)),
@@ -108,6 +112,11 @@ class Node:
             ),
         )
         self.snoozes = SnoozeWaker(self.store, self.service.changed)
+        # participant.unread: only with webhooks (nothing is written or looked for without)
+        self.notices: AwayNotices | None = None
+        if self.webhooks is not None:
+            self.notices = AwayNotices(self.store, self.hub, notify_after=settings.notify_after)
+            self.hub.on_user_edge = self.notices.user_edge
         backend = BackendService(self.service, self.store, limits=limits, images=images)
         self.uploads = UploadEndpoints(
             self.service,
@@ -124,6 +133,7 @@ class Node:
             upload_rate=settings.upload_rate,
             upload_timeout=settings.upload_timeout,
             monotonic=monotonic,
+            metrics=self.metrics,
         )
         self.ws = WebSocketEndpoint(
             self.service,
@@ -223,6 +233,8 @@ class Node:
             await self.webhooks.start()
         self.snoozes.start()
         self.lifecycle.start()
+        if self.notices is not None:
+            self.notices.start()
         timeout = self.settings.handshake_timeout
         self._runner = web.AppRunner(
             self.web_app(),
@@ -278,6 +290,8 @@ class Node:
                 transport.abort()
         await self.snoozes.stop()
         await self.lifecycle.stop()
+        if self.notices is not None:
+            await self.notices.stop()  # the users whose connections closed: seen until now
         await self.hub.stop()
         if self.webhooks is not None:
             await self.webhooks.stop()

@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PUBLISH_KINDS = ("push", "inbox", "presence")
 
 
 class Metrics:
@@ -50,6 +51,38 @@ class Metrics:
             "Webhook deliveries given up, kept in the outbox for the operator",
             registry=self.registry,
         )
+
+        self.ready = Gauge(
+            "appchat_ready",
+            "1 while this node's database and broker answer (what /readyz checks), else 0; "
+            "checked each time /metrics is read",
+            registry=self.registry,
+        )
+        self.broker_publish_failures = Counter(
+            "appchat_broker_publish_failures_total",
+            "Messages this node could not publish on the broker, by what they carried (push: "
+            "a participant's push or Event.Resync, inbox: a team inbox change, presence)",
+            ["kind"],
+            registry=self.registry,
+        )
+        for kind in PUBLISH_KINDS:
+            self.broker_publish_failures.labels(kind)  # shown as 0 from the start
+        self.uploads = Counter(
+            "appchat_uploads_total",
+            "Image uploads (POST /upload) answered, by HTTP status (201: stored)",
+            ["status"],
+            registry=self.registry,
+        )
+        self.uploads.labels("201")
+        self.upload_bytes = Counter(
+            "appchat_upload_bytes",
+            "Bytes of the images stored by uploads (thumbnails not counted)",
+            registry=self.registry,
+        )
+
+    def publish_failed(self, kind: str, messages: int) -> None:
+        """``messages`` of ``kind`` (one of PUBLISH_KINDS) that the broker did not take."""
+        self.broker_publish_failures.labels(kind).inc(messages)
 
     def count_event(self, event: str, outcome: str, seconds: float) -> None:
         """One served request: its outcome and its time."""

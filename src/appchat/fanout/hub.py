@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 RESYNC_RETRY = 0.1  # seconds before retrying Event.Resync to a broker that did not answer
 
 
+def _ignore(kind: str, messages: int) -> None:
+    return None
+
+
 class Hub:
     def __init__(
         self,
@@ -47,8 +51,12 @@ class Hub:
         publish_timeout: float = 2.0,
         max_pending_publishes: int = 100_000,
         presence_grace: float = defaults.PRESENCE_GRACE,
+        on_publish_failure: Callable[[str, int], None] | None = None,
     ) -> None:
+        """``on_publish_failure(kind, n)``: ``n`` messages of ``kind`` (push, inbox,
+        presence) the broker did not take (the node counts them in its metrics)."""
         self._broker = broker
+        self._publish_failed = on_publish_failure or _ignore
         self._prefix = prefix
         self.node_id = secrets.token_hex(4)
         self._own_head = f"{self.node_id}\t".encode()  # how this node's envelopes start
@@ -62,8 +70,23 @@ class Hub:
         self._missed: set[int] = set()  # users whose pushes could not be published
         self._wake: asyncio.Event | None = None  # a push came while the publisher waits
         self._started = False
-        self.inbox = Inbox(broker, self.node_id, prefix=prefix, publish_timeout=publish_timeout)
-        self.presence = Presence(broker, self.node_id, prefix=prefix, grace=presence_grace)
+        # Called with a user id when their first connection on this node opened or their
+        # last one closed (the away notices keep when each user was last there).
+        self.on_user_edge: Callable[[int], None] | None = None
+        self.inbox = Inbox(
+            broker,
+            self.node_id,
+            prefix=prefix,
+            publish_timeout=publish_timeout,
+            on_publish_failure=self._publish_failed,
+        )
+        self.presence = Presence(
+            broker,
+            self.node_id,
+            prefix=prefix,
+            grace=presence_grace,
+            on_publish_failure=self._publish_failed,
+        )
         self.presence.on_change = self._presence_changed
         # Channels that are not a participant's: their messages go to their own handler.
         self._routes: dict[str, Callable[[bytes], None]] = {
@@ -103,6 +126,10 @@ class Hub:
     def connections(self) -> list[Connection]:
         return [c for conns in self._by_user.values() for c in conns]
 
+    def connected_user_ids(self) -> list[int]:
+        """The users with a connection on this node."""
+        return list(self._by_user)
+
     async def register(self, conn: Connection) -> None:
         """Route the participant's pushes to ``conn``; raises if the broker refuses."""
         user_id = conn.principal.sid
@@ -114,6 +141,8 @@ class Hub:
                 except TimeoutError:
                     raise Unavailable("the broker did not answer in time") from None
                 self._by_user[user_id] = set()
+                if self.on_user_edge is not None:
+                    self.on_user_edge(user_id)
             self._by_user[user_id].add(conn)
         principal = conn.principal
         self.presence.connected(user_id, staff=principal.is_staff, name=principal.name)
@@ -129,6 +158,8 @@ class Hub:
             self.presence.disconnected(user_id, staff=conn.principal.is_staff)
             if not conns:
                 del self._by_user[user_id]
+                if self.on_user_edge is not None:
+                    self.on_user_edge(user_id)
                 await self._broker.unsubscribe(self._channel(user_id))
 
     def deliver(
@@ -198,6 +229,7 @@ class Hub:
                     except (AppError, TimeoutError) as exc:
                         # Committed messages are not lost: clients catch up with after_id.
                         log.warning("%d pushes not published: %s", len(batch), _reason(exc))
+                        self._publish_failed("push", len(batch))
                         self._miss(batch)
         finally:
             self._publisher = None
@@ -224,6 +256,7 @@ class Hub:
                 await self._broker.publish_many(batch)
         except (AppError, TimeoutError):
             self._missed |= users
+            self._publish_failed("push", len(batch))
             return False
         log.info("broker answers again: %d participants told to refetch", len(users))
         return True

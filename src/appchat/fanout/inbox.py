@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -73,8 +74,10 @@ class Inbox:
         *,
         prefix: str = defaults.CHANNEL_PREFIX,
         publish_timeout: float = 2.0,
+        on_publish_failure: Callable[[str, int], None] | None = None,
     ) -> None:
         self._broker = broker
+        self._publish_failed = on_publish_failure
         self._node = node_id
         self.channel = f"{prefix}:desk"
         self._own_head = f"{node_id}\t".encode()
@@ -143,6 +146,8 @@ class Inbox:
                 except (AppError, TimeoutError):
                     # The other nodes' subscribers refetch their list after Event.Resync.
                     _drops.warning("inbox", "%d inbox changes not published", len(batch))
+                    if self._publish_failed is not None:
+                        self._publish_failed("inbox", len(batch))
         finally:
             self._publisher = None
 

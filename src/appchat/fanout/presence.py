@@ -122,6 +122,7 @@ class Presence:
         grace: float = 30.0,
         heartbeat: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_publish_failure: Callable[[str, int], None] | None = None,
     ) -> None:
         if not node_id or any(c in node_id for c in "\t\n"):
             raise ValueError(f"a node id is a word without tabs or newlines: {node_id!r}")
@@ -153,6 +154,7 @@ class Presence:
         self._ticker: asyncio.Task[None] | None = None
         self._stopped = False
         self._ratelog = RateLimitedLog(log)
+        self._publish_failed = on_publish_failure
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -561,6 +563,8 @@ class Presence:
                         len(batch),
                         reason,
                     )
+                    if self._publish_failed is not None:
+                        self._publish_failed("presence", len(batch))
         finally:
             self._publisher = None
 

@@ -39,6 +39,7 @@ SQLITE_SYNCHRONOUS = "FULL"
 WEBHOOK_TIMEOUT = 10.0  # seconds one delivery may take (connecting, sending, the answer)
 WEBHOOK_RETRY_MIN = 1.0  # seconds before the first retry; doubled for each one after
 WEBHOOK_RETRY_MAX = 600.0  # seconds between two attempts, at most
+NOTIFY_AFTER = 300.0  # seconds without a connection before participant.unread
 WEBHOOK_GIVE_UP = 3 * 24 * 3600.0  # seconds after the event when retrying stops (0: never)
 # image uploads (POST /upload)
 MAX_UPLOAD = 10 * 1024 * 1024  # bytes of one uploaded file

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..protocol import defaults
 from ..protocol.errors import ConfigError
@@ -28,6 +28,9 @@ from ..protocol.models import (
     WebhookFailure,
 )
 from .lifecycle import ErasedConversation, ErasedParticipant, Expired, ExportedParticipant
+
+if TYPE_CHECKING:
+    from .notices import NoticeRound
 
 
 class Store(Protocol):
@@ -224,6 +227,21 @@ class Store(Protocol):
 
     async def upload_used(self, application_id: int, content: str) -> bool:
         """Whether a message of the application's conversation shows this upload."""
+
+    # --- away notices (appchat/chat/notices.py; the tables: store/notices.py) --------------------
+
+    async def mark_seen(self, user_ids: Sequence[int], *, now: int) -> None:
+        """Keep ``now`` as the last time each of ``user_ids`` had a connection (a later time
+        already kept stays). Nothing while webhooks are not recorded."""
+
+    async def notice_unread(
+        self, *, now: int, away_before: int, since: int | None, limit: int
+    ) -> NoticeRound:
+        """Record a ``participant.unread`` event for each participant (at most ``limit``)
+        seen last before ``away_before``, with unread messages and no notice at their read
+        position yet; each once, whichever node asks. ``since`` (``None``: all of them)
+        looks only at those who became away, or whose conversation had activity, at or after
+        it. Nothing while webhooks are not recorded."""
 
 
 def open_store(

@@ -92,6 +92,7 @@ def erase_conversation(
     yield Step("count", "DELETE FROM messages WHERE conversation_id = ?", (cid,))
     participants = list((yield Step("column", PARTICIPANTS, (cid,))))
     yield Step("count", "DELETE FROM participants WHERE conversation_id = ?", (cid,))
+    yield Step("count", "DELETE FROM unread_notices WHERE conversation_id = ?", (cid,))
     yield Step("count", "DELETE FROM webhook_outbox WHERE application_id = ?", (application_id,))
     yield Step("count", "DELETE FROM conversations WHERE id = ?", (cid,))
     yield changed(cid)
@@ -147,6 +148,8 @@ def erase_participant(user_id: int, now: int, limit: int) -> Plan[ErasedParticip
         for cid in cids:
             yield changed(cid)
         yield Step("count", "DELETE FROM participants WHERE user_id = ?", (user_id,))
+        yield Step("count", "DELETE FROM unread_notices WHERE user_id = ?", (user_id,))
+        yield Step("count", "DELETE FROM seen WHERE user_id = ?", (user_id,))
         yield Step("count", "DELETE FROM webhook_outbox WHERE sender_id = ?", (user_id,))
     return erased
 
@@ -218,6 +221,7 @@ def expire(before: int, limit: int) -> Plan[Expired | None]:
                 "value", "SELECT application_id FROM conversations WHERE id = ?", (cid,)
             )
             yield Step("count", "DELETE FROM participants WHERE conversation_id = ?", (cid,))
+            yield Step("count", "DELETE FROM unread_notices WHERE conversation_id = ?", (cid,))
             yield Step("count", "DELETE FROM conversations WHERE id = ?", (cid,))
             emptied.append(cid)
             applications.append(int(app))

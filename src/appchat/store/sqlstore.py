@@ -20,7 +20,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..protocol.errors import BadRequest, NotFound
 from ..protocol.models import (
@@ -83,6 +83,9 @@ from .rows import (
     unread_page_of,
     webhook_event_of,
 )
+
+if TYPE_CHECKING:
+    from .notices import NoticeRound
 
 # --- the statements -------------------------------------------------------------------------------
 
@@ -712,3 +715,32 @@ class SqlStore(ABC):
 
     async def upload_used(self, application_id: int, content: str) -> bool:
         return await self._read_plan(lifecycle.upload_used, application_id, content)
+
+    # --- away notices (store/notices.py: it uses this module's plans, so it is imported late)
+
+    async def mark_seen(self, user_ids: Sequence[int], *, now: int) -> None:
+        from .notices import SEEN_BATCH, mark_seen
+
+        if not self._hooks:
+            return
+        ids = sorted(set(user_ids))
+        for start in range(0, len(ids), SEEN_BATCH):
+            await self._write_plan(mark_seen, ids[start : start + SEEN_BATCH], now)
+
+    async def notice_unread(
+        self, *, now: int, away_before: int, since: int | None, limit: int
+    ) -> NoticeRound:
+        from .notices import NoticeRound, away_unread, record_notices
+
+        hooks = self._hooks
+        if not hooks:
+            return NoticeRound(0, [])
+        # Found outside a transaction (SQLite's writer is not held by the look); recorded
+        # in one, where each is checked again.
+        found = await self._read_plan(away_unread, now, away_before, since, limit)
+        if not found:
+            return NoticeRound(0, [])
+        recorded = await self._write_plan(record_notices, found, away_before, now, hooks)
+        if recorded:
+            self._woken(hooks)
+        return NoticeRound(len(found), recorded)

@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 
 from ..broker import Broker
 from ..common.metrics import CONTENT_TYPE, Metrics
 from ..protocol.errors import AppError
 from ..store import Store
+
+READY_TIMEOUT = 5.0  # seconds each readiness check may take before it counts as failed
 
 
 class HealthEndpoints:
@@ -18,7 +23,8 @@ class HealthEndpoints:
         self._metrics = metrics
 
     async def metrics(self, request: web.Request) -> web.Response:
-        """Prometheus text format."""
+        """Prometheus text format; ``appchat_ready`` is checked afresh for each read."""
+        await self._checks()
         return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -27,17 +33,31 @@ class HealthEndpoints:
 
     async def readyz(self, request: web.Request) -> web.Response:
         """The storage and the broker answer: this node can take traffic."""
-        checks: dict[str, str] = {}
-        for name, ping in (("database", self._store.ping), ("broker", self._broker.ping)):
-            try:
-                await ping()
-                checks[name] = "ok"
-            except AppError as exc:
-                checks[name] = exc.message
-            except Exception:
-                checks[name] = "unreachable"
+        checks = await self._checks()
         ready = all(v == "ok" for v in checks.values())
         return web.json_response(
             {"status": "ok" if ready else "unavailable", "checks": checks},
             status=200 if ready else 503,
         )
+
+    async def _checks(self) -> dict[str, str]:
+        """Each dependency's answer ("ok" or why not), both asked at once; sets
+        ``appchat_ready``."""
+        names = ("database", "broker")
+        answers = await asyncio.gather(_check(self._store.ping), _check(self._broker.ping))
+        checks = dict(zip(names, answers, strict=True))
+        self._metrics.ready.set(1 if all(v == "ok" for v in answers) else 0)
+        return checks
+
+
+async def _check(ping: Callable[[], Awaitable[None]]) -> str:
+    try:
+        async with asyncio.timeout(READY_TIMEOUT):
+            await ping()
+        return "ok"
+    except AppError as exc:
+        return exc.message
+    except TimeoutError:
+        return f"no answer within {READY_TIMEOUT:g} s"
+    except Exception:
+        return "unreachable"

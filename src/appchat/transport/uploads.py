@@ -29,6 +29,7 @@ from ..auth.tokens import NO_IDS, IdRanges, TokenVerifier, parse_id
 from ..blobs import BlobStore
 from ..blobs.images import EXTENSIONS, ImageInfo, ImageLimits, Upload, inspect, sniff
 from ..chat.service import ChatService
+from ..common.metrics import Metrics
 from ..common.ratelimit import TokenBucket
 from ..common.ratelog import RateLimitedLog
 from ..protocol import defaults
@@ -84,8 +85,10 @@ class UploadEndpoints:
         upload_rate: float = defaults.UPLOAD_RATE,
         upload_timeout: float = defaults.UPLOAD_TIMEOUT,
         monotonic: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         self._service = service
+        self._metrics = metrics or Metrics()
         self._verifier = verifier
         self._blobs = blobs
         self._max_upload = max_upload
@@ -119,6 +122,11 @@ class UploadEndpoints:
     # --- POST /upload ----------------------------------------------------------------------------
 
     async def upload(self, request: web.Request) -> web.Response:
+        response = await self._answer_upload(request)
+        self._metrics.uploads.labels(str(response.status)).inc()
+        return response
+
+    async def _answer_upload(self, request: web.Request) -> web.Response:
         try:
             return await self._upload(request)
         except AppError as exc:
@@ -221,6 +229,7 @@ class UploadEndpoints:
             # The thumbnail first: an image that exists always has one.
             await self._blobs.put(upload.thumbnail_key, info.thumbnail)
             await self._blobs.put(upload.key, data)
+        self._metrics.upload_bytes.inc(len(data))
         log.info(  # not the id: it is what messages carry, and logs hold no content
             "upload (%s, %d bytes) for application %d by %s",
             info.content_type,

@@ -1,13 +1,14 @@
 """Webhooks: the events the stores record in their outbox, delivered over HTTP, signed.
 
 Every change that makes an event (a stored message, a read position that moved, a new
-conversation) writes one outbox row per configured URL in its own transaction
-(``Store.record_webhooks``). A :class:`WebhookDispatcher` per node delivers them: one task
-per URL (a URL that is down holds back no other) claims due rows with a lease, posts them
-at once, deletes what a 2xx answered and reschedules the rest with exponential backoff.
-The claim is what lets several nodes (or ``serve --workers``) share one database: a row
-claimed by one is not due for the others until its lease ends. Nothing here runs on the
-chat path: a commit that wrote rows only wakes the dispatcher.
+conversation, a notice to a participant away: ``appchat.chat.notices``) writes one outbox
+row per configured URL in its own transaction (``Store.record_webhooks``). A
+:class:`WebhookDispatcher` per node delivers them: one task per URL (a URL that is down
+holds back no other) claims due rows with a lease, posts them at once, deletes what a 2xx
+answered and reschedules the rest with exponential backoff. The claim is what lets several
+nodes (or ``serve --workers``) share one database: a row claimed by one is not due for the
+others until its lease ends. Nothing here runs on the chat path: a commit that wrote rows
+only wakes the dispatcher.
 
 What a receiver sees is in docs/api.md, "Webhooks".
 """
@@ -49,6 +50,7 @@ from ..protocol.models import (
     now_us,
 )
 from ..store import Store
+from ..store.notices import PARTICIPANT_UNREAD
 
 log = logging.getLogger(__name__)
 _failure_log = RateLimitedLog(log)  # a receiver that is down fails every attempt: log a few
@@ -99,6 +101,9 @@ def event_body(event: WebhookEvent) -> bytes:
         payload = {"conversation": conversation}
     elif event.type == MESSAGE_READ:
         payload = ev.message_read(**data)
+    elif event.type == PARTICIPANT_UNREAD:  # {"application_id", "user_id", "unread", …}
+        last = data["last_message"]
+        payload = {**data, "last_message": ev.message_obj(Message(**last)) if last else None}
     else:  # recorded by a newer release: passed on as it was recorded
         payload = data
     return orjson.dumps(

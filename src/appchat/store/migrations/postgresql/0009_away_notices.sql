@@ -1,0 +1,21 @@
+-- Away notices (the participant.unread webhook), kept here so that every node and every
+-- worker decides from the same facts, and a restart forgets nothing.
+--   seen:           when each user last had a connection on some node (microseconds, UTC):
+--                   each node writes it for the users connected to it, every few seconds
+--                   and when a user's first connection opens or last one closes there.
+--   unread_notices: the read position a participant's last notice was sent at; a notice
+--                   is due again only once that position moved (they read).
+-- Written only while webhooks are configured.
+CREATE TABLE seen (
+    user_id   BIGINT PRIMARY KEY,
+    last_seen BIGINT  NOT NULL
+);
+CREATE INDEX seen_last ON seen (last_seen);
+
+CREATE TABLE unread_notices (
+    conversation_id BIGINT  NOT NULL,
+    user_id         BIGINT  NOT NULL,
+    position        BIGINT  NOT NULL,
+    noticed_at      BIGINT,
+    PRIMARY KEY (conversation_id, user_id)
+);
