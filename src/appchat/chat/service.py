@@ -457,6 +457,7 @@ class ChatService:
             after = outcome.conversation
             if after is not None and self._inbox is not None and self._inbox.wanted:
                 obj = ev.conversation_obj(after)
+                obj["rev"] = outcome.message.rev  # as it was right after this message
                 obj["last_message"] = orjson.Fragment(message)
                 self._inbox.publish(
                     ev.push(ev.CONVERSATION_UPDATED, {"conversation": obj}),

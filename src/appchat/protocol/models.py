@@ -125,7 +125,8 @@ class SendOutcome:
     message: Message
     created: bool  # False when client_msg_id matched an earlier message
     participants: list[int]  # who gets the push (empty for a retry: nothing is pushed)
-    # The conversation as the send left it (``last_message`` not filled in); ``None`` for
+    # The conversation as the send's batch left it (``last_message`` not filled in; the
+    # message's own ``rev`` is the conversation's revision right after it); ``None`` for
     # a retry. ``reopened``: the message was a customer's and made it open again.
     conversation: Conversation | None = None
     reopened: bool = False

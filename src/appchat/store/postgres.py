@@ -205,8 +205,8 @@ class PostgresStore(SqlStore):
 def _outcomes(
     batch: list[Send], rows: list[asyncpg.Record], firsts: dict[int, Message]
 ) -> list[SendOutcome | AppError]:
-    """What each send of a batch gets: its message, and its conversation as the batch left
-    it but at the message's own revision."""
+    """What each send of a batch gets: its message (with its own revision) and its
+    conversation as the batch left it."""
     outcomes: list[SendOutcome | AppError] = []
     for job, row in zip(batch, rows, strict=True):
         if row["refused"]:
@@ -222,7 +222,7 @@ def _outcomes(
                 status=row["status"],
                 assignee_id=row["assignee_id"],
                 snooze_until=row["snooze_until"],
-                rev=row["message_rev"],
+                rev=row["rev"],
             )
             message = new_message(row["message_id"], job, row["message_rev"])
             outcomes.append(

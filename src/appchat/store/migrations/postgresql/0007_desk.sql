@@ -9,7 +9,8 @@ ALTER TABLE conversations ADD COLUMN rev BIGINT NOT NULL DEFAULT 0;
 UPDATE conversations SET rev = message_count;
 -- The wake-up of snoozed conversations looks for the ones due.
 CREATE INDEX conversations_snoozed ON conversations (snooze_until) WHERE status = 'snoozed';
-CREATE INDEX conversations_assignee ON conversations (assignee_id, update_at DESC, id DESC);
+-- (Not with update_at: an index holding it would change with every message.)
+CREATE INDEX conversations_assignee ON conversations (assignee_id);
 
 -- appchat_send_batch_v3: appchat_send_batch_v2 (0005) that also keeps the desk's state:
 -- each message takes the next revision of its conversation, a customer's message makes a
