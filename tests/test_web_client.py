@@ -421,9 +421,11 @@ async def test_the_keyboard_reaches_and_opens_conversations(browser: Any, tmp_pa
         await join_as_staff(page, 1)
         rows = page.get_by_role("button", name=re.compile(r"^Request #100[12]"))
         await expect(rows).to_have_count(2)
-        # From the last control of the top bar, Tab walks through the inbox's tabs (the
-        # selected one) and its status filter into the list, newest first.
+        # From the last control of the top bar, Tab walks through the search box, the
+        # inbox's tabs (the selected one) and its status filter into the list, newest first.
         await page.get_by_role("button", name="Sign out").focus()
+        await page.keyboard.press("Tab")
+        await expect(page.get_by_role("searchbox", name="Search messages")).to_be_focused()
         await page.keyboard.press("Tab")
         await expect(page.get_by_role("tab", name=re.compile("^All"))).to_be_focused()
         await page.keyboard.press("Tab")
@@ -556,7 +558,7 @@ async def test_a_late_copy_of_a_message_never_unreads_it(browser: Any, tmp_path:
             def to_server(data: str | bytes) -> None:
                 frame = json.loads(data)
                 args = json.loads(frame.get("args") or "{}")
-                refetch = "after_id" not in args and "before_id" not in args
+                refetch = not {"after_id", "before_id", "changed_since"} & set(args)
                 if frame.get("name") == "Event.GetMessageList" and refetch and len(sockets) > 1:
                     refetches.add(frame.get("id"))
                 upstream.send(data)

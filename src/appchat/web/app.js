@@ -2,15 +2,17 @@
 // This module wires the page; the rest is in ui/: state.js (what the page knows),
 // render.js (drawing it), conversations.js (loading it, pushes), desk.js (the support desk:
 // status, assignment, availability, presence), notify.js (notifications for a hidden tab),
-// composer.js (sending), signin.js (the session), format.js and dom.js (helpers).
+// composer.js (sending, the staff's "Note" mode), history.js (editing and deleting messages,
+// search), signin.js (the session), format.js and dom.js (helpers).
 import { AppChat, CONNECTING, ONLINE, OFFLINE, TOKEN_EXPIRED, REFUSED, tokenClaims } from "/appchat.js";
-import { attach, dismissPending, onInput, sendPending, submit } from "./ui/composer.js";
+import { attach, dismissPending, onInput, sendPending, submit, toggleNote } from "./ui/composer.js";
 import {
-  followLists, loadOlder, markRead, onInboxSubscribed, onMessage, onRead, onTyping, openConversation,
-  refreshStatuses,
+  followLists, loadOlder, markRead, onInboxSubscribed, onMessage, onMessageUpdated, onRead, onTyping,
+  openConversation, refreshStatuses,
 } from "./ui/conversations.js";
 import { onConversationUpdated, onPresence, setupDesk, storedAvailability } from "./ui/desk.js";
 import { $, hideBanner, isOffline, showBanner } from "./ui/dom.js";
+import { onThreadClick, setupHistory } from "./ui/history.js";
 import { renderNotificationControls, setupNotifications } from "./ui/notify.js";
 import { keepAtBottom, renderAvailability, renderComposerHint, showView } from "./ui/render.js";
 import { devToken, joinDev, savedSession, saveSession, showSignin, signinWithToken, signOut } from "./ui/signin.js";
@@ -57,6 +59,7 @@ function start(session) {
   state.chat = chat;
   chat.on("state", onState);
   chat.on("message", ({ message }) => onMessage(message));
+  chat.on("messageUpdated", ({ message }) => onMessageUpdated(message));
   chat.on("read", onRead);
   chat.on("typing", onTyping);
   chat.on("conversation", onConversationUpdated);
@@ -137,13 +140,19 @@ async function boot() {
       openConversation(row.dataset.channel);
     }
   });
-  // A failed message's Retry and Dismiss.
+  // Edit and Delete, and a failed message's Retry and Dismiss.
   $("message-list").addEventListener("click", (event) => {
+    if (onThreadClick(event)) return;
     const button = event.target.closest("button[data-action]");
     const clientMsgId = button?.closest("li.msg")?.dataset.client;
     if (!clientMsgId) return;
     if (button.dataset.action === "retry") sendPending(clientMsgId);
     else dismissPending(clientMsgId);
+  });
+  setupHistory();
+  $("note-toggle").addEventListener("click", () => {
+    toggleNote();
+    $("input").focus();
   });
   $("composer").addEventListener("submit", submit);
   $("attach").addEventListener("change", attach);

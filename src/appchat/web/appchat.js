@@ -13,6 +13,14 @@
 //   await chat.sendImage("100", fileInput.files[0]); // POST /upload, then an image message
 //   const blob = await chat.fetchImage(message.content + "/thumb"); // with the token
 //
+// History (see docs/protocol.md):
+//   chat.on("messageUpdated", ({ message, source }) => ...); // an edit or a deletion:
+//                                                   // replace the copy held if its rev is higher
+//   await chat.editMessage(id, "new text");          // its sender, within the edit window
+//   await chat.deleteMessage(id);                    // its sender, or any staff
+//   await chat.send("100", "Called them", { private: true }); // a note only staff see
+//   const { results, hasMore, nextCursor } = await chat.searchMessages("parcel");
+//
 // The support desk (staff; see docs/protocol.md):
 //   chat.on("conversation", ({ conversation }) => ...); // Event.ConversationUpdated pushes
 //   chat.on("presence", ({ user_id, availability }) => ...); // Event.ReceivePresence pushes
@@ -27,7 +35,9 @@
 // What it does for you: request/reply matched by id, with a timeout; pushes as events;
 // reconnects with backoff; after a reconnect or an Event.Resync push it fetches, for every
 // followed conversation, everything after the last message it knows (GetMessageList with
-// after_id), so no message is lost or shown twice; renews the token with RefreshToken before
+// after_id), so no message is lost or shown twice, then asks what changed meanwhile
+// (GetMessageList with changed_since, the highest rev it holds) and emits each edit and
+// deletion as "messageUpdated" (a server without changed_since: skipped); renews the token with RefreshToken before
 // it expires, through the getToken callback the page supplies. An inbox subscription
 // (subscribeInbox) is made again on every new connection and after Event.Resync, then an
 // "inbox" event tells the page to refetch its list.
@@ -125,7 +135,8 @@ export class AppChat extends EventTarget {
     this._ws = null;
     this._nextId = 1;
     this._pending = new Map(); // request id -> {resolve, reject, timer}
-    this._followed = new Map(); // session_channel -> {cursor, seen: Set of ids > cursor}
+    this._followed = new Map(); // session_channel -> {cursor, seen: Set of ids > cursor, rev}
+    this._changedSince = true; // false once the server refused GetMessageList changed_since
     this._outbox = []; // sends waiting for a connection
     this._attempt = 0;
     this._timers = { reconnect: null, refresh: null, flush: null, resume: null, inbox: null };
@@ -414,6 +425,9 @@ export class AppChat extends EventTarget {
       case "Event.ReceivePresence":
         if (result) this._emit("presence", result);
         break;
+      case "Event.MessageUpdated":
+        if (result && result.message) this._updated(result.message, "push");
+        break;
       default:
         break;
     }
@@ -429,7 +443,7 @@ export class AppChat extends EventTarget {
       this._advance(known, cursor);
       return;
     }
-    this._followed.set(channel, { cursor, seen: new Set() });
+    this._followed.set(channel, { cursor, seen: new Set(), rev: 0 });
   }
 
   unfollow(channel) {
@@ -448,8 +462,27 @@ export class AppChat extends EventTarget {
     for (const id of f.seen) if (id <= cursor) f.seen.delete(id);
   }
 
+  /** The highest rev of the conversation's messages this client has seen (0: none). */
+  rev(channel) {
+    const f = this._followed.get(String(channel));
+    return f ? f.rev : null;
+  }
+
+  _seeRev(message) {
+    const f = this._followed.get(String(message.session_channel));
+    const rev = Number(message.rev);
+    if (f && Number.isInteger(rev) && rev > f.rev) f.rev = rev;
+  }
+
+  /** Emit an edit or a deletion of a message (the copy to keep if its rev is the higher). */
+  _updated(message, source) {
+    this._seeRev(message);
+    this._emit("messageUpdated", { message, source });
+  }
+
   /** Emit a message once: ids at or below the cursor, or already seen, are dropped. */
   _deliver(message, source) {
+    this._seeRev(message);
     const f = this._followed.get(String(message.session_channel));
     if (f) {
       if (message.id <= f.cursor || f.seen.has(message.id)) return false;
@@ -469,8 +502,9 @@ export class AppChat extends EventTarget {
     if (beforeId !== null) args.before_id = beforeId;
     const page = await this.call("Event.GetMessageList", args);
     const messages = page.Messages || [];
+    if (beforeId === null) this.follow(channel, 0);
+    for (const m of messages) this._seeRev(m);
     if (beforeId === null) {
-      this.follow(channel, 0);
       const f = this._followed.get(channel);
       const newest = messages.length ? messages[messages.length - 1].id : 0;
       for (const m of messages) if (m.id > f.cursor) f.seen.add(m.id);
@@ -494,6 +528,8 @@ export class AppChat extends EventTarget {
         do {
           this._resumeAgain = false;
           for (const [channel, f] of this._followed) {
+            const fetched = new Set(); // ids this catch-up delivered: their newest copy
+            const since = f.rev; // before what the catch-up brings raises it
             let more = true;
             while (more && this._followed.get(channel) === f) {
               const page = await this.call("Event.GetMessageList", {
@@ -502,10 +538,13 @@ export class AppChat extends EventTarget {
                 limit: this.pageSize,
               });
               const messages = page.Messages || [];
-              for (const m of messages) this._deliver(m, "resume");
+              for (const m of messages) {
+                if (this._deliver(m, "resume")) fetched.add(m.id);
+              }
               if (messages.length) this._advance(f, messages[messages.length - 1].id);
               more = Boolean(page.has_more) && messages.length > 0;
             }
+            await this._catchUpChanges(channel, f, since, fetched);
           }
         } while (this._resumeAgain);
         this._resumeAttempt = 0;
@@ -532,17 +571,61 @@ export class AppChat extends EventTarget {
   }
 
   /**
+   * What changed in a conversation since the highest rev held: GetMessageList with
+   * changed_since, page after page. A message newer than the cursor is delivered as
+   * "message"; an older one (an edit, a deletion) is emitted as "messageUpdated" (source
+   * "resume"). Skipped while no rev is known; a server that refuses changed_since
+   * (bad_request: an older one) or ignores it is not asked again.
+   */
+  async _catchUpChanges(channel, f, since, fetched) {
+    while (this._changedSince && since > 0 && this._followed.get(channel) === f) {
+      let page;
+      try {
+        page = await this.call("Event.GetMessageList", {
+          session_channel: channel,
+          changed_since: since,
+          limit: this.pageSize,
+        });
+      } catch (err) {
+        if (err.code !== "bad_request") throw err;
+        this._changedSince = false;
+        return;
+      }
+      const messages = page.Messages || [];
+      let highest = since;
+      for (const m of messages) {
+        const rev = Number(m.rev);
+        if (!Number.isInteger(rev)) {
+          this._changedSince = false; // a server that ignored changed_since
+          return;
+        }
+        if (rev > highest) highest = rev;
+        if (m.id > f.cursor) {
+          if (this._deliver(m, "resume")) fetched.add(m.id);
+        } else if (!fetched.has(m.id)) {
+          this._updated(m, "resume");
+        } else {
+          this._seeRev(m);
+        }
+      }
+      if (!page.has_more || highest <= since) return;
+      since = highest;
+    }
+  }
+
+  /**
    * Store a message; resolves with it once the server has it. While offline, or if the
    * connection drops before the reply, it is sent again (same client_msg_id, so never twice)
    * as soon as the client is online. Rejects only for errors a retry cannot fix.
    */
-  send(channel, content, { contentType = 1, clientMsgId = randomId() } = {}) {
+  send(channel, content, { contentType = 1, clientMsgId = randomId(), private: note = false } = {}) {
     const args = {
       session_channel: String(channel),
       content,
       content_type: contentType,
       client_msg_id: clientMsgId,
     };
+    if (note) args.private = true; // a private note: staff only
     return new Promise((resolve, reject) => {
       const item = { args, resolve, reject, sending: false };
       this._outbox.push(item);
@@ -596,9 +679,9 @@ export class AppChat extends EventTarget {
   }
 
   /** Upload an image and send it as a message (content_type 2). Resolves with the message. */
-  async sendImage(channel, file, { clientMsgId = randomId() } = {}) {
+  async sendImage(channel, file, { clientMsgId = randomId(), private: note = false } = {}) {
     const uploaded = await this.upload(channel, file);
-    return this.send(channel, uploaded.reference, { contentType: 2, clientMsgId });
+    return this.send(channel, uploaded.reference, { contentType: 2, clientMsgId, private: note });
   }
 
   /** The bytes behind an image reference (or its thumbnail_url) as a Blob. */
@@ -642,6 +725,47 @@ export class AppChat extends EventTarget {
 
   _flushOutbox() {
     for (const item of this._outbox) this._sendItem(item);
+  }
+
+  // --- history: edits, deletions, search ----------------------------------------------------
+
+  /**
+   * Change the text of one's own message (within the server's edit window; not an image).
+   * Resolves with the message (edited_at set); also emitted as "messageUpdated" (source
+   * "edit"), as the other participants get it.
+   */
+  async editMessage(id, content) {
+    const result = await this.call("Event.EditMessage", { id: Number(id), content });
+    this._updated(result.message, "edit");
+    return result.message;
+  }
+
+  /**
+   * Delete a message (one's own; staff: any). Resolves with its stub ({deleted: true,
+   * content: ""}); also emitted as "messageUpdated" (source "delete").
+   */
+  async deleteMessage(id) {
+    const result = await this.call("Event.DeleteMessage", { id: Number(id) });
+    this._updated(result.message, "delete");
+    return result.message;
+  }
+
+  /**
+   * Search the messages this user may read (staff: every conversation; a customer: their
+   * own), newest first; channel narrows it to one conversation, cursor (a nextCursor)
+   * asks for the next page. Resolves with {results: [{message, snippet?}], hasMore,
+   * nextCursor}.
+   */
+  async searchMessages(query, { channel = null, limit = 20, cursor = null } = {}) {
+    const args = { query: String(query), limit };
+    if (channel !== null && channel !== undefined) args.session_channel = String(channel);
+    if (cursor !== null && cursor !== undefined) args.cursor = cursor;
+    const page = await this.call("Event.SearchMessages", args);
+    return {
+      results: page.results || [],
+      hasMore: Boolean(page.has_more),
+      nextCursor: page.next_cursor ?? null,
+    };
   }
 
   /** Tell the others this user is typing (call it while they type; the server throttles). */

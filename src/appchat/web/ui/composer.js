@@ -3,7 +3,7 @@
 
 import { AppChatError, ONLINE, randomId } from "/appchat.js";
 import { $ } from "./dom.js";
-import { renderIfOpen, renderThread } from "./render.js";
+import { renderComposerHint, renderIfOpen, renderThread } from "./render.js";
 import { state } from "./state.js";
 
 const TYPING_EVERY_MS = 2000; // how often we tell others while the user types
@@ -20,7 +20,7 @@ export function submit(event) {
   const channel = state.openChannel;
   if (!content || !channel) return;
   input.value = "";
-  queue(channel, { content, content_type: 1 });
+  queue(channel, { content, content_type: 1, ...noteFlag() });
 }
 
 // An image from the file picker: shown at once as pending, uploaded, then sent as a message.
@@ -34,7 +34,18 @@ export function attach(event) {
     showComposerError(`${file.name} is not an image that can be sent: choose a PNG, JPEG, WebP or GIF file.`);
     return;
   }
-  queue(channel, { content: "", content_type: 2, file, preview: URL.createObjectURL(file) });
+  queue(channel, { content: "", content_type: 2, file, preview: URL.createObjectURL(file), ...noteFlag() });
+}
+
+// Staff in "Note" mode write private notes (only staff see them).
+function noteFlag() {
+  return state.me.staff && state.noteMode ? { private: true } : {};
+}
+
+// The composer's "Note" toggle (staff).
+export function toggleNote(on = !state.noteMode) {
+  state.noteMode = Boolean(on);
+  renderComposerHint();
 }
 
 // A new message: waiting in state.pending (shown as "Sending…") under a client_msg_id of
@@ -54,9 +65,10 @@ export function sendPending(clientMsgId) {
   if (!p) return;
   p.failed = null;
   renderIfOpen(p.channel, { stick: true });
+  const options = { clientMsgId, private: Boolean(p.private) };
   const sending = p.file
-    ? state.chat.sendImage(p.channel, p.file, { clientMsgId })
-    : state.chat.send(p.channel, p.content, { clientMsgId });
+    ? state.chat.sendImage(p.channel, p.file, options)
+    : state.chat.send(p.channel, p.content, options);
   sending.then(
     () => {
       settle(clientMsgId, p);

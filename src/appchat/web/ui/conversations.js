@@ -8,7 +8,7 @@ import { followAgentAvailability, followDesk, mergeConversation } from "./desk.j
 import { $, isOffline, showBanner } from "./dom.js";
 import { conversationTitle, learnName } from "./format.js";
 import { customerWrote } from "./notify.js";
-import { renderIfOpen, renderList, renderThread, renderTyping, showView } from "./render.js";
+import { renderComposerHint, renderIfOpen, renderList, renderThread, renderTyping, showView } from "./render.js";
 import { state } from "./state.js";
 
 const PAGE = 30; // messages per history page
@@ -103,6 +103,14 @@ async function loadLists() {
 
 export async function openConversation(channel) {
   const { chat, me } = state;
+  if (state.openChannel !== channel) {
+    // Another conversation: no edit, deletion or note mode carried over to it.
+    state.editing = null;
+    state.confirmDelete = null;
+    state.highlight = null;
+    state.noteMode = false;
+    renderComposerHint();
+  }
   state.openChannel = channel;
   showView("thread");
   const c = state.conversations.get(channel);
@@ -161,10 +169,14 @@ async function loadPresence(channel) {
   }
 }
 
-export async function loadOlder(channel) {
+export function loadOlder(channel) {
   const thread = state.threads.get(channel);
-  if (!thread || !thread.hasMore || thread.loadingOlder || !thread.messages.size) return;
-  thread.loadingOlder = true;
+  if (!thread || !thread.hasMore || !thread.messages.size) return Promise.resolve();
+  if (!thread.loadingOlder) thread.loadingOlder = loadOlderPage(channel, thread);
+  return thread.loadingOlder;
+}
+
+async function loadOlderPage(channel, thread) {
   $("history-status").textContent = "Loading earlier messages…";
   try {
     const oldest = Math.min(...thread.messages.keys());
@@ -178,8 +190,37 @@ export async function loadOlder(channel) {
       box.scrollTop = box.scrollHeight - fromBottom; // keep what the user looks at in place
     }
   } finally {
-    thread.loadingOlder = false;
+    thread.loadingOlder = null;
   }
+}
+
+// A search result: open its conversation, load earlier pages until the message is there,
+// and show it in the middle of the thread, highlighted and focused.
+export async function revealMessage(channel, id) {
+  await openConversation(channel);
+  const thread = state.threads.get(channel);
+  if (!thread || state.openChannel !== channel) return false;
+  while (!thread.messages.has(id) && thread.hasMore && state.openChannel === channel) {
+    const before = thread.messages.size;
+    try {
+      await loadOlder(channel);
+    } catch (err) {
+      if (!isOffline(err)) showBanner(`Could not load earlier messages: ${err.message}`);
+      return false;
+    }
+    if (thread.messages.size === before && thread.hasMore) return false; // no progress
+  }
+  if (!thread.messages.has(id) || state.openChannel !== channel) return false;
+  state.highlight = id;
+  renderThread();
+  const node = $("message-list").querySelector(`li[data-id="${id}"]`);
+  if (!node) return false;
+  node.scrollIntoView({ block: "center" });
+  const box = $("messages");
+  state.scroll.atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
+  state.scroll.lastTop = box.scrollTop;
+  node.focus({ preventScroll: true });
+  return true;
 }
 
 async function fillViewport(channel) {
@@ -208,10 +249,33 @@ export function markRead() {
 }
 
 // Keep a copy of a message the server sent. A read receipt (MessageRead) may have arrived
-// after the server wrote this copy and before it got here: status only ever grows.
+// after the server wrote this copy and before it got here: status only ever grows. An edit
+// or a deletion the page knows of already (a higher rev) stays.
 function remember(thread, m) {
   const known = thread.messages.get(m.id);
-  thread.messages.set(m.id, known && known.status > m.status ? { ...m, status: known.status } : m);
+  if (!known) {
+    thread.messages.set(m.id, m);
+    return;
+  }
+  const newer = (known.rev ?? 0) > (m.rev ?? 0) ? known : m;
+  thread.messages.set(m.id, { ...newer, status: Math.max(known.status ?? 0, m.status ?? 0) });
+}
+
+// A message was edited or deleted (Event.MessageUpdated, our own edit's reply, or what the
+// catch-up after a reconnect found): the copy with the higher rev wins, in the thread and
+// as the conversation's last message.
+export function onMessageUpdated(m) {
+  const channel = String(m.session_channel);
+  const thread = state.threads.get(channel);
+  if (thread && thread.messages.has(m.id)) remember(thread, m);
+  const c = state.conversations.get(channel);
+  if (c && c.last_message && c.last_message.id === m.id && (c.last_message.rev ?? 0) <= (m.rev ?? 0)) {
+    c.last_message = m;
+    renderList();
+  }
+  if (m.deleted && state.editing?.id === m.id) state.editing = null;
+  if (m.deleted && state.confirmDelete === m.id) state.confirmDelete = null;
+  renderIfOpen(channel);
 }
 
 // After a reconnect: read ticks that changed while we were away.

@@ -85,7 +85,7 @@ function conversationNode(c) {
   if (typingNow) line = "typing…";
   else if (c.last_message) {
     const m = c.last_message;
-    line = `${m.sender_id === state.me.sid ? "You: " : ""}${messagePreview(m)}`;
+    line = `${m.private ? "Note: " : ""}${m.sender_id === state.me.sid ? "You: " : ""}${messagePreview(m)}`;
   } else line = c.joined || !state.me.staff ? `Last activity ${shortTime(c.update_at)}` : "Not joined yet";
   body.append(el("div", typingNow ? "sub typing-now" : "sub", line));
   const desk = state.me.staff && c.status !== undefined;
@@ -217,7 +217,10 @@ export function renderThread({ stick = false } = {}) {
     }
     const node = messageNode(m);
     node.dataset.key = `${openChannel}:${m.id || m.client_msg_id}`;
-    node.dataset.sig = JSON.stringify([m.status, m.failed || null, m.content, Boolean(m.preview), node.querySelector(".sender")?.textContent || ""]);
+    node.dataset.sig = JSON.stringify([
+      m.status, m.failed || null, m.content, Boolean(m.preview), node.querySelector(".sender")?.textContent || "",
+      m.edited_at || null, Boolean(m.deleted), Boolean(m.private), m.rev ?? null, historySig(m),
+    ]);
     nodes.push(node);
   }
   patchChildren($("message-list"), nodes);
@@ -241,20 +244,48 @@ export function keepAtBottom() {
   if (state.scroll.atBottom) box.scrollTop = box.scrollHeight;
 }
 
+// What of the thread's edit, delete and search state shows on message m: its node is drawn
+// again when that changes.
+function historySig(m) {
+  const { editing, confirmDelete, highlight } = state;
+  return [
+    editing && editing.id === m.id ? ["editing", editing.error || null, Boolean(editing.saving)] : null,
+    confirmDelete === m.id,
+    highlight === m.id,
+  ];
+}
+
 function messageNode(m) {
   const own = m.sender_id === state.me.sid;
   const li = el("li", `msg ${own ? "own" : "theirs"}`);
   if (m.id) li.dataset.id = String(m.id);
   if (m.client_msg_id) li.dataset.client = m.client_msg_id;
+  li.classList.toggle("private", Boolean(m.private));
+  li.classList.toggle("deleted", Boolean(m.deleted));
+  if (m.id && m.id === state.highlight) {
+    li.classList.add("highlight");
+    li.tabIndex = -1; // focused when a search result opens it
+  }
   const bubble = el("div", "bubble");
+  if (m.private) bubble.append(el("div", "note-label", "Private note"));
   if (!own) bubble.append(el("div", "sender", personName(m.sender_id)));
-  bubble.append(contentNode(m));
+  const editing = !m.deleted && state.editing && m.id && state.editing.id === m.id;
+  if (m.deleted) bubble.append(el("div", "text deleted-text", "Message deleted"));
+  else if (editing) bubble.append(editForm(m));
+  else bubble.append(contentNode(m));
   const meta = el("div", "meta");
+  if (m.edited_at && !m.deleted) {
+    const edited = el("span", "edited", "edited");
+    edited.title = `Edited ${shortTime(m.edited_at)}`;
+    meta.append(edited);
+  }
   const time = el("time", "", timeFmt.format(new Date(m.create_at)));
   time.dateTime = m.create_at;
   meta.append(time);
   let actions = null;
-  if (own) {
+  if (own && m.deleted) {
+    // a stub: no ticks
+  } else if (own) {
     const ticks = el("span", "ticks");
     if (m.status === -1 && m.failed) {
       li.classList.add("failed");
@@ -281,8 +312,68 @@ function messageNode(m) {
   }
   bubble.append(meta);
   if (actions) bubble.append(actions);
+  if (state.confirmDelete === m.id && !m.deleted) bubble.append(confirmDeleteNode(m));
   li.append(bubble);
+  const tools = messageTools(m, own);
+  if (tools) li.append(tools);
   return li;
+}
+
+function actionButton(action, label, text, cls = "") {
+  const button = el("button", cls, text);
+  button.type = "button";
+  button.dataset.action = action;
+  if (label) button.setAttribute("aria-label", label);
+  return button;
+}
+
+// Edit (one's own text messages) and Delete (one's own; staff: any), beside the bubble of
+// a stored message that is not a stub.
+function messageTools(m, own) {
+  if (!m.id || m.deleted || m.status === -1 || state.editing?.id === m.id || state.confirmDelete === m.id) return null;
+  const canEdit = own && m.content_type === 1;
+  const canDelete = own || state.me.staff;
+  if (!canEdit && !canDelete) return null;
+  const tools = el("div", "msg-tools");
+  tools.setAttribute("role", "group");
+  tools.setAttribute("aria-label", "Message actions");
+  if (canEdit) tools.append(actionButton("edit", "Edit message", "Edit"));
+  if (canDelete) tools.append(actionButton("delete", "Delete message", "Delete"));
+  return tools;
+}
+
+// The inline editor: Enter saves, Shift+Enter a new line, Esc cancels (history.js).
+function editForm(m) {
+  const { editing } = state;
+  const form = el("form", "edit-form");
+  const input = el("textarea", "edit-input");
+  input.value = editing.draft ?? m.content;
+  input.rows = Math.min(6, Math.max(1, input.value.split("\n").length));
+  input.setAttribute("aria-label", "Edit message");
+  input.disabled = Boolean(editing.saving);
+  const hint = el("div", "edit-hint", "Enter to save · Esc to cancel");
+  const buttons = el("div", "edit-buttons");
+  const save = actionButton("save-edit", null, "Save", "primary");
+  save.type = "submit";
+  save.disabled = Boolean(editing.saving);
+  buttons.append(actionButton("cancel-edit", null, "Cancel"), save);
+  form.append(input, hint, buttons);
+  if (editing.error) {
+    const error = el("div", "edit-error", editing.error);
+    error.setAttribute("role", "alert");
+    form.append(error);
+  }
+  return form;
+}
+
+function confirmDeleteNode(m) {
+  const box = el("div", "confirm-delete");
+  box.setAttribute("role", "alertdialog");
+  box.setAttribute("aria-label", "Delete this message?");
+  const own = m.sender_id === state.me.sid;
+  box.append(el("span", "", own ? "Delete this message for everyone?" : "Delete this message for everyone? (as staff)"));
+  box.append(actionButton("cancel-delete", null, "Cancel"), actionButton("confirm-delete", null, "Delete", "danger"));
+  return box;
 }
 
 // content_type 1 is text; 2 is an image: the reference of an upload (/files/<app>/<id>),
@@ -374,5 +465,11 @@ export function renderTyping() {
 
 export function renderComposerHint() {
   const offline = state.chat && state.chat.state !== ONLINE;
-  $("input").placeholder = offline ? "Offline: messages are sent when the connection is back" : "Write a message…";
+  const note = Boolean(state.me?.staff && state.noteMode);
+  $("composer").classList.toggle("note-mode", note);
+  $("note-toggle").setAttribute("aria-pressed", String(note));
+  $("note-toggle").hidden = !state.me?.staff;
+  $("send").textContent = note ? "Add note" : "Send";
+  if (offline) $("input").placeholder = "Offline: messages are sent when the connection is back";
+  else $("input").placeholder = note ? "Private note: only staff see it…" : "Write a message…";
 }

@@ -32,4 +32,13 @@ export const state = {
   staffAvailable: null,
   notified: new Set(), // ids of customer messages already announced (push and inbox update)
   scroll: { atBottom: true, lastTop: 0 }, // the thread shows its newest message (kept there as it grows)
+  // History (history.js): the message being edited {id, draft, error, saving}, the one
+  // whose deletion waits for a confirmation (an id), the one a search result opened (an id),
+  // the composer's "Note" mode (staff: a private note), and the search {query, results,
+  // hasMore, nextCursor, loading, error} while its results show.
+  editing: null,
+  confirmDelete: null,
+  highlight: null,
+  noteMode: false,
+  search: null,
 };
