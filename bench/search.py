@@ -58,7 +58,7 @@ T0 = 1_700_000_000_000_000
 
 
 def vocabulary(rng: random.Random, size: int) -> list[str]:
-    words = set()
+    words: set[str] = set()
     while len(words) < size:
         syllables = LATIN if rng.random() < 0.5 else CYRILLIC
         words.add("".join(rng.choice(syllables) for _ in range(rng.randint(2, 4))))
@@ -296,8 +296,8 @@ def drop_index(url: str, engine: str) -> None:
     else:
         import psycopg
 
-        with psycopg.connect(url, autocommit=True) as db:
-            db.execute("DROP INDEX messages_search")
+        with psycopg.connect(url, autocommit=True) as pg:
+            pg.execute("DROP INDEX messages_search")
 
 
 @contextlib.contextmanager

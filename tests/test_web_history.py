@@ -384,7 +384,11 @@ async def test_a_server_without_changed_since_still_catches_up(
         await expect(bubble(page, "first").locator(".ticks")).to_have_text("✓")
         for n in (1, 2):
             await sockets[-1].close(code=1011)
-            await eventually(lambda n=n: len(sockets) == n + 1, what="the page reconnecting")
+
+            def reconnected(n: int = n) -> bool:
+                return len(sockets) == n + 1
+
+            await eventually(reconnected, what="the page reconnecting")
             async with staff(server, 1) as agent:
                 await agent.ok("Event.AddConversation", {"application_id": 700})
                 await agent.ok(
