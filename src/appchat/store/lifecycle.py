@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import takewhile
 from typing import Any
 
 from ..protocol.models import CONVERSATION_DELETED, Conversation, Participant
@@ -119,11 +120,12 @@ def erase_participant(user_id: int, now: int, limit: int) -> Plan[ErasedParticip
     (read positions, names) and what the outbox holds of their messages. Other
     participants' unread counts do not change: a stub still counts, as any deletion."""
     erased = ErasedParticipant()
-    rows = yield Step(
+    rows = yield Step(  # (found through their conversations: a sender takes part)
         "rows",
         "SELECT m.id, m.conversation_id, m.content_type, m.content FROM messages m "
-        "WHERE m.sender_id = ? AND NOT m.deleted ORDER BY m.conversation_id, m.id LIMIT ?",
-        (user_id, limit),
+        "WHERE m.conversation_id IN (SELECT conversation_id FROM participants WHERE user_id = ?) "
+        "AND m.sender_id = ? AND NOT m.deleted ORDER BY m.conversation_id, m.id LIMIT ?",
+        (user_id, user_id, limit),
     )
     per_conversation = Counter(r[1] for r in rows)
     for cid, count in sorted(per_conversation.items()):
@@ -166,18 +168,22 @@ class Expired:
 
 
 def expire(before: int, limit: int) -> Plan[Expired | None]:
-    """Delete up to ``limit`` of the oldest messages created before ``before``, keeping
+    """Delete up to ``limit`` of the oldest messages (by id) created before ``before``, keeping
     every counter exact (the conversations' counts, each participant's read count and own
     unread messages), then the conversations left empty. ``None``: another node is at it
     (PostgreSQL), try later."""
     if not (yield exclusive(RETENTION_LOCK)):
         return None
-    rows = yield Step(
+    # Ids grow with the time messages are stored (up to the clocks' skew between nodes),
+    # so the expired ones are the oldest ids: read from the front, no index of their own,
+    # and a round with nothing to do reads at most ``limit`` rows.
+    oldest = yield Step(
         "rows",
-        "SELECT id, conversation_id, sender_id, private, content_type, content FROM messages "
-        "WHERE create_at < ? ORDER BY create_at, id LIMIT ?",
-        (before, limit),
+        "SELECT id, conversation_id, sender_id, private, content_type, content, create_at "
+        "FROM messages ORDER BY id LIMIT ?",
+        (limit,),
     )
+    rows = list(takewhile(lambda r: r[6] < before, oldest))
     if not rows:
         return Expired(0, [], [], [])
     doomed: dict[int, list[Any]] = {}

@@ -7,7 +7,5 @@ ALTER TABLE webhook_outbox ADD COLUMN sender_id BIGINT
     GENERATED ALWAYS AS ((data::jsonb ->> 'sender_id')::bigint) STORED;
 CREATE INDEX webhook_outbox_application ON webhook_outbox (application_id);
 CREATE INDEX webhook_outbox_sender ON webhook_outbox (sender_id);
--- Retention deletes the oldest messages first, in small batches.
-CREATE INDEX messages_created ON messages (create_at);
--- A participant's erasure finds the messages they sent.
-CREATE INDEX messages_sender ON messages (sender_id);
+-- (No index for retention or a participant's erasure: each would cost every message
+-- stored; retention reads the oldest ids, erasure the participant's conversations.)
