@@ -490,7 +490,7 @@ async def test_conversation_list_pages_with_a_cursor(api: Api) -> None:
 async def test_patch_sets_status_and_assignee_and_reaches_the_inbox(
     api: Api, api_server: Server
 ) -> None:
-    app = 1201
+    app = 1211  # (an application no other test of this module uses)
     async with staff(api_server, 12) as agent:
         await agent.ok("Event.SubscribeInbox", {"filter": "all"})
         status, _ = await api.post(app, {"sender_id": 95, "content": "from the backend"})
