@@ -3,6 +3,7 @@ module as the server serves it: request/reply by id, timeouts, reconnect, resume
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,15 @@ EXPECTED = {
 
 
 async def test_appchat_js_unit_tests(server: Server) -> None:
+    await run_js_unit_tests(server, TESTS, "appchatTests", "runAppchatTest", EXPECTED)
+
+
+async def run_js_unit_tests(
+    server: Server, tests: Path, table: str, runner: str, expected: set[str]
+) -> None:
+    """Load the test module ``tests`` into a page of ``server``, check it defines exactly
+    the tests ``expected`` (in ``window[table]``) and that each passes (``window[runner]``
+    answers "ok")."""
     chromium_available()
     from playwright.async_api import async_playwright
 
@@ -41,13 +51,14 @@ async def test_appchat_js_unit_tests(server: Server) -> None:
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             await page.goto(server.http("/client-config.json"))
-            await page.add_script_tag(content=TESTS.read_text(), type="module")
-            await page.wait_for_function("() => window.appchatTests !== undefined")
-            names = await page.evaluate("() => Object.keys(window.appchatTests)")
-            assert set(names) == EXPECTED
+            source = await asyncio.to_thread(tests.read_text)
+            await page.add_script_tag(content=source, type="module")
+            await page.wait_for_function(f"() => window.{table} !== undefined")
+            names = await page.evaluate(f"() => Object.keys(window.{table})")
+            assert set(names) == expected
             results: dict[str, Any] = {}
             for name in names:
-                results[name] = await page.evaluate("(n) => window.runAppchatTest(n)", name)
+                results[name] = await page.evaluate(f"(n) => window.{runner}(n)", name)
             failed = {n: r for n, r in results.items() if r != "ok"}
             assert not failed, "\n\n".join(f"{n}:\n{r}" for n, r in failed.items())
             assert errors == []
