@@ -356,14 +356,21 @@ async def test_a_server_without_changed_since_still_catches_up(
         page = await open_page(browser, server, errors)
         sockets: list[Any] = []
         refused: list[dict[str, Any]] = []
+        # Per socket, the refetches of the newest page: the web client's, once a catch-up
+        # has ended (after changed_since's answer was taken in).
+        refetches: list[int] = []
 
         def handler(route: Any) -> None:
             sockets.append(route)
+            index = len(sockets) - 1
             upstream = route.connect_to_server()
 
             def to_server(data: str | bytes) -> None:
                 frame = json.loads(data)
                 args = json.loads(frame.get("args") or "{}")
+                cursors = {"after_id", "before_id", "changed_since"}
+                if frame.get("name") == "Event.GetMessageList" and not cursors & set(args):
+                    refetches.append(index)
                 if frame.get("name") == "Event.GetMessageList" and "changed_since" in args:
                     refused.append(args)
                     error = {"code": "bad_request", "message": "unknown argument changed_since"}
@@ -389,6 +396,12 @@ async def test_a_server_without_changed_since_still_catches_up(
                 return len(sockets) == n + 1
 
             await eventually(reconnected, what="the page reconnecting")
+
+            def caught_up(n: int = n) -> bool:
+                return n in refetches
+
+            # Its catch-up ends before the connection is taken away again.
+            await eventually(caught_up, what="the page's catch-up")
             async with staff(server, 1) as agent:
                 await agent.ok("Event.AddConversation", {"application_id": 700})
                 await agent.ok(
