@@ -125,6 +125,13 @@ async def test_export_holds_everything_of_the_conversation(world: World) -> None
     people = {p["user_id"]: p for p in doc["participants"]}
     assert people[1]["staff"] is True and people[1]["read_position"] == picture["id"]
     assert people[5]["staff"] is False and people[5]["read_position"] == 0
+    # Handed to the customer: everything but the note.
+    public = orjson.loads(
+        b"".join([p async for p in await world.lifecycle.export(100, public=True)])
+    )
+    assert [m["id"] for m in public["messages"]] == [i for i in ids if i != note["id"]]
+    assert not any(m.get("private") for m in public["messages"])
+    assert public["conversation"]["last_message"]["id"] == picture["id"]
     with pytest.raises(Exception) as missing:
         await world.lifecycle.export(404)
     assert getattr(missing.value, "code", None) == "not_found"
@@ -276,6 +283,14 @@ async def test_routes_export_erase_and_erase_a_participant(api_server: Server) -
             assert r.status == 200 and r.content_type == "application/json"
             doc = await r.json()
         assert [m["content"] for m in doc["messages"]] == ["m0", "m1", "m2"]
+        await s.ok(
+            "Event.SendMessage", {"session_channel": "500", "content": "note", "private": True}
+        )
+        url = api_server.http("/api/conversations/500/export?audience=customer")
+        async with http.get(url) as r:
+            assert r.status == 200
+            handed = await r.json()
+        assert [m["content"] for m in handed["messages"]] == ["m0", "m1", "m2"]
 
         async with http.post(api_server.http("/api/participants/56/erase")) as r:
             assert r.status == 200 and await r.json() == {"user_id": 56, "messages": 3}

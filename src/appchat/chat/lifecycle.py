@@ -56,18 +56,23 @@ class Lifecycle:
 
     # --- export ----------------------------------------------------------------------------
 
-    async def export(self, application_id: int) -> AsyncIterator[bytes]:
+    async def export(self, application_id: int, *, public: bool = False) -> AsyncIterator[bytes]:
         """The conversation as one JSON document, written a chunk of messages at a time:
         ``{"conversation", "participants", "messages", "uploads"}`` (every message, private
-        notes and deleted stubs included). ``NotFound`` before anything is written."""
-        conversation = await self._store.view_conversation(application_id)
+        notes and deleted stubs included; ``public``: as the customer may see it, without
+        the notes). ``NotFound`` before anything is written."""
+        conversation = await self._store.view_conversation(application_id, public=public)
         if conversation is None:
             raise NotFound("no such conversation")
         people = await self._store.export_participants(conversation.id)
-        return self._export(conversation.id, ev.conversation_obj(conversation), people)
+        return self._export(conversation.id, ev.conversation_obj(conversation), people, public)
 
     async def _export(
-        self, conversation_id: int, conversation: dict[str, Any], people: Iterable[Any]
+        self,
+        conversation_id: int,
+        conversation: dict[str, Any],
+        people: Iterable[Any],
+        public: bool,
     ) -> AsyncIterator[bytes]:
         participants = [
             {
@@ -87,7 +92,9 @@ class Lifecycle:
         uploads: list[str] = []
         after, first = 0, True
         while True:
-            page = await self._store.list_messages(stub, after_id=after, limit=EXPORT_CHUNK)
+            page = await self._store.list_messages(
+                stub, after_id=after, limit=EXPORT_CHUNK, public=public
+            )
             if not page.messages:
                 break
             for m in page.messages:

@@ -154,6 +154,14 @@ class ExportOut(BaseModel):
     uploads: list[str] = Field(description="the references of the uploads its messages show")
 
 
+class ExportQuery(BaseModel):
+    audience: Literal["staff", "customer"] = Field(
+        default="staff",
+        description="`customer`: what the customer may see (no private notes), to hand to "
+        "them; `staff`: everything",
+    )
+
+
 class ErasedOut(BaseModel):
     user_id: Id
     messages: int = Field(ge=0, description="messages made deleted stubs")

@@ -32,6 +32,7 @@ from .models import (
     DisconnectQuery,
     ErasedOut,
     ExportOut,
+    ExportQuery,
     MessageListQuery,
     MessagePageOut,
     MessageReply,
@@ -141,8 +142,10 @@ class ServerApi:
                 {200: ("The conversation, streamed as one JSON document", ExportOut)},
                 (400, 401, 404, 503),
                 path_model=ApplicationPath,
+                query_model=ExportQuery,
                 description="The conversation, its participants with their read positions, "
-                "every message (private notes and deleted stubs included) and the references "
+                "every message (private notes and deleted stubs included; with "
+                "`audience=customer` without the notes) and the references "
                 "of its uploads (fetch each from /files/…): what a customer's request for "
                 "their data needs. Written a chunk at a time: a failure midway cuts the "
                 "connection, so an incomplete body is never a valid document.",
@@ -266,7 +269,8 @@ class ServerApi:
         return 200, await self._service.update_conversation(call.path.application_id, changes)
 
     async def _export(self, call: Call) -> tuple[int, Any]:
-        return 200, Streamed(await self._lifecycle.export(call.path.application_id))
+        public = call.query.audience == "customer"
+        return 200, Streamed(await self._lifecycle.export(call.path.application_id, public=public))
 
     async def _erase_conversation(self, call: Call) -> tuple[int, Any]:
         application_id = call.path.application_id
