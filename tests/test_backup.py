@@ -11,7 +11,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 
 from .backends import postgres_database
-from .support import Client, InProcessServer, Server, ServerProcess, staff
+from .support import Client, InProcessServer, Server, ServerProcess, eventually, staff
 
 DEPLOY_DOC = Path(__file__).resolve().parent.parent / "docs" / "deploy.md"
 APP = 600
@@ -79,13 +78,13 @@ class Senders:
             i += 1
 
     async def until(self, count: int) -> None:
-        deadline = time.monotonic() + 60
-        while len(self.acked) < count:
-            assert time.monotonic() < deadline, f"only {len(self.acked)} messages acknowledged"
+        def reached() -> bool:
             for task in self._tasks:
                 if task.done():
                     task.result()  # a sender failed: say why
-            await asyncio.sleep(0.05)
+            return len(self.acked) >= count
+
+        await eventually(reached, timeout=60, what=f"{count} messages acknowledged")
 
     async def stop(self) -> None:
         self._stop = True
