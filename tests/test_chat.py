@@ -292,6 +292,47 @@ async def test_refresh_token(server: Server) -> None:
         assert await s.error("Event.RefreshToken", {}) == "bad_request"
 
 
+async def test_a_burst_of_sends_is_stored_pushed_and_answered_in_order(server: Server) -> None:
+    """SendMessages sent without waiting are pipelined (stored together) yet keep every
+    guarantee of one at a time: replies in request order, ids in send order, pushes in that
+    order, an error in its place, and a request after them sees them all stored."""
+    app = new_app()
+    async with staff(server, 11) as s, customer(server, app, 700) as c:
+        await c.ok("Event.AddConversation", {"user_id": 700, "application_id": app})
+        await s.ok("Event.AddConversation", {"user_id": 11, "application_id": app})
+        raw: Client = c
+
+        def send(n: int, channel: int = app) -> str:
+            args = json.dumps({"session_channel": str(channel), "content": f"m{n}"})
+            return json.dumps({"name": "Event.SendMessage", "args": args, "id": n})
+
+        frames = [send(n) for n in range(12)]
+        frames.append('{"name":"Event.SendMessage","args":"{not json","id":12}')
+        frames.append(send(13, channel=app + 1))  # not this customer's conversation
+        frames += [send(n) for n in range(14, 24)]
+        listing = {"session_channel": str(app), "limit": 50}
+        frames.append(json.dumps({"name": "Event.GetMessageList", "args": listing, "id": 24}))
+        frames += [send(n) for n in range(25, 30)]
+        for f in frames:
+            await raw.send_raw(f)
+        got = [await raw.unmatched() for _ in frames]
+        assert [g["id"] for g in got] == list(range(30))
+        assert got[12]["error"]["code"] == "bad_request"
+        assert got[13]["error"]["code"] == "forbidden"
+        sent = [g for g in got if g["name"] == "Event.SendMessage" and g["ok"]]
+        assert [g["result"]["message"]["content"] for g in sent] == [
+            f"m{n}" for n in [*range(12), *range(14, 24), *range(25, 30)]
+        ]
+        ids = [g["result"]["message"]["id"] for g in sent]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+        listed = [m["content"] for m in got[24]["result"]["Messages"]]
+        assert sorted(listed, key=lambda t: int(t[1:])) == [
+            f"m{n}" for n in [*range(12), *range(14, 24)]
+        ]
+        pushed = [(await s.push("Event.ReceiveMessage"))["result"]["message"] for _ in sent]
+        assert [m["id"] for m in pushed] == ids
+
+
 async def test_request_id_echo_and_pipelining(server: Server) -> None:
     async with staff(server, 9) as s:
         raw: Client = s

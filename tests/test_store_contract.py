@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any
 
 import orjson
 import psycopg
@@ -73,7 +72,7 @@ def sending(
     *,
     staff: bool = False,
     guard: bool = False,
-) -> Coroutine[Any, Any, SendOutcome]:
+) -> Awaitable[SendOutcome]:
     """A send not yet awaited: gathered with others, it joins their batch."""
     return store.add_message(
         conv,
@@ -381,7 +380,7 @@ async def test_sends_batched_together_keep_every_rule(store: Store) -> None:
 
     def add(
         c: Conversation, sender: int, text: str, cmid: str | None, guard: bool = False
-    ) -> Coroutine[Any, Any, SendOutcome]:
+    ) -> Awaitable[SendOutcome]:
         return sending(store, c, sender, text, cmid, guard=guard)
 
     calls = []
@@ -434,7 +433,7 @@ async def test_a_batch_sees_its_own_earlier_messages(store: Store) -> None:
 
     def add(
         sender: int, text: str, cmid: str | None, *, staff: bool = False, guard: bool = False
-    ) -> Coroutine[Any, Any, SendOutcome]:
+    ) -> Awaitable[SendOutcome]:
         return sending(store, conv, sender, text, cmid, staff=staff, guard=guard)
 
     plain = await asyncio.gather(

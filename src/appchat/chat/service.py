@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -73,6 +73,21 @@ class Session(Protocol):
 
     def push(self, frame: bytes) -> None:
         """Send a push to this connection alone; never waits."""
+
+
+class _Submitted:
+    """A SendMessage handed to storage: what its reply needs once it committed."""
+
+    __slots__ = ("conversation", "request", "sender", "started", "stored")
+
+    def __init__(
+        self, conversation: Conversation, sender: int, stored: Awaitable[SendOutcome]
+    ) -> None:
+        self.conversation = conversation
+        self.sender = sender
+        self.stored = stored
+        self.request: ev.Request | None = None  # pipelined: the request it answers
+        self.started = 0.0
 
 
 class Inbox(Protocol):
@@ -188,6 +203,47 @@ class ChatService:
             return ev.error_reply(request.name, Internal(), request.id)
         self._count(request.name, "ok", started)
         return ev.reply(request.name, result, request.id)
+
+    async def handle_sends(
+        self, session: Session, frames: Sequence[str | bytes], reply: Callable[[bytes], None]
+    ) -> int:
+        """Serve the SendMessage requests at the head of ``frames`` (a connection's
+        backlog), replying to each through ``reply`` in order; how many frames it served
+        (0: the first is another request, for ``handle``).
+
+        They are pipelined: each is checked and handed to storage before the one before it
+        has committed, so a burst shares one transaction instead of waiting a commit each
+        (with a sequential server a connection that sends faster than one message per
+        commit falls further behind with every one). They are stored, pushed and answered
+        in the order they came. A frame that is not a request gets its error reply in its
+        place; any other request ends the run: it waits for the sends before it."""
+        run: list[bytes | _Submitted] = []
+        served = 0
+        try:
+            for frame in frames:
+                try:
+                    request = ev.parse_request(frame)
+                except ev.FrameError as exc:
+                    run.append(ev.error_reply(exc.name, exc.error, exc.request_id))
+                    served += 1
+                    continue
+                if request.name != ev.SEND_MESSAGE:
+                    break
+                served += 1
+                started = time.perf_counter()
+                try:
+                    run.append(await self._submit_send(session, request, started))
+                except AppError as exc:
+                    self._count(request.name, exc.code, started)
+                    run.append(ev.error_reply(request.name, exc, request.id))
+                except Exception:
+                    log.exception("internal error serving %s", request.name)
+                    self._count(request.name, Internal.code, started)
+                    run.append(ev.error_reply(request.name, Internal(), request.id))
+        finally:
+            for item in run:  # answered in order, each once it committed
+                reply(item if isinstance(item, bytes) else await self._finish_send(session, item))
+        return served
 
     def _count(self, name: str, outcome: str, started: float) -> None:
         self._metrics.count_event(name, outcome, time.perf_counter() - started)
@@ -391,6 +447,35 @@ class ChatService:
                 cursor = chunk.messages[0].id
 
     async def _send_message(self, session: Session, raw: dict[str, Any]) -> Any:
+        sent = await self._send_checked(session, raw)
+        return await self._send_done(session, sent)
+
+    async def _submit_send(
+        self, session: Session, request: ev.Request, started: float
+    ) -> _Submitted:
+        """A SendMessage checked and handed to storage, not yet committed."""
+        sent = await self._send_checked(session, request.args)
+        sent.request, sent.started = request, started
+        return sent
+
+    async def _finish_send(self, session: Session, sent: _Submitted) -> bytes:
+        """The reply to a pipelined SendMessage, once its write is done (never raises)."""
+        request = sent.request
+        assert request is not None
+        try:
+            result = await self._send_done(session, sent)
+        except AppError as exc:
+            self._count(request.name, exc.code, sent.started)
+            return ev.error_reply(request.name, exc, request.id)
+        except Exception:
+            log.exception("internal error serving %s", request.name)
+            self._count(request.name, Internal.code, sent.started)
+            return ev.error_reply(request.name, Internal(), request.id)
+        self._count(request.name, "ok", sent.started)
+        return ev.reply(request.name, result, request.id)
+
+    async def _send_checked(self, session: Session, raw: dict[str, Any]) -> _Submitted:
+        """Check a SendMessage and hand it to storage (at once: in the order of calls)."""
         p = session.principal
         args = ev.parse_send_message(raw, self._limits.max_content)
         sender = self._actor(p, args.sender_id, "sender_id")
@@ -399,18 +484,24 @@ class ChatService:
         conversation = await self._open(p, args.session_channel, sender, guard=False)
         if args.content_type == IMAGE:
             await self._images.check(args.content, conversation.application_id)
+        stored = self._store.add_message(
+            conversation,
+            sender_id=sender,
+            staff=p.is_staff,
+            content=args.content,
+            content_type=args.content_type,
+            client_msg_id=args.client_msg_id,
+            now=self._now(),
+            guard_staff=not (p.is_staff or p.bound),
+            private=args.private,
+        )
+        return _Submitted(conversation, sender, stored)
+
+    async def _send_done(self, session: Session, sent: _Submitted) -> Any:
+        """A stored SendMessage pushed, its name kept: the reply's result."""
+        p, conversation, sender = session.principal, sent.conversation, sent.sender
         try:
-            outcome = await self._store.add_message(
-                conversation,
-                sender_id=sender,
-                staff=p.is_staff,
-                content=args.content,
-                content_type=args.content_type,
-                client_msg_id=args.client_msg_id,
-                now=self._now(),
-                guard_staff=not (p.is_staff or p.bound),
-                private=args.private,
-            )
+            outcome = await sent.stored
         except NotFound:  # erased meanwhile (on another node): forget it
             self.forget(conversation.application_id)
             raise

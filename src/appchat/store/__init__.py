@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -145,7 +145,7 @@ class Store(Protocol):
         """Make the message a stub (empty content, ``deleted``): the next ``rev``, recorded
         as ``message.deleted``; a stub again changes nothing (``conversation`` ``None``)."""
 
-    async def add_message(
+    def add_message(
         self,
         conversation: Conversation,
         *,
@@ -157,8 +157,12 @@ class Store(Protocol):
         now: int,
         guard_staff: bool = False,
         private: bool = False,
-    ) -> SendOutcome:
-        """Store a message (once per ``client_msg_id``) and make the sender a participant;
+    ) -> Awaitable[SendOutcome]:
+        """Hand a message to storage at once and return what completes when it committed
+        (or failed): messages handed over one after another are stored in that order, and
+        may share a transaction (a connection's pipelined sends do).
+
+        Store a message (once per ``client_msg_id``) and make the sender a participant;
         the message takes the conversation's next ``rev``, and a customer's (not ``staff``)
         makes a resolved or snoozed conversation open again (``SendOutcome.reopened``,
         recorded as ``conversation.updated``). ``private``: a staff-only note, pushed to the

@@ -137,16 +137,17 @@ class PostgresStore(SqlStore):
     async def _write_plan(self, make: Callable[..., Plan[T]], *args: Any) -> T:
         return await self._run(lambda conn: _drive(conn, make(*args)), tx=True)
 
-    async def _send(self, send: Send) -> SendOutcome:
+    def _send(self, send: Send) -> asyncio.Future[SendOutcome]:
         """Sent in a batch with whatever else is waiting: one round trip per batch."""
-        if self._pool is None:
-            raise Unavailable("storage is closed")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[SendOutcome] = loop.create_future()
+        if self._pool is None:
+            fut.set_exception(Unavailable("storage is closed"))
+            return fut
         self._sends.append(_Send(send, fut))
         if self._sender is None:
             self._sender = loop.create_task(self._send_loop())
-        return await fut
+        return fut
 
     async def _send_loop(self) -> None:
         """Batches go out one at a time; what arrives meanwhile forms the next batch."""

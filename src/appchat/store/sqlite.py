@@ -160,12 +160,17 @@ class SqliteStore(SqlStore):
         ``fn`` may raise an ``AppError`` only before it has written anything: the batch
         it shares is committed anyway. Any other exception undoes the batch and isolates it.
         """
-        if self._writer is None:
-            raise Unavailable("storage is closed")
+        return await self._submit(fn, *args)
+
+    def _submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Queue ``fn`` for the writer now (jobs run in the order queued); its future."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
+        if self._writer is None:
+            fut.set_exception(Unavailable("storage is closed"))
+            return fut
         self._jobs.put((fn, args, fut, loop))
-        return await fut
+        return fut
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         if self._readers is None:
@@ -280,8 +285,8 @@ class SqliteStore(SqlStore):
         super().record_webhooks(urls, wake)
         self._outbox = _Outbox(tuple(urls), wake) if urls else None
 
-    async def _send(self, send: Send) -> SendOutcome:
-        return await self._write(_SendMessage(self._members, self._outbox, send))
+    def _send(self, send: Send) -> asyncio.Future[SendOutcome]:
+        return self._submit(_SendMessage(self._members, self._outbox, send))
 
 
 class _Outbox:

@@ -12,11 +12,12 @@ asyncpg connection (awaiting): each store has a small driver, and :class:`SqlSto
 implements the :class:`~appchat.store.Store` methods on top of two of them, ``_read_plan``
 and ``_write_plan``. What truly differs stays in the engine modules: SendMessage (SQLite's
 writer numbers a batch's messages itself; PostgreSQL sends a batch through
-``appchat_send_batch_v3`` in one round trip), connections and transactions.
+``appchat_send_batch_v4`` in one round trip), connections and transactions.
 """
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -473,10 +474,11 @@ class SqlStore(ABC):
         may be called again (a retry): a plan is made fresh for each run."""
 
     @abstractmethod
-    async def _send(self, send: Send) -> SendOutcome:
-        """Store a message: each engine batches these its own way."""
+    def _send(self, send: Send) -> asyncio.Future[SendOutcome]:
+        """Hand a message over to be stored (each engine batches these its own way): at
+        once, in call order; the future settles once it committed or failed."""
 
-    async def add_message(
+    def add_message(
         self,
         conversation: Conversation,
         *,
@@ -488,8 +490,8 @@ class SqlStore(ABC):
         now: int,
         guard_staff: bool = False,
         private: bool = False,
-    ) -> SendOutcome:
-        return await self._send(
+    ) -> asyncio.Future[SendOutcome]:
+        return self._send(
             Send(
                 conversation,
                 sender_id,

@@ -324,7 +324,8 @@ class _Session:
 
     The reader keeps reading while a request is served, so pings are answered and the
     frame budget is enforced at all times; requests wait in a small queue (at most
-    ``PIPELINE``) and are served one after another, in the order they came.
+    ``PIPELINE``) and are served in the order they came, one after another, except that
+    SendMessages waiting one behind the other are stored together (``handle_sends``).
     """
 
     PIPELINE = 32
@@ -443,11 +444,15 @@ class _Session:
                     # The client reads nothing and is gone: what it asked is not served.
                     inbox.clear()
                     break
-                frame = inbox[0]
+                served = 0
                 try:
-                    conn.reply(await service.handle(conn, frame))
+                    if len(inbox) > 1:  # a backlog: SendMessages at its head are pipelined
+                        served = await service.handle_sends(conn, inbox[:], conn.reply)
+                    if not served:
+                        served = 1
+                        conn.reply(await service.handle(conn, inbox[0]))
                 finally:
-                    inbox.pop(0)
+                    del inbox[: served or 1]
                     if self._inbox_room is not None:
                         self._inbox_room.set()
         finally:
