@@ -943,6 +943,32 @@ def report(args: argparse.Namespace, s: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+FRESH_SHIFT = 1.06  # the fresh server's points, drawn this factor right of their rate
+
+
+def rates_axis(ax: Any, rates: list[float]) -> None:
+    """A log x axis of offered msg/s ticked at the rates measured, plain numbers on both axes."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.set_xscale("log")
+    ax.set_xlabel("offered msg/s (log scale)")
+    if rates:
+        ax.set_xticks(rates, [f"{r:,.0f}" for r in rates])
+        ax.set_xlim(min(rates) / 1.25, max(rates) * 1.25)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+    def minor(v: float, _pos: int) -> str:
+        """Between the powers of ten, 2, 3 and 5 times one, when the axis spans little."""
+        lo, hi = ax.get_ylim()
+        if v <= 0 or lo <= 0 or hi / lo > 100:
+            return ""
+        return f"{v:,.6g}" if round(v / 10 ** math.floor(math.log10(v))) in (2, 3, 5) else ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.6g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+    ax.grid(alpha=0.3, which="both")
+
+
 def colours(s: dict[str, Any]) -> dict[str, Any]:
     """One colour per server, the same in every plot."""
     import matplotlib.pyplot as plt
@@ -992,32 +1018,26 @@ def plots(args: argparse.Namespace, s: dict[str, Any], outdir: Path) -> list[Pat
     )
     save(fig, "bench-throughput.png")
 
-    # Latency (and delivered msg/s) against offered load; the fresh servers as stars.
-    fig, (lat, rate) = plt.subplots(1, 2, figsize=(12, 6))
+    # Latency against offered load, the fresh servers as stars drawn just right of their
+    # rate; beside it delivered against offered msg/s, when there are rates to draw it with.
+    offered = sorted({r for by_rate in s["latency"].values() for r in by_rate})
+    two = len(offered) >= 2
+    fig = plt.figure(figsize=(12, 6) if two else (7, 6))
+    lat = fig.add_subplot(1, 2 if two else 1, 1)
     kinds = list(dict.fromkeys([*s["latency"], *s["fresh"]]))
-    for n, kind in enumerate(kinds):
+    for kind in kinds:
         c = colour[kind]
-        size = max(3.0, 9.0 - 1.5 * n)  # shrinking: points that coincide stay visible
         by_rate = s["latency"].get(kind, {})
         rates = list(by_rate)
-        if rates:
-            lat.plot(rates, [by_rate[r]["p50_ms"] for r in rates], marker="o", color=c)
-            lat.plot(
-                rates, [by_rate[r]["p99_ms"] for r in rates], marker="x", linestyle="--", color=c
-            )
-            rate.plot(
-                rates, [by_rate[r]["msg_s"] for r in rates], marker="o", markersize=size, color=c
-            )
+        lat.plot(rates, [by_rate[r]["p50_ms"] for r in rates], marker="o", color=c)
+        lat.plot(rates, [by_rate[r]["p99_ms"] for r in rates], marker="x", ls="--", color=c)
         for r, f in s["fresh"].get(kind, {}).items():
             star = {"color": c, "marker": "*", "markersize": 11, "linestyle": "none"}
-            lat.plot([r], [f["p50_ms"]], **star)
-            lat.plot([r], [f["p99_ms"]], **star, markerfacecolor="none")
-    for ax in (lat, rate):
-        ax.set_xscale("log")
-        ax.set_xlabel("offered msg/s (log scale)")
-        ax.grid(alpha=0.3, which="both")
-    lat.set_ylabel("send -> push, ms (log scale)")
+            lat.plot([r * FRESH_SHIFT], [f["p50_ms"]], **star)
+            lat.plot([r * FRESH_SHIFT], [f["p99_ms"]], **star, markerfacecolor="none")
     lat.set_yscale("log")
+    rates_axis(lat, sorted({*offered, *(r for f in s["fresh"].values() for r in f)}))
+    lat.set_ylabel("send -> push, ms (log scale)")
     lat.set_title("Latency against offered load", fontsize="medium")
     after = after_label(args)
     handles = [Line2D([], [], color=colour[k], linewidth=4, label=k) for k in kinds]
@@ -1028,30 +1048,34 @@ def plots(args: argparse.Namespace, s: dict[str, Any], outdir: Path) -> list[Pat
     if s["fresh"]:
         star = {"color": "black", "marker": "*", "markersize": 11, "linestyle": "none"}
         handles += [
-            Line2D([], [], **star, label="p50, fresh server"),
+            Line2D([], [], **star, label="p50, fresh server (right of its rate)"),
             Line2D([], [], **star, markerfacecolor="none", label="p99, fresh server"),
         ]
-    lat.legend(
-        handles=handles,
-        fontsize="small",
-        ncols=2,
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.14),
-    )
-    offered = sorted({r for by_rate in s["latency"].values() for r in by_rate})
-    if offered:
+    below: dict[str, Any] = {"fontsize": "small", "ncols": 2, "bbox_to_anchor": (0.5, -0.14)}
+    lat.legend(handles=handles, loc="upper center", **below)
+    if two:
+        rate = fig.add_subplot(1, 2, 2)
+        for n, (kind, by_rate) in enumerate(s["latency"].items()):
+            rates = list(by_rate)
+            size = max(3.0, 9.0 - 1.5 * n)  # shrinking: points that coincide stay visible
+            rate.plot(
+                rates,
+                [by_rate[r]["msg_s"] for r in rates],
+                marker="o",
+                markersize=size,
+                color=colour[kind],
+            )
         rate.plot(offered, offered, color="grey", linewidth=1)
-    rate.set_yscale("log")
-    rate.set_ylabel("delivered msg/s (log scale)")
-    rate.set_title(f"Delivered against offered load ({after})", fontsize="medium")
-    rate.legend(
-        handles=[Line2D([], [], color=colour[k], marker="o", label=k) for k in s["latency"]]
-        + [Line2D([], [], color="grey", linewidth=1, label="delivered = offered")],
-        fontsize="small",
-        ncols=2,
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.14),
-    )
+        rate.set_yscale("log")
+        rates_axis(rate, offered)
+        rate.set_ylabel("delivered msg/s (log scale)")
+        rate.set_title(f"Delivered against offered load ({after})", fontsize="medium")
+        rate.legend(
+            handles=[Line2D([], [], color=colour[k], marker="o", label=k) for k in s["latency"]]
+            + [Line2D([], [], color="grey", linewidth=1, label="delivered = offered")],
+            loc="upper center",
+            **below,
+        )
     save(fig, "bench-latency.png")
 
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -1068,7 +1092,8 @@ def plots(args: argparse.Namespace, s: dict[str, Any], outdir: Path) -> list[Pat
     ax.set_ylabel("server RSS, MiB")
     ax.set_title("Memory against connections")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
+    if s["memory"]:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
     save(fig, "bench-memory.png")
     return made
 
