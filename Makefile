@@ -31,7 +31,7 @@ lint: install
 test: lint
 	$(BIN)/pytest --cov --cov-report=term
 
-# Side by side: appchat, a bare aiohttp relay and a python-socketio relay (bench/suite.py).
+# Side by side: appchat and the reference servers of bench/reference/ (bench/suite.py).
 # Writes docs/benchmarks.md and docs/img/; BENCH_ARGS="--tiny --out DIR" for a smoke run.
 BENCH_ARGS ?= --write
 bench: install

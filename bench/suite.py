@@ -1,14 +1,21 @@
-"""``make bench``: appchat beside a bare aiohttp relay and a python-socketio relay, in one run.
+"""``make bench``: appchat beside three reference servers, in one run.
 
 Every server runs pinned to CPU 0 and the load generator to CPU 1 (when the machine has
 two or more), so "msg/s" is what one core of server delivers. The same workload drives all
-three: pairs of a customer that sends and a staff member that receives the push; the
-relays (bench/reference/) do what appchat does minus authentication, validation, storage
-and limits. Figures:
+of them: pairs of a customer that sends and a staff member that receives the push. The
+reference servers (bench/reference/) do what appchat does minus authentication,
+validation and limits: the bare aiohttp relay and the python-socketio relay store
+nothing; the durable relay is the bare one that commits each message to SQLite (WAL,
+synchronous=FULL, group commit) before it answers and pushes, the ceiling for a server
+that commits before it acks. Figures:
 
 * throughput: pairs with a window of messages in flight, as fast as the server goes;
-  delivered pushes per second, server CPU per message, and the ratio to the bare relay;
-* latency: send -> peer's push at fixed offered rates (p50/p99), the same for every server;
+  delivered pushes per second, server CPU per message, and the ratios to the bare and
+  to the durable relay; also appchat with ``--inbox`` staff connections subscribed to
+  the support desk's inbox, reading every Event.ConversationUpdated ("appchat+inbox10");
+* latency: send -> peer's push at fixed offered rates (p50/p99), the same for every
+  server, run on the server right after its throughput run ("after saturation"), and
+  at ``--fresh-rate`` on a freshly started server of each kind ("fresh server");
 * memory: server RSS with 1,000 and 5,000 idle connections; the slope is KiB per connection;
 * unread: GetUnreadInfo time for a participant with 10 and with 100,000 unread messages.
 
@@ -27,6 +34,7 @@ import contextlib
 import math
 import os
 import platform
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -52,7 +60,8 @@ from appchat.auth.tokens import mint
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-" + uuid.uuid4().hex + uuid.uuid4().hex
-SERVERS = ("appchat", "relay", "socketio")
+SERVERS = ("appchat", "durable", "relay", "socketio")
+REFERENCES = {"relay": "the bare relay", "durable": "the durable relay"}  # ratio columns
 SERVER_ARGS: list[str] = []  # --server-args: more `appchat serve` options
 BASELINE_TREE = Path(tempfile.gettempdir()) / "appchat-bench-baseline"
 PARTS = ("throughput", "latency", "memory", "unread", "cluster", "workers")
@@ -80,11 +89,14 @@ def server(kind: str, workdir: Path, extra: list[str] | None = None) -> Iterator
     extra_args = list(extra or [])
     if kind.startswith("appchat@"):  # appchat as of --baseline REV, checked out beside
         env = {"PYTHONPATH": str(BASELINE_TREE / kind.split("@", 1)[1] / "src")}
-    if kind == "appchat" or kind.startswith("appchat@"):
+    if kind == "appchat" or kind.startswith(("appchat@", "appchat+")):
         db = workdir / f"bench-{uuid.uuid4().hex[:8]}.db"
         cmd = [py, "-m", "appchat", "serve", "--port", "0", "--rate", "0"]
         cmd += ["--database", f"sqlite:///{db}", "--log-level", "WARNING"]
         extra_args += SERVER_ARGS
+    elif kind == "durable":  # a database file of its own per server, in the workdir
+        db = workdir / f"durable-{uuid.uuid4().hex[:8]}.db"
+        cmd = [py, str(ROOT / "bench/reference/relay_durable.py"), "--database", str(db)]
     elif kind == "relay":
         cmd = [py, str(ROOT / "bench/reference/relay_aiohttp.py")]
     else:
@@ -258,6 +270,69 @@ async def close_peers(*peers: Peer) -> None:
         p.close()
     closing = [p.client.closed for p in peers if p.client is not None]
     await asyncio.wait_for(asyncio.gather(*closing), 10)
+
+
+# --- the support desk's inbox -------------------------------------------------------------------
+
+INBOX_PUSH = b'{"name":"Event.ConversationUpdated"'
+NO_MESSAGE = b'"last_message":null'  # a new conversation's push (AddConversation)
+FIRST_INBOX_SID = 700_000  # the subscribers' staff ids (the pairs use 100,000+ and 200,000+)
+
+
+@dataclass
+class Inbox:
+    """Staff connections subscribed to the whole inbox, each counting the pushes about a
+    message it reads: a prefix and a substring test on the raw frame, never a parse."""
+
+    peers: list[Peer] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+
+    def reader(self, index: int) -> Callable[[bytes], None]:
+        counts = self.counts
+
+        def count(data: bytes) -> None:
+            if data.startswith(INBOX_PUSH) and NO_MESSAGE not in data:
+                counts[index] += 1
+
+        return count
+
+
+async def subscribe_inbox(port: int, n: int) -> Inbox:
+    """``n`` staff connections (tokens with ``admin_id``), each subscribed with
+    Event.SubscribeInbox ``{"filter": "all"}``; from then on their frames are only counted."""
+    wire = Wire("appchat", port)
+    inbox = Inbox(counts=[0] * n)
+
+    async def one(i: int) -> Peer:
+        sid = FIRST_INBOX_SID + i
+        peer = await Peer(wire).open(sid, mint(SECRET.encode(), admin_id=sid))
+        await peer.call("Event.SubscribeInbox", {"filter": "all"}, 1)
+        assert peer.client is not None
+        peer.client.on_text = inbox.reader(i)
+        return peer
+
+    inbox.peers = list(await asyncio.gather(*(one(i) for i in range(n))))
+    return inbox
+
+
+def stored_messages(srv: Server) -> int:
+    """How many messages an appchat server's SQLite file holds (read beside the server)."""
+    path = srv.cmd[srv.cmd.index("--database") + 1].removeprefix("sqlite:///")
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
+        return int(db.execute("SELECT count(*) FROM messages").fetchone()[0])
+
+
+async def inbox_delivery(srv: Server, inbox: Inbox, within: float = 30.0) -> tuple[int, int]:
+    """Once the load has stopped: wait (up to ``within`` s) until every subscriber has read
+    one push per stored message. Returns (messages stored, fewest pushes one subscriber read)."""
+    deadline = time.monotonic() + within
+    last = -1
+    while True:
+        stored = stored_messages(srv)
+        if (stored == last and min(inbox.counts) == stored) or time.monotonic() > deadline:
+            return stored, min(inbox.counts)
+        last = stored
+        await asyncio.sleep(0.2)
 
 
 # --- the workload -------------------------------------------------------------------------------
@@ -563,48 +638,88 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def inbox_kind(args: argparse.Namespace) -> str | None:
+    """The throughput row of appchat with ``--inbox`` subscribers, when it runs."""
+    wanted = args.inbox > 0 and "appchat" in args.servers and "throughput" in args.parts
+    return f"appchat+inbox{args.inbox}" if wanted else None
+
+
+def after_label(args: argparse.Namespace) -> str:
+    """What the latency rates of a server ran after, in the same process."""
+    return "after saturation" if "throughput" in args.parts else "one process, rates in turn"
+
+
+async def inbox_throughput(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
+    """The throughput workload on appchat with ``--inbox`` subscribers reading every push
+    about a message; also how many messages were stored and the fewest pushes read."""
+    with server("appchat", workdir) as srv:
+        inbox = await subscribe_inbox(srv.port, args.inbox)
+        result = await throughput("appchat", srv.port, args, srv)
+        result["stored"], result["inbox_read"] = await inbox_delivery(srv, inbox)
+        await close_peers(*inbox.peers)
+    return result
+
+
 async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     kinds = list(args.servers)
+    with_inbox = inbox_kind(args)
+    rows = []  # the throughput table's: appchat with the inbox right after appchat
+    for kind in kinds:
+        rows += [kind, with_inbox] if kind == "appchat" and with_inbox else [kind]
+    parts = set(args.parts)
+    rates = args.rates if "latency" in parts else []
+    fresh = "latency" in parts and args.fresh_rate > 0
     results: dict[str, Any] = {
-        "throughput": {k: [] for k in kinds},
+        "throughput": {k: [] for k in rows},
         "latency": {k: {r: [] for r in args.rates} for k in kinds},
+        "fresh": {k: {args.fresh_rate: []} for k in kinds} if fresh else {},
         "memory": {k: [] for k in kinds},
         "unread": [],
         "cluster": {ONE_NODE: [], **{two_nodes(rev): [] for rev in [*args.baseline, None]}},
         "workers": {1: [], 2: []},
     }
-    parts = set(args.parts)
-    rates = args.rates if "latency" in parts else []
-    per_server = ("throughput" in parts) + len(rates) + ("memory" in parts)
+    per_server = ("throughput" in parts) + len(rates) + fresh + ("memory" in parts)
     steps = args.runs * (
         len(kinds) * per_server
+        + (with_inbox is not None)
         + ("unread" in parts)
         + (2 + len(args.baseline)) * ("cluster" in parts)
     ) + args.runs * 2 * ("workers" in parts)
     with tqdm(total=steps, desc="bench", unit="step", file=sys.stderr) as bar:
         for _run in range(args.runs):
             for kind in kinds if per_server else []:
-                with server(kind, workdir) as srv:
-                    if "throughput" in parts:
-                        bar.set_postfix_str(f"{kind} throughput")
-                        results["throughput"][kind].append(
-                            await throughput(kind, srv.port, args, srv)
-                        )
-                        bar.update()
-                    for rate in rates:
-                        bar.set_postfix_str(f"{kind} latency @ {rate:g}/s")
-                        results["latency"][kind][rate].append(
-                            await latency(kind, srv.port, args, rate, srv)
-                        )
-                        bar.update()
-                if "memory" not in parts:
-                    continue
-                with server(kind, workdir) as srv:
-                    bar.set_postfix_str(f"{kind} idle memory")
-                    results["memory"][kind].append(
-                        await idle_memory(kind, srv.port, srv, args.idle, args.settle)
-                    )
+                if "throughput" in parts or rates:
+                    with server(kind, workdir) as srv:
+                        if "throughput" in parts:
+                            bar.set_postfix_str(f"{kind} throughput")
+                            results["throughput"][kind].append(
+                                await throughput(kind, srv.port, args, srv)
+                            )
+                            bar.update()
+                        for rate in rates:
+                            bar.set_postfix_str(f"{kind} latency @ {rate:g}/s")
+                            results["latency"][kind][rate].append(
+                                await latency(kind, srv.port, args, rate, srv)
+                            )
+                            bar.update()
+                if kind == "appchat" and with_inbox:
+                    bar.set_postfix_str(f"{with_inbox} throughput")
+                    results["throughput"][with_inbox].append(await inbox_throughput(workdir, args))
                     bar.update()
+                if fresh:  # its own process, nothing run on it before
+                    with server(kind, workdir) as srv:
+                        bar.set_postfix_str(f"{kind} latency @ {args.fresh_rate:g}/s, fresh")
+                        results["fresh"][kind][args.fresh_rate].append(
+                            await latency(kind, srv.port, args, args.fresh_rate, srv)
+                        )
+                        bar.update()
+                if "memory" in parts:
+                    with server(kind, workdir) as srv:
+                        bar.set_postfix_str(f"{kind} idle memory")
+                        results["memory"][kind].append(
+                            await idle_memory(kind, srv.port, srv, args.idle, args.settle)
+                        )
+                        bar.update()
             if "cluster" in parts:
                 # Side by side, nothing pinned: customers on node A, staff on node B.
                 bar.set_postfix_str("one SQLite node (unpinned)")
@@ -650,25 +765,32 @@ def summarise(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
     for kind, runs in results["throughput"].items():
         if not runs:
             continue
-        s["throughput"][kind] = {
+        t = s["throughput"][kind] = {
             key: median([r[key] for r in runs])
             for key in ("msg_s", "cpu_us", "errors", "srv_cpu", "gen_cpu")
         }
-        # the ratio in each run (servers side by side), then its median
-        if kind != "relay" and results["throughput"].get("relay"):
-            ratios = [
-                r["msg_s"] / b["msg_s"]
-                for r, b in zip(runs, results["throughput"]["relay"], strict=True)
-            ]
-            s["throughput"][kind]["ratio"] = median(ratios)
-    for kind, by_rate in results["latency"].items():
-        s["latency"][kind] = {
-            rate: {key: median([r[key] for r in runs]) for key in runs[0]}
-            for rate, runs in by_rate.items()
-            if runs
-        }
-        if not s["latency"][kind]:
-            del s["latency"][kind]
+        # the ratio to each reference in each run (servers side by side), then its median
+        for ref in REFERENCES:
+            if results["throughput"].get(ref):
+                t[f"ratio_{ref}"] = median(
+                    [
+                        r["msg_s"] / b["msg_s"]
+                        for r, b in zip(runs, results["throughput"][ref], strict=True)
+                    ]
+                )
+        if "stored" in runs[0]:  # with inbox subscribers: was every push read?
+            t["stored"] = median([r["stored"] for r in runs])
+            t["all_read"] = all(r["inbox_read"] == r["stored"] for r in runs)
+    for part in ("latency", "fresh"):
+        s[part] = {}
+        for kind, by_rate in results[part].items():
+            s[part][kind] = {
+                rate: {key: median([r[key] for r in runs]) for key in runs[0]}
+                for rate, runs in by_rate.items()
+                if runs
+            }
+            if not s[part][kind]:
+                del s[part][kind]
     lo, hi = args.idle[0], args.idle[-1]
     for kind, runs in results["memory"].items():
         if not runs:
@@ -707,6 +829,13 @@ def summarise(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
     return s
 
 
+def ratio_cell(kind: str, t: dict[str, float], ref: str) -> str:
+    """The throughput table's ratio of ``kind`` to the reference server ``ref``."""
+    if kind == ref:
+        return "1"
+    return f"{t[f'ratio_{ref}']:.2f}" if f"ratio_{ref}" in t else "-"
+
+
 def report(args: argparse.Namespace, s: dict[str, Any]) -> str:
     lines = [
         f"Command: `{' '.join(['.venv/bin/python', 'bench/suite.py', *sys.argv[1:]])}`  ",
@@ -720,29 +849,45 @@ def report(args: argparse.Namespace, s: dict[str, Any]) -> str:
             "",
             f"**Throughput** (window {args.window} per customer, {args.duration:g} s per run):",
             "",
-            "| server | delivered msg/s | server CPU per message | ratio to the bare relay "
-            "| server CPU | generator CPU |",
-            "|---|---|---|---|---|---|",
+            "| server | delivered msg/s | server CPU per message "
+            + "".join(f"| ratio to {name} " for name in REFERENCES.values())
+            + "| server CPU | generator CPU |",
+            "|---|---|---|" + "---|" * len(REFERENCES) + "---|---|",
         ]
         for kind, t in s["throughput"].items():
-            ratio = f"{t['ratio']:.2f}" if "ratio" in t else "1"
+            ratios = "".join(f"| {ratio_cell(kind, t, ref)} " for ref in REFERENCES)
             lines.append(
-                f"| {kind} | {t['msg_s']:,.0f} | {t['cpu_us']:.1f} µs | {ratio} "
+                f"| {kind} | {t['msg_s']:,.0f} | {t['cpu_us']:.1f} µs {ratios}"
                 f"| {t['srv_cpu']:.0f}% | {t['gen_cpu']:.0f}% |"
             )
-    if s["latency"]:
+        for kind, t in s["throughput"].items():
+            if "stored" in t:
+                lines += [
+                    "",
+                    f"{kind}: appchat with {args.inbox} staff connections subscribed to the "
+                    'whole inbox (Event.SubscribeInbox `{"filter": "all"}`) while the same '
+                    "workload runs, each reading every Event.ConversationUpdated push (read, not "
+                    f"parsed); every subscriber read one per stored message "
+                    f"({t['stored']:,.0f} stored): {'yes' if t['all_read'] else 'NO'}.",
+                ]
+    if s["latency"] or s["fresh"]:
         lines += ["", "**Latency**, send to the peer's push, at fixed offered load:", ""]
         lines += [
-            "| server | offered msg/s | delivered msg/s | p50 ms | p99 ms | lost "
-            "| server CPU per message |"
+            "| server | server process | offered msg/s | delivered msg/s | p50 ms | p99 ms "
+            "| lost | server CPU per message |"
         ]
-        lines += ["|---|---|---|---|---|---|---|"]
-        for kind, by_rate in s["latency"].items():
-            for rate, r in by_rate.items():
-                lines.append(
-                    f"| {kind} | {rate:,.0f} | {r['msg_s']:,.0f} | {r['p50_ms']:.2f} | "
-                    f"{r['p99_ms']:.2f} | {r['lost']:.0f} | {r['cpu_us']:.1f} µs |"
-                )
+        lines += ["|---|---|---|---|---|---|---|---|"]
+        for kind in dict.fromkeys([*s["latency"], *s["fresh"]]):
+            for label, by_rate in (
+                (after_label(args), s["latency"].get(kind, {})),
+                ("fresh server", s["fresh"].get(kind, {})),
+            ):
+                for rate, r in by_rate.items():
+                    lines.append(
+                        f"| {kind} | {label} | {rate:,.0f} | {r['msg_s']:,.0f} "
+                        f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['lost']:.0f} "
+                        f"| {r['cpu_us']:.1f} µs |"
+                    )
     if s["memory"]:
         lo, hi = args.idle[0], args.idle[-1]
         lines += ["", f"**Memory** of idle authenticated connections ({lo:,} and {hi:,}):", ""]
@@ -798,69 +943,158 @@ def report(args: argparse.Namespace, s: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+FRESH_SHIFT = 1.06  # the fresh server's points, drawn this factor right of their rate
+
+
+def rates_axis(ax: Any, rates: list[float]) -> None:
+    """A log x axis of offered msg/s ticked at the rates measured, plain numbers on both axes."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.set_xscale("log")
+    ax.set_xlabel("offered msg/s (log scale)")
+    if rates:
+        ax.set_xticks(rates, [f"{r:,.0f}" for r in rates])
+        ax.set_xlim(min(rates) / 1.25, max(rates) * 1.25)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+    def minor(v: float, _pos: int) -> str:
+        """Between the powers of ten, 2, 3 and 5 times one, when the axis spans little."""
+        lo, hi = ax.get_ylim()
+        if v <= 0 or lo <= 0 or hi / lo > 100:
+            return ""
+        return f"{v:,.6g}" if round(v / 10 ** math.floor(math.log10(v))) in (2, 3, 5) else ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.6g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+    ax.grid(alpha=0.3, which="both")
+
+
+def colours(s: dict[str, Any]) -> dict[str, Any]:
+    """One colour per server, the same in every plot."""
+    import matplotlib.pyplot as plt
+
+    kinds = dict.fromkeys([*s["throughput"], *s["latency"], *s["fresh"], *s["memory"]])
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {kind: cycle[n % len(cycle)] for n, kind in enumerate(kinds)}
+
+
 def plots(args: argparse.Namespace, s: dict[str, Any], outdir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
 
     outdir.mkdir(parents=True, exist_ok=True)
+    colour = colours(s)
     made = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, by_rate in s["latency"].items():
-        rates = list(by_rate)
-        ax.plot(rates, [by_rate[r]["msg_s"] for r in rates], marker="o", label=kind)
-        ax.axhline(s["throughput"][kind]["msg_s"], linestyle=":", linewidth=1)
-    ax.set_xlabel("offered msg/s")
-    ax.set_ylabel("delivered msg/s")
-    ax.set_title("Throughput against offered load (dotted: closed-loop maximum)")
-    ax.legend()
-    made.append(outdir / "bench-throughput.png")
-    fig.tight_layout()
-    fig.savefig(made[-1], dpi=100)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, by_rate in s["latency"].items():
-        rates = list(by_rate)
-        (line,) = ax.plot(
-            rates, [by_rate[r]["p50_ms"] for r in rates], marker="o", label=f"{kind} p50"
-        )
-        ax.plot(
-            rates,
-            [by_rate[r]["p99_ms"] for r in rates],
-            marker="x",
-            linestyle="--",
-            color=line.get_color(),
-            label=f"{kind} p99",
-        )
-    ax.set_xlabel("offered msg/s")
-    ax.set_ylabel("send -> push, ms")
-    ax.set_yscale("log")
-    ax.set_title("Latency percentiles against load")
-    ax.legend(fontsize="small")
-    made.append(outdir / "bench-latency.png")
-    fig.tight_layout()
-    fig.savefig(made[-1], dpi=100)
-    plt.close(fig)
+    def save(fig: Any, name: str) -> None:
+        made.append(outdir / name)
+        fig.tight_layout()
+        fig.savefig(made[-1], dpi=100, bbox_inches="tight")
+        plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    # Throughput: two bar charts side by side, each bar labelled with its value.
+    kinds = list(s["throughput"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, fmt, title in (
+        (left, "msg_s", "{:,.0f}", "Closed-loop delivered msg/s (higher is better)"),
+        (right, "cpu_us", "{:.1f} µs", "Server CPU per message, µs (lower is better)"),
+    ):
+        values = [s["throughput"][k][key] for k in kinds]
+        bars = ax.bar(range(len(kinds)), values, color=[colour[k] for k in kinds])
+        ax.bar_label(bars, labels=[fmt.format(v) for v in values], padding=2, fontsize="small")
+        ax.set_xticks(range(len(kinds)), kinds, rotation=15 if len(kinds) > 4 else 0)
+        ax.set_title(title, fontsize="medium")
+        ax.margins(y=0.12)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    fig.suptitle(
+        f"Throughput, one core of server ({args.pairs} pairs, window {args.window}, "
+        f"median of {args.runs} run{'s' if args.runs > 1 else ''})"
+    )
+    save(fig, "bench-throughput.png")
+
+    # Latency against offered load, the fresh servers as stars drawn just right of their
+    # rate; beside it delivered against offered msg/s, when there are rates to draw it with.
+    offered = sorted({r for by_rate in s["latency"].values() for r in by_rate})
+    two = len(offered) >= 2
+    fig = plt.figure(figsize=(12, 6) if two else (7, 6))
+    lat = fig.add_subplot(1, 2 if two else 1, 1)
+    kinds = list(dict.fromkeys([*s["latency"], *s["fresh"]]))
+    for kind in kinds:
+        c = colour[kind]
+        by_rate = s["latency"].get(kind, {})
+        rates = list(by_rate)
+        lat.plot(rates, [by_rate[r]["p50_ms"] for r in rates], marker="o", color=c)
+        lat.plot(rates, [by_rate[r]["p99_ms"] for r in rates], marker="x", ls="--", color=c)
+        for r, f in s["fresh"].get(kind, {}).items():
+            star = {"color": c, "marker": "*", "markersize": 11, "linestyle": "none"}
+            lat.plot([r * FRESH_SHIFT], [f["p50_ms"]], **star)
+            lat.plot([r * FRESH_SHIFT], [f["p99_ms"]], **star, markerfacecolor="none")
+    lat.set_yscale("log")
+    rates_axis(lat, sorted({*offered, *(r for f in s["fresh"].values() for r in f)}))
+    lat.set_ylabel("send -> push, ms (log scale)")
+    lat.set_title("Latency against offered load", fontsize="medium")
+    after = after_label(args)
+    handles = [Line2D([], [], color=colour[k], linewidth=4, label=k) for k in kinds]
+    handles += [
+        Line2D([], [], color="black", marker="o", label=f"p50, {after}"),
+        Line2D([], [], color="black", marker="x", linestyle="--", label=f"p99, {after}"),
+    ]
+    if s["fresh"]:
+        star = {"color": "black", "marker": "*", "markersize": 11, "linestyle": "none"}
+        handles += [
+            Line2D([], [], **star, label="p50, fresh server (right of its rate)"),
+            Line2D([], [], **star, markerfacecolor="none", label="p99, fresh server"),
+        ]
+    below: dict[str, Any] = {"fontsize": "small", "ncols": 2, "bbox_to_anchor": (0.5, -0.14)}
+    lat.legend(handles=handles, loc="upper center", **below)
+    if two:
+        rate = fig.add_subplot(1, 2, 2)
+        for n, (kind, by_rate) in enumerate(s["latency"].items()):
+            rates = list(by_rate)
+            size = max(3.0, 9.0 - 1.5 * n)  # shrinking: points that coincide stay visible
+            rate.plot(
+                rates,
+                [by_rate[r]["msg_s"] for r in rates],
+                marker="o",
+                markersize=size,
+                color=colour[kind],
+            )
+        rate.plot(offered, offered, color="grey", linewidth=1)
+        rate.set_yscale("log")
+        rates_axis(rate, offered)
+        rate.set_ylabel("delivered msg/s (log scale)")
+        rate.set_title(f"Delivered against offered load ({after})", fontsize="medium")
+        rate.legend(
+            handles=[Line2D([], [], color=colour[k], marker="o", label=k) for k in s["latency"]]
+            + [Line2D([], [], color="grey", linewidth=1, label="delivered = offered")],
+            loc="upper center",
+            **below,
+        )
+    save(fig, "bench-latency.png")
+
+    fig, ax = plt.subplots(figsize=(8, 4))
     for kind, m in s["memory"].items():
         ns = list(m["rss"])
         ax.plot(
             ns,
             [m["rss"][n] for n in ns],
             marker="o",
+            color=colour[kind],
             label=f"{kind} ({m['kib_per_conn']:.1f} KiB/conn)",
         )
     ax.set_xlabel("idle connections")
     ax.set_ylabel("server RSS, MiB")
     ax.set_title("Memory against connections")
-    ax.legend()
-    made.append(outdir / "bench-memory.png")
-    fig.tight_layout()
-    fig.savefig(made[-1], dpi=100)
-    plt.close(fig)
+    ax.grid(alpha=0.3)
+    if s["memory"]:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
+    save(fig, "bench-memory.png")
     return made
 
 
@@ -899,7 +1133,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=list(PARTS),
         help="what to measure [all]",
     )
-    p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS[:3]))
+    p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    p.add_argument(
+        "--inbox",
+        type=int,
+        default=10,
+        metavar="N",
+        help="also appchat's throughput with N inbox subscribers, 'appchat+inboxN' (0: not) [10]",
+    )
     p.add_argument(
         "--baseline",
         metavar="REV",
@@ -915,6 +1156,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=5.0, help="seconds measured per run")
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--rates", type=float, nargs="+", default=[500, 1000, 2000, 5000, 10000])
+    p.add_argument(
+        "--fresh-rate",
+        type=float,
+        default=2000,
+        help="the latency at this rate on a freshly started server of each kind (0: not) [2000]",
+    )
     p.add_argument("--idle", type=int, nargs="+", default=[1000, 5000])
     p.add_argument(
         "--settle", type=float, default=1.0, help="seconds idle connections rest before RSS"
@@ -932,6 +1179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tiny:
         args.runs, args.pairs, args.window, args.duration, args.warmup = 1, 4, 2, 0.3, 0.1
         args.rates, args.idle, args.unread, args.calls = [100], [10, 20], [3, 30], 3
+        args.fresh_rate = min(args.fresh_rate, 100)
         args.settle = 0.1
     return args
 

@@ -28,9 +28,17 @@ def test_make_bench_runs_end_to_end_on_a_tiny_load(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = (tmp_path / "benchmarks.md").read_text()
-    for server in ("appchat", "relay", "socketio"):
-        assert f"| {server} |" in report
-    assert "ratio to the bare relay" in report and "GetUnreadInfo" in report
+    rows = [line for line in report.splitlines() if line.startswith("| ")]
+    for server in ("appchat", "durable", "relay", "socketio"):
+        # a throughput row, latency rows after saturation and on a fresh server, memory
+        assert sum(row.startswith(f"| {server} |") for row in rows) == 4, server
+        assert f"| {server} | after saturation | 100 |" in report
+        assert f"| {server} | fresh server | 100 |" in report
+    assert "| appchat+inbox10 |" in report  # the desk on: 10 inbox subscribers, throughput only
+    assert "every subscriber read one per stored message" in report
+    assert report.count("stored): yes.") == 1
+    assert "ratio to the bare relay" in report and "ratio to the durable relay" in report
+    assert "GetUnreadInfo" in report
     for plot in ("bench-throughput.png", "bench-latency.png", "bench-memory.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "bench:" in out.stderr  # the progress bar
