@@ -5,13 +5,16 @@ and English words, paging, and queries that try to be query syntax."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from appchat.protocol import events as ev
 from appchat.store import Store
+from appchat.store.sqlite import SqliteStore
 
+from .support import eventually
 from .test_service import Chat, Session, chat, store  # noqa: F401
 
 SEARCH = "Event.SearchMessages"
@@ -71,6 +74,106 @@ async def test_private_notes_are_found_by_staff_only(chat: Chat) -> None:  # noq
     assert await found(chat, staff, "internally", session_channel="100") == [
         "refund approved internally"
     ]
+
+
+async def index_now(store: Store) -> None:  # noqa: F811
+    """SQLite's index follows the messages a moment behind (searches also read what it does
+    not hold yet): bring it up to date. PostgreSQL's always is."""
+    if isinstance(store, SqliteStore):
+        await store.index_for_search()
+
+
+async def search_ids(chat: Chat, s: Session, query: str, limit: int) -> list[int]:  # noqa: F811
+    """Every match, one page after another, newest first."""
+    seen: list[int] = []
+    cursor = None
+    while True:
+        args: dict[str, Any] = {"query": query, "limit": limit}
+        if cursor is not None:
+            args["cursor"] = cursor
+        result = await chat.ok(s, SEARCH, args)
+        seen += [r["message"]["id"] for r in result["results"]]
+        if not result["has_more"]:
+            return seen
+        cursor = result["next_cursor"]
+
+
+async def test_a_search_spans_the_index_and_the_messages_not_in_it_yet(
+    chat: Chat,  # noqa: F811
+    store: Store,  # noqa: F811
+) -> None:
+    """On SQLite the newest messages wait a moment for the index: a search reads both
+    sides, every match once and in order, whatever the page size, before and after the
+    index caught up; an edit or a deletion on either side is followed."""
+    staff = chat.staff(1)
+    await chat.add(staff, 100)
+    await chat.add(staff, 200)
+    ids = [(await chat.send(staff, 100 + n % 2 * 100, f"apple {n}"))["id"] for n in range(9)]
+    await index_now(store)
+    ids += [(await chat.send(staff, 100 + n % 2 * 100, f"apple {n}"))["id"] for n in range(9, 16)]
+    await chat.send(staff, 100, "pear")
+    newest_first = sorted(ids, reverse=True)
+    for limit in (1, 3, 7, 50):
+        assert await search_ids(chat, staff, "apple", limit) == newest_first
+    indexed, waiting = ids[2], ids[12]  # one on each side of the index's mark
+    for message_id in (indexed, waiting):
+        await chat.ok(staff, "Event.EditMessage", {"id": message_id, "content": "plum"})
+    await chat.ok(staff, "Event.DeleteMessage", {"id": ids[4]})
+    await chat.ok(staff, "Event.DeleteMessage", {"id": ids[14]})
+    left = [i for i in newest_first if i not in (indexed, waiting, ids[4], ids[14])]
+    for _ in range(2):  # then again once everything is indexed
+        assert await search_ids(chat, staff, "apple", 4) == left
+        assert await search_ids(chat, staff, "plum", 1) == [waiting, indexed]
+        assert await found(chat, staff, "apple 14") == []
+        other = await store.get_conversation(200)
+        assert other is not None
+        page = await store.search_messages(["apple"], conversation_id=other.id, limit=100)
+        assert [m.id for m in page.messages] == [i for i in left if i in ids[1::2]]
+        await index_now(store)
+    if isinstance(store, SqliteStore):  # the index holds exactly what the table does
+        await store.index_for_search()
+        await store._write(
+            lambda conn: conn.execute(
+                "INSERT INTO messages_search (messages_search) VALUES ('integrity-check')"
+            )
+        )
+
+
+async def test_sqlite_indexes_by_itself_within_about_a_second(tmp_path: Path) -> None:
+    """Nobody asks: the writer indexes the waiting messages once it has been idle for
+    INDEX_LAG, and moves the mark."""
+    sqlite_store = SqliteStore(str(tmp_path / "i.db"))
+    await sqlite_store.open()
+    try:
+        now = 1_700_000_000_000_000
+        conversation = await sqlite_store.add_conversation(100, 1, staff=True, now=now)
+        for n in range(3):
+            await sqlite_store.add_message(
+                conversation,
+                sender_id=1,
+                staff=True,
+                content=f"word {n}",
+                content_type=1,
+                client_msg_id=None,
+                now=now + n,
+            )
+
+        async def mark() -> int:
+            value: int = await sqlite_store._read(
+                lambda conn: conn.execute("SELECT indexed_upto FROM search_progress").fetchone()[0]
+            )
+            return value
+
+        assert await mark() == 0  # nothing indexed yet: a search still finds them
+        assert len((await sqlite_store.search_messages(["word"], limit=10)).messages) == 3
+
+        async def indexed() -> bool:
+            return await mark() == 3
+
+        await eventually(indexed, timeout=10, what="the mark at the newest message")
+        assert len((await sqlite_store.search_messages(["word"], limit=10)).messages) == 3
+    finally:
+        await sqlite_store.close()
 
 
 async def test_edits_and_deletions_are_followed_at_once(chat: Chat) -> None:  # noqa: F811

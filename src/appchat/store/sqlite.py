@@ -67,6 +67,14 @@ Job = tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any], asyncio.Ab
 MAX_BATCH = 1024
 READERS = 2
 MAX_CACHED_CONVERSATIONS = 50_000
+# The search index follows the messages (migration 0010): the writer looks at most this
+# often how far behind it is, and indexes once this many wait or the oldest waits
+# longer than INDEX_LAG seconds; at most INDEX_MOST in one transaction (a catch-up is
+# spread over several, between the sends' batches).
+INDEX_LOOK = 0.05
+INDEX_RUN = 128
+INDEX_LAG = 1.0
+INDEX_MOST = 512
 
 
 class SqliteStore(SqlStore):
@@ -124,8 +132,15 @@ class SqliteStore(SqlStore):
             self._readers_count, thread_name_prefix="appchat-sqlite-reader"
         )
 
+    async def index_for_search(self) -> None:
+        """Index every message the search index does not hold yet, now (it otherwise
+        follows within about a second; searches find those messages meanwhile too)."""
+        await self._write(_index_all)
+
     async def close(self) -> None:
         if self._writer is not None:
+            with suppress(AppError):  # a restart then starts with nothing to index
+                await self.index_for_search()
             self._jobs.put(None)
             await asyncio.to_thread(self._writer.join)
             self._writer = None
@@ -198,9 +213,15 @@ class SqliteStore(SqlStore):
             return
         turn = self._turn
         ready.set()
+        search = _SearchIndex()
         try:
             while True:
-                first = self._jobs.get()
+                try:
+                    first = self._jobs.get(timeout=search.wait())
+                except queue.Empty:  # idle, with messages still to index
+                    with turn or nullcontext():
+                        search.catch_up(conn, idle=True)
+                    continue
                 if first is None:
                     return
                 batch = [first]
@@ -219,6 +240,9 @@ class SqliteStore(SqlStore):
                 _settle_batch(batch, outcomes, self._outbox_written())
                 if stop:
                     return
+                if search.due():
+                    with turn or nullcontext():
+                        search.catch_up(conn, idle=False)
         finally:
             conn.close()
             if turn is not None:
@@ -287,6 +311,77 @@ class SqliteStore(SqlStore):
 
     def _send(self, send: Send) -> asyncio.Future[SendOutcome]:
         return self._submit(_SendMessage(self._members, self._outbox, send))
+
+
+class _SearchIndex:
+    """The writer's side of the search index that follows the messages (migration 0010):
+    when to look how far behind it is, and indexing the next run of messages."""
+
+    __slots__ = ("_behind", "_looked", "_oldest")
+
+    def __init__(self) -> None:
+        self._looked = 0.0  # when it last looked (monotonic)
+        self._behind = True  # messages may wait (unknown at start: look at once)
+        self._oldest = 0.0  # since when messages wait
+
+    def wait(self) -> float | None:
+        """How long the writer may wait for work before indexing what waits (None: for
+        good, nothing waits)."""
+        if not self._behind:
+            return None
+        return max(0.0, self._oldest + INDEX_LAG - time.monotonic())
+
+    def due(self) -> bool:
+        """Time to look (after a batch that may have stored messages)."""
+        now = time.monotonic()
+        if not self._behind:
+            self._behind, self._oldest = True, now
+        return now - self._looked >= INDEX_LOOK
+
+    def catch_up(self, conn: sqlite3.Connection, *, idle: bool) -> None:
+        """Index the next run of messages above the mark if enough wait (``idle``: any)."""
+        now = self._looked = time.monotonic()
+        try:
+            row = conn.execute(INDEX_BEHIND).fetchone()
+            upto, top = (row[0], row[1] or 0) if row is not None else (0, 0)
+            waiting = top - upto
+            if waiting <= 0:
+                self._behind = False
+                return
+            if not idle and waiting < INDEX_RUN and now - self._oldest < INDEX_LAG:
+                return
+            last = min(top, upto + INDEX_MOST)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                (upto,) = conn.execute("SELECT indexed_upto FROM search_progress").fetchone()
+                if last > upto:
+                    conn.execute(INDEX_NEXT, (upto, last))
+                    conn.execute("UPDATE search_progress SET indexed_upto = ?", (last,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            if last >= top:
+                self._behind = False
+            else:
+                self._oldest = now - INDEX_LAG  # more wait: again at the next look
+        except sqlite3.Error as exc:  # retried at the next look; searches still find all
+            _failure_log.warning("search index", "sqlite search indexing failed: %s", exc)
+
+
+def _index_all(conn: sqlite3.Connection) -> None:
+    """Index every message above the mark (a writer job: in its batch's transaction)."""
+    upto, top = conn.execute(INDEX_BEHIND).fetchone()
+    if top is not None and top > upto:
+        conn.execute(INDEX_NEXT, (upto, top))
+        conn.execute("UPDATE search_progress SET indexed_upto = ?", (top,))
+
+
+INDEX_BEHIND = "SELECT indexed_upto, (SELECT max(id) FROM messages) FROM search_progress"
+INDEX_NEXT = (
+    "INSERT INTO messages_search (rowid, content) SELECT id, content FROM messages "
+    "WHERE id > ? AND id <= ? AND content_type = 1"
+)
 
 
 class _Outbox:
