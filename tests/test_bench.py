@@ -98,3 +98,46 @@ def test_retention_bench_purges_exactly_the_old_messages_on_a_tiny_load(tmp_path
     assert (
         "| --retention-days 30 | during |" in out.stdout and "| reference | during |" in out.stdout
     )
+
+
+@pytest.mark.timeout(300)
+def test_threads_bench_splits_the_cpu_by_thread_on_a_tiny_load() -> None:
+    """bench/threads.py: a row per server, the event loop and the writer thread both
+    spending CPU on the messages (and adding up to no more than the whole process)."""
+    out = subprocess.run(
+        [sys.executable, "bench/threads.py", "--rate", "200", "--duration", "2", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {line.split(" | ")[0]: line for line in out.stdout.splitlines() if line.startswith("| ")}
+    for server in ("| appchat", "| durable"):
+        cells = rows[server].strip("| ").split(" | ")
+        whole = float(cells[2].removesuffix(" µs"))
+        loop, writer, rest = (float(cell.split(" ")[0]) for cell in cells[3:])
+        assert loop > 0 and writer > 0, rows[server]
+        assert loop + writer + rest <= whole * 1.05 + 1, rows[server]
+
+
+@pytest.mark.timeout(300)
+def test_hops_bench_notes_every_hop_of_every_message_on_a_tiny_load() -> None:
+    """bench/hops.py patches the server's internals to time each hop: every message sent
+    must come back with all of them noted (a rename inside appchat would break it)."""
+    out = subprocess.run(
+        [sys.executable, "bench/hops.py", "--rate", "100", "--duration", "2", "--pairs", "10"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    first = out.stdout.splitlines()[0]  # "N messages at 100/s: ..."
+    sent = int(first.split()[0])
+    assert sent > 100, first
+    assert f"{sent} with every hop noted" in out.stdout
+    for hop in ("sent -> read", "batch -> commit", "pushed -> arrived"):
+        assert hop in out.stdout
