@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from websockets.exceptions import ConnectionClosed
 
@@ -309,3 +310,44 @@ async def test_server_fault_is_internal_and_leaks_nothing(tmp_path: Path) -> Non
             await s.ok("Event.GetUnreadInfo", {})
     finally:
         await node.stop()
+
+
+@pytest.mark.parametrize("compression", [None, "deflate"], ids=["plain", "permessage-deflate"])
+async def test_replies_and_pushes_of_every_frame_length_arrive_whole(
+    server: Server, compression: str | None
+) -> None:
+    """Frames are written straight to the socket when nothing is unusual, through aiohttp
+    when compression was negotiated: payloads under 126 bytes, with a 16-bit length (one
+    write, and header then payload above 16 KiB) and a 64-bit length, each intact and in
+    order, for a client that offers no compression and one that does."""
+    app = APP + 100 + (compression is None)
+    contents = [
+        "a",  # a reply and a push of a few hundred bytes: a 16-bit length
+        "я" * 2000,  # 4,000 bytes: a 16-bit length, one write
+        "\x01" * 4000,  # escaped as \u0001: 24,000 bytes, above 16 KiB
+        "😀" * 4000,  # 16,000 bytes
+    ]
+    async with (
+        client(server, 71, token(admin_id=71), compression=compression) as s,
+        client(server, 72, token(admin_id=72), compression=compression) as peer,
+    ):
+        negotiated = [len(c.ws.protocol.extensions) for c in (s, peer)]
+        assert negotiated == ([0, 0] if compression is None else [1, 1])
+        await s.ok("Event.AddConversation", {"application_id": app})
+        await peer.ok("Event.AddConversation", {"application_id": app})
+        await s.ok("Event.Typing", {"session_channel": str(app)})
+        short = await peer.push("Event.ReceiveTyping")
+        assert len(orjson.dumps(short)) < 126, short  # a 7-bit length
+        sent = []
+        for content in contents * 3:
+            result = await s.ok(
+                "Event.SendMessage", {"session_channel": str(app), "content": content}
+            )
+            assert result["message"]["content"] == content
+            pushed = await peer.push("Event.ReceiveMessage")
+            assert pushed["result"] == result
+            sent.append(result["message"])
+        # a page of twelve such messages: a reply above 64 KiB (a 64-bit length)
+        page = await peer.ok("Event.GetMessageList", {"session_channel": str(app), "limit": 50})
+        assert page["Messages"] == sent
+        assert len(orjson.dumps(page)) > 65536

@@ -14,8 +14,9 @@ from typing import Any
 
 from ..protocol.models import Principal
 
-Send = Callable[[bytes], Coroutine[Any, Any, None]]
-"""Writes one text frame; returns at once unless the socket's buffer is full."""
+Send = Callable[[bytes], Coroutine[Any, Any, None] | None]
+"""Writes one text frame: None when it was written at once, else a coroutine that writes it
+(and returns at once unless the socket's buffer is full)."""
 
 
 class Connection:
@@ -117,11 +118,13 @@ class Connection:
         if self._queue or self._drainer is not None:
             self._enqueue(frame)
             return
-        coro = self._send(frame)
         try:
+            coro = self._send(frame)
+            if coro is None:
+                return  # written at once: the common case
             waiting = coro.send(None)
         except StopIteration:
-            return  # written: the common case
+            return  # written by the coroutine without waiting
         except (ConnectionError, RuntimeError):
             self._broken()
             return
@@ -153,7 +156,8 @@ class Connection:
             while self._queue:
                 frame = self._queue.pop(0)
                 try:
-                    await self._send(frame)
+                    if (sending := self._send(frame)) is not None:
+                        await sending
                 finally:
                     self.queued_bytes -= len(frame)
                     self._has_room()

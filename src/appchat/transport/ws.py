@@ -9,9 +9,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
+from struct import Struct
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -20,7 +21,7 @@ from ..auth.tokens import NO_IDS, IdRanges, TokenVerifier, bind, parse_id
 from ..chat.service import ChatService
 from ..common.metrics import Metrics
 from ..common.ratelimit import TokenBucket
-from ..fanout.connection import Connection
+from ..fanout.connection import Connection, Send
 from ..fanout.hub import Hub
 from ..protocol import defaults
 from ..protocol.closecodes import CloseCode
@@ -150,7 +151,7 @@ class WebSocketEndpoint:
         conn = Connection(
             self._hub.new_connection_id(),
             principal,
-            partial(ws.send_frame, opcode=WSMsgType.TEXT),
+            text_frames(ws, transport),
             max_queue=self._options.send_queue,
             max_bytes=self._options.send_buffer,
             on_overflow=lambda c: self._drop_slow(ws, transport),
@@ -307,6 +308,41 @@ class WebSocketEndpoint:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+
+
+_HEADER_SHORT = Struct("!BB").pack  # FIN + text, a payload under 126 bytes
+_HEADER_MEDIUM = Struct("!BBH").pack  # ... 126, a 16-bit length
+_HEADER_LONG = Struct("!BBQ").pack  # ... 127, a 64-bit length
+_ONE_WRITE = 16 * 1024  # a longer payload is written after its header, not copied to it
+
+
+def text_frames(ws: web.WebSocketResponse, transport: Any) -> Send:
+    """How a connection writes a text frame: straight to the socket, without a coroutine,
+    when nothing is unusual (the socket's buffer empty, no compression negotiated, the
+    WebSocket not closing); otherwise, and whenever flow control may have to wait,
+    through aiohttp's own ``send_frame``. Servers never mask (RFC 6455 5.1)."""
+    slow = partial(ws.send_frame, opcode=WSMsgType.TEXT)
+    write = transport.write
+
+    def send(frame: bytes) -> Coroutine[Any, Any, None] | None:
+        if ws.closed or ws.compress or transport.is_closing() or transport.get_write_buffer_size():
+            return slow(frame)
+        size = len(frame)
+        if size < 126:
+            write(_HEADER_SHORT(0x81, size) + frame)
+        elif size < 65536:
+            header = _HEADER_MEDIUM(0x81, 126, size)
+            if size > _ONE_WRITE:
+                write(header)
+                write(frame)
+            else:
+                write(header + frame)
+        else:
+            write(_HEADER_LONG(0x81, 127, size))
+            write(frame)
+        return None
+
+    return send
 
 
 def _abort(transport: asyncio.Transport | None) -> None:
