@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 from . import Handler, ResyncHandler
 
 
@@ -11,7 +9,9 @@ class MemoryBus:
     """What several in-process brokers share, so two nodes in one process can talk."""
 
     def __init__(self) -> None:
-        self.subscribers: defaultdict[str, set[MemoryBroker]] = defaultdict(set)
+        # Each channel's brokers: one for a single node (a user's channel on the default
+        # broker, for every connected user), so a list, a third of an empty set's size.
+        self.subscribers: dict[str, list[MemoryBroker]] = {}
         self.members = 0  # brokers started on this bus
 
 
@@ -51,12 +51,14 @@ class MemoryBroker:
 
     async def subscribe(self, channel: str) -> None:
         self._channels.add(channel)
-        self._bus.subscribers[channel].add(self)
+        brokers = self._bus.subscribers.setdefault(channel, [])
+        if self not in brokers:
+            brokers.append(self)
 
     async def unsubscribe(self, channel: str) -> None:
         self._channels.discard(channel)
         subscribers = self._bus.subscribers.get(channel)
-        if subscribers is not None:
-            subscribers.discard(self)
+        if subscribers is not None and self in subscribers:
+            subscribers.remove(self)
             if not subscribers:
                 del self._bus.subscribers[channel]

@@ -61,7 +61,9 @@ class Hub:
         self.node_id = secrets.token_hex(4)
         self._own_head = f"{self.node_id}\t".encode()  # how this node's envelopes start
         self._ids = itertools.count(1)
-        self._by_user: dict[int, set[Connection]] = {}
+        # A user's connections on this node: a few at most, so a list (a third of an empty
+        # set's size, for every idle connection of a different user).
+        self._by_user: dict[int, list[Connection]] = {}
         self._lock = asyncio.Lock()
         self._publish_timeout = publish_timeout
         self._outbox: deque[tuple[str, bytes]] = deque()
@@ -140,10 +142,10 @@ class Hub:
                         await self._broker.subscribe(self._channel(user_id))
                 except TimeoutError:
                     raise Unavailable("the broker did not answer in time") from None
-                self._by_user[user_id] = set()
+                self._by_user[user_id] = []
                 if self.on_user_edge is not None:
                     self.on_user_edge(user_id)
-            self._by_user[user_id].add(conn)
+            self._by_user[user_id].append(conn)
         principal = conn.principal
         self.presence.connected(user_id, staff=principal.is_staff, name=principal.name)
 
@@ -154,7 +156,7 @@ class Hub:
             conns = self._by_user.get(user_id)
             if conns is None or conn not in conns:
                 return
-            conns.discard(conn)
+            conns.remove(conn)
             self.presence.disconnected(user_id, staff=conn.principal.is_staff)
             if not conns:
                 del self._by_user[user_id]

@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from functools import partial
 from struct import Struct
 from typing import Any
 
@@ -21,7 +20,7 @@ from ..auth.tokens import NO_IDS, IdRanges, TokenVerifier, bind, parse_id
 from ..chat.service import ChatService
 from ..common.metrics import Metrics
 from ..common.ratelimit import TokenBucket
-from ..fanout.connection import Connection, Send
+from ..fanout.connection import Connection
 from ..fanout.hub import Hub
 from ..protocol import defaults
 from ..protocol.closecodes import CloseCode
@@ -148,15 +147,16 @@ class WebSocketEndpoint:
             self._quota.give_back(quota)
             return self._refuse(400, "expected a WebSocket upgrade", remote, sid)
         transport = request.transport
+        link = _Link(self, ws, transport)
         conn = Connection(
             self._hub.new_connection_id(),
             principal,
-            text_frames(ws, transport),
+            link.send,
             max_queue=self._options.send_queue,
             max_bytes=self._options.send_buffer,
-            on_overflow=lambda c: self._drop_slow(ws, transport),
-            on_broken=lambda c: _abort(transport),
-            on_close=partial(self._disconnect, ws, transport),
+            on_overflow=link.overflow,
+            on_broken=link.broken,
+            on_close=link.disconnect,
         )
         try:
             await self._hub.register(conn)
@@ -173,7 +173,7 @@ class WebSocketEndpoint:
             transport,
             service=self._service,
             bucket=TokenBucket(self._options.rate, self._options.burst, clock=self._monotonic),
-            close_soon=partial(self._close_soon, ws, transport),
+            close_soon=link.close_soon,
         )
         opened = None
         try:
@@ -316,33 +316,50 @@ _HEADER_LONG = Struct("!BBQ").pack  # ... 127, a 64-bit length
 _ONE_WRITE = 16 * 1024  # a longer payload is written after its header, not copied to it
 
 
-def text_frames(ws: web.WebSocketResponse, transport: Any) -> Send:
-    """How a connection writes a text frame: straight to the socket, without a coroutine,
-    when nothing is unusual (the socket's buffer empty, no compression negotiated, the
-    WebSocket not closing); otherwise, and whenever flow control may have to wait,
-    through aiohttp's own ``send_frame``. Servers never mask (RFC 6455 5.1)."""
-    slow = partial(ws.send_frame, opcode=WSMsgType.TEXT)
-    write = transport.write
+class _Link:
+    """What a connection and its session need of their WebSocket: writing a text frame,
+    closing it. One small object whose bound methods are the callbacks (a closure or a
+    ``partial`` per callback cost about a kilobyte per idle connection)."""
 
-    def send(frame: bytes) -> Coroutine[Any, Any, None] | None:
+    __slots__ = ("endpoint", "transport", "ws")
+
+    def __init__(self, endpoint: WebSocketEndpoint, ws: web.WebSocketResponse, transport: Any):
+        self.endpoint, self.ws, self.transport = endpoint, ws, transport
+
+    def send(self, frame: bytes) -> Coroutine[Any, Any, None] | None:
+        """Straight to the socket, without a coroutine, when nothing is unusual (the
+        socket's buffer empty, no compression negotiated, the WebSocket not closing);
+        otherwise, and whenever flow control may have to wait, through aiohttp's own
+        ``send_frame``. Servers never mask (RFC 6455 5.1)."""
+        ws, transport = self.ws, self.transport
         if ws.closed or ws.compress or transport.is_closing() or transport.get_write_buffer_size():
-            return slow(frame)
+            return ws.send_frame(frame, WSMsgType.TEXT)
         size = len(frame)
         if size < 126:
-            write(_HEADER_SHORT(0x81, size) + frame)
+            transport.write(_HEADER_SHORT(0x81, size) + frame)
         elif size < 65536:
             header = _HEADER_MEDIUM(0x81, 126, size)
             if size > _ONE_WRITE:
-                write(header)
-                write(frame)
+                transport.write(header)
+                transport.write(frame)
             else:
-                write(header + frame)
+                transport.write(header + frame)
         else:
-            write(_HEADER_LONG(0x81, 127, size))
-            write(frame)
+            transport.write(_HEADER_LONG(0x81, 127, size))
+            transport.write(frame)
         return None
 
-    return send
+    def overflow(self, conn: Connection) -> None:
+        self.endpoint._drop_slow(self.ws, self.transport)
+
+    def broken(self, conn: Connection) -> None:
+        _abort(self.transport)
+
+    def disconnect(self, code: int, reason: str) -> bool:
+        return self.endpoint._disconnect(self.ws, self.transport, code, reason)
+
+    def close_soon(self, code: int, reason: str, counted_as: str) -> asyncio.Task[None]:
+        return self.endpoint._close_soon(self.ws, self.transport, code, reason, counted_as)
 
 
 def _abort(transport: asyncio.Transport | None) -> None:
