@@ -27,6 +27,7 @@ from appchat.protocol.models import (
 from appchat.store import Store
 
 from .backends import ENGINES, opened_store, postgres_database
+from .support import eventually
 
 NOW = 1_700_000_000_000_000
 
@@ -563,6 +564,43 @@ async def test_sqlite_that_cannot_be_opened_fails_fast_instead_of_hanging(tmp_pa
     store = SqliteStore(str(tmp_path), migrate=False)  # a folder: sqlite cannot open it
     with pytest.raises(Unavailable):
         await asyncio.wait_for(store.open(), 10)
+
+
+async def test_sqlite_checkpoints_the_wal_outside_the_writers_commits(tmp_path: Path) -> None:
+    """The writer checkpoints only past CHECKPOINT_SAFETY pages; below that a thread of
+    its own copies the committed pages into the database file a moment after writes:
+    the file grows while the writer alone would have left everything in the WAL."""
+    from appchat.store.sqlite import CHECKPOINT_SAFETY, SqliteStore
+
+    path = tmp_path / "c.db"
+    sqlite_store = SqliteStore(str(path))
+    await sqlite_store.open()
+    try:
+        before = path.stat().st_size
+        conv = await sqlite_store.add_conversation(100, 1, staff=True, now=NOW)
+        for n in range(300):  # about 2,000 WAL pages: far below CHECKPOINT_SAFETY
+            await sqlite_store.add_message(
+                conv,
+                sender_id=1,
+                staff=True,
+                content=f"{n} " + "x" * 1000,
+                content_type=1,
+                client_msg_id=None,
+                now=NOW + n,
+            )
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            (wal_pages,) = db.execute("PRAGMA wal_autocheckpoint").fetchone()
+        assert wal_pages == 1000  # (another connection's own setting: SQLite's default)
+        assert (path.with_name("c.db-wal").stat().st_size // 4096) < CHECKPOINT_SAFETY
+
+        def copied() -> bool:
+            return path.stat().st_size > before + 300 * 1000
+
+        await eventually(copied, timeout=10, what="the messages' pages in the database file")
+        page = await sqlite_store.list_messages(conv, limit=500)
+        assert len(page.messages) == 300
+    finally:
+        await sqlite_store.close()
 
 
 # --- the webhook outbox (issue 10) -------------------------------------------------------

@@ -75,6 +75,15 @@ INDEX_LOOK = 0.05
 INDEX_RUN = 128
 INDEX_LAG = 1.0
 INDEX_MOST = 512
+# WAL checkpoints (committed pages copied from the WAL into the database file, which is
+# then synced) run in a thread of their own instead of inside the commit that crossed
+# SQLite's 1,000 pages: that commit took 5-9 ms more and held up every send in its batch
+# (the p99 of docs/benchmarks.md). About every CHECKPOINT_PAGES new WAL pages, as SQLite
+# would: the wait between two adapts to how many the last one found, within
+# CHECKPOINT_WAIT. The writer still checkpoints itself past CHECKPOINT_SAFETY pages.
+CHECKPOINT_PAGES = 1000
+CHECKPOINT_WAIT = (0.05, 2.0)
+CHECKPOINT_SAFETY = 20_000
 
 
 class SqliteStore(SqlStore):
@@ -105,6 +114,7 @@ class SqliteStore(SqlStore):
         self._members = _Members()  # the writer thread's memory of participants
         self._open_error: BaseException | None = None
         self._outbox: _Outbox | None = None  # webhooks configured: events are recorded
+        self._checkpoints: _Checkpointer | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -131,6 +141,8 @@ class SqliteStore(SqlStore):
         self._readers = ThreadPoolExecutor(
             self._readers_count, thread_name_prefix="appchat-sqlite-reader"
         )
+        if self.path != ":memory:":
+            self._checkpoints = _Checkpointer(self._connect)
 
     async def index_for_search(self) -> None:
         """Index every message the search index does not hold yet, now (it otherwise
@@ -144,6 +156,9 @@ class SqliteStore(SqlStore):
             self._jobs.put(None)
             await asyncio.to_thread(self._writer.join)
             self._writer = None
+        if self._checkpoints is not None:
+            checkpoints, self._checkpoints = self._checkpoints, None
+            await asyncio.to_thread(checkpoints.stop)
         if self._readers is not None:
             readers, self._readers = self._readers, None
             await asyncio.to_thread(readers.shutdown, True)
@@ -211,6 +226,7 @@ class SqliteStore(SqlStore):
             self._open_error = exc
             ready.set()
             return
+        conn.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_SAFETY}")
         turn = self._turn
         ready.set()
         search = _SearchIndex()
@@ -238,6 +254,8 @@ class SqliteStore(SqlStore):
                 with turn or nullcontext():
                     outcomes = self._commit_batch(conn, batch)
                 _settle_batch(batch, outcomes, self._outbox_written())
+                if (checkpoints := self._checkpoints) is not None:
+                    checkpoints.wrote()
                 if stop:
                     return
                 if search.due():
@@ -311,6 +329,54 @@ class SqliteStore(SqlStore):
 
     def _send(self, send: Send) -> asyncio.Future[SendOutcome]:
         return self._submit(_SendMessage(self._members, self._outbox, send))
+
+
+class _Checkpointer:
+    """A thread that checkpoints the WAL a while after writes (see CHECKPOINT_PAGES), on a
+    connection of its own. PASSIVE: it never waits for the writer or for readers, and
+    copies what it can; a commit meanwhile goes on appending to the WAL."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+        self._wrote = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="appchat-sqlite-checkpoints", daemon=True
+        )
+        self._thread.start()
+
+    def wrote(self) -> None:
+        """The writer committed: a checkpoint is due."""
+        self._wrote.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wrote.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        wait, shortest, longest = 0.2, *CHECKPOINT_WAIT
+        frames = 0  # the WAL's length at the last checkpoint
+        try:
+            while not self._stopping.is_set():
+                self._wrote.wait()
+                if self._stopping.wait(wait):  # let the commits gather
+                    return
+                self._wrote.clear()
+                try:
+                    if conn is None:
+                        conn = self._connect()
+                    _busy, log, _done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:  # tried again after the next writes
+                    _failure_log.warning("checkpoint", "sqlite checkpoint failed: %s", exc)
+                    continue
+                new = log - frames if log >= frames else log  # (the WAL started over)
+                frames = log
+                wait = min(longest, max(shortest, wait * CHECKPOINT_PAGES / max(new, 1)))
+        finally:
+            if conn is not None:
+                conn.close()
 
 
 class _SearchIndex:
