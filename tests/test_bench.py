@@ -141,3 +141,28 @@ def test_hops_bench_notes_every_hop_of_every_message_on_a_tiny_load() -> None:
     assert f"{sent} with every hop noted" in out.stdout
     for hop in ("sent -> read", "batch -> commit", "pushed -> arrived"):
         assert hop in out.stdout
+
+
+@pytest.mark.timeout(300)
+def test_writer_bench_measures_the_store_with_and_without_an_index() -> None:
+    """bench/writer.py: the writer thread's CPU per message, with every index and
+    without the one named, each from messages really stored."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "bench/writer.py",
+            *("--duration", "0.5", "--warmup", "0.2", "--rounds", "1"),
+            *("--without", "messages_changes"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {line.split(" | ")[0]: line for line in out.stdout.splitlines() if line.startswith("| ")}
+    for variant in ("| all indexes", "| without messages_changes"):
+        cells = rows[variant].strip("| ").split(" | ")
+        assert float(cells[1].replace(",", "")) > 0, rows[variant]  # msg/s
+        assert float(cells[2].removesuffix(" µs")) > 0, rows[variant]  # CPU per message
