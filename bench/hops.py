@@ -258,15 +258,11 @@ def main() -> int:
     p.add_argument("--server-args", default="", help="more `appchat serve` options, quoted")
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
+    from common import setup_signals_and_loop
     from suite import pin_generator
 
     pin_generator()
-    try:
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:
-        pass
+    setup_signals_and_loop()
     with tempfile.TemporaryDirectory(prefix="appchat-hops-") as tmp:
         asyncio.run(drive(args, Path(tmp)))
     return 0

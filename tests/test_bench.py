@@ -14,6 +14,21 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_script(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run a bench script (``python bench/NAME.py …``) from the project folder; a
+    non-zero exit fails the test with the end of its output."""
+    out = subprocess.run(
+        [sys.executable, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
 @pytest.mark.timeout(300)
 def test_make_bench_runs_end_to_end_on_a_tiny_load(tmp_path: Path) -> None:
     if shutil.which("make") is None:
@@ -48,15 +63,7 @@ def test_make_bench_runs_end_to_end_on_a_tiny_load(tmp_path: Path) -> None:
 def test_desk_bench_runs_end_to_end_on_a_tiny_load() -> None:
     """bench/desk.py --tiny: the baseline checked out and served, then inbox subscribers
     that must each read one ConversationUpdated per stored message (else it exits 1)."""
-    out = subprocess.run(
-        [sys.executable, "bench/desk.py", "--tiny"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = run_script("bench/desk.py", "--tiny")
     rows = {line.split(" | ")[0]: line for line in out.stdout.splitlines() if line.startswith("| ")}
     assert "| appchat@110e219" in rows and "| appchat, 0 subscribers" in rows
     for n in (3, 10):
@@ -69,21 +76,7 @@ def test_retention_bench_purges_exactly_the_old_messages_on_a_tiny_load(tmp_path
     """bench/retention.py --tiny: a server with --retention-days purges the seeded old
     messages under SendMessage load, leaves the recent ones and exact counters, and the
     figures come out for both servers and every phase."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "retention.py"),
-            "--tiny",
-            "--json",
-            str(tmp_path / "retention.json"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = run_script("bench/retention.py", "--tiny", "--json", str(tmp_path / "retention.json"))
     result = json.loads((tmp_path / "retention.json").read_text())
     (run,) = result["runs"]
     check = run["check"]
@@ -104,15 +97,7 @@ def test_retention_bench_purges_exactly_the_old_messages_on_a_tiny_load(tmp_path
 def test_threads_bench_splits_the_cpu_by_thread_on_a_tiny_load() -> None:
     """bench/threads.py: a row per server, the event loop and the writer thread both
     spending CPU on the messages (and adding up to no more than the whole process)."""
-    out = subprocess.run(
-        [sys.executable, "bench/threads.py", "--rate", "200", "--duration", "2", "--rounds", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = run_script("bench/threads.py", "--rate", "200", "--duration", "2", "--rounds", "1")
     rows = {line.split(" | ")[0]: line for line in out.stdout.splitlines() if line.startswith("| ")}
     for server in ("| appchat", "| durable"):
         cells = rows[server].strip("| ").split(" | ")
@@ -126,15 +111,7 @@ def test_threads_bench_splits_the_cpu_by_thread_on_a_tiny_load() -> None:
 def test_hops_bench_notes_every_hop_of_every_message_on_a_tiny_load() -> None:
     """bench/hops.py patches the server's internals to time each hop: every message sent
     must come back with all of them noted (a rename inside appchat would break it)."""
-    out = subprocess.run(
-        [sys.executable, "bench/hops.py", "--rate", "100", "--duration", "2", "--pairs", "10"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = run_script("bench/hops.py", "--rate", "100", "--duration", "2", "--pairs", "10")
     first = out.stdout.splitlines()[0]  # "N messages at 100/s: ..."
     sent = int(first.split()[0])
     assert sent > 100, first
@@ -147,20 +124,11 @@ def test_hops_bench_notes_every_hop_of_every_message_on_a_tiny_load() -> None:
 def test_writer_bench_measures_the_store_with_and_without_an_index() -> None:
     """bench/writer.py: the writer thread's CPU per message, with every index and
     without the one named, each from messages really stored."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "bench/writer.py",
-            *("--duration", "0.5", "--warmup", "0.2", "--rounds", "1"),
-            *("--without", "messages_changes"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    out = run_script(
+        "bench/writer.py",
+        *("--duration", "0.5", "--warmup", "0.2", "--rounds", "1"),
+        *("--without", "messages_changes"),
     )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = {line.split(" | ")[0]: line for line in out.stdout.splitlines() if line.startswith("| ")}
     for variant in ("| all indexes", "| without messages_changes"):
         cells = rows[variant].strip("| ").split(" | ")
