@@ -482,7 +482,11 @@ async def test_search_opens_the_conversation_at_the_message(browser: Any, tmp_pa
         await cbox.fill("umbrella")
         await cbox.press("Enter")
         cresults = cust_page.locator("#search-list .result")
-        await expect(cresults).to_have_count(1)
+        try:
+            await expect(cresults).to_have_count(1)
+        except AssertionError as exc:  # (seen once in a full run, not since): say what showed
+            pane = await cust_page.locator("#search-results").inner_text()
+            raise AssertionError(f"{exc}\nthe customer's search pane: {pane!r}") from exc
         await expect(cresults).to_contain_text("Where is my umbrella?")
         await cresults.click()
         await expect(bubble(cust_page, "Where is my umbrella?")).to_be_in_viewport()
