@@ -351,3 +351,18 @@ async def test_replies_and_pushes_of_every_frame_length_arrive_whole(
         page = await peer.ok("Event.GetMessageList", {"session_channel": str(app), "limit": 50})
         assert page["Messages"] == sent
         assert len(orjson.dumps(page)) > 65536
+
+
+def test_a_frame_for_a_connection_without_a_transport_fails_as_aiohttp_fails() -> None:
+    """A client that left before its handshake ended has no transport: the frame goes to
+    aiohttp, whose RuntimeError marks the connection broken (never an AttributeError that
+    would stop a push to everyone else)."""
+    from aiohttp import web
+
+    from appchat.transport.ws import _Link
+
+    link = _Link(None, web.WebSocketResponse(), None)  # type: ignore[arg-type]
+    sending = link.send(b'{"name":"Event.ReceiveMessage"}')
+    assert sending is not None
+    with pytest.raises(RuntimeError):
+        sending.send(None)

@@ -796,3 +796,30 @@ async def execute(store: Store, *, sqlite: list[str], postgres: list[str]) -> No
                     conn.execute(statement.encode())
 
     await asyncio.to_thread(run)
+
+
+def test_sqlite_search_indexing_that_fails_waits_before_it_tries_again() -> None:
+    """A failing index run (here: no tables at all) must not become a busy loop of the
+    writer: it is tried again only after INDEX_LAG, on the idle path and after batches."""
+    from appchat.store.sqlite import INDEX_LAG, _SearchIndex
+
+    index = _SearchIndex()
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        assert index.wait() == 0.0  # unknown at start: look at once
+        index.catch_up(conn, idle=True)  # fails (no search_progress), logged
+    wait = index.wait()
+    assert wait is not None and INDEX_LAG / 2 < wait <= INDEX_LAG
+    assert not index.due()
+
+
+async def test_sqlite_close_returns_when_the_writer_already_ended(tmp_path: Path) -> None:
+    """close() asks the writer to index what waits; a writer that has ended (here: told
+    to stop) would never answer, so close() must not wait for it."""
+    from appchat.store.sqlite import SqliteStore
+
+    sqlite_store = SqliteStore(str(tmp_path / "w.db"))
+    await sqlite_store.open()
+    sqlite_store._jobs.put(None)  # the writer stops, as it does when it fails for good
+    assert sqlite_store._writer is not None
+    await asyncio.to_thread(sqlite_store._writer.join, 10)
+    await asyncio.wait_for(sqlite_store.close(), 10)

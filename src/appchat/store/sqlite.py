@@ -151,8 +151,9 @@ class SqliteStore(SqlStore):
 
     async def close(self) -> None:
         if self._writer is not None:
-            with suppress(AppError):  # a restart then starts with nothing to index
-                await self.index_for_search()
+            if self._writer.is_alive():  # (a writer that died would never answer)
+                with suppress(AppError):  # a restart then starts with nothing to index
+                    await self.index_for_search()
             self._jobs.put(None)
             await asyncio.to_thread(self._writer.join)
             self._writer = None
@@ -383,26 +384,27 @@ class _SearchIndex:
     """The writer's side of the search index that follows the messages (migration 0010):
     when to look how far behind it is, and indexing the next run of messages."""
 
-    __slots__ = ("_behind", "_looked", "_oldest")
+    __slots__ = ("_behind", "_looked", "_oldest", "_retry_at")
 
     def __init__(self) -> None:
         self._looked = 0.0  # when it last looked (monotonic)
         self._behind = True  # messages may wait (unknown at start: look at once)
         self._oldest = 0.0  # since when messages wait
+        self._retry_at = 0.0  # after a failure: not before then (no busy loop)
 
     def wait(self) -> float | None:
         """How long the writer may wait for work before indexing what waits (None: for
         good, nothing waits)."""
         if not self._behind:
             return None
-        return max(0.0, self._oldest + INDEX_LAG - time.monotonic())
+        return max(0.0, max(self._oldest + INDEX_LAG, self._retry_at) - time.monotonic())
 
     def due(self) -> bool:
         """Time to look (after a batch that may have stored messages)."""
         now = time.monotonic()
         if not self._behind:
             self._behind, self._oldest = True, now
-        return now - self._looked >= INDEX_LOOK
+        return now - self._looked >= INDEX_LOOK and now >= self._retry_at
 
     def catch_up(self, conn: sqlite3.Connection, *, idle: bool) -> None:
         """Index the next run of messages above the mark if enough wait (``idle``: any)."""
@@ -431,7 +433,8 @@ class _SearchIndex:
                 self._behind = False
             else:
                 self._oldest = now - INDEX_LAG  # more wait: again at the next look
-        except sqlite3.Error as exc:  # retried at the next look; searches still find all
+        except sqlite3.Error as exc:  # tried again after INDEX_LAG; searches still find all
+            self._retry_at = time.monotonic() + INDEX_LAG
             _failure_log.warning("search index", "sqlite search indexing failed: %s", exc)
 
 

@@ -332,7 +332,13 @@ class _Link:
         otherwise, and whenever flow control may have to wait, through aiohttp's own
         ``send_frame``. Servers never mask (RFC 6455 5.1)."""
         ws, transport = self.ws, self.transport
-        if ws.closed or ws.compress or transport.is_closing() or transport.get_write_buffer_size():
+        if (
+            ws.closed
+            or ws.compress
+            or transport is None  # the client left before the handshake ended: it raises
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+        ):
             return ws.send_frame(frame, WSMsgType.TEXT)
         size = len(frame)
         if size < 126:
