@@ -149,6 +149,16 @@ export async function openConversation(channel) {
     $("history-status").textContent = "";
     if (!isOffline(err)) showBanner(`Could not open the conversation: ${err.message}`);
   }
+  focusComposer();
+}
+
+// The composer takes the focus once a conversation has opened, unless the user went on
+// typing in another field that shows (the search box, say: its Enter must not go to the
+// composer). A field of a form that is gone (the sign-in's) does not count.
+function focusComposer() {
+  const active = document.activeElement;
+  const typing = active && active !== $("input") && active.matches("input, textarea, select, [contenteditable]");
+  if (typing && active.offsetParent !== null) return;
   $("input").focus();
 }
 
