@@ -661,3 +661,18 @@ class RawSocket:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+def run_checked(command: list[str], timeout: float = 280) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` (a bench script, ``make bench``) from the project folder, unbuffered;
+    a non-zero exit fails the test with the end of its output."""
+    out = subprocess.run(
+        command,
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,37 +10,19 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from .support import run_checked
 
 
 def run_script(*argv: str) -> subprocess.CompletedProcess[str]:
-    """Run a bench script (``python bench/NAME.py …``) from the project folder; a
-    non-zero exit fails the test with the end of its output."""
-    out = subprocess.run(
-        [sys.executable, *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
+    """Run a bench script (``python bench/NAME.py …``), checked."""
+    return run_checked([sys.executable, *argv])
 
 
 @pytest.mark.timeout(300)
 def test_make_bench_runs_end_to_end_on_a_tiny_load(tmp_path: Path) -> None:
     if shutil.which("make") is None:
         pytest.fail("make is required (it runs the two commands of a fresh clone)")
-    out = subprocess.run(
-        ["make", "-s", "bench", f"BENCH_ARGS=--tiny --out {tmp_path}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = run_checked(["make", "-s", "bench", f"BENCH_ARGS=--tiny --out {tmp_path}"])
     report = (tmp_path / "benchmarks.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| ")]
     for server in ("appchat", "durable", "relay", "socketio"):

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from .backends import PG_ADMIN, require
-
-ROOT = Path(__file__).resolve().parent.parent
+from .support import run_checked
 
 
 @pytest.mark.timeout(240)
 def test_search_bench_runs_on_a_tiny_load_on_both_engines() -> None:
     require("PostgreSQL", "127.0.0.1", 5432)
-    out = subprocess.run(
-        [sys.executable, "bench/search.py", "--tiny", "--pg-admin", PG_ADMIN],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=220,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = run_checked([sys.executable, "bench/search.py", "--tiny", "--pg-admin", PG_ADMIN], 220)
     for engine in ("sqlite", "postgresql"):
         assert f"### {engine}" in out.stdout
     # Every planted word is found: the rare ones in each of their messages.

@@ -131,7 +131,6 @@ async def test_a_search_spans_the_index_and_the_messages_not_in_it_yet(
         assert [m.id for m in page.messages] == [i for i in left if i in ids[1::2]]
         await index_now(store)
     if isinstance(store, SqliteStore):  # the index holds exactly what the table does
-        await store.index_for_search()
         await store._write(
             lambda conn: conn.execute(
                 "INSERT INTO messages_search (messages_search) VALUES ('integrity-check')"

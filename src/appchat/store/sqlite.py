@@ -422,9 +422,7 @@ class _SearchIndex:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 (upto,) = conn.execute("SELECT indexed_upto FROM search_progress").fetchone()
-                if last > upto:
-                    conn.execute(INDEX_NEXT, (upto, last))
-                    conn.execute("UPDATE search_progress SET indexed_upto = ?", (last,))
+                _index_run(conn, upto, last)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -441,9 +439,15 @@ class _SearchIndex:
 def _index_all(conn: sqlite3.Connection) -> None:
     """Index every message above the mark (a writer job: in its batch's transaction)."""
     upto, top = conn.execute(INDEX_BEHIND).fetchone()
-    if top is not None and top > upto:
-        conn.execute(INDEX_NEXT, (upto, top))
-        conn.execute("UPDATE search_progress SET indexed_upto = ?", (top,))
+    _index_run(conn, upto, top or 0)
+
+
+def _index_run(conn: sqlite3.Connection, upto: int, last: int) -> None:
+    """Index the messages after ``upto`` up to ``last`` and move the mark there (inside
+    the caller's transaction)."""
+    if last > upto:
+        conn.execute(INDEX_NEXT, (upto, last))
+        conn.execute("UPDATE search_progress SET indexed_upto = ?", (last,))
 
 
 INDEX_BEHIND = "SELECT indexed_upto, (SELECT max(id) FROM messages) FROM search_progress"
