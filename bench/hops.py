@@ -58,6 +58,7 @@ def traced_serve(out: str, argv: list[str]) -> int:
     clock = time.perf_counter
     marks: dict[str, dict[str, float]] = {}
     batches: list[tuple[float, float, int]] = []
+    spans: dict[str, list[tuple[float, float]]] = {"commit": [], "checkpoint": [], "index": []}
 
     def mark(cmid: str | None, hop: str) -> None:
         if cmid is not None:
@@ -95,16 +96,47 @@ def traced_serve(out: str, argv: list[str]) -> int:
 
     commit = sqlite.SqliteStore._commit_batch
 
+    class Timed:
+        """A connection whose COMMITs and checkpoints are noted (``spans``)."""
+
+        def __init__(self, conn: Any) -> None:
+            self._conn = conn
+
+        def execute(self, sql: str, *a: Any) -> Any:
+            kind = "commit" if sql == "COMMIT" else "checkpoint" if "checkpoint" in sql else ""
+            began = clock()
+            try:
+                return self._conn.execute(sql, *a)
+            finally:
+                if kind:
+                    spans[kind].append((began, clock()))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._conn, name)
+
     def traced_commit(self: Any, conn: Any, batch: list[Any]) -> Any:
         began = clock()
         ids = [fn.client_msg_id for fn, *_ in batch if isinstance(fn, sqlite._SendMessage)]
-        result = commit(self, conn, batch)
+        result = commit(self, Timed(conn), batch)
         done = clock()
         batches.append((began, done, len(batch)))
         for cmid in ids:
             if cmid is not None:
                 marks.setdefault(cmid, {}).update(batch=began, commit=done)
         return result
+
+    checkpointer = sqlite._Checkpointer.__init__
+
+    def traced_checkpointer(self: Any, connect: Any) -> None:
+        checkpointer(self, lambda: Timed(connect()))
+
+    catch_up = sqlite._SearchIndex.catch_up
+
+    def traced_catch_up(self: Any, conn: Any, *, idle: bool) -> None:
+        began = clock()
+        catch_up(self, conn, idle=idle)
+        if clock() - began > 0.0002:  # a run, not a look
+            spans["index"].append((began, clock()))
 
     push = Connection.push
 
@@ -120,13 +152,15 @@ def traced_serve(out: str, argv: list[str]) -> int:
         (sqlite.SqliteStore, "_send", traced_send),
         (sqlite.SqliteStore, "_commit_batch", traced_commit),
         (Connection, "push", traced_push),
+        (sqlite._Checkpointer, "__init__", traced_checkpointer),
+        (sqlite._SearchIndex, "catch_up", traced_catch_up),
     ]
     for owner, name, patched in patches:
         setattr(owner, name, patched)
     try:
         return cli.main(argv)
     finally:
-        Path(out).write_bytes(orjson.dumps({"marks": marks, "batches": batches}))
+        Path(out).write_bytes(orjson.dumps({"marks": marks, "batches": batches, "spans": spans}))
 
 
 async def drive(args: argparse.Namespace, workdir: Path) -> None:
@@ -194,6 +228,8 @@ async def drive(args: argparse.Namespace, workdir: Path) -> None:
     finally:
         srv.stop()
     data = orjson.loads(trace.read_bytes())
+    if args.dump:
+        Path(args.dump).write_bytes(orjson.dumps({"client": client, **data}))
     report(client, data["marks"], data["batches"], args)
 
 
@@ -255,6 +291,7 @@ def main() -> int:
     p.add_argument("--pairs", type=int, default=100)
     p.add_argument("--saturate", type=float, default=0, help="seconds of closed-loop load first")
     p.add_argument("--slow", type=float, default=50, help="ms: split the messages above it and p99")
+    p.add_argument("--dump", help="also write every hop and batch to this JSON file")
     p.add_argument("--server-args", default="", help="more `appchat serve` options, quoted")
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
