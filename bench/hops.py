@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -117,7 +117,7 @@ def traced_serve(out: str, argv: list[str]) -> int:
     def traced_commit(self: Any, conn: Any, batch: list[Any]) -> Any:
         began = clock()
         ids = [fn.client_msg_id for fn, *_ in batch if isinstance(fn, sqlite._SendMessage)]
-        result = commit(self, Timed(conn), batch)
+        result = commit(self, cast(Any, Timed(conn)), batch)
         done = clock()
         batches.append((began, done, len(batch)))
         for cmid in ids:
@@ -128,7 +128,7 @@ def traced_serve(out: str, argv: list[str]) -> int:
     checkpointer = sqlite._Checkpointer.__init__
 
     def traced_checkpointer(self: Any, connect: Any) -> None:
-        checkpointer(self, lambda: Timed(connect()))
+        checkpointer(self, lambda: cast(Any, Timed(connect())))
 
     catch_up = sqlite._SearchIndex.catch_up
 
@@ -229,14 +229,16 @@ async def drive(args: argparse.Namespace, workdir: Path) -> None:
         srv.stop()
     data = orjson.loads(trace.read_bytes())
     if args.dump:
-        Path(args.dump).write_bytes(orjson.dumps({"client": client, **data}))
-    report(client, data["marks"], data["batches"], args)
+        dump = orjson.dumps({"client": client, **data})
+        await asyncio.to_thread(Path(args.dump).write_bytes, dump)
+    report(client, data["marks"], data["batches"], data["spans"], args)
 
 
 def report(
     client: dict[str, dict[str, float]],
     server: dict[str, dict[str, float]],
     batches: list[list[float]],
+    spans: dict[str, list[list[float]]],
     args: argparse.Namespace,
 ) -> None:
     rows = []
@@ -274,11 +276,27 @@ def report(
         for r in slow[-10:]:
             hops = " ".join(f"{h}+{(r[h] - r['sent']) * 1000:.1f}" for h in HOPS[1:])
             print(f"  s={r['sent'] - t0:7.3f} {hops}")
+    begun = min(r["sent"] for r in rows)  # the measured phase: not the saturation before it
+    batches = [b for b in batches if b[0] >= begun] or batches
     long = sorted(batches, key=lambda b: b[1] - b[0])[-5:]
     sizes = [b[2] for b in batches]
     print(
         f"\nwriter: {len(batches):,} batches, median {statistics.median(sizes):.0f} writes,"
         f" longest (ms, writes): " + ", ".join(f"{(b[1] - b[0]) * 1000:.1f}/{b[2]}" for b in long)
+    )
+    for kind, noted in spans.items():
+        took = sorted((b - a) * 1000 for a, b in noted if a >= begun)
+        if took:
+            print(
+                f"{kind}s: {len(took):,}, ms median {statistics.median(took):.2f}, max "
+                f"{took[-1]:.1f}, {sum(took):,.0f} ms in all"
+            )
+    checkpoints = [(a, b) for a, b in spans.get("checkpoint", []) if b >= begun]
+    slow_batches = [b for b in batches if b[1] - b[0] > args.slow / 1000]
+    beside = sum(any(a < b[1] and e > b[0] for a, e in checkpoints) for b in slow_batches)
+    print(
+        f"batches longer than {args.slow:g} ms: {len(slow_batches):,}, {beside:,} of them"
+        f" while a checkpoint ran (all batches: {len(batches):,})"
     )
 
 

@@ -99,6 +99,20 @@ def test_hops_bench_notes_every_hop_of_every_message_on_a_tiny_load() -> None:
     assert f"{sent} with every hop noted" in out.stdout
     for hop in ("sent -> read", "batch -> commit", "pushed -> arrived"):
         assert hop in out.stdout
+    commits = next(line for line in out.stdout.splitlines() if line.startswith("commits: "))
+    assert int(commits.split()[1].rstrip(",").replace(",", "")) > 0, commits
+
+
+@pytest.mark.timeout(300)
+def test_idle_memory_bench_splits_what_a_connection_holds_by_file() -> None:
+    """bench/idle_memory.py: the traced server's allocations per idle connection, by file;
+    the WebSocket library and appchat's transport both hold some."""
+    out = run_script("bench/idle_memory.py", "--connections", "100", "--base", "20")
+    head = next(line for line in out.stdout.splitlines() if "KiB per connection traced" in line)
+    assert float(head.split(": ")[1].split()[0]) > 1, head
+    files = [line.split(" | ")[0] for line in out.stdout.splitlines() if line.startswith("| ")]
+    assert any("aiohttp/" in f for f in files), files
+    assert any("appchat/transport/ws.py" in f for f in files), files
 
 
 @pytest.mark.timeout(300)
