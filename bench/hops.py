@@ -271,7 +271,7 @@ def report(
     slow = [r for r in complete if (r["arrived"] - r["sent"]) * 1000 > max(args.slow, p(99))]
     if slow:
         table(f"slower than max({args.slow:g} ms, p99)", slow)
-        t0 = complete[0]["sent"]
+        t0 = min(r["sent"] for r in complete)
         print("\nthe 10 slowest, each hop in ms after the send (s = when it was sent):")
         for r in slow[-10:]:
             hops = " ".join(f"{h}+{(r[h] - r['sent']) * 1000:.1f}" for h in HOPS[1:])
@@ -284,11 +284,11 @@ def report(
         f"\nwriter: {len(batches):,} batches, median {statistics.median(sizes):.0f} writes,"
         f" longest (ms, writes): " + ", ".join(f"{(b[1] - b[0]) * 1000:.1f}/{b[2]}" for b in long)
     )
-    for kind, noted in spans.items():
+    for kind, noted in spans.items():  # commit, checkpoint, index (a run of the search index)
         took = sorted((b - a) * 1000 for a, b in noted if a >= begun)
         if took:
             print(
-                f"{kind}s: {len(took):,}, ms median {statistics.median(took):.2f}, max "
+                f"{kind}: {len(took):,}, ms median {statistics.median(took):.2f}, max "
                 f"{took[-1]:.1f}, {sum(took):,.0f} ms in all"
             )
     checkpoints = [(a, b) for a, b in spans.get("checkpoint", []) if b >= begun]

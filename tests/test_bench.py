@@ -99,7 +99,7 @@ def test_hops_bench_notes_every_hop_of_every_message_on_a_tiny_load() -> None:
     assert f"{sent} with every hop noted" in out.stdout
     for hop in ("sent -> read", "batch -> commit", "pushed -> arrived"):
         assert hop in out.stdout
-    commits = next(line for line in out.stdout.splitlines() if line.startswith("commits: "))
+    commits = next(line for line in out.stdout.splitlines() if line.startswith("commit: "))
     assert int(commits.split()[1].rstrip(",").replace(",", "")) > 0, commits
 
 
