@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -28,6 +29,25 @@ def raw_sockets_closed() -> Iterator[None]:
     """The raw sockets a test opened (``RawSocket``) are closed after it, whatever it did."""
     yield
     close_raw_sockets()
+
+
+@pytest.fixture
+def root_logging_restored() -> Iterator[None]:
+    """For a test that runs ``appchat``'s main in-process: main points the root logger
+    at the stderr of that moment (pytest's capture, closed after the test) and sets its
+    level; both are put back, so later tests' log lines neither fail nor change level."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
 
 
 @pytest.fixture

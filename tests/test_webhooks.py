@@ -241,6 +241,7 @@ def test_an_event_body_is_the_same_bytes_every_time() -> None:
         ),
     ],
 )
+@pytest.mark.usefixtures("root_logging_restored")
 def test_bad_webhook_settings_refuse_to_start(
     args: list[str],
     env: dict[str, str],
