@@ -135,8 +135,8 @@ def traced_serve(out: str, argv: list[str]) -> int:
     def traced_catch_up(self: Any, conn: Any, *, idle: bool) -> None:
         began = clock()
         catch_up(self, conn, idle=idle)
-        if clock() - began > 0.0002:  # a run, not a look
-            spans["index"].append((began, clock()))
+        if (ended := clock()) - began > 0.0002:  # a run, not a look
+            spans["index"].append((began, ended))
 
     push = Connection.push
 

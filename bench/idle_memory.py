@@ -51,7 +51,10 @@ def traced_serve(folder: str, argv: list[str]) -> int:
 def snapshot(folder: Path, n: int) -> tracemalloc.Snapshot:
     """Ask the traced server for snapshot ``n`` and load it (blocking: in a thread)."""
     (folder / f"ask{n}").touch()
+    deadline = time.monotonic() + 120
     while not (folder / f"done{n}").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the traced server wrote no snapshot {n} (did it exit?)")
         time.sleep(0.05)
     return tracemalloc.Snapshot.load(str(folder / f"snap{n}"))
 

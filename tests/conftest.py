@@ -41,12 +41,7 @@ def root_logging_restored() -> Iterator[None]:
     try:
         yield
     finally:
-        for handler in list(root.handlers):
-            if handler not in handlers:
-                root.removeHandler(handler)
-        for handler in handlers:
-            if handler not in root.handlers:
-                root.addHandler(handler)
+        root.handlers[:] = handlers
         root.setLevel(level)
 
 

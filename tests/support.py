@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import struct
@@ -676,3 +677,10 @@ def run_checked(command: list[str], timeout: float = 280) -> subprocess.Complete
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
+
+
+def new_api_key() -> str:
+    """A fresh API key. Never with a leading "-": given as `--api-key KEY`, argparse
+    would take it for an option (token_urlsafe starts with one once in 64 keys; it failed
+    a run of the suite)."""
+    return "k" + secrets.token_urlsafe(32)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from .support import (
     ServerProcess,
     client,
     customer,
+    new_api_key,
     staff,
     token,
 )
@@ -41,20 +41,14 @@ from .support import (
 MAX_CONTENT = 200  # the server's --max-content: small, so the limit is cheap to reach
 
 
-def new_key() -> str:
-    # Never a leading "-": given as `--api-key KEY`, argparse would take it for an option
-    # (token_urlsafe starts with one once in 64 keys; it failed a run of the suite).
-    return "k" + secrets.token_urlsafe(32)
-
-
 class Keys:
     """The server's keys file and the keys the tests use."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.backend = new_key()
-        self.other = new_key()
-        self.static = new_key()  # given with --api-key
+        self.backend = new_api_key()
+        self.other = new_api_key()
+        self.static = new_api_key()  # given with --api-key
         self.write({"backend": self.backend, "other": self.other})
 
     def write(self, keys: dict[str, str]) -> None:
@@ -254,7 +248,7 @@ async def test_post_stores_an_image_of_the_backends_own_as_sent(api: Api) -> Non
 async def test_post_with_uploads_only_refuses_other_images(
     tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    key = new_key()
+    key = new_api_key()
     strict = InProcessServer(
         tmp_path / "appchat.db", "--images", "uploads-only", "--api-key", key
     ).start()
@@ -580,7 +574,7 @@ async def test_requests_without_a_valid_key_are_refused(
             {},
             {"Authorization": "Bearer"},
             {"Authorization": f"Basic {keys.backend}"},
-            {"Authorization": f"Bearer {new_key()}"},
+            {"Authorization": f"Bearer {new_api_key()}"},
             {"Authorization": f"Bearer {keys.backend}x"},
             # a WebSocket token is no API key
             {"Authorization": f"Bearer {token(admin_id=1)}"},
@@ -606,7 +600,7 @@ async def test_a_key_removed_from_the_file_is_refused_without_restart(
 ) -> None:
     status, _ = await api.conversations(key=keys.other, limit=1)
     assert status == 200
-    added = new_key()
+    added = new_api_key()
     keys.write({"backend": keys.backend, "added": added})  # "other" revoked, "added" new
     try:
         status, body = await api.conversations(key=keys.other, limit=1)
@@ -627,7 +621,7 @@ async def test_api_is_off_without_keys(http: aiohttp.ClientSession, tmp_path: Pa
     server.start()
     try:
         async with http.get(
-            server.http("/api/conversations"), headers={"Authorization": f"Bearer {new_key()}"}
+            server.http("/api/conversations"), headers={"Authorization": f"Bearer {new_api_key()}"}
         ) as resp:
             assert resp.status == 404
             body = await resp.json()

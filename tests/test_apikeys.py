@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 import pytest
@@ -11,14 +10,8 @@ import pytest
 from appchat.auth.apikeys import ApiKeys, key_name, parse_key_spec, parse_keys_file
 from appchat.protocol.errors import ConfigError
 
-from .support import SECRET
+from .support import SECRET, new_api_key
 from .test_cli import appchat
-
-
-def new_key() -> str:
-    # Never a leading "-": given as `--api-key KEY`, argparse would take it for an option
-    # (token_urlsafe starts with one once in 64 keys; it failed a run of the suite).
-    return "k" + secrets.token_urlsafe(32)
 
 
 class Clock:
@@ -30,7 +23,7 @@ class Clock:
 
 
 def test_key_specs_and_names() -> None:
-    key = new_key()
+    key = new_api_key()
     named = parse_key_spec(f"crm:{key}")
     unnamed = parse_key_spec(key)
     assert named.name == "crm"
@@ -46,7 +39,7 @@ def test_key_specs_and_names() -> None:
 
 
 def test_keys_file_lines() -> None:
-    a, b = new_key(), new_key()
+    a, b = new_api_key(), new_api_key()
     keys, problems = parse_keys_file(
         f"# comment\n\n{a}\n  backend {b}  \nbad name with spaces\nx short\n", "keys"
     )
@@ -57,20 +50,20 @@ def test_keys_file_lines() -> None:
 
 
 def test_check_names_the_key_and_refuses_others(tmp_path: Path) -> None:
-    static, filed = new_key(), new_key()
+    static, filed = new_api_key(), new_api_key()
     path = tmp_path / "keys"
     path.write_text(f"backend {filed}\n")
     keys = ApiKeys([parse_key_spec(f"ops:{static}")], str(path))
     assert keys.configured
     assert keys.check(static) == "ops"
     assert keys.check(filed) == "backend"
-    for wrong in ("", filed + "x", filed[:-1], new_key(), "\udcff" + filed):
+    for wrong in ("", filed + "x", filed[:-1], new_api_key(), "\udcff" + filed):
         assert keys.check(wrong) is None
     assert not ApiKeys().configured
 
 
 def test_a_changed_file_is_read_again(tmp_path: Path) -> None:
-    a, b = new_key(), new_key()
+    a, b = new_api_key(), new_api_key()
     path = tmp_path / "keys"
     path.write_text(f"a {a}\nb {b}\n")
     old = 1_000_000_000
@@ -92,7 +85,7 @@ def test_a_changed_file_is_read_again(tmp_path: Path) -> None:
 def test_a_file_changed_within_its_mtime_tick_is_not_missed(tmp_path: Path) -> None:
     """Same size, same mtime (a coarse file system): a reading made soon after the file's
     mtime is not trusted, so the next check reads it again."""
-    a, b = new_key(), new_key()
+    a, b = new_api_key(), new_api_key()
     assert len(a) == len(b)
     path = tmp_path / "keys"
     stamp = 1_000_000_000 * 10**9
@@ -117,7 +110,7 @@ def test_unreadable_or_bad_file_refuses_to_start(tmp_path: Path) -> None:
 
 
 def test_serve_refuses_a_short_key_before_listening(tmp_path: Path) -> None:
-    for env in ({"APPCHAT_API_KEY": f"ok:{new_key()},too-short"}, {}):
+    for env in ({"APPCHAT_API_KEY": f"ok:{new_api_key()},too-short"}, {}):
         args = () if env else ("--api-keys-file", str(tmp_path / "missing"))
         out = appchat(
             "serve", "--port", "0", *args, cwd=tmp_path, env={"APPCHAT_JWT_SECRET": SECRET, **env}
