@@ -48,12 +48,13 @@ def _cmid(data: Any) -> str | None:
 
 def traced_serve(out: str, argv: list[str]) -> int:
     """Run ``appchat`` with ``argv`` with every hop noted; write them to ``out`` at exit."""
-    from aiohttp import WSMsgType, web
+    from aiohttp import WSMsgType
 
     from appchat.app import cli
     from appchat.chat.service import ChatService
     from appchat.fanout.connection import Connection
     from appchat.store import sqlite
+    from appchat.transport.wsconn import WebSocket
 
     clock = time.perf_counter
     marks: dict[str, dict[str, float]] = {}
@@ -64,9 +65,9 @@ def traced_serve(out: str, argv: list[str]) -> int:
         if cmid is not None:
             marks.setdefault(cmid, {})[hop] = clock()
 
-    receive = web.WebSocketResponse.receive
+    receive = WebSocket.receive
 
-    async def traced_receive(self: web.WebSocketResponse, *a: Any, **kw: Any) -> Any:
+    async def traced_receive(self: WebSocket, *a: Any, **kw: Any) -> Any:
         msg = await receive(self, *a, **kw)
         if msg.type is WSMsgType.TEXT and "SendMessage" in msg.data:
             mark(_cmid(msg.data), "read")
@@ -146,7 +147,7 @@ def traced_serve(out: str, argv: list[str]) -> int:
             mark(_cmid(frame), "pushed")
 
     patches: list[tuple[Any, str, Any]] = [
-        (web.WebSocketResponse, "receive", traced_receive),
+        (WebSocket, "receive", traced_receive),
         (ChatService, "handle", traced_handle),
         (ChatService, "_submit_send", traced_submit),
         (sqlite.SqliteStore, "_send", traced_send),

@@ -354,15 +354,18 @@ async def test_replies_and_pushes_of_every_frame_length_arrive_whole(
 
 
 def test_a_frame_for_a_connection_without_a_transport_fails_as_aiohttp_fails() -> None:
-    """A client that left before its handshake ended has no transport: the frame goes to
-    aiohttp, whose RuntimeError marks the connection broken (never an AttributeError that
-    would stop a push to everyone else)."""
-    from aiohttp import web
-
+    """A connection whose handshake has not ended has no socket to write to yet: the frame
+    goes to the socket's ``send_frame``, whose RuntimeError marks the connection broken
+    (never an AttributeError that would stop a push to everyone else)."""
     from appchat.transport.ws import _Link
+    from appchat.transport.wsconn import WebSocket
 
-    link = _Link(None, web.WebSocketResponse(), None)  # type: ignore[arg-type]
-    sending = link.send(b'{"name":"Event.ReceiveMessage"}')
-    assert sending is not None
-    with pytest.raises(RuntimeError):
-        sending.send(None)
+    loop = asyncio.new_event_loop()
+    try:
+        link = _Link(None, WebSocket(loop), None)  # type: ignore[arg-type]
+        sending = link.send(b'{"name":"Event.ReceiveMessage"}')
+        assert sending is not None
+        with pytest.raises(RuntimeError):
+            sending.send(None)
+    finally:
+        loop.close()

@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from struct import Struct
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -31,6 +30,7 @@ from .connlog import ConnectionLog
 from .memory import MemoryRelease
 from .quota import ConnectionQuota, quota_key
 from .rest import origin_allowed
+from .wsconn import HEADER_SHORT, WebSocket, handshake, write_frame
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +137,12 @@ class WebSocketEndpoint:
         except Unauthorized as exc:
             return self._refuse(401, exc.message, remote, sid)
 
-        ws = web.WebSocketResponse(
-            protocols=(SUBPROTOCOL,),
-            max_msg_size=self._options.max_frame,
-            heartbeat=self._options.heartbeat,
-            autoping=False,  # pings are counted against the frame budget, then answered
-        )
-        if not ws.can_prepare(request).ok:
+        shake = handshake(request, SUBPROTOCOL)
+        transport = request.transport
+        if shake is None or transport is None:
             self._quota.give_back(quota)
             return self._refuse(400, "expected a WebSocket upgrade", remote, sid)
-        transport = request.transport
+        ws = WebSocket(asyncio.get_running_loop())
         link = _Link(self, ws, transport)
         conn = Connection(
             self._hub.new_connection_id(),
@@ -163,10 +159,19 @@ class WebSocketEndpoint:
         except AppError as exc:
             self._quota.give_back(quota)
             return self._refuse(503, exc.message, remote, sid)
-        handler = asyncio.current_task()
-        if handler is not None:
-            self._handlers.add(handler)
         self._metrics.connections.inc()
+        answer = web.StreamResponse(status=101, headers=shake.headers)
+        answer.force_close()
+        try:
+            await answer.prepare(request)
+            await answer.write_eof()  # nothing more: aiohttp's handler writes nothing after
+            ws.take(request, shake, self._options.max_frame)
+        except BaseException:  # the client left during the handshake (or the node stops)
+            self._quota.give_back(quota)
+            conn.abandon()
+            await self._hub.unregister(conn)
+            self._metrics.connections.dec()
+            raise
         session = _Session(
             ws,
             conn,
@@ -175,14 +180,25 @@ class WebSocketEndpoint:
             bucket=TokenBucket(self._options.rate, self._options.burst, clock=self._monotonic),
             close_soon=link.close_soon,
         )
-        opened = None
+        opened = self._connlog.opened(conn.id, sid=sid, role=principal.role, remote=remote)
+        # The handler returns the answer and aiohttp forgets the connection; the socket
+        # lives on in a task of its own.
+        task = asyncio.get_running_loop().create_task(
+            self._live_session(session, quota, sid, remote, opened)
+        )
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+        return answer
+
+    async def _live_session(
+        self, session: _Session, quota: str, sid: int, remote: str, opened: float
+    ) -> None:
+        ws, conn, transport = session.ws, session.conn, session.transport
         try:
-            await ws.prepare(request)
-            opened = self._connlog.opened(conn.id, sid=sid, role=principal.role, remote=remote)
             if self._closing:  # shutdown began since the check above: straight to 1001
                 session.draining = True
             else:
-                self._watch_expiry()
+                self._watch()
                 session.reader = asyncio.current_task()
                 self._live[conn] = session
                 await session.read_loop()
@@ -202,20 +218,14 @@ class WebSocketEndpoint:
             conn.abandon()
             if session.draining:
                 await self._close(ws, transport, CloseCode.GOING_AWAY, "server shutdown")
-            if transport is not None and transport.is_closing():
+            if transport.is_closing():
                 # A graceful close still waiting to write (to a client that reads nothing)
                 # would keep the socket open for good: drop what it holds.
                 transport.abort()
             if heavy:  # it ended holding buffers (or with a failed write): free the heap
                 self._memory.soon()
             self._metrics.connections.dec()
-            if handler is not None:
-                self._handlers.discard(handler)
-            if opened is not None:
-                self._connlog.closed(
-                    conn.id, sid=sid, remote=remote, code=ws.close_code, since=opened
-                )
-        return ws
+            self._connlog.closed(conn.id, sid=sid, remote=remote, code=ws.close_code, since=opened)
 
     def _check_origin(self, origin: str | None) -> None:
         if not origin_allowed(self._options.allowed_origins, origin):
@@ -236,13 +246,13 @@ class WebSocketEndpoint:
         self._connlog.refused(status, reason, remote=remote, sid=sid)
         return web.Response(status=status, text=reason + "\n")
 
-    def _drop_slow(self, ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
+    def _drop_slow(self, ws: WebSocket, transport: asyncio.Transport) -> None:
         self._close_soon(ws, transport, CloseCode.SLOW_CONSUMER, "slow consumer", "slow consumer")
 
     def _close_soon(
         self,
-        ws: web.WebSocketResponse,
-        transport: asyncio.Transport | None,
+        ws: WebSocket,
+        transport: asyncio.Transport,
         code: int,
         reason: str,
         counted_as: str,
@@ -256,7 +266,7 @@ class WebSocketEndpoint:
         return task
 
     def _disconnect(
-        self, ws: web.WebSocketResponse, transport: asyncio.Transport | None, code: int, reason: str
+        self, ws: WebSocket, transport: asyncio.Transport, code: int, reason: str
     ) -> bool:
         """Close a connection for the server API (``Hub.disconnect``); whether it was open
         (one still in its handshake is not yet: it is not counted, and goes on)."""
@@ -266,33 +276,37 @@ class WebSocketEndpoint:
         return True
 
     @staticmethod
-    async def _close(
-        ws: web.WebSocketResponse, transport: asyncio.Transport | None, code: int, reason: str
-    ) -> None:
+    async def _close(ws: WebSocket, transport: asyncio.Transport, code: int, reason: str) -> None:
         """Close with ``code``; if the close frame cannot get through in time (a client
         that reads nothing), cut the TCP connection instead."""
         with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
             await asyncio.wait_for(ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT)
             return
-        if transport is not None:
-            # ws.close() gave up with a graceful transport close, which waits for buffers
-            # this client never empties.
-            transport.abort()
+        # ws.close() gave up with a graceful transport close, which waits for buffers this
+        # client never empties.
+        transport.abort()
 
-    def _watch_expiry(self) -> None:
+    def _watch(self) -> None:
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_expired())
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
-    async def _sweep_expired(self) -> None:
-        """Once a second, close the connections whose token expired. One task for all of
-        them costs less memory than a timer each, and a RefreshToken needs no rescheduling:
-        the sweep reads each connection's current ``exp``."""
+    async def _sweep(self) -> None:
+        """Once a second (twice a heartbeat, when that is shorter): close the connections
+        whose token expired, and beat each one's heartbeat. One task for all of them
+        costs less memory than timers of their own, and a RefreshToken needs no
+        rescheduling: the sweep reads each connection's current ``exp``."""
+        heartbeat = self._options.heartbeat
+        period = min(EXPIRY_SWEEP, heartbeat / 2) if heartbeat else EXPIRY_SWEEP
+        last = self._monotonic()
         while True:
-            await asyncio.sleep(EXPIRY_SWEEP)
-            now = self._clock()
+            await asyncio.sleep(period)
+            now, mono = self._clock(), self._monotonic()
+            elapsed, last = mono - last, mono
             for conn, session in list(self._live.items()):
                 if conn.principal.exp <= now:
                     session.expire()
+                elif heartbeat:
+                    session.ws.beat(elapsed, heartbeat)
 
     async def close_all(self, grace: float = 10.0) -> None:
         """Shutdown: take no new requests, let the ones in flight finish and their replies
@@ -305,15 +319,15 @@ class WebSocketEndpoint:
         handlers = [h for h in self._handlers if h is not asyncio.current_task()]
         if handlers:
             await asyncio.wait(handlers, timeout=grace)
+        # Those still open after the grace (aiohttp no longer knows these sockets, so
+        # its own shutdown does not end them): cut them.
+        for session in list(self._live.values()):
+            session.transport.abort()
+        for task in list(self._handlers):
+            task.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-
-
-_HEADER_SHORT = Struct("!BB").pack  # FIN + text, a payload under 126 bytes
-_HEADER_MEDIUM = Struct("!BBH").pack  # ... 126, a 16-bit length
-_HEADER_LONG = Struct("!BBQ").pack  # ... 127, a 64-bit length
-_ONE_WRITE = 16 * 1024  # a longer payload is written after its header, not copied to it
 
 
 class _Link:
@@ -323,54 +337,41 @@ class _Link:
 
     __slots__ = ("endpoint", "transport", "ws")
 
-    def __init__(self, endpoint: WebSocketEndpoint, ws: web.WebSocketResponse, transport: Any):
+    def __init__(self, endpoint: WebSocketEndpoint, ws: WebSocket, transport: asyncio.Transport):
         self.endpoint, self.ws, self.transport = endpoint, ws, transport
 
     def send(self, frame: bytes) -> Coroutine[Any, Any, None] | None:
         """Straight to the socket, without a coroutine, when nothing is unusual (the
-        socket's buffer empty, no compression negotiated, the WebSocket not closing);
-        otherwise, and whenever flow control may have to wait, through aiohttp's own
-        ``send_frame``. Servers never mask (RFC 6455 5.1)."""
+        socket's buffer empty, no compression negotiated, the WebSocket open and not
+        closing); otherwise, and whenever flow control may have to wait, through the
+        socket's ``send_frame`` (which raises before the handshake is done)."""
         ws, transport = self.ws, self.transport
         if (
             ws.closed
             or ws.compress
-            or transport is None  # the client left before the handshake ended: it raises
+            or not ws.prepared
             or transport.is_closing()
             or transport.get_write_buffer_size()
         ):
             return ws.send_frame(frame, WSMsgType.TEXT)
         size = len(frame)
         if size < 126:
-            transport.write(_HEADER_SHORT(0x81, size) + frame)
-        elif size < 65536:
-            header = _HEADER_MEDIUM(0x81, 126, size)
-            if size > _ONE_WRITE:
-                transport.write(header)
-                transport.write(frame)
-            else:
-                transport.write(header + frame)
+            transport.write(HEADER_SHORT(0x81, size) + frame)
         else:
-            transport.write(_HEADER_LONG(0x81, 127, size))
-            transport.write(frame)
+            write_frame(transport, WSMsgType.TEXT, frame)
         return None
 
     def overflow(self, conn: Connection) -> None:
         self.endpoint._drop_slow(self.ws, self.transport)
 
     def broken(self, conn: Connection) -> None:
-        _abort(self.transport)
+        self.transport.abort()
 
     def disconnect(self, code: int, reason: str) -> bool:
         return self.endpoint._disconnect(self.ws, self.transport, code, reason)
 
     def close_soon(self, code: int, reason: str, counted_as: str) -> asyncio.Task[None]:
         return self.endpoint._close_soon(self.ws, self.transport, code, reason, counted_as)
-
-
-def _abort(transport: asyncio.Transport | None) -> None:
-    if transport is not None:
-        transport.abort()
 
 
 Closing = Callable[[int, str, str], asyncio.Task[None]]
@@ -408,9 +409,9 @@ class _Session:
 
     def __init__(
         self,
-        ws: web.WebSocketResponse,
+        ws: WebSocket,
         conn: Connection,
-        transport: asyncio.Transport | None,
+        transport: asyncio.Transport,
         *,
         service: ChatService,
         bucket: TokenBucket,
@@ -479,7 +480,7 @@ class _Session:
                 async with asyncio.timeout(ROOM_CHECK):
                     await conn.room()
             except TimeoutError:
-                if transport is not None and transport.is_closing():
+                if transport.is_closing():
                     transport.abort()  # the pending write fails: the connection is broken
 
     async def _wait_inbox_room(self) -> None:
