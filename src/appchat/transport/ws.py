@@ -108,7 +108,7 @@ class WebSocketEndpoint:
         self._clock = clock
         self._monotonic = monotonic
         self._live: dict[Connection, _Session] = {}
-        self._handlers: set[asyncio.Task[object]] = set()
+        self._handlers: dict[asyncio.Task[None], asyncio.Transport] = {}  # open sockets
         self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False  # shutdown began: no new WebSocket is taken
@@ -166,11 +166,13 @@ class WebSocketEndpoint:
             await answer.prepare(request)
             await answer.write_eof()  # nothing more: aiohttp's handler writes nothing after
             ws.take(request, shake, self._options.max_frame)
-        except BaseException:  # the client left during the handshake (or the node stops)
+        except BaseException as exc:  # the client left during the handshake (or the node stops)
             self._quota.give_back(quota)
             conn.abandon()
             await self._hub.unregister(conn)
             self._metrics.connections.dec()
+            if isinstance(exc, ConnectionError):
+                return answer  # nothing to log: the client went away
             raise
         session = _Session(
             ws,
@@ -186,9 +188,14 @@ class WebSocketEndpoint:
         task = asyncio.get_running_loop().create_task(
             self._live_session(session, quota, sid, remote, opened)
         )
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
+        self._handlers[task] = transport
+        task.add_done_callback(self._session_ended)
         return answer
+
+    def _session_ended(self, task: asyncio.Task[None]) -> None:
+        self._handlers.pop(task, None)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("a WebSocket session failed", exc_info=exc)
 
     async def _live_session(
         self, session: _Session, quota: str, sid: int, remote: str, opened: float
@@ -321,10 +328,12 @@ class WebSocketEndpoint:
             await asyncio.wait(handlers, timeout=grace)
         # Those still open after the grace (aiohttp no longer knows these sockets, so
         # its own shutdown does not end them): cut them.
-        for session in list(self._live.values()):
-            session.transport.abort()
-        for task in list(self._handlers):
+        left = [(t, tr) for t, tr in self._handlers.items() if t is not asyncio.current_task()]
+        for task, transport in left:
+            transport.abort()
             task.cancel()
+        if left:
+            await asyncio.wait([task for task, _ in left], timeout=CLOSE_TIMEOUT)
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

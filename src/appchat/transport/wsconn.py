@@ -175,7 +175,9 @@ class WebSocket(BaseProtocol):
         self.prepared = True
         if tail:
             self.data_received(tail)
-        if handler._reading_paused or handler._buffer_paused:
+        if (handler._reading_paused or handler._buffer_paused) and not self._reading_paused:
+            # aiohttp had paused reading for its tail; unless the tail filled this
+            # socket's queue (which then resumes reading once it is drained), read on.
             self._resume_transport_reading()
 
     # -- asyncio.Protocol ----------------------------------------------------------
@@ -189,6 +191,19 @@ class WebSocket(BaseProtocol):
         super().connection_lost(exc)
         if self._queue is not None:
             self._queue.feed_eof()
+
+    async def _drain_helper(self) -> None:
+        """Wait until the transport takes writes again. Unlike BaseProtocol's, a writer
+        cancelled while waiting (a backlog abandoned) does not cancel the wait of the
+        next one (the close frame's): each waits on the shared future through a shield."""
+        if self.transport is None:
+            raise ConnectionResetError("Connection lost")
+        if not self._paused:
+            return
+        waiter = self._drain_waiter
+        if waiter is None or waiter.done():
+            waiter = self._drain_waiter = self._loop.create_future()
+        await asyncio.shield(waiter)
 
     # -- the heartbeat -------------------------------------------------------------
 
