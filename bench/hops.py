@@ -54,6 +54,7 @@ def traced_serve(out: str, argv: list[str]) -> int:
     from appchat.chat.service import ChatService
     from appchat.fanout.connection import Connection
     from appchat.store import sqlite
+    from appchat.transport.ws import _Session
     from appchat.transport.wsconn import WebSocket
 
     clock = time.perf_counter
@@ -72,6 +73,14 @@ def traced_serve(out: str, argv: list[str]) -> int:
         if msg.type is WSMsgType.TEXT and "SendMessage" in msg.data:
             mark(_cmid(msg.data), "read")
         return msg
+
+    offer = _Session.offer
+
+    def traced_offer(self: Any, text: str) -> bool:
+        taken = offer(self, text)
+        if taken and "SendMessage" in text:
+            mark(_cmid(text), "read")
+        return taken
 
     handle = ChatService.handle
 
@@ -148,6 +157,7 @@ def traced_serve(out: str, argv: list[str]) -> int:
 
     patches: list[tuple[Any, str, Any]] = [
         (WebSocket, "receive", traced_receive),
+        (_Session, "offer", traced_offer),
         (ChatService, "handle", traced_handle),
         (ChatService, "_submit_send", traced_submit),
         (sqlite.SqliteStore, "_send", traced_send),

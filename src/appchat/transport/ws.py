@@ -208,6 +208,7 @@ class WebSocketEndpoint:
                 self._watch()
                 session.reader = asyncio.current_task()
                 self._live[conn] = session
+                ws.offer_to(session.offer)
                 await session.read_loop()
         except asyncio.CancelledError:
             if not session.draining:
@@ -215,6 +216,7 @@ class WebSocketEndpoint:
         finally:
             self._quota.give_back(quota)  # first: nothing below may keep it if cancelled
             self._live.pop(conn, None)
+            ws.offer_to(None)
             # No longer reading: from here this task finishes the connection (its last
             # replies, its close), and a request ending now must not cancel it.
             session.reader = None
@@ -453,13 +455,7 @@ class _Session:
             msg = await ws.receive()
             kind = msg.type
             if kind is WSMsgType.TEXT:
-                if not self._bucket.allow():
-                    conn.reply(rate_limited_reply(msg.data))
-                    continue
-                self._inbox.append(msg.data)
-                self.busy = True
-                if self._server is None:
-                    self._server = asyncio.get_running_loop().create_task(self._serve())
+                self._take(msg.data)
             elif kind is WSMsgType.PING or kind is WSMsgType.PONG:
                 if not self._bucket.allow():
                     flood = CloseCode.POLICY_VIOLATION
@@ -478,6 +474,34 @@ class _Session:
                 return
             elif kind in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 return
+
+    def offer(self, text: str) -> bool:
+        """A text frame as it is read, while ``read_loop`` waits for one with nothing read
+        before it: taken here as the loop would take it, without waking the loop (False:
+        the loop takes it). One place short of the pipeline's end, as the loop may take
+        the frame declined here."""
+        conn = self.conn
+        if (
+            self.draining
+            or self.ws.closed
+            or conn.closed
+            or conn.full
+            or len(self._inbox) >= self.PIPELINE - 1
+        ):
+            return False
+        self._take(text)
+        return True
+
+    def _take(self, text: str) -> None:
+        """A request read: into the queue served in order (its server task started when
+        there is none), or answered ``rate_limited``."""
+        if not self._bucket.allow():
+            self.conn.reply(rate_limited_reply(text))
+            return
+        self._inbox.append(text)
+        self.busy = True
+        if self._server is None:
+            self._server = asyncio.get_running_loop().create_task(self._serve())
 
     async def _wait_room(self) -> None:
         """Wait for room in the send buffer; if meanwhile the transport was closed (the

@@ -19,6 +19,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+from collections.abc import Callable
 from struct import Struct
 
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
@@ -32,6 +33,7 @@ from aiohttp.http_websocket import (
     WebSocketError,
     WebSocketReader,
     WebSocketWriter,
+    WSMessageTextBytes,
     ws_ext_gen,
     ws_ext_parse,
 )
@@ -104,6 +106,35 @@ def handshake(request: web.Request, protocol: str) -> Handshake | None:
     return Handshake(answer, compress, notakeover)
 
 
+Offer = Callable[[str], bool]
+"""Takes a text frame as it is read, or says no (False): then ``receive`` returns it."""
+
+
+class _Frames(WebSocketDataQueue):
+    """aiohttp's queue of frames read, which first offers a text frame to ``offer`` when
+    nothing waits before it and a ``receive`` waits: a frame served without waking the
+    reading task."""
+
+    __slots__ = ("offer", "waiting")
+
+    def __init__(self, protocol: BaseProtocol, limit: int, loop: asyncio.AbstractEventLoop):
+        super().__init__(protocol, limit, loop=loop)
+        self.offer: Offer | None = None
+        self.waiting = False  # a receive() waits, with nothing read before
+
+    def feed_data(self, data: WSMessage | WSMessageTextBytes, size: int) -> None:
+        offer = self.offer
+        if (
+            offer is not None
+            and self.waiting
+            and data.type is WSMsgType.TEXT
+            and not self._buffer
+            and offer(data.data)
+        ):
+            return
+        super().feed_data(data, size)
+
+
 class WebSocket(BaseProtocol):
     """The transport's protocol once the handshake is answered, and the socket the
     endpoint reads and writes: ``receive``, ``send_frame``, ``pong``, ``close``."""
@@ -129,7 +160,7 @@ class WebSocket(BaseProtocol):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self._upgraded = True  # BaseProtocol: no HTTP parser to pause
-        self._queue: WebSocketDataQueue | None = None
+        self._queue: _Frames | None = None
         self._reader: WebSocketReader | None = None
         self._writer: WebSocketWriter | None = None
         self.compress = 0
@@ -157,7 +188,7 @@ class WebSocket(BaseProtocol):
             raise ConnectionResetError("the client left during the handshake")
         tail: bytes = handler._message_tail
         handler._message_tail = b""
-        self._queue = WebSocketDataQueue(self, DEFAULT_CHUNK_SIZE, loop=self._loop)
+        self._queue = _Frames(self, DEFAULT_CHUNK_SIZE, self._loop)
         self._reader = WebSocketReader(
             self._queue, max_size, compress=bool(shake.compress), decode_text=True
         )
@@ -236,6 +267,12 @@ class WebSocket(BaseProtocol):
 
     # -- the socket ----------------------------------------------------------------
 
+    def offer_to(self, offer: Offer | None) -> None:
+        """While a ``receive`` waits with nothing read before it, hand each text frame to
+        ``offer`` as it is read; one it declines (False) is returned by ``receive``."""
+        if self._queue is not None:
+            self._queue.offer = offer
+
     def exception(self) -> BaseException | None:
         return self._exception
 
@@ -270,11 +307,11 @@ class WebSocket(BaseProtocol):
         if self._closing:
             return WS_CLOSING_MESSAGE
         try:
-            self._waiting = True
+            self._waiting = queue.waiting = True
             try:
                 msg: WSMessage = await queue.read()  # type: ignore[assignment]
             finally:
-                self._waiting = False
+                self._waiting = queue.waiting = False
                 if self._close_wait is not None and not self._close_wait.done():
                     self._close_wait.set_result(None)
         except EofStream:
