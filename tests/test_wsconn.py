@@ -10,13 +10,14 @@ import json
 import socket
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web_protocol
 
 from appchat.transport.wsconn import WebSocket
 
-from .support import InProcessServer, RawSocket, client, token
+from .support import InProcessServer, RawSocket, client, eventually, token
 
 HEARTBEAT = 30.0
 
@@ -141,3 +142,41 @@ def test_aiohttp_still_has_what_taking_the_socket_relies_on() -> None:
     from aiohttp.http_parser import RawRequestMessage
 
     assert hasattr(RawRequestMessage, "upgrade")
+
+
+async def test_a_stop_ends_a_socket_whose_client_reads_nothing(tmp_path: Path) -> None:
+    """aiohttp no longer knows the taken sockets, so its own shutdown would not end them:
+    the node's does, even for a client that reads nothing (its close frame never gets
+    through; the socket is cut after the grace). The client sees its connection end."""
+    from .test_hardening import events_served, store_messages
+
+    srv = InProcessServer(tmp_path / "s.db", "--rate", "0", "--send-buffer", "262144").start()
+    stopped = False
+    try:
+        await store_messages(srv, 5, 60)
+        raw = RawSocket(srv, 2, token(admin_id=2))  # a 4 KiB receive buffer, never read
+        assert raw.status == 101
+        request = RawSocket.frame(
+            b'{"name":"Event.GetMessageList","args":"{\\"session_channel\\":\\"5\\",\\"limit\\":60}"}'
+        )
+        raw.sock.sendall(request * 200)  # about 47 MB of replies, if all were written
+        await eventually(
+            lambda: events_served(srv, "Event.GetMessageList") >= 3,
+            timeout=10,
+            interval=0.1,
+            what="big replies written towards the client",
+        )
+        await asyncio.to_thread(srv.stop)
+        stopped = True
+        raw.sock.settimeout(10)
+        ended = False
+        try:
+            while raw.sock.recv(65536):  # what was written before the end, then EOF
+                pass
+            ended = True
+        except ConnectionResetError:  # or the cut
+            ended = True
+        assert ended
+    finally:
+        if not stopped:
+            srv.stop()
