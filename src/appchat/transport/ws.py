@@ -1,5 +1,7 @@
-"""The WebSocket endpoint: handshake (refused with 400/401 before the upgrade), the read
-loop and its request task, and the token-expiry timer. Writing is the fan-out's
+"""The WebSocket endpoint: handshake (refused with 400/401 before the upgrade), then the
+socket taken from aiohttp (``wsconn.WebSocket``) and served in a task of its own: the
+read loop and its request task; one sweep for all connections checks token expiry and
+beats the heartbeat. Writing is the fan-out's
 :class:`~appchat.fanout.connection.Connection`: straight to the socket, or through a
 backlog drained by a task that exists only while there is one."""
 
