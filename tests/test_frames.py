@@ -353,7 +353,7 @@ async def test_replies_and_pushes_of_every_frame_length_arrive_whole(
         assert len(orjson.dumps(page)) > 65536
 
 
-def test_a_frame_for_a_connection_without_a_transport_fails_as_aiohttp_fails() -> None:
+def test_a_frame_for_a_connection_before_its_handshake_ended_fails_as_a_broken_socket() -> None:
     """A connection whose handshake has not ended has no socket to write to yet: the frame
     goes to the socket's ``send_frame``, whose RuntimeError marks the connection broken
     (never an AttributeError that would stop a push to everyone else)."""

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web_protocol
+from aiohttp import WSMsgType, web_protocol
 
 from appchat.transport.wsconn import WebSocket
 
@@ -102,6 +102,51 @@ def test_frames_sent_with_the_upgrade_request_are_served(server: InProcessServer
         raw.sock.close()
 
 
+def text(payload: str) -> bytes:
+    return RawSocket.frame(payload.encode())
+
+
+async def test_text_frames_are_offered_in_order_and_the_rest_is_received() -> None:
+    """While a receive waits on an empty queue, text frames go to the offer as they are
+    read (in order); a ping read with them still comes out of receive."""
+    ws = WebSocket(asyncio.get_running_loop())
+    ws.attach(None, 64 * 1024)
+    offered: list[str] = []
+
+    def offer(frame: str) -> bool:
+        offered.append(frame)
+        return True
+
+    ws.offer_to(offer)
+    waiting = asyncio.ensure_future(ws.receive())
+    await asyncio.sleep(0)  # the receive starts and waits
+    ws.data_received(text("a") + text("b") + RawSocket.frame(b"p", opcode=0x9) + text("c"))
+    msg = await asyncio.wait_for(waiting, 5)
+    assert offered == ["a", "b"]
+    assert msg.type is WSMsgType.PING
+    assert (await asyncio.wait_for(ws.receive(), 5)).data == "c"  # queued behind the ping
+
+
+async def test_frames_set_aside_by_a_full_queue_keep_their_order() -> None:
+    """aiohttp's queue sets frames aside (unparsed) once it holds 512 KiB and parses them
+    while a receive takes a queued frame: they are not offered ahead of that frame."""
+    ws = WebSocket(asyncio.get_running_loop())
+    ws.attach(None, 1024 * 1024)
+    order: list[str] = []
+
+    def offer(frame: str) -> bool:
+        order.append(frame[0])
+        return True
+
+    ws.offer_to(offer)
+    big = [letter * 300_000 for letter in "ABC"]
+    ws.data_received(b"".join(text(f) for f in [*big, "d", "e"]))  # nobody receiving yet
+    while len(order) < 5:
+        msg = await asyncio.wait_for(ws.receive(), 5)
+        order.append(msg.data[0])
+    assert order == ["A", "B", "C", "d", "e"]
+
+
 def test_the_heartbeat_pings_after_silence_and_ends_a_silent_peer() -> None:
     """Beats of 1 s with a 30 s heartbeat: a ping after 30 s of silence, the connection
     dead (1006) when nothing came 15 s after it; anything heard starts the count again."""
@@ -135,19 +180,26 @@ def test_aiohttp_still_has_what_taking_the_socket_relies_on() -> None:
     """The private parts of aiohttp that ``WebSocket.take`` uses (pyproject pins aiohttp
     below the next minor release; raise the pin only with this test passing)."""
     handler = web_protocol.RequestHandler
-    for name in ("_message_tail", "_reading_paused", "transport"):
+    for name in ("_message_tail", "_reading_paused", "_buffer_paused", "transport"):
         assert any(name in getattr(k, "__slots__", ()) for k in handler.__mro__), name
     assert callable(handler.connection_lost) and callable(handler.force_close)
-    from aiohttp._websocket.reader import WebSocketDataQueue  # noqa: F401
+    from aiohttp._websocket.reader import WebSocketDataQueue
+    from aiohttp.base_protocol import BaseProtocol
     from aiohttp.http_parser import RawRequestMessage
+    from aiohttp.test_utils import make_mocked_request
 
     assert hasattr(RawRequestMessage, "upgrade")
+    request = make_mocked_request("GET", "/ws", headers={"Upgrade": "websocket"})
+    assert isinstance(request._message.upgrade, bool)
+    assert "_buffer" in dir(WebSocketDataQueue)  # the offer's queue reads whether it is empty
+    for name in ("_paused", "_drain_waiter", "_upgraded"):
+        assert name in BaseProtocol.__slots__, name
 
 
 async def test_a_stop_ends_a_socket_whose_client_reads_nothing(tmp_path: Path) -> None:
     """aiohttp no longer knows the taken sockets, so its own shutdown would not end them:
     the node's does, even for a client that reads nothing (its close frame never gets
-    through; the socket is cut after the grace). The client sees its connection end."""
+    through, and the socket is cut). The client sees its connection end."""
     from .test_hardening import events_served, store_messages
 
     srv = InProcessServer(tmp_path / "s.db", "--rate", "0", "--send-buffer", "262144").start()

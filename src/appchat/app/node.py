@@ -276,9 +276,9 @@ class Node:
             self._listener = None
             self.guard.close()  # and no connection it accepted just before is served
         if self._runner is not None:
-            # Before the runner's cleanup, which first marks every connection as closing:
-            # from then on aiohttp drops what clients send, so their answers to our close
-            # frames would never be read and each close would wait out its timeout.
+            # The WebSockets first: aiohttp no longer knows them (transport/wsconn.py), so
+            # its cleanup would not end them; close_all closes each with 1001 and cuts
+            # those left after the grace. Then the runner ends the HTTP connections.
             await self.ws.close_all()
             server = self._runner.server
             handlers = server.connections if server is not None else []

@@ -37,7 +37,7 @@ from .wsconn import HEADER_SHORT, WebSocket, handshake, write_frame
 log = logging.getLogger(__name__)
 
 SUBPROTOCOL = "access_token"
-EXPIRY_SWEEP = 1.0  # seconds between checks for expired tokens
+EXPIRY_SWEEP = 1.0  # seconds between sweeps: expired tokens, heartbeats (at most half of one)
 CLOSE_TIMEOUT = 2.0  # seconds a client gets to take its last frames and the close frame
 ROOM_CHECK = 1.0  # how often a reader waiting for send room checks its transport is open
 
@@ -368,7 +368,7 @@ class _Link:
         ):
             return ws.send_frame(frame, WSMsgType.TEXT)
         size = len(frame)
-        if size < 126:
+        if size < 126:  # most replies: write_frame's first case, without the call
             transport.write(HEADER_SHORT(0x81, size) + frame)
         else:
             write_frame(transport, WSMsgType.TEXT, frame)

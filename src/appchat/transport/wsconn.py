@@ -19,6 +19,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import logging
 from collections.abc import Callable
 from struct import Struct
 
@@ -38,6 +39,8 @@ from aiohttp.http_websocket import (
     ws_ext_parse,
 )
 from aiohttp.streams import EofStream
+
+log = logging.getLogger(__name__)
 
 VERSIONS = ("13", "8", "7")
 CLOSE_CODE = Struct("!H").pack
@@ -112,26 +115,26 @@ Offer = Callable[[str], bool]
 
 class _Frames(WebSocketDataQueue):
     """aiohttp's queue of frames read, which first offers a text frame to ``offer`` when
-    nothing waits before it and a ``receive`` waits: a frame served without waking the
-    reading task."""
+    a ``receive`` waits on an empty queue: a frame served without waking the reading
+    task. Once a frame is queued, the ones after it are queued too, in order."""
 
     __slots__ = ("offer", "waiting")
 
     def __init__(self, protocol: BaseProtocol, limit: int, loop: asyncio.AbstractEventLoop):
         super().__init__(protocol, limit, loop=loop)
         self.offer: Offer | None = None
-        self.waiting = False  # a receive() waits, with nothing read before
+        self.waiting = False  # a receive() waits on the empty queue
 
     def feed_data(self, data: WSMessage | WSMessageTextBytes, size: int) -> None:
         offer = self.offer
-        if (
-            offer is not None
-            and self.waiting
-            and data.type is WSMsgType.TEXT
-            and not self._buffer
-            and offer(data.data)
-        ):
-            return
+        if offer is not None and self.waiting and data.type is WSMsgType.TEXT:
+            try:
+                if offer(data.data):
+                    return
+            except Exception:  # a bug: the frame goes the usual way, and offers stop
+                log.exception("offering a frame failed")
+                self.offer = None
+        self.waiting = False  # what comes after waits behind this frame
         super().feed_data(data, size)
 
 
@@ -188,16 +191,7 @@ class WebSocket(BaseProtocol):
             raise ConnectionResetError("the client left during the handshake")
         tail: bytes = handler._message_tail
         handler._message_tail = b""
-        self._queue = _Frames(self, DEFAULT_CHUNK_SIZE, self._loop)
-        self._reader = WebSocketReader(
-            self._queue, max_size, compress=bool(shake.compress), decode_text=True
-        )
-        self.compress = shake.compress
-        self.transport = transport
-        if shake.compress:  # aiohttp's writer keeps the compressor
-            self._writer = WebSocketWriter(
-                self, transport, compress=shake.compress, notakeover=shake.notakeover
-            )
+        self.attach(transport, max_size, shake.compress, shake.notakeover)
         transport.set_protocol(self)
         # aiohttp's side lets go: without the transport (its force_close would close
         # it), its handler forgets the connection and ends once the endpoint returns.
@@ -210,6 +204,26 @@ class WebSocket(BaseProtocol):
             # aiohttp had paused reading for its tail; unless the tail filled this
             # socket's queue (which then resumes reading once it is drained), read on.
             self._resume_transport_reading()
+
+    def attach(
+        self,
+        transport: asyncio.Transport | None,
+        max_size: int,
+        compress: int = 0,
+        notakeover: bool = False,
+    ) -> None:
+        """Frames from here on: aiohttp's reader (frames up to ``max_size`` bytes) into
+        this socket's queue, and its writer when compression was agreed."""
+        self._queue = _Frames(self, DEFAULT_CHUNK_SIZE, self._loop)
+        self._reader = WebSocketReader(
+            self._queue, max_size, compress=bool(compress), decode_text=True
+        )
+        self.compress = compress
+        self.transport = transport
+        if compress and transport is not None:  # aiohttp's writer keeps the compressor
+            self._writer = WebSocketWriter(
+                self, transport, compress=compress, notakeover=notakeover
+            )
 
     # -- asyncio.Protocol ----------------------------------------------------------
 
@@ -307,7 +321,10 @@ class WebSocket(BaseProtocol):
         if self._closing:
             return WS_CLOSING_MESSAGE
         try:
-            self._waiting = queue.waiting = True
+            self._waiting = True
+            # Frames are offered only while nothing read waits before them: not while a
+            # read takes a queued frame (which may parse frames set aside behind it).
+            queue.waiting = not queue._buffer
             try:
                 msg: WSMessage = await queue.read()  # type: ignore[assignment]
             finally:
