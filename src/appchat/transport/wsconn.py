@@ -372,12 +372,10 @@ class WebSocket(BaseProtocol):
             if drain and self.transport is not None and self._paused:
                 await self._drain_helper()
         except (asyncio.CancelledError, TimeoutError):
-            self._close_transport(WSCloseCode.ABNORMAL_CLOSURE)
+            self._abnormal(None)
             raise
         except Exception as exc:
-            self._exception = exc
-            self._close_transport(WSCloseCode.ABNORMAL_CLOSURE)
-            return True
+            return self._abnormal(exc)
         if self._waiting:  # a receive() in another task: let it see CLOSING first
             self._close_wait = self._loop.create_future()
             queue.feed_data(WS_CLOSING_MESSAGE, 0)
@@ -392,12 +390,17 @@ class WebSocket(BaseProtocol):
                     self._close_transport(msg.data)
                     return True
         except asyncio.CancelledError:
-            self._close_transport(WSCloseCode.ABNORMAL_CLOSURE)
+            self._abnormal(None)
             raise
         except Exception as exc:
+            return self._abnormal(exc)
+
+    def _abnormal(self, exc: BaseException | None) -> bool:
+        """The close failed (``exc``, or cancelled): cut it, 1006."""
+        if exc is not None:
             self._exception = exc
-            self._close_transport(WSCloseCode.ABNORMAL_CLOSURE)
-            return True
+        self._close_transport(WSCloseCode.ABNORMAL_CLOSURE)
+        return True
 
     def _close_transport(self, code: int | None) -> None:
         if code is not None:
