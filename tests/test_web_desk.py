@@ -373,6 +373,21 @@ async def test_availability_and_whether_a_customer_sees_an_agent(
         await expect(anna_option.locator(".availability")).to_have_text("Online", timeout=LIVE_MS)
         await shopper.clock.fast_forward(30_000)
         await expect(availability).to_have_text("An agent is available")
+
+        # A page that says no agent is there asks again as soon as an agent writes, not
+        # only every 30 s (the shopper's clock stands still from here).
+        await anna.get_by_label("Your availability").select_option("busy")
+        await expect(anna_option.locator(".availability")).to_have_text("Busy", timeout=LIVE_MS)
+        await shopper.clock.fast_forward(30_000)
+        await expect(availability).to_have_text(
+            "No agent is available right now: leave a message and we answer as soon as we can"
+        )
+        await anna.get_by_label("Your availability").select_option("online")
+        await expect(anna_option.locator(".availability")).to_have_text("Online", timeout=LIVE_MS)
+        await row(anna, 5300).click()
+        await send(anna, "Hello, I am here")
+        await expect(bubble(shopper, "I am here")).to_be_visible()
+        await expect(availability).to_have_text("An agent is available")
         assert errors == []
     finally:
         server.stop()

@@ -4,7 +4,7 @@
 // from a server without it, it polls.
 
 import { ONLINE } from "/appchat.js";
-import { followAgentAvailability, followDesk, mergeConversation } from "./desk.js";
+import { followAgentAvailability, followDesk, mergeConversation, someoneAnswered } from "./desk.js";
 import { $, isOffline, showBanner } from "./dom.js";
 import { conversationTitle, learnName } from "./format.js";
 import { customerWrote } from "./notify.js";
@@ -321,6 +321,7 @@ export function onMessage(m) {
   if (thread && thread.loaded) remember(thread, m);
   if (m.sender_id !== me.sid) {
     customerWrote(m);
+    someoneAnswered();
     clearTyping(channel, m.sender_id);
     if (channel === state.openChannel && document.visibilityState === "visible") markRead();
     else c.unread = (c.unread || 0) + 1;

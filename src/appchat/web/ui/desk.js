@@ -195,6 +195,12 @@ export function followAgentAvailability() {
   state.timers.presence = setInterval(loadAgentAvailability, CUSTOMER_PRESENCE_MS);
 }
 
+// A customer's page that says no agent is there asks again as soon as someone answers
+// (an agent writing is there, whatever the last look every 30 s said).
+export function someoneAnswered() {
+  if (!state.me.staff && state.staffAvailable === false) loadAgentAvailability();
+}
+
 async function loadAgentAvailability() {
   const channel = String(state.me.application);
   try {
