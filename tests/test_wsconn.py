@@ -118,10 +118,12 @@ async def test_text_frames_are_offered_in_order_and_the_rest_is_received() -> No
         return True
 
     ws.offer_to(offer)
-    waiting = asyncio.ensure_future(ws.receive())
-    await asyncio.sleep(0)  # the receive starts and waits
+    receiving = ws.receive()
+    receiving.send(None)  # runs up to its wait for a frame (on the queue's future)
     ws.data_received(text("a") + text("b") + RawSocket.frame(b"p", opcode=0x9) + text("c"))
-    msg = await asyncio.wait_for(waiting, 5)
+    with pytest.raises(StopIteration) as done:  # the ping ended the wait
+        receiving.send(None)
+    msg = done.value.value
     assert offered == ["a", "b"]
     assert msg.type is WSMsgType.PING
     assert (await asyncio.wait_for(ws.receive(), 5)).data == "c"  # queued behind the ping

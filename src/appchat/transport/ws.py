@@ -32,7 +32,7 @@ from .connlog import ConnectionLog
 from .memory import MemoryRelease
 from .quota import ConnectionQuota, quota_key
 from .rest import origin_allowed
-from .wsconn import HEADER_SHORT, WebSocket, handshake, write_frame
+from .wsconn import WebSocket, handshake, write_frame
 
 log = logging.getLogger(__name__)
 
@@ -367,11 +367,7 @@ class _Link:
             or transport.get_write_buffer_size()
         ):
             return ws.send_frame(frame, WSMsgType.TEXT)
-        size = len(frame)
-        if size < 126:  # most replies: write_frame's first case, without the call
-            transport.write(HEADER_SHORT(0x81, size) + frame)
-        else:
-            write_frame(transport, WSMsgType.TEXT, frame)
+        write_frame(transport, WSMsgType.TEXT, frame)
         return None
 
     def overflow(self, conn: Connection) -> None:

@@ -274,8 +274,7 @@ class WebSocket(BaseProtocol):
         if self.closed:
             return
         self.closed = True
-        self._exception = exc
-        self._close_transport(WSCloseCode.ABNORMAL_CLOSURE)
+        self._abnormal(exc)
         if self._waiting and not self._closing and self._queue is not None:
             self._queue.feed_data(WSMessage(WSMsgType.ERROR, exc, None), 0)
 
@@ -396,7 +395,7 @@ class WebSocket(BaseProtocol):
             return self._abnormal(exc)
 
     def _abnormal(self, exc: BaseException | None) -> bool:
-        """The close failed (``exc``, or cancelled): cut it, 1006."""
+        """The connection failed (``exc``; None: cancelled): closed, 1006."""
         if exc is not None:
             self._exception = exc
         self._close_transport(WSCloseCode.ABNORMAL_CLOSURE)
