@@ -356,7 +356,15 @@ class Client:
         frame: dict[str, Any] = {"name": name, "id": request_id}
         if args is not None:
             frame["args"] = json.dumps(args)  # stdlib json: it can write any integer
-        await self.ws.send(json.dumps(frame))
+        try:
+            await self.ws.send(json.dumps(frame))
+        except BaseException:  # the caller sees the send's failure; nobody awaits the reply
+            self._waiting.pop(request_id, None)
+            if fut.done():  # the reader ended meanwhile and failed it: counted as seen
+                fut.exception()
+            else:
+                fut.cancel()
+            raise
         return await asyncio.wait_for(fut, timeout)
 
     async def ok(self, name: str, args: Any = None) -> Any:
