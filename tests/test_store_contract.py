@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -823,3 +824,63 @@ async def test_sqlite_close_returns_when_the_writer_already_ended(tmp_path: Path
     assert sqlite_store._writer is not None
     await asyncio.to_thread(sqlite_store._writer.join, 10)
     await asyncio.wait_for(sqlite_store.close(), 10)
+
+
+async def test_changes_since_every_revision_are_what_changed_after_it(store: Store) -> None:
+    """``changed_messages`` against counting, for every revision of a history that mixes
+    sends (alone and several in one batch), edits, deletions, private notes and status
+    changes over two conversations: every message whose rev is above ``since``, by rev,
+    page by page, private notes left out for a customer."""
+    rng = random.Random(22)
+    convs = []
+    for app in (700, 701):
+        await store.add_conversation(app, 1, staff=False, now=NOW)
+        convs.append(await store.add_conversation(app, 9, staff=True, now=NOW))
+    ids: dict[int, list[int]] = {c.id: [] for c in convs}
+    deleted: set[int] = set()
+    status = "open"
+    for step in range(90):
+        conv = rng.choice(convs)
+        kind = rng.random()
+        editable = [i for i in ids[conv.id] if i not in deleted]
+        if kind < 0.5 or len(editable) < 3:
+            staff = [rng.random() < 0.5 for _ in range(rng.randint(1, 4))]
+            outcomes = await asyncio.gather(
+                *(
+                    store.add_message(
+                        conv,
+                        sender_id=9 if s else 1,
+                        staff=s,
+                        content=f"m{step}.{k}",
+                        content_type=1,
+                        client_msg_id=None,
+                        now=NOW + step,
+                        private=s and rng.random() < 0.3,
+                    )
+                    for k, s in enumerate(staff)
+                )
+            )
+            ids[conv.id] += [o.message.id for o in outcomes]
+        elif kind < 0.7:
+            await store.edit_message(conv, rng.choice(editable), f"e{step}", now=NOW + step)
+        elif kind < 0.85:
+            victim = rng.choice(ids[conv.id])  # (a stub deleted again changes nothing)
+            deleted.add(victim)
+            await store.delete_message(conv, victim, now=NOW + step)
+        else:
+            status = "resolved" if status == "open" else "open"
+            await store.set_status(conv, status, None, now=NOW + step)
+    for conv in convs:
+        current = await store.get_conversation(conv.application_id)
+        assert current is not None
+        for public in (False, True):
+            every = (await store.list_messages(conv, limit=1000, public=public)).messages
+            assert len(every) == len(ids[conv.id]) or public
+            for since in range(current.rev + 2):
+                expected = sorted((m for m in every if m.rev > since), key=lambda m: m.rev)
+                for limit in (2, 1000):
+                    page = await store.changed_messages(
+                        conv, since=since, limit=limit, public=public
+                    )
+                    assert page.messages == expected[:limit], (since, limit, public)
+                    assert page.has_more == (len(expected) > limit)

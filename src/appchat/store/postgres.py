@@ -63,6 +63,7 @@ def translate(exc: BaseException) -> AppError:
 
 class PostgresStore(SqlStore):
     _search_dialect = "postgresql"
+    _changed_only_index = False  # messages_changes holds every message's revision
 
     def __init__(
         self,

@@ -18,6 +18,7 @@ writer numbers a batch's messages itself; PostgreSQL sends a batch through
 from __future__ import annotations
 
 import asyncio
+import heapq
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -64,6 +65,7 @@ from .rows import (
     CONVERSATION_COLUMNS,
     LAST_MESSAGE_JOIN,
     LAST_PUBLIC_MESSAGE_JOIN,
+    MESSAGE_REV,
     NEWEST,
     OUTBOX_COLUMNS,
     SELECT_MESSAGES,
@@ -366,14 +368,71 @@ def get_message(message_id: int) -> Plan[Message | None]:
 
 
 def changed_messages(
-    conversation: Conversation, since: int, limit: int, public: bool
+    conversation: Conversation, since: int, limit: int, public: bool, changed_only: bool
 ) -> Plan[MessagePage]:
-    """Messages of the conversation created or changed after revision ``since``, by rev."""
-    sql = SELECT_MESSAGES + "WHERE m.conversation_id = ? AND m.rev > ?"
-    if public:
-        sql += " AND NOT m.private"
+    """Messages of the conversation created or changed after revision ``since``, by rev.
+
+    ``changed_only``: the engine indexes the revisions of changed messages only (SQLite,
+    where an index entry more per message stored cost the writer a page per conversation
+    of every commit): the rest are found by id (:func:`changed_since`)."""
+    private = " AND NOT m.private" if public else ""
+    if changed_only:
+        return (yield from changed_since(conversation.id, since, limit, private))
+    sql = SELECT_MESSAGES + "WHERE m.conversation_id = ? AND m.rev > ?" + private
     rows = yield Step("rows", sql + " ORDER BY m.rev LIMIT ?", (conversation.id, since, limit + 1))
     return page_of(list(rows), limit, newest_first=False)
+
+
+# A message that was never edited nor deleted keeps the revision its creation took, and
+# those grow with the ids in a conversation: its messages are numbered and given revisions
+# in one order (SQLite's single writer; PostgreSQL locks the conversation before it draws
+# ids). So the unchanged messages after revision R are those after one id, found by
+# bisection; the changed ones are indexed by revision (messages_changed, a partial index).
+UNCHANGED = "m.edited_at IS NULL AND NOT m.deleted"
+CHANGED = "(m.edited_at IS NOT NULL OR m.deleted)"  # messages_changed's WHERE, word for word
+FIRST_UNCHANGED_FROM = (
+    f"SELECT m.id, m.rev FROM messages m WHERE m.conversation_id = ? AND m.id >= ? AND {UNCHANGED}"
+    " ORDER BY m.id LIMIT 1"
+)
+NEWEST_UNCHANGED = (
+    f"SELECT m.id, m.rev FROM messages m WHERE m.conversation_id = ? AND {UNCHANGED}"
+    " ORDER BY m.id DESC LIMIT 1"
+)
+OLDEST_ID = "SELECT min(id) FROM messages WHERE conversation_id = ?"
+
+
+def changed_since(conversation_id: int, since: int, limit: int, private: str) -> Plan[MessagePage]:
+    """:func:`changed_messages` without an index of every message's revision: the newest
+    unchanged message at or below ``since`` (bisection over ids, each probe one index
+    seek), the unchanged messages after it by id, the changed ones above ``since`` by
+    revision, merged."""
+    boundary = 0  # the newest unchanged message with rev <= since (0: none)
+    newest = yield Step("row", NEWEST_UNCHANGED, (conversation_id,))
+    if newest is not None and newest[1] <= since:
+        boundary = newest[0]
+    elif newest is not None:
+        lo = (yield Step("value", OLDEST_ID, (conversation_id,))) or 0
+        hi = newest[0]  # every unchanged message from hi on is above since
+        while lo < hi:
+            probe = yield Step("row", FIRST_UNCHANGED_FROM, (conversation_id, (lo + hi) // 2))
+            if probe is None or probe[1] > since:
+                hi = (lo + hi) // 2
+            else:  # the first unchanged at or after the middle is at or below since
+                boundary, lo = probe[0], probe[0] + 1
+    created = yield Step(
+        "rows",
+        SELECT_MESSAGES + f"WHERE m.conversation_id = ? AND m.id > ? AND {UNCHANGED}{private}"
+        " ORDER BY m.id LIMIT ?",
+        (conversation_id, boundary, limit + 1),
+    )
+    changed = yield Step(
+        "rows",
+        SELECT_MESSAGES + f"WHERE m.conversation_id = ? AND m.rev > ? AND {CHANGED}{private}"
+        " ORDER BY m.rev LIMIT ?",
+        (conversation_id, since, limit + 1),
+    )
+    rows = list(heapq.merge(created, changed, key=lambda row: row[MESSAGE_REV]))
+    return page_of(rows[: limit + 1], limit, newest_first=False)
 
 
 def change_message(
@@ -559,7 +618,9 @@ class SqlStore(ABC):
     async def changed_messages(
         self, conversation: Conversation, *, since: int, limit: int, public: bool = False
     ) -> MessagePage:
-        return await self._read_plan(changed_messages, conversation, since, limit, public)
+        return await self._read_plan(
+            changed_messages, conversation, since, limit, public, self._changed_only_index
+        )
 
     async def edit_message(
         self, conversation: Conversation, message_id: int, content: str, *, now: int
@@ -750,6 +811,8 @@ class SqlStore(ABC):
     # --- full-text search (search.py) ------------------------------------------------------
 
     _search_dialect: search.Dialect = "sqlite"
+    # Only changed messages' revisions are indexed (see changed_since): SQLite's 0011.
+    _changed_only_index = True
 
     async def search_messages(
         self,
