@@ -12,7 +12,7 @@ indexes were dropped after the migrations (the store still works: the indexes se
 reads, and the unique one a retried ``client_msg_id``), to show what each costs a write.
 Variants alternate within each of ``--rounds`` rounds; medians.
 
-    .venv/bin/python bench/writer.py --without messages_changes messages_client_msg_id
+    .venv/bin/python bench/writer.py --without messages_changed messages_client_msg_id
 """
 
 from __future__ import annotations

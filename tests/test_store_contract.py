@@ -884,3 +884,62 @@ async def test_changes_since_every_revision_are_what_changed_after_it(store: Sto
                     )
                     assert page.messages == expected[:limit], (since, limit, public)
                     assert page.has_more == (len(expected) > limit)
+
+
+async def test_sqlite_a_read_sees_one_state_of_the_database(tmp_path: Path) -> None:
+    """The statements of one read plan see one snapshot: a write committed between two of
+    them is not seen by the second (``changed_since`` reads the changes in two)."""
+    from appchat.store.plan import Plan, Step
+    from appchat.store.sqlite import SqliteStore
+
+    path = tmp_path / "snapshot.db"
+    store = SqliteStore(str(path))
+    await store.open()
+    try:
+        await conversation(store, app=100)
+
+        def read_twice() -> Plan[tuple[int, int]]:
+            first = yield Step("value", "SELECT update_at FROM conversations", ())
+            with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+                other.execute("UPDATE conversations SET update_at = update_at + 1")
+            second = yield Step("value", "SELECT update_at FROM conversations", ())
+            return first, second
+
+        first, second = await store._read_plan(read_twice)
+        assert first == second == NOW
+        now = await store._read_plan(read_twice)  # the next read sees the write
+        assert now[0] == NOW + 1
+    finally:
+        await store.close()
+
+
+def test_sqlite_reads_changes_through_the_index_of_changed_messages(tmp_path: Path) -> None:
+    """The query for changed messages matches messages_changed's WHERE (SQLite uses a
+    partial index only then; otherwise it would read the whole conversation and sort)."""
+    from appchat.store.migrate import apply_sqlite_migrations
+    from appchat.store.sqlstore import (
+        CHANGED_AFTER,
+        FIRST_UNCHANGED_BETWEEN,
+        NEWEST_UNCHANGED,
+        UNCHANGED_AFTER,
+    )
+
+    path = tmp_path / "plan.db"
+    apply_sqlite_migrations(str(path))
+    with contextlib.closing(sqlite3.connect(path)) as db:
+
+        def plan(sql: str) -> str:
+            rows = db.execute("EXPLAIN QUERY PLAN " + sql, (1,) * sql.count("?"))
+            return " / ".join(r[3] for r in rows)
+
+        for public in (False, True):
+            assert "USING INDEX messages_changed (conversation_id=? AND rev>?)" in plan(
+                CHANGED_AFTER[public]
+            )
+            assert "messages_conversation (conversation_id=? AND id>?)" in plan(
+                UNCHANGED_AFTER[public]
+            )
+        assert "messages_conversation (conversation_id=? AND id>? AND id<?)" in plan(
+            FIRST_UNCHANGED_BETWEEN
+        )
+        assert "messages_conversation (conversation_id=?)" in plan(NEWEST_UNCHANGED)

@@ -282,9 +282,11 @@ class SqliteStore(SqlStore):
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[Job]) -> list[tuple[bool, Any]]:
         in_job = False
         try:
+            conn.execute("BEGIN IMMEDIATE")
+            # Read with the write lock held: a process writing without taking turns (no
+            # WriterLock) cannot commit between the look and this batch.
             (version,) = conn.execute("PRAGMA data_version").fetchone()
             self._members.check(version)
-            conn.execute("BEGIN IMMEDIATE")
             outcomes: list[tuple[bool, Any]] = []
             sends: list[_SendMessage] = []
             for fn, args, _fut, _loop in batch:
@@ -321,7 +323,7 @@ class SqliteStore(SqlStore):
     # --- the Store interface ------------------------------------------------------------------
 
     async def _read_plan(self, make: Callable[..., Plan[T]], *args: Any) -> T:
-        return await self._read(lambda conn: _drive(conn, make(*args), None))
+        return await self._read(lambda conn: _snapshot(conn, make(*args)))
 
     async def _write_plan(self, make: Callable[..., Plan[T]], *args: Any) -> T:
         members = self._members
@@ -844,6 +846,20 @@ BUMP_CONVERSATION = (
 )
 REOPEN = "UPDATE conversations SET status = 'open', snooze_until = NULL WHERE id = ?"
 GET_CONVERSATION_BY_ID = f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.id = ?"
+
+
+def _snapshot(conn: sqlite3.Connection, plan: Plan[T]) -> T:
+    """A read plan in one transaction, so that its statements see one state of the
+    database (``changed_since`` reads the changes in two)."""
+    conn.execute("BEGIN")
+    try:
+        result = _drive(conn, plan, None)
+    except BaseException:
+        with suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
 
 
 def _drive(conn: sqlite3.Connection, plan: Plan[T], members: _Members | None) -> T:

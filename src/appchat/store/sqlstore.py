@@ -375,37 +375,51 @@ def changed_messages(
     ``changed_only``: the engine indexes the revisions of changed messages only (SQLite,
     where an index entry more per message stored cost the writer a page per conversation
     of every commit): the rest are found by id (:func:`changed_since`)."""
-    private = " AND NOT m.private" if public else ""
     if changed_only:
-        return (yield from changed_since(conversation.id, since, limit, private))
-    sql = SELECT_MESSAGES + "WHERE m.conversation_id = ? AND m.rev > ?" + private
+        return (yield from changed_since(conversation.id, since, limit, public))
+    sql = SELECT_MESSAGES + "WHERE m.conversation_id = ? AND m.rev > ?"
+    if public:
+        sql += " AND NOT m.private"
     rows = yield Step("rows", sql + " ORDER BY m.rev LIMIT ?", (conversation.id, since, limit + 1))
     return page_of(list(rows), limit, newest_first=False)
 
 
 # A message that was never edited nor deleted keeps the revision its creation took, and
-# those grow with the ids in a conversation: its messages are numbered and given revisions
-# in one order (SQLite's single writer; PostgreSQL locks the conversation before it draws
-# ids). So the unchanged messages after revision R are those after one id, found by
-# bisection; the changed ones are indexed by revision (messages_changed, a partial index).
+# those grow with the ids in a conversation: SQLite's writer numbers a conversation's
+# messages and gives them revisions in one order, with the write lock held. So the
+# unchanged messages after revision R are those after one id, found by bisection; the
+# changed ones are indexed by revision (messages_changed, a partial index). The plan
+# reads in one snapshot (SqliteStore._read_plan), so no change falls between its reads.
 UNCHANGED = "m.edited_at IS NULL AND NOT m.deleted"
 CHANGED = "(m.edited_at IS NOT NULL OR m.deleted)"  # messages_changed's WHERE, word for word
-FIRST_UNCHANGED_FROM = (
-    f"SELECT m.id, m.rev FROM messages m WHERE m.conversation_id = ? AND m.id >= ? AND {UNCHANGED}"
-    " ORDER BY m.id LIMIT 1"
-)
 NEWEST_UNCHANGED = (
     f"SELECT m.id, m.rev FROM messages m WHERE m.conversation_id = ? AND {UNCHANGED}"
     " ORDER BY m.id DESC LIMIT 1"
 )
+FIRST_UNCHANGED_BETWEEN = (
+    "SELECT m.id, m.rev FROM messages m WHERE m.conversation_id = ? AND m.id >= ? "
+    f"AND m.id < ? AND {UNCHANGED} ORDER BY m.id LIMIT 1"
+)
 OLDEST_ID = "SELECT min(id) FROM messages WHERE conversation_id = ?"
+# By ``public`` (no private note): unchanged messages after an id, changed ones after a rev.
+UNCHANGED_AFTER = {
+    public: SELECT_MESSAGES + f"WHERE m.conversation_id = ? AND m.id > ? AND {UNCHANGED}"
+    f"{' AND NOT m.private' if public else ''} ORDER BY m.id LIMIT ?"
+    for public in (False, True)
+}
+CHANGED_AFTER = {
+    public: SELECT_MESSAGES + f"WHERE m.conversation_id = ? AND m.rev > ? AND {CHANGED}"
+    f"{' AND NOT m.private' if public else ''} ORDER BY m.rev LIMIT ?"
+    for public in (False, True)
+}
 
 
-def changed_since(conversation_id: int, since: int, limit: int, private: str) -> Plan[MessagePage]:
+def changed_since(conversation_id: int, since: int, limit: int, public: bool) -> Plan[MessagePage]:
     """:func:`changed_messages` without an index of every message's revision: the newest
     unchanged message at or below ``since`` (bisection over ids, each probe one index
     seek), the unchanged messages after it by id, the changed ones above ``since`` by
-    revision, merged."""
+    revision, merged. A probe passes over the changed messages it meets, so a long run of
+    edited or deleted messages is read about once per call."""
     boundary = 0  # the newest unchanged message with rev <= since (0: none)
     newest = yield Step("row", NEWEST_UNCHANGED, (conversation_id,))
     if newest is not None and newest[1] <= since:
@@ -414,23 +428,14 @@ def changed_since(conversation_id: int, since: int, limit: int, private: str) ->
         lo = (yield Step("value", OLDEST_ID, (conversation_id,))) or 0
         hi = newest[0]  # every unchanged message from hi on is above since
         while lo < hi:
-            probe = yield Step("row", FIRST_UNCHANGED_FROM, (conversation_id, (lo + hi) // 2))
+            middle = (lo + hi) // 2
+            probe = yield Step("row", FIRST_UNCHANGED_BETWEEN, (conversation_id, middle, hi))
             if probe is None or probe[1] > since:
-                hi = (lo + hi) // 2
+                hi = middle
             else:  # the first unchanged at or after the middle is at or below since
                 boundary, lo = probe[0], probe[0] + 1
-    created = yield Step(
-        "rows",
-        SELECT_MESSAGES + f"WHERE m.conversation_id = ? AND m.id > ? AND {UNCHANGED}{private}"
-        " ORDER BY m.id LIMIT ?",
-        (conversation_id, boundary, limit + 1),
-    )
-    changed = yield Step(
-        "rows",
-        SELECT_MESSAGES + f"WHERE m.conversation_id = ? AND m.rev > ? AND {CHANGED}{private}"
-        " ORDER BY m.rev LIMIT ?",
-        (conversation_id, since, limit + 1),
-    )
+    created = yield Step("rows", UNCHANGED_AFTER[public], (conversation_id, boundary, limit + 1))
+    changed = yield Step("rows", CHANGED_AFTER[public], (conversation_id, since, limit + 1))
     rows = list(heapq.merge(created, changed, key=lambda row: row[MESSAGE_REV]))
     return page_of(rows[: limit + 1], limit, newest_first=False)
 
