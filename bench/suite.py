@@ -633,6 +633,12 @@ def two_nodes(rev: str | None) -> str:
     return "two nodes, PostgreSQL + Redis" + (f", appchat@{rev}" if rev else "")
 
 
+def ratio(value: float, reference: float) -> float:
+    """``value / reference``; NaN (left out of medians) when the reference delivered
+    nothing in its run, as a smoke run on a busy machine can see."""
+    return value / reference if reference else math.nan
+
+
 def median(values: list[float]) -> float:
     values = [v for v in values if not math.isnan(v)]
     return statistics.median(values) if values else math.nan
@@ -774,7 +780,7 @@ def summarise(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
             if results["throughput"].get(ref):
                 t[f"ratio_{ref}"] = median(
                     [
-                        r["msg_s"] / b["msg_s"]
+                        ratio(r["msg_s"], b["msg_s"])
                         for r, b in zip(runs, results["throughput"][ref], strict=True)
                     ]
                 )
@@ -811,7 +817,7 @@ def summarise(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
         one = cl[ONE_NODE]
         for label, runs in cl.items():
             s["cluster"][label]["ratio"] = median(
-                [t["msg_s"] / o["msg_s"] for o, t in zip(one, runs, strict=True)]
+                [ratio(t["msg_s"], o["msg_s"]) for o, t in zip(one, runs, strict=True)]
             )
         s["cluster"]["ratio"] = s["cluster"][two_nodes(None)]["ratio"]
     s["workers"] = {}
@@ -820,7 +826,7 @@ def summarise(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
             s["workers"][n] = {k: median([r[k] for r in runs]) for k in ("msg_s", "cpu_us")}
         s["workers"]["ratio"] = median(
             [
-                two["msg_s"] / one["msg_s"]
+                ratio(two["msg_s"], one["msg_s"])
                 for one, two in zip(results["workers"][1], results["workers"][2], strict=True)
             ]
         )
@@ -833,7 +839,8 @@ def ratio_cell(kind: str, t: dict[str, float], ref: str) -> str:
     """The throughput table's ratio of ``kind`` to the reference server ``ref``."""
     if kind == ref:
         return "1"
-    return f"{t[f'ratio_{ref}']:.2f}" if f"ratio_{ref}" in t else "-"
+    value = t.get(f"ratio_{ref}", math.nan)
+    return "-" if math.isnan(value) else f"{value:.2f}"
 
 
 def report(args: argparse.Namespace, s: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,3 +130,30 @@ def test_writer_bench_measures_the_store_with_and_without_an_index() -> None:
         cells = rows[variant].strip("| ").split(" | ")
         assert float(cells[1].replace(",", "")) > 0, rows[variant]  # msg/s
         assert float(cells[2].removesuffix(" µs")) > 0, rows[variant]  # CPU per message
+
+
+def test_a_reference_that_delivered_nothing_in_a_run_gives_that_run_no_ratio(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A smoke run on a busy machine can see a reference server deliver nothing in its
+    short window: that run has no ratio (the table says "-"), where the report used to end
+    in a division by zero."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    import suite
+
+    args = suite.parse_args(["--parts", "throughput", "--servers", "appchat", "durable"])
+    run = {"msg_s": 900.0, "cpu_us": 50.0, "errors": 0, "srv_cpu": 90.0, "gen_cpu": 30.0}
+    results: dict[str, Any] = {
+        "throughput": {"appchat": [run, run], "durable": [{**run, "msg_s": 0.0}, run]},
+        "latency": {},
+        "fresh": {},
+        "memory": {},
+        "unread": [],
+        "cluster": {suite.ONE_NODE: []},
+        "workers": {1: [], 2: []},
+    }
+    s = suite.summarise(args, results)
+    assert s["throughput"]["appchat"]["ratio_durable"] == 1.0  # the run that had one
+    results["throughput"]["durable"] = [{**run, "msg_s": 0.0}] * 2
+    s = suite.summarise(args, results)
+    assert suite.ratio_cell("appchat", s["throughput"]["appchat"], "durable") == "-"
