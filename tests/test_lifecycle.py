@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from .support import (
     Clock,
     InProcessServer,
+    RawSocket,
     Server,
     ServerProcess,
     client,
@@ -238,3 +239,32 @@ async def test_metrics_count_connections_and_events(server: Server) -> None:
         assert 'appchat_events_total{event="Event.GetMessageList",outcome="bad_request"}' in text
     await asyncio.sleep(0.2)
     assert "appchat_connections 0.0" in scrape()
+
+
+async def test_shutdown_cuts_a_connection_still_open_after_the_grace(tmp_path: Path) -> None:
+    """A client that never answers the close frame keeps its session waiting for the
+    answer (up to the close timeout, 2 s); shutdown's grace ends first: the socket is cut,
+    and no session is left when close_all returns (aiohttp no longer knows these sockets,
+    so nothing else would end them)."""
+    srv = InProcessServer(tmp_path / "cut.db").start()
+    try:
+        raw = RawSocket(srv, 1, token(admin_id=1))
+        assert raw.status == 101
+        raw.sock.sendall(raw.request("Event.GetUnreadInfo", {}, "r1"))
+        seen = b""
+        while b'"r1"' not in seen:  # the reply: the session is live
+            seen += raw.sock.recv(65536)
+        assert srv.node is not None
+        ws = srv.node.ws
+        (session,) = list(ws._handlers)
+        await asyncio.to_thread(srv.run, ws.close_all(grace=0.2))
+        # cut after the grace (its own close would have waited 2 s more), and gone
+        assert session.cancelled() and not ws._handlers
+        seen = b""
+        with contextlib.suppress(ConnectionResetError):  # cut: a reset, or the end
+            while chunk := raw.sock.recv(65536):
+                seen += chunk
+        # the close frame last (1001, "server shutdown"): the answer was not awaited
+        assert seen.endswith(b"\x88\x11\x03\xe9server shutdown"), seen
+    finally:
+        srv.stop()
