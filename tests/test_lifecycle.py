@@ -257,8 +257,9 @@ async def test_shutdown_cuts_a_connection_still_open_after_the_grace(tmp_path: P
         assert srv.node is not None
         ws = srv.node.ws
         (session,) = list(ws._handlers)
-        await asyncio.to_thread(srv.run, ws.close_all(grace=0.2))
-        # cut after the grace (its own close would have waited 2 s more), and gone
+        await asyncio.to_thread(srv.run, ws.close_all(grace=1.0))
+        # cut (cancelled) after the grace, while its own close waited for the answer (up
+        # to 2 s, CLOSE_TIMEOUT), and gone
         assert session.cancelled() and not ws._handlers
         seen = b""
         with contextlib.suppress(ConnectionResetError):  # cut: a reset, or the end

@@ -886,9 +886,10 @@ async def test_changes_since_every_revision_are_what_changed_after_it(store: Sto
                     assert page.has_more == (len(expected) > limit)
 
 
-async def test_sqlite_a_read_sees_one_state_of_the_database(tmp_path: Path) -> None:
-    """The statements of one read plan see one snapshot: a write committed between two of
-    them is not seen by the second (``changed_since`` reads the changes in two)."""
+async def test_sqlite_a_snapshot_read_sees_one_state_of_the_database(tmp_path: Path) -> None:
+    """The statements of a snapshot read see one state of the database: a write committed
+    between two of them is not seen by the second (``changed_since`` reads the changes
+    in two)."""
     from appchat.store.plan import Plan, Step
     from appchat.store.sqlite import SqliteStore
 
@@ -905,10 +906,13 @@ async def test_sqlite_a_read_sees_one_state_of_the_database(tmp_path: Path) -> N
             second = yield Step("value", "SELECT update_at FROM conversations", ())
             return first, second
 
-        first, second = await store._read_plan(read_twice)
+        first, second = await store._read_snapshot(read_twice)
         assert first == second == NOW
-        now = await store._read_plan(read_twice)  # the next read sees the write
-        assert now[0] == NOW + 1
+        first, second = await store._read_snapshot(read_twice)  # the next one sees it
+        assert first == second == NOW + 1
+        # (a plain read plan runs each statement on its own: it sees the write between)
+        first, second = await store._read_plan(read_twice)
+        assert second == first + 1 == NOW + 3
     finally:
         await store.close()
 

@@ -323,6 +323,9 @@ class SqliteStore(SqlStore):
     # --- the Store interface ------------------------------------------------------------------
 
     async def _read_plan(self, make: Callable[..., Plan[T]], *args: Any) -> T:
+        return await self._read(lambda conn: _drive(conn, make(*args), None))
+
+    async def _read_snapshot(self, make: Callable[..., Plan[T]], *args: Any) -> T:
         return await self._read(lambda conn: _snapshot(conn, make(*args)))
 
     async def _write_plan(self, make: Callable[..., Plan[T]], *args: Any) -> T:
@@ -850,15 +853,18 @@ GET_CONVERSATION_BY_ID = f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WH
 
 def _snapshot(conn: sqlite3.Connection, plan: Plan[T]) -> T:
     """A read plan in one transaction, so that its statements see one state of the
-    database (``changed_since`` reads the changes in two)."""
+    database (``changed_since`` reads the changes in two). Only for the plans that need
+    it: two statements more, each a turn at the GIL. The reader's connection is never
+    left inside the transaction (its next read could not begin one)."""
     conn.execute("BEGIN")
     try:
         result = _drive(conn, plan, None)
+        conn.execute("COMMIT")
     except BaseException:
-        with suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
     return result
 
 

@@ -389,7 +389,7 @@ def changed_messages(
 # messages and gives them revisions in one order, with the write lock held. So the
 # unchanged messages after revision R are those after one id, found by bisection; the
 # changed ones are indexed by revision (messages_changed, a partial index). The plan
-# reads in one snapshot (SqliteStore._read_plan), so no change falls between its reads.
+# reads in one snapshot (``_read_snapshot``), so no change falls between its reads.
 UNCHANGED = "m.edited_at IS NULL AND NOT m.deleted"
 CHANGED = "(m.edited_at IS NOT NULL OR m.deleted)"  # messages_changed's WHERE, word for word
 NEWEST_UNCHANGED = (
@@ -532,6 +532,12 @@ class SqlStore(ABC):
     async def _read_plan(self, make: Callable[..., Plan[T]], *args: Any) -> T:
         """Run the plan ``make(*args)`` outside a transaction."""
 
+    async def _read_snapshot(self, make: Callable[..., Plan[T]], *args: Any) -> T:
+        """Run the read plan ``make(*args)`` so that all its statements see one state of
+        the database. Here as ``_read_plan``: PostgreSQL runs the plans this serves in one
+        statement (``changed_messages``); SQLite overrides it."""
+        return await self._read_plan(make, *args)
+
     @abstractmethod
     async def _write_plan(self, make: Callable[..., Plan[T]], *args: Any) -> T:
         """Run the plan ``make(*args)`` in a transaction; return once it committed. ``make``
@@ -623,7 +629,7 @@ class SqlStore(ABC):
     async def changed_messages(
         self, conversation: Conversation, *, since: int, limit: int, public: bool = False
     ) -> MessagePage:
-        return await self._read_plan(
+        return await self._read_snapshot(
             changed_messages, conversation, since, limit, public, self._changed_only_index
         )
 
