@@ -157,3 +157,13 @@ def test_a_reference_that_delivered_nothing_in_a_run_gives_that_run_no_ratio(
     results["throughput"]["durable"] = [{**run, "msg_s": 0.0}] * 2
     s = suite.summarise(args, results)
     assert suite.ratio_cell("appchat", s["throughput"]["appchat"], "durable") == "-"
+
+
+@pytest.mark.timeout(300)
+def test_changes_bench_times_the_reads_of_changes_on_a_tiny_history() -> None:
+    """bench/changes.py: the time of a page of changes since a revision, for each
+    position of the revision, each from reads that returned what changed after it."""
+    out = run_script("bench/changes.py", *("--messages", "300", "--calls", "3", "--rounds", "1"))
+    (row,) = [line for line in out.stdout.splitlines() if line.startswith("| this checkout |")]
+    cells = row.strip("| ").split(" | ")[1:]
+    assert len(cells) == 4 and all(float(c.removesuffix(" ms")) > 0 for c in cells), row
