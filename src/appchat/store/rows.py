@@ -34,7 +34,7 @@ MESSAGE_COLUMNS = (
     "m.create_at, m.update_at, m.client_msg_id, sp.name, m.private, m.rev, m.edited_at, "
     "m.deleted"
 )
-MESSAGE_REV = 11  # the position of m.rev in MESSAGE_COLUMNS
+MESSAGE_REV = MESSAGE_COLUMNS.split(", ").index("m.rev")  # its position in a message row
 SENDER_NAME = (
     "LEFT JOIN participants sp ON sp.conversation_id = m.conversation_id "
     "AND sp.user_id = m.sender_id "
