@@ -325,3 +325,33 @@ async def test_the_readme_browser_snippets_work_with_both_printed_tokens(
     assert 100 in [c["application_id"] for c in frames[1]["result"]["conversations"]]
     assert result["last"]["content"] == "Hello from appchat.js"
     assert errors == []
+
+
+async def test_a_row_drawn_anew_while_pressed_still_opens(dev_server: Server, browser: Any) -> None:
+    """The list is drawn anew with every piece of news, many times a second on a busy
+    desk. A row drawn anew between the press and the release gets no click from the
+    browser: the release opens the conversation it was pressed on (the click used to be
+    lost, and the agent's conversation did not open)."""
+    from playwright.async_api import expect
+
+    server = dev_server
+    async with client(server, 5, token(request_id=150, sid=5)) as other:
+        await other.ok("Event.AddConversation", {"application_id": 150})
+        await other.ok("Event.SendMessage", {"session_channel": "150", "content": "Refund?"})
+    errors: list[str] = []
+    staff = await open_page(browser, server, errors)
+    await join_as_staff(staff, 1)
+    row = staff.locator("#conversations li[data-channel='150']")
+    await expect(row).to_be_visible()
+    # A redraw in the instant of the press, as render.js does it: a new element per row.
+    await staff.evaluate(
+        """() => document.getElementById("conversations").addEventListener("mousedown",
+            (event) => {
+                const li = event.target.closest("li[data-channel]");
+                li.replaceWith(li.cloneNode(true));
+            }, { once: true })"""
+    )
+    await row.click()
+    await expect(bubble(staff, "Refund?")).to_be_visible()
+    await expect(row).to_have_attribute("aria-current", "true")
+    assert errors == []

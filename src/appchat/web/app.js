@@ -133,6 +133,21 @@ async function boot() {
     const row = event.target.closest("li[data-channel]");
     if (row) openConversation(row.dataset.channel);
   });
+  // The list is drawn anew with every piece of news (on a busy desk, several times a
+  // second). A row drawn anew between the press and the release gets no click from the
+  // browser (the element pressed is gone): the release on the same conversation opens it.
+  let pressed = null;
+  $("conversations").addEventListener("mousedown", (event) => {
+    pressed = event.target;
+  });
+  $("conversations").addEventListener("mouseup", (event) => {
+    const row = event.target.closest("li[data-channel]");
+    const was = pressed?.closest("li[data-channel]");
+    if (row && was && !was.isConnected && was.dataset.channel === row.dataset.channel) {
+      openConversation(row.dataset.channel);
+    }
+    pressed = null;
+  });
   $("conversations").addEventListener("keydown", (event) => {
     const row = event.target.closest("li[data-channel]");
     if (row && (event.key === "Enter" || event.key === " ")) {
