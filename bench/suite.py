@@ -644,10 +644,12 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
-def inbox_kind(args: argparse.Namespace) -> str | None:
-    """The throughput row of appchat with ``--inbox`` subscribers, when it runs."""
-    wanted = args.inbox > 0 and "appchat" in args.servers and "throughput" in args.parts
-    return f"appchat+inbox{args.inbox}" if wanted else None
+def inbox_kinds(args: argparse.Namespace) -> dict[str, str]:
+    """The throughput rows of appchat (and of each ``--baseline``) with ``--inbox``
+    subscribers, when they run: appchat's kind -> its row's ("appchat@REV+inbox10")."""
+    if args.inbox <= 0 or "throughput" not in args.parts:
+        return {}
+    return {k: f"{k}+inbox{args.inbox}" for k in args.servers if k.partition("@")[0] == "appchat"}
 
 
 def after_label(args: argparse.Namespace) -> str:
@@ -655,10 +657,11 @@ def after_label(args: argparse.Namespace) -> str:
     return "after saturation" if "throughput" in args.parts else "one process, rates in turn"
 
 
-async def inbox_throughput(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
-    """The throughput workload on appchat with ``--inbox`` subscribers reading every push
-    about a message; also how many messages were stored and the fewest pushes read."""
-    with server("appchat", workdir) as srv:
+async def inbox_throughput(workdir: Path, args: argparse.Namespace, kind: str) -> dict[str, float]:
+    """The throughput workload on appchat (``kind``: as of this checkout or a baseline)
+    with ``--inbox`` subscribers reading every push about a message; also how many
+    messages were stored and the fewest pushes read."""
+    with server(kind, workdir) as srv:
         inbox = await subscribe_inbox(srv.port, args.inbox)
         result = await throughput("appchat", srv.port, args, srv)
         result["stored"], result["inbox_read"] = await inbox_delivery(srv, inbox)
@@ -668,10 +671,10 @@ async def inbox_throughput(workdir: Path, args: argparse.Namespace) -> dict[str,
 
 async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     kinds = list(args.servers)
-    with_inbox = inbox_kind(args)
+    with_inbox = inbox_kinds(args)
     rows = []  # the throughput table's: appchat with the inbox right after appchat
     for kind in kinds:
-        rows += [kind, with_inbox] if kind == "appchat" and with_inbox else [kind]
+        rows += [kind, with_inbox[kind]] if kind in with_inbox else [kind]
     parts = set(args.parts)
     rates = args.rates if "latency" in parts else []
     fresh = "latency" in parts and args.fresh_rate > 0
@@ -687,7 +690,7 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     per_server = ("throughput" in parts) + len(rates) + fresh + ("memory" in parts)
     steps = args.runs * (
         len(kinds) * per_server
-        + (with_inbox is not None)
+        + len(with_inbox)
         + ("unread" in parts)
         + (2 + len(args.baseline)) * ("cluster" in parts)
     ) + args.runs * 2 * ("workers" in parts)
@@ -708,9 +711,11 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                                 await latency(kind, srv.port, args, rate, srv)
                             )
                             bar.update()
-                if kind == "appchat" and with_inbox:
-                    bar.set_postfix_str(f"{with_inbox} throughput")
-                    results["throughput"][with_inbox].append(await inbox_throughput(workdir, args))
+                if kind in with_inbox:
+                    bar.set_postfix_str(f"{with_inbox[kind]} throughput")
+                    results["throughput"][with_inbox[kind]].append(
+                        await inbox_throughput(workdir, args, kind)
+                    )
                     bar.update()
                 if fresh:  # its own process, nothing run on it before
                     with server(kind, workdir) as srv:
@@ -1146,7 +1151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=10,
         metavar="N",
-        help="also appchat's throughput with N inbox subscribers, 'appchat+inboxN' (0: not) [10]",
+        help="also appchat's throughput with N inbox subscribers, 'appchat+inboxN' "
+        "(and each --baseline's, 'appchat@REV+inboxN'; 0: not) [10]",
     )
     p.add_argument(
         "--baseline",

@@ -159,6 +159,24 @@ def test_a_reference_that_delivered_nothing_in_a_run_gives_that_run_no_ratio(
     assert suite.ratio_cell("appchat", s["throughput"]["appchat"], "durable") == "-"
 
 
+def test_each_appchat_of_a_run_gets_its_row_with_inbox_subscribers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--inbox N`` measures this checkout and each ``--baseline`` with N subscribers (a
+    before/after of the desk's cost), none of the reference servers; 0 measures none."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    import suite
+
+    args = suite.parse_args(["--servers", "appchat", "durable", "--inbox", "10"])
+    args.servers.insert(0, "appchat@abc123")  # as main() adds a --baseline
+    assert suite.inbox_kinds(args) == {
+        "appchat@abc123": "appchat@abc123+inbox10",
+        "appchat": "appchat+inbox10",
+    }
+    assert suite.inbox_kinds(suite.parse_args(["--inbox", "0"])) == {}
+    assert suite.inbox_kinds(suite.parse_args(["--parts", "latency"])) == {}
+
+
 @pytest.mark.timeout(300)
 def test_changes_bench_times_the_reads_of_changes_on_a_tiny_history() -> None:
     """bench/changes.py: the time of a page of changes since a revision, for each

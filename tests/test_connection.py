@@ -30,6 +30,7 @@ class FakeSocket:
         self.fail = False  # a write (or the blocked one, when released) raises
         self.calls = 0
         self.cancelled = asyncio.Event()
+        self.batches: list[list[bytes]] = []  # what each send_many wrote
 
     def block(self) -> None:
         self.gate.clear()
@@ -53,6 +54,16 @@ class FakeSocket:
 
     async def next(self) -> bytes:
         return await asyncio.wait_for(self.arrived.get(), 2)
+
+    def send_many(self, frames: list[bytes]) -> bool:
+        """Several frames in one write, when the gate is open (else False: nothing written)."""
+        if self.fail:
+            raise ConnectionResetError("reset by peer")
+        if not self.gate.is_set():
+            return False
+        self.batches.append(list(frames))
+        self.written += frames
+        return True
 
 
 class Calls:
@@ -81,7 +92,9 @@ def connect(
     max_bytes: int = 1_000,
     on_overflow: Calls | None = None,
     on_broken: Calls | None = None,
+    many: bool = False,
 ) -> Connection:
+    """``many``: the socket can write several frames at once (``send_many``)."""
     return Connection(
         f"c-{next(_ids)}",
         principal or staff_principal(1),
@@ -90,6 +103,7 @@ def connect(
         max_bytes=max_bytes,
         on_overflow=on_overflow or Calls(),
         on_broken=on_broken,
+        send_many=sock.send_many if many else None,
     )
 
 
@@ -324,6 +338,98 @@ async def test_flush_waits_at_most_its_bound() -> None:
     sock.release()
     await conn.flush(2)
     assert sock.written == [b"a"]
+
+
+async def test_frames_pushed_soon_go_out_together_at_the_end_of_the_turn() -> None:
+    sock = FakeSocket()
+    conn = connect(sock, many=True)
+    conn.push_soon(b"s1")
+    conn.push_soon(b"s2")
+    conn.reply(b"r1")  # what follows a held frame waits with it: the order is kept
+    conn.push(b"p1")
+    assert sock.written == [] and sock.calls == 0
+    assert conn.backlog == 4
+    await asyncio.sleep(0)  # the end of this turn of the event loop
+    assert sock.batches == [[b"s1", b"s2", b"r1", b"p1"]]
+    assert sock.calls == 0  # nothing went one at a time
+    assert conn.backlog == 0
+    conn.push(b"p2")  # nothing held any more: straight to the socket
+    assert sock.written[-1] == b"p2" and sock.calls == 1
+
+
+async def test_one_frame_held_or_no_joint_write_goes_out_one_at_a_time() -> None:
+    sock = FakeSocket()
+    alone = connect(sock, many=True)
+    alone.push_soon(b"a")
+    await asyncio.sleep(0)
+    assert sock.written == [b"a"] and sock.batches == []  # one frame: the plain write
+    other = FakeSocket()
+    plain = connect(other)  # a socket with no joint write
+    plain.push_soon(b"b")
+    plain.push_soon(b"c")
+    plain.push(b"d")
+    await asyncio.sleep(0)
+    assert other.written == [b"b", b"c", b"d"] and other.calls == 3
+
+
+async def test_frames_held_when_the_socket_cannot_take_them_at_once_wait_in_order() -> None:
+    sock = FakeSocket()
+    conn = connect(sock, max_queue=10, many=True)
+    conn.push_soon(b"a")
+    conn.push_soon(b"b")
+    conn.reply(b"c")
+    sock.block()  # at the end of the turn the socket's buffer is full
+    await asyncio.sleep(0)
+    assert sock.batches == [] and sock.written == []
+    assert conn.backlog == 3
+    sock.release()
+    await conn.flush(2)
+    assert sock.written == [b"a", b"b", b"c"]
+    assert conn.backlog == 0 and conn.queued_bytes == 0
+
+
+async def test_a_push_soon_behind_a_backlog_waits_in_it_within_its_bounds() -> None:
+    sock = FakeSocket()
+    overflow = Calls()
+    conn = connect(sock, max_queue=2, many=True, on_overflow=overflow)
+    sock.block()
+    conn.push(b"1")  # being written
+    conn.push_soon(b"2")  # a backlog exists: queued behind it at once, nothing held
+    conn.push_soon(b"3")
+    assert conn.backlog == 3 and overflow.got == []
+    conn.push_soon(b"4")  # beyond the frame bound: too slow, as a push would be
+    assert overflow.got == [conn]
+    sock.release()
+    await conn.flush(2)
+    assert sock.written == [b"1", b"2", b"3"] and sock.batches == []
+
+
+async def test_frames_held_are_written_by_flush_and_dropped_by_abandon() -> None:
+    sock = FakeSocket()
+    conn = connect(sock, many=True)
+    conn.push_soon(b"a")
+    conn.push_soon(b"b")
+    await conn.flush(2)  # a closing connection sends what it holds first
+    assert sock.batches == [[b"a", b"b"]]
+    gone = connect(sock, many=True)
+    gone.push_soon(b"c")
+    gone.abandon()
+    await asyncio.sleep(0)
+    assert sock.written == [b"a", b"b"] and gone.backlog == 0
+    gone.push_soon(b"d")  # closed: nothing is held
+    assert gone.backlog == 0
+
+
+async def test_a_joint_write_that_fails_marks_the_connection_broken() -> None:
+    sock = FakeSocket()
+    broken = Calls()
+    conn = connect(sock, many=True, on_broken=broken)
+    conn.push_soon(b"a")
+    conn.push_soon(b"b")
+    sock.fail = True
+    await asyncio.sleep(0)
+    assert broken.got == [conn] and conn.closed
+    assert conn.backlog == 0
 
 
 # --- the hub's routing -----------------------------------------------------------------------

@@ -63,6 +63,9 @@ class Session:
     def push(self, frame: bytes) -> None:
         self.pushes.append(orjson.loads(frame))
 
+    def push_soon(self, frame: bytes) -> None:  # written at once: nothing else is batched
+        self.push(frame)
+
 
 @dataclass
 class Chat:

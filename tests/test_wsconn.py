@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from aiohttp import WSMsgType, web_protocol
 
-from appchat.transport.wsconn import WebSocket
+from appchat.transport.wsconn import WebSocket, write_frames
 
 from .support import InProcessServer, RawSocket, client, eventually, token
 
@@ -100,6 +100,46 @@ def test_frames_sent_with_the_upgrade_request_are_served(server: InProcessServer
         assert ids == ["r0", "r1", "r2"]
     finally:
         raw.sock.close()
+
+
+def inbox_frame(n: int, size: int) -> bytes:
+    """An Event.ConversationUpdated push of exactly ``size`` bytes."""
+    head = b'{"name":"Event.ConversationUpdated","ok":true,"result":{"n":%d,"pad":"' % n
+    tail = b'"}}'
+    return head + b"x" * (size - len(head) - len(tail)) + tail
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+async def test_inbox_pushes_of_one_turn_reach_the_client_in_one_write(
+    server: InProcessServer, monkeypatch: pytest.MonkeyPatch, compressed: bool
+) -> None:
+    """The desk's inbox holds its pushes to a connection until the end of the event loop's
+    turn and writes them together (one ``write_frames``): over a real socket each frame
+    arrives whole and in order, whatever the size of its header (7-bit, 16-bit and 64-bit
+    lengths). With permessage-deflate (browsers offer it) each is compressed on its own,
+    as before, in the same order."""
+    joint: list[int] = []
+
+    def counted(transport: asyncio.Transport, opcode: int, payloads: list[bytes]) -> None:
+        joint.append(len(payloads))
+        write_frames(transport, opcode, payloads)
+
+    monkeypatch.setattr("appchat.transport.ws.write_frames", counted)
+    frames = [inbox_frame(n, size) for n, size in enumerate([60, 125, 126, 4000, 65535, 70000])]
+    node = server.node
+    assert node is not None
+
+    async def publish() -> None:  # on the server's loop, in one turn
+        for frame in frames:
+            node.hub.inbox.publish(frame, None, None)
+
+    options = {} if compressed else {"compression": None}
+    async with client(server, 31, token(admin_id=31), **options) as agent:
+        await agent.ok("Event.SubscribeInbox", {"filter": "all"})
+        server.run(publish())
+        got = [await agent.desk_push("Event.ConversationUpdated") for _ in frames]
+    assert got == [json.loads(frame) for frame in frames]
+    assert joint == ([] if compressed else [len(frames)])
 
 
 def text(payload: str) -> bytes:

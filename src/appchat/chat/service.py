@@ -74,6 +74,9 @@ class Session(Protocol):
     def push(self, frame: bytes) -> None:
         """Send a push to this connection alone; never waits."""
 
+    def push_soon(self, frame: bytes) -> None:
+        """The same, written with what else the connection gets in this turn of the loop."""
+
 
 class _Submitted:
     """A SendMessage handed to storage: what its reply needs once it committed."""

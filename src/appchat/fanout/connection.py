@@ -3,7 +3,9 @@
 A frame is written straight to the socket when nothing waits before it; otherwise it waits
 in a queue drained by a task that exists only while there is a backlog. A push that does
 not fit marks the client as too slow; a reply always fits, because the reader takes no new
-request while there is no room. The endpoint that made the connection says how to close it.
+request while there is no room. A push may also wait for the end of the event loop's turn
+(``push_soon``, the inbox's), so that what a connection gets within a turn goes out in one
+write. The endpoint that made the connection says how to close it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from ..protocol.models import Principal
 Send = Callable[[bytes], Coroutine[Any, Any, None] | None]
 """Writes one text frame: None when it was written at once, else a coroutine that writes it
 (and returns at once unless the socket's buffer is full)."""
+
+SendMany = Callable[[list[bytes]], bool]
+"""Writes several text frames in one write if it can at once (nothing unusual: the socket's
+buffer empty, no compression); False when it wrote nothing."""
 
 
 class Connection:
@@ -32,6 +38,7 @@ class Connection:
     __slots__ = (
         "_closed",
         "_drainer",
+        "_held",
         "_max_bytes",
         "_max_queue",
         "_on_broken",
@@ -41,6 +48,7 @@ class Connection:
         "_queue",
         "_room",
         "_send",
+        "_send_many",
         "id",
         "overflowed",
         "queued_bytes",
@@ -57,10 +65,13 @@ class Connection:
         on_overflow: Callable[[Connection], None],
         on_broken: Callable[[Connection], None] | None = None,
         on_close: Callable[[int, str], bool] | None = None,
+        send_many: SendMany | None = None,
     ) -> None:
         self.id = conn_id
         self._principal = principal
         self._send = send
+        self._send_many = send_many
+        self._held: list[bytes] | None = None  # this turn's frames, written at its end
         self._queue: list[bytes] = []  # short, and an empty list is small (idle connections)
         self.queued_bytes = 0
         self._max_queue = max_queue
@@ -94,8 +105,10 @@ class Connection:
 
     @property
     def backlog(self) -> int:
-        """Frames waiting to be written (the one being written included)."""
-        return len(self._queue) + (self._drainer is not None)
+        """Frames waiting to be written (the one being written and those held for the end
+        of the turn included)."""
+        held = 0 if self._held is None else len(self._held)
+        return len(self._queue) + (self._drainer is not None) + held
 
     def push(self, frame: bytes) -> None:
         """Send a push; a client too slow to take its pushes is disconnected."""
@@ -109,12 +122,44 @@ class Connection:
             return
         self._write(frame)
 
+    def push_soon(self, frame: bytes) -> None:
+        """A push that may wait until the end of this turn of the event loop: what the
+        connection gets meanwhile (pushes and replies alike, in order) joins it, and all of
+        it goes out in one write. For the desk's inbox, where a batch of messages committed
+        together makes an Event.ConversationUpdated each for every subscriber."""
+        if self.overflowed or self._closed:
+            return
+        if self._held is not None:
+            self._held.append(frame)
+        elif self._queue or self._drainer is not None:
+            self.push(frame)  # a backlog: it waits behind it, within the limits
+        else:
+            self._held = [frame]
+            asyncio.get_running_loop().call_soon(self._release)
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        if not held or self._closed:
+            return
+        if len(held) > 1 and self._send_many is not None:
+            try:
+                if self._send_many(held):
+                    return
+            except (ConnectionError, RuntimeError):
+                self._broken()
+                return
+        for frame in held:  # one at a time, a backlog queued as any write's
+            self._write(frame)
+
     def reply(self, frame: bytes) -> None:
         """Send the reply to a request (the reader waited for room before reading it)."""
         if not self._closed:
             self._write(frame)
 
     def _write(self, frame: bytes) -> None:
+        if self._held is not None:  # after frames held for the end of the turn
+            self._held.append(frame)
+            return
         if self._queue or self._drainer is not None:
             self._enqueue(frame)
             return
@@ -178,6 +223,7 @@ class Connection:
     def _broken(self) -> None:
         """The socket refused a write: drop what waits and let the reader go."""
         self._closed = True
+        self._held = None
         self._queue.clear()
         self.queued_bytes = 0
         if self._room is not None:
@@ -197,6 +243,7 @@ class Connection:
 
     async def flush(self, within: float) -> None:
         """Wait (at most ``within`` seconds) until everything queued reached the socket."""
+        self._release()
         drainer = self._drainer
         if drainer is not None:
             await asyncio.wait([drainer], timeout=within)
@@ -211,6 +258,7 @@ class Connection:
     def abandon(self) -> None:
         """Stop writing: cancel the backlog's task (the connection is going away)."""
         self._closed = True
+        self._held = None
         self._queue.clear()
         if self._drainer is not None:
             self._drainer.cancel()

@@ -34,6 +34,8 @@ class Subscriber(Protocol):
 
     def push(self, frame: bytes) -> None: ...
 
+    def push_soon(self, frame: bytes) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Change:
@@ -165,7 +167,7 @@ class Inbox:
     def _deliver(self, frame: bytes, change: Change) -> None:
         for conn, inbox_filter in self._subscribers.items():
             if change.concerns(conn.principal.sid, inbox_filter):
-                conn.push(frame)
+                conn.push_soon(frame)
 
     def push_all(self, frame: bytes) -> None:
         """Hand ``frame`` to every subscriber of this node (presence changes, which every

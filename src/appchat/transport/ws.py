@@ -32,7 +32,7 @@ from .connlog import ConnectionLog
 from .memory import MemoryRelease
 from .quota import ConnectionQuota, quota_key
 from .rest import origin_allowed
-from .wsconn import WebSocket, handshake, write_frame
+from .wsconn import WebSocket, handshake, write_frame, write_frames
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ class WebSocketEndpoint:
             self._hub.new_connection_id(),
             principal,
             link.send,
+            send_many=link.send_many,
             max_queue=self._options.send_queue,
             max_bytes=self._options.send_buffer,
             on_overflow=link.overflow,
@@ -369,6 +370,20 @@ class _Link:
             return ws.send_frame(frame, WSMsgType.TEXT)
         write_frame(transport, WSMsgType.TEXT, frame)
         return None
+
+    def send_many(self, frames: list[bytes]) -> bool:
+        """``frames`` in one write when ``send`` would write straight to the socket."""
+        ws, transport = self.ws, self.transport
+        if (
+            ws.closed
+            or ws.compress
+            or not ws.prepared
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+        ):
+            return False
+        write_frames(transport, WSMsgType.TEXT, frames)
+        return True
 
     def overflow(self, conn: Connection) -> None:
         self.endpoint._drop_slow(self.ws, self.transport)

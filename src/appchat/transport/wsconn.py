@@ -68,6 +68,21 @@ def write_frame(transport: asyncio.Transport, opcode: int, payload: bytes) -> No
         transport.write(header + payload)
 
 
+def write_frames(transport: asyncio.Transport, opcode: int, payloads: list[bytes]) -> None:
+    """Several unfragmented frames in one write."""
+    parts: list[bytes] = []
+    for payload in payloads:
+        size = len(payload)
+        if size < 126:
+            parts.append(HEADER_SHORT(0x80 | opcode, size))
+        elif size < 65536:
+            parts.append(HEADER_MEDIUM(0x80 | opcode, 126, size))
+        else:
+            parts.append(HEADER_LONG(0x80 | opcode, 127, size))
+        parts.append(payload)
+    transport.write(b"".join(parts))
+
+
 class Handshake:
     """What the upgrade request asked for, when it is a valid WebSocket upgrade."""
 
