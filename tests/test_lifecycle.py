@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import time
 import urllib.error
@@ -21,6 +22,7 @@ from .support import (
     Server,
     ServerProcess,
     client,
+    connections,
     eventually,
     token,
 )
@@ -241,11 +243,15 @@ async def test_metrics_count_connections_and_events(server: Server) -> None:
     assert "appchat_connections 0.0" in scrape()
 
 
-async def test_shutdown_cuts_a_connection_still_open_after_the_grace(tmp_path: Path) -> None:
+async def test_shutdown_cuts_a_connection_still_open_after_the_grace(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A client that never answers the close frame keeps its session waiting for the
     answer (up to the close timeout, 2 s); shutdown's grace ends first: the socket is cut,
     and no session is left when close_all returns (aiohttp no longer knows these sockets,
-    so nothing else would end them)."""
+    so nothing else would end them). The cut connection is counted as closed and logged
+    as any other."""
+    caplog.set_level(logging.INFO, "appchat.connections")
     srv = InProcessServer(tmp_path / "cut.db").start()
     try:
         raw = RawSocket(srv, 1, token(admin_id=1))
@@ -261,6 +267,13 @@ async def test_shutdown_cuts_a_connection_still_open_after_the_grace(tmp_path: P
         # cut (cancelled) after the grace, while its own close waited for the answer (up
         # to 2 s, CLOSE_TIMEOUT), and gone
         assert session.cancelled() and not ws._handlers
+        assert connections(srv) == 0
+        closed = [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "appchat.connections" and " closed: sid 1 " in r.getMessage()
+        ]
+        assert len(closed) == 1, closed
         seen = b""
         with contextlib.suppress(ConnectionResetError):  # cut: a reset, or the end
             while chunk := raw.sock.recv(65536):

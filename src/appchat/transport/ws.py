@@ -223,21 +223,25 @@ class WebSocketEndpoint:
             # No longer reading: from here this task finishes the connection (its last
             # replies, its close), and a request ending now must not cancel it.
             session.reader = None
-            await session.finish()
-            await self._hub.unregister(conn)
-            await conn.flush(CLOSE_TIMEOUT)
-            heavy = conn.closed or conn.overflowed or conn.queued_bytes > 0
-            conn.abandon()
-            if session.draining:
-                await self._close(ws, transport, CloseCode.GOING_AWAY, "server shutdown")
-            if transport.is_closing():
-                # A graceful close still waiting to write (to a client that reads nothing)
-                # would keep the socket open for good: drop what it holds.
-                transport.abort()
-            if heavy:  # it ended holding buffers (or with a failed write): free the heap
-                self._memory.soon()
-            self._metrics.connections.dec()
-            self._connlog.closed(conn.id, sid=sid, remote=remote, code=ws.close_code, since=opened)
+            try:
+                await session.finish()
+                await self._hub.unregister(conn)
+                await conn.flush(CLOSE_TIMEOUT)
+                heavy = conn.closed or conn.overflowed or conn.queued_bytes > 0
+                conn.abandon()
+                if session.draining:
+                    await self._close(ws, transport, CloseCode.GOING_AWAY, "server shutdown")
+                if transport.is_closing():
+                    # A graceful close still waiting to write (to a client that reads
+                    # nothing) would keep the socket open for good: drop what it holds.
+                    transport.abort()
+                if heavy:  # it ended holding buffers (or with a failed write): free the heap
+                    self._memory.soon()
+            finally:  # also when shutdown cut it after the grace (cancelled in the above)
+                self._metrics.connections.dec()
+                self._connlog.closed(
+                    conn.id, sid=sid, remote=remote, code=ws.close_code, since=opened
+                )
 
     def _check_origin(self, origin: str | None) -> None:
         if not origin_allowed(self._options.allowed_origins, origin):
