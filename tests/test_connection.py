@@ -57,10 +57,10 @@ class FakeSocket:
 
     def send_many(self, frames: list[bytes]) -> bool:
         """Several frames in one write, when the gate is open (else False: nothing written)."""
-        if self.fail:
-            raise ConnectionResetError("reset by peer")
         if not self.gate.is_set():
             return False
+        if self.fail:
+            raise ConnectionResetError("reset by peer")
         self.batches.append(list(frames))
         self.written += frames
         return True
@@ -430,6 +430,20 @@ async def test_a_joint_write_that_fails_marks_the_connection_broken() -> None:
     await asyncio.sleep(0)
     assert broken.got == [conn] and conn.closed
     assert conn.backlog == 0
+
+
+async def test_frames_held_stop_at_the_first_failed_write() -> None:
+    sock = FakeSocket()
+    broken = Calls()
+    conn = connect(sock, many=True, on_broken=broken)
+    conn.push_soon(b"a")
+    conn.push_soon(b"b")
+    conn.reply(b"c")
+    sock.block()  # no joint write: one at a time, and the first one fails
+    sock.fail = True
+    await asyncio.sleep(0)
+    assert sock.calls == 1 and broken.got == [conn]  # the rest was dropped, not tried
+    assert conn.closed and conn.backlog == 0
 
 
 # --- the hub's routing -----------------------------------------------------------------------

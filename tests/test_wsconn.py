@@ -142,6 +142,38 @@ async def test_inbox_pushes_of_one_turn_reach_the_client_in_one_write(
     assert joint == ([] if compressed else [len(frames)])
 
 
+async def test_a_push_during_a_close_of_ours_is_dropped_and_the_close_completes(
+    server: InProcessServer,
+) -> None:
+    """Once a close of ours began nothing more may be sent (RFC 6455 5.5.1): a push that
+    comes then (a busy desk's, while the server API's disconnect or an expired token
+    closes the connection) is dropped, not counted as a failed write (which cut the
+    connection short of its close handshake), and the connection ends in order: the CLOSE
+    frame, then the end of the TCP stream."""
+    raw = RawSocket(server, 51, token(admin_id=51))
+    assert raw.status == 101
+    node = server.node
+    assert node is not None
+
+    async def close_then_push() -> tuple[bool, bool]:  # on the server's loop
+        (conn, session) = [(c, s) for c, s in node.ws._live.items() if c.principal.sid == 51][0]
+        assert conn.close(4000, "closed by the test")
+        while not session.ws.closed:  # the close task wrote the CLOSE frame
+            await asyncio.sleep(0)
+        conn.push(b'{"name":"Event.ReceivePresence","ok":true,"result":null}')
+        pushed = conn.closed  # (closed: a write failed)
+        conn.push_soon(b'{"name":"Event.ConversationUpdated","ok":true,"result":null}')
+        conn.push_soon(b'{"name":"Event.ConversationUpdated","ok":true,"result":null}')
+        await conn.flush(1)  # what is held goes now (in one write, were it open)
+        return pushed, conn.closed
+
+    assert server.run(close_then_push()) == (False, False)
+    opcode, payload = read_frame(raw)
+    assert (opcode, payload) == (0x8, struct.pack("!H", 4000) + b"closed by the test")
+    assert raw.sock.recv(65536) == b""  # the end, not a reset (ConnectionResetError)
+    raw.sock.close()
+
+
 def text(payload: str) -> bytes:
     return RawSocket.frame(payload.encode())
 

@@ -149,6 +149,8 @@ class Connection:
                 self._broken()
                 return
         for frame in held:  # one at a time, a backlog queued as any write's
+            if self._closed:  # a write failed: the rest is dropped
+                return
             self._write(frame)
 
     def reply(self, frame: bytes) -> None:

@@ -238,6 +238,7 @@ class WebSocketEndpoint:
                 if heavy:  # it ended holding buffers (or with a failed write): free the heap
                     self._memory.soon()
             finally:  # also when shutdown cut it after the grace (cancelled in the above)
+                conn.abandon()  # (again: the cut may have come before the one above)
                 self._metrics.connections.dec()
                 self._connlog.closed(
                     conn.id, sid=sid, remote=remote, code=ws.close_code, since=opened
@@ -362,11 +363,14 @@ class _Link:
         """Straight to the socket, without a coroutine, when nothing is unusual (the
         socket's buffer empty, no compression negotiated, the WebSocket open and not
         closing); otherwise, and whenever flow control may have to wait, through the
-        socket's ``send_frame`` (which raises before the handshake is done)."""
+        socket's ``send_frame`` (which raises before the handshake is done). Once a close
+        began (ours or the client's) nothing more may be sent (RFC 6455 5.5.1): the frame
+        is dropped, and the close goes on (a failed write would cut the connection)."""
         ws, transport = self.ws, self.transport
+        if ws.closed:
+            return None
         if (
-            ws.closed
-            or ws.compress
+            ws.compress
             or not ws.prepared
             or transport.is_closing()
             or transport.get_write_buffer_size()
@@ -376,11 +380,13 @@ class _Link:
         return None
 
     def send_many(self, frames: list[bytes]) -> bool:
-        """``frames`` in one write when ``send`` would write straight to the socket."""
+        """``frames`` in one write when ``send`` would write straight to the socket
+        (dropped, as ``send`` drops them, once a close began)."""
         ws, transport = self.ws, self.transport
+        if ws.closed:
+            return True
         if (
-            ws.closed
-            or ws.compress
+            ws.compress
             or not ws.prepared
             or transport.is_closing()
             or transport.get_write_buffer_size()
