@@ -156,16 +156,20 @@ async def test_a_push_during_a_close_of_ours_is_dropped_and_the_close_completes(
     assert node is not None
 
     async def close_then_push() -> tuple[bool, bool]:  # on the server's loop
-        (conn, session) = [(c, s) for c, s in node.ws._live.items() if c.principal.sid == 51][0]
-        assert conn.close(4000, "closed by the test")
-        while not session.ws.closed:  # the close task wrote the CLOSE frame
-            await asyncio.sleep(0)
+        (conn, session) = next((c, s) for c, s in node.ws._live.items() if c.principal.sid == 51)
+        closing = asyncio.ensure_future(session.ws.close(code=4000, message=b"closed by the test"))
+        # The close's first step (scheduled before this one's) writes the CLOSE frame; the
+        # session learns of it a turn later, so the connection is still its own here.
+        await asyncio.sleep(0)
+        assert session.ws.closed and not closing.done() and node.ws._live.get(conn) is session
         conn.push(b'{"name":"Event.ReceivePresence","ok":true,"result":null}')
         pushed = conn.closed  # (closed: a write failed)
         conn.push_soon(b'{"name":"Event.ConversationUpdated","ok":true,"result":null}')
         conn.push_soon(b'{"name":"Event.ConversationUpdated","ok":true,"result":null}')
         await conn.flush(1)  # what is held goes now (in one write, were it open)
-        return pushed, conn.closed
+        released = conn.closed
+        await closing
+        return pushed, released
 
     assert server.run(close_then_push()) == (False, False)
     opcode, payload = read_frame(raw)
