@@ -840,12 +840,16 @@ def summarise(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
     return s
 
 
+def ratio_text(value: float) -> str:
+    """A ratio as the tables show it: "-" for a run whose reference delivered nothing."""
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
 def ratio_cell(kind: str, t: dict[str, float], ref: str) -> str:
     """The throughput table's ratio of ``kind`` to the reference server ``ref``."""
     if kind == ref:
         return "1"
-    value = t.get(f"ratio_{ref}", math.nan)
-    return "-" if math.isnan(value) else f"{value:.2f}"
+    return ratio_text(t.get(f"ratio_{ref}", math.nan))
 
 
 def report(args: argparse.Namespace, s: dict[str, Any]) -> str:
@@ -929,11 +933,12 @@ def report(args: argparse.Namespace, s: dict[str, Any]) -> str:
                 rd = f"{r['redis_cpu_us']:.1f} µs" if r["db_cpu_us"] else "none"
                 lines.append(
                     f"| {label} | {r['msg_s']:,.0f} | {r['cpu_us']:.1f} µs | {db} | {rd} "
-                    f"| {r['ratio']:.2f} |"
+                    f"| {ratio_text(r['ratio'])} |"
                 )
         lines += [
             "",
-            f"Ratio two nodes / one node: **{c['ratio']:.2f}** (median of the runs' ratios).",
+            f"Ratio two nodes / one node: **{ratio_text(c['ratio'])}** (median of the runs' "
+            "ratios).",
         ]
     if s["workers"]:
         w = s["workers"]
@@ -946,7 +951,7 @@ def report(args: argparse.Namespace, s: dict[str, Any]) -> str:
         ]
         for n in (1, 2):
             lines.append(f"| {n} | {w[n]['msg_s']:,.0f} | {w[n]['cpu_us']:.1f} µs |")
-        lines += ["", f"Ratio 2 workers / 1 worker: **{w['ratio']:.2f}**."]
+        lines += ["", f"Ratio 2 workers / 1 worker: **{ratio_text(w['ratio'])}**."]
     if s["unread"]:
         lines += ["", f"**GetUnreadInfo** (median of {args.calls} calls):", ""]
         lines += ["| unread messages | time |", "|---|---|"]

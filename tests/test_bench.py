@@ -157,6 +157,15 @@ def test_a_reference_that_delivered_nothing_in_a_run_gives_that_run_no_ratio(
     results["throughput"]["durable"] = [{**run, "msg_s": 0.0}] * 2
     s = suite.summarise(args, results)
     assert suite.ratio_cell("appchat", s["throughput"]["appchat"], "durable") == "-"
+    # the same for two nodes against one, and --workers 2 against 1
+    nothing = {"msg_s": 0.0, "cpu_us": 0.0, "db_cpu_us": 0.0, "redis_cpu_us": 0.0}
+    some = {"msg_s": 800.0, "cpu_us": 60.0, "db_cpu_us": 20.0, "redis_cpu_us": 5.0}
+    results["cluster"] = {suite.ONE_NODE: [nothing], suite.two_nodes(None): [some]}
+    results["workers"] = {1: [nothing], 2: [some]}
+    text = suite.report(args, suite.summarise(args, results))
+    assert "Ratio two nodes / one node: **-**" in text, text
+    assert "Ratio 2 workers / 1 worker: **-**" in text, text
+    assert "nan" not in text, text
 
 
 def test_each_appchat_of_a_run_gets_its_row_with_inbox_subscribers(
