@@ -85,7 +85,12 @@ async def expired_token_closes_4001_unless_refreshed(server: Server, clock: Cloc
         await refreshed.ok("Event.GetUnreadInfo", {})  # still up past the first exp
 
 
-async def test_refresh_to_an_earlier_expiry_closes_then(tmp_path: Path) -> None:
+async def test_refresh_to_an_earlier_expiry_closes_then(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """...and the connection log says why it ended: the code of the close the server
+    began, not the "normal closure" its read loop saw (it used to log 1000)."""
+    caplog.set_level(logging.INFO, "appchat.connections")
     clock = Clock(time.time)  # the server's: the test moves it past the new exp
     server = InProcessServer(tmp_path / "earlier.db", clock=clock).start()
     try:
@@ -93,6 +98,16 @@ async def test_refresh_to_an_earlier_expiry_closes_then(tmp_path: Path) -> None:
             await c.ok("Event.RefreshToken", {"token": token(admin_id=1, ttl=2)})
             clock.advance(2)
             assert await c.close_code(timeout=10) == 4001
+
+        def closed() -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.name == "appchat.connections" and " closed: sid 1 " in r.getMessage()
+            ]
+
+        await eventually(lambda: len(closed()) == 1, what="the connection's end logged")
+        assert ", code 4001 (token expired) after " in closed()[0], closed()
     finally:
         server.stop()
 

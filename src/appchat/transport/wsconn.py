@@ -367,7 +367,8 @@ class WebSocket(BaseProtocol):
                 await self.close(drain=False)
         elif msg.type is WSMsgType.CLOSING:
             self._closing = True
-            self.close_code = WSCloseCode.OK
+            if self.close_code is None:  # (set by the close that began)
+                self.close_code = WSCloseCode.OK
         return msg
 
     async def close(
@@ -381,6 +382,8 @@ class WebSocket(BaseProtocol):
         if self.closed:
             return False
         self.closed = True
+        if self.close_code is None:  # a close of ours: its code is the connection's
+            self.close_code = code
         try:
             await self.send_frame(CLOSE_CODE(code) + message, WSMsgType.CLOSE)
             if drain and self.transport is not None and self._paused:
@@ -400,8 +403,8 @@ class WebSocket(BaseProtocol):
         try:
             while True:
                 msg = await queue.read()
-                if msg.type is WSMsgType.CLOSE:
-                    self._close_transport(msg.data)
+                if msg.type is WSMsgType.CLOSE:  # the answer (the code stays ours)
+                    self._close_transport(None)
                     return True
         except asyncio.CancelledError:
             self._abnormal(None)
