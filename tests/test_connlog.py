@@ -51,6 +51,7 @@ def test_every_close_code_the_server_sends_has_a_name() -> None:
         "going away",
         "protocol error",
         "unsupported data",
+        "no status code",
         "connection lost",
         "invalid data",
         "policy violation",

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import signal
+import struct
 import time
 import urllib.error
 import urllib.request
@@ -256,6 +257,58 @@ async def test_metrics_count_connections_and_events(server: Server) -> None:
         assert 'appchat_events_total{event="Event.GetMessageList",outcome="bad_request"}' in text
     await asyncio.sleep(0.2)
     assert "appchat_connections 0.0" in scrape()
+
+
+def live_raw(srv: Server, sid: int) -> RawSocket:
+    """A raw client whose session is live (it was answered once)."""
+    raw = RawSocket(srv, sid, token(admin_id=sid))
+    assert raw.status == 101
+    raw.sock.sendall(raw.request("Event.GetUnreadInfo", {}, "r1"))
+    seen = b""
+    while b'"r1"' not in seen:
+        seen += raw.sock.recv(65536)
+    return raw
+
+
+async def test_shutdown_logs_its_own_close_code_whatever_the_client_answers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The connection log says why a connection ended: a client that answers the
+    shutdown's close with another code (1000) and one that never answers (cut after the
+    grace) are both logged 1001, the server's code (they used to be logged 1000 and 1006)."""
+    caplog.set_level(logging.INFO, "appchat.connections")
+    srv = InProcessServer(tmp_path / "codes.db").start()
+    try:
+        polite, silent = live_raw(srv, 1), live_raw(srv, 2)
+        assert srv.node is not None
+        ws = srv.node.ws
+
+        def answer_with_1000() -> None:
+            seen = b""
+            while not seen.endswith(b"server shutdown"):  # our close frame
+                seen += polite.sock.recv(65536)
+            polite.sock.sendall(RawSocket.frame(struct.pack("!H", 1000), opcode=0x8))
+            while polite.sock.recv(65536):  # until the server ends the stream
+                pass
+
+        await asyncio.gather(
+            asyncio.to_thread(srv.run, ws.close_all(grace=1.0)),
+            asyncio.to_thread(answer_with_1000),
+        )
+
+        def closed(sid: int) -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.name == "appchat.connections" and f" closed: sid {sid} " in r.getMessage()
+            ]
+
+        for sid in (1, 2):
+            (line,) = closed(sid)
+            assert ", code 1001 (going away) after " in line, line
+        silent.close()
+    finally:
+        srv.stop()
 
 
 async def test_shutdown_cuts_a_connection_still_open_after_the_grace(

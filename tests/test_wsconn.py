@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import socket
 import struct
 from collections.abc import Iterator
@@ -176,6 +177,30 @@ async def test_a_push_during_a_close_of_ours_is_dropped_and_the_close_completes(
     assert (opcode, payload) == (0x8, struct.pack("!H", 4000) + b"closed by the test")
     assert raw.sock.recv(65536) == b""  # the end, not a reset (ConnectionResetError)
     raw.sock.close()
+
+
+async def test_a_client_close_without_a_code_is_logged_1005(
+    server: InProcessServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client's CLOSE frame may carry no status code (RFC 6455 7.1.5: the connection's
+    close code is then 1005); the connection log said "code 0"."""
+    caplog.set_level(logging.INFO, "appchat.connections")
+    raw = RawSocket(server, 52, token(admin_id=52))
+    assert raw.status == 101
+    raw.sock.sendall(RawSocket.frame(b"", opcode=0x8))
+    opcode, payload = read_frame(raw)  # the server's answer
+    assert opcode == 0x8, payload
+    raw.sock.close()
+
+    def closed() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "appchat.connections" and " closed: sid 52 " in r.getMessage()
+        ]
+
+    await eventually(lambda: len(closed()) == 1, what="the connection's end logged")
+    assert ", code 1005 (no status code) after " in closed()[0], closed()
 
 
 def text(payload: str) -> bytes:

@@ -11,6 +11,7 @@ class CloseCode(IntEnum):
     GOING_AWAY = 1001  # the server shuts down (or the client leaves)
     PROTOCOL_ERROR = 1002
     UNSUPPORTED_DATA = 1003
+    NO_STATUS = 1005  # never on the wire: the client's close frame carried no code
     CONNECTION_LOST = 1006  # never on the wire: the connection ended without a close frame
     INVALID_DATA = 1007
     POLICY_VIOLATION = 1008  # too many frames (control frames included)
@@ -26,6 +27,7 @@ DESCRIPTIONS = {
     CloseCode.GOING_AWAY: "going away",
     CloseCode.PROTOCOL_ERROR: "protocol error",
     CloseCode.UNSUPPORTED_DATA: "unsupported data",
+    CloseCode.NO_STATUS: "no status code",
     CloseCode.CONNECTION_LOST: "connection lost",
     CloseCode.INVALID_DATA: "invalid data",
     CloseCode.POLICY_VIOLATION: "policy violation",

@@ -40,6 +40,8 @@ from aiohttp.http_websocket import (
 )
 from aiohttp.streams import EofStream
 
+from ..protocol.closecodes import CloseCode
+
 log = logging.getLogger(__name__)
 
 VERSIONS = ("13", "8", "7")
@@ -361,7 +363,8 @@ class WebSocket(BaseProtocol):
             return WSMessage(WSMsgType.ERROR, exc, None)
         if msg.type is WSMsgType.CLOSE:
             self._closing = True
-            self.close_code = msg.data
+            if self.close_code is None:  # the client's close came first (else ours stays)
+                self.close_code = msg.data or CloseCode.NO_STATUS
             if not self.closed:
                 # The client is about to close the TCP connection: no drain.
                 await self.close(drain=False)
@@ -413,10 +416,13 @@ class WebSocket(BaseProtocol):
             return self._abnormal(exc)
 
     def _abnormal(self, exc: BaseException | None) -> bool:
-        """The connection failed (``exc``; None: cancelled): closed, 1006."""
+        """The connection failed (``exc``; None: cancelled): closed, 1006, unless a close
+        of ours is out already (a client that stopped reading, one cut at shutdown): its
+        code stays, the reason the connection ended."""
         if exc is not None:
             self._exception = exc
-        self._close_transport(WSCloseCode.ABNORMAL_CLOSURE)
+        ours = self._sent_close and self.close_code is not None
+        self._close_transport(None if ours else WSCloseCode.ABNORMAL_CLOSURE)
         return True
 
     def _close_transport(self, code: int | None) -> None:
