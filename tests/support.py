@@ -556,6 +556,16 @@ def logged(srv: Server, *parts: str, timeout: float = 10) -> str:
     return lines_with(srv, *parts)[0]
 
 
+def closed_lines(caplog: pytest.LogCaptureFixture, sid: int) -> list[str]:
+    """The connection log's "closed" lines of participant ``sid`` (a server in this
+    process, its ``appchat.connections`` records captured at INFO)."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "appchat.connections" and f" closed: sid {sid} " in r.getMessage()
+    ]
+
+
 # What the server counts at /metrics.
 
 

@@ -420,30 +420,24 @@ async def test_frames_held_are_written_by_flush_and_dropped_by_abandon() -> None
     assert gone.backlog == 0
 
 
-async def test_a_joint_write_that_fails_marks_the_connection_broken() -> None:
-    sock = FakeSocket()
-    broken = Calls()
-    conn = connect(sock, many=True, on_broken=broken)
-    conn.push_soon(b"a")
-    conn.push_soon(b"b")
-    sock.fail = True
-    await asyncio.sleep(0)
-    assert broken.got == [conn] and conn.closed
-    assert conn.backlog == 0
-
-
-async def test_frames_held_stop_at_the_first_failed_write() -> None:
+@pytest.mark.parametrize("joint", [True, False])
+async def test_frames_held_stop_at_the_first_failed_write(joint: bool) -> None:
+    """The joint write fails, or (``joint`` False: the socket cannot take them at once)
+    the first of the writes one at a time: the connection is broken once, the rest
+    dropped, not tried."""
     sock = FakeSocket()
     broken = Calls()
     conn = connect(sock, many=True, on_broken=broken)
     conn.push_soon(b"a")
     conn.push_soon(b"b")
     conn.reply(b"c")
-    sock.block()  # no joint write: one at a time, and the first one fails
+    if not joint:
+        sock.block()
     sock.fail = True
     await asyncio.sleep(0)
-    assert sock.calls == 1 and broken.got == [conn]  # the rest was dropped, not tried
-    assert conn.closed and conn.backlog == 0
+    assert broken.got == [conn] and conn.closed
+    assert sock.calls == (0 if joint else 1)
+    assert conn.backlog == 0
 
 
 # --- the hub's routing -----------------------------------------------------------------------

@@ -23,6 +23,7 @@ from .support import (
     Server,
     ServerProcess,
     client,
+    closed_lines,
     connections,
     eventually,
     token,
@@ -99,16 +100,10 @@ async def test_refresh_to_an_earlier_expiry_closes_then(
             await c.ok("Event.RefreshToken", {"token": token(admin_id=1, ttl=2)})
             clock.advance(2)
             assert await c.close_code(timeout=10) == 4001
-
-        def closed() -> list[str]:
-            return [
-                r.getMessage()
-                for r in caplog.records
-                if r.name == "appchat.connections" and " closed: sid 1 " in r.getMessage()
-            ]
-
-        await eventually(lambda: len(closed()) == 1, what="the connection's end logged")
-        assert ", code 4001 (token expired) after " in closed()[0], closed()
+        await eventually(
+            lambda: len(closed_lines(caplog, 1)) == 1, what="the connection's end logged"
+        )
+        assert ", code 4001 (token expired) after " in closed_lines(caplog, 1)[0]
     finally:
         server.stop()
 
@@ -295,16 +290,8 @@ async def test_shutdown_logs_its_own_close_code_whatever_the_client_answers(
             asyncio.to_thread(srv.run, ws.close_all(grace=1.0)),
             asyncio.to_thread(answer_with_1000),
         )
-
-        def closed(sid: int) -> list[str]:
-            return [
-                r.getMessage()
-                for r in caplog.records
-                if r.name == "appchat.connections" and f" closed: sid {sid} " in r.getMessage()
-            ]
-
         for sid in (1, 2):
-            (line,) = closed(sid)
+            (line,) = closed_lines(caplog, sid)
             assert ", code 1001 (going away) after " in line, line
         silent.close()
     finally:
@@ -336,12 +323,7 @@ async def test_shutdown_cuts_a_connection_still_open_after_the_grace(
         # to 2 s, CLOSE_TIMEOUT), and gone
         assert session.cancelled() and not ws._handlers
         assert connections(srv) == 0
-        closed = [
-            r.getMessage()
-            for r in caplog.records
-            if r.name == "appchat.connections" and " closed: sid 1 " in r.getMessage()
-        ]
-        assert len(closed) == 1, closed
+        assert len(closed_lines(caplog, 1)) == 1, closed_lines(caplog, 1)
         seen = b""
         with contextlib.suppress(ConnectionResetError):  # cut: a reset, or the end
             while chunk := raw.sock.recv(65536):

@@ -18,7 +18,7 @@ from aiohttp import WSMsgType, web_protocol
 
 from appchat.transport.wsconn import WebSocket, write_frames
 
-from .support import InProcessServer, RawSocket, client, eventually, token
+from .support import InProcessServer, RawSocket, client, closed_lines, eventually, token
 
 HEARTBEAT = 30.0
 
@@ -191,16 +191,8 @@ async def test_a_client_close_without_a_code_is_logged_1005(
     opcode, payload = read_frame(raw)  # the server's answer
     assert opcode == 0x8, payload
     raw.sock.close()
-
-    def closed() -> list[str]:
-        return [
-            r.getMessage()
-            for r in caplog.records
-            if r.name == "appchat.connections" and " closed: sid 52 " in r.getMessage()
-        ]
-
-    await eventually(lambda: len(closed()) == 1, what="the connection's end logged")
-    assert ", code 1005 (no status code) after " in closed()[0], closed()
+    await eventually(lambda: len(closed_lines(caplog, 52)) == 1, what="the end logged")
+    assert ", code 1005 (no status code) after " in closed_lines(caplog, 52)[0]
 
 
 def text(payload: str) -> bytes:

@@ -360,40 +360,38 @@ class _Link:
         self.endpoint, self.ws, self.transport = endpoint, ws, transport
 
     def send(self, frame: bytes) -> Coroutine[Any, Any, None] | None:
-        """Straight to the socket, without a coroutine, when nothing is unusual (the
-        socket's buffer empty, no compression negotiated, the WebSocket open and not
-        closing); otherwise, and whenever flow control may have to wait, through the
+        """Straight to the socket, without a coroutine, when nothing is unusual
+        (``_plain``); otherwise, and whenever flow control may have to wait, through the
         socket's ``send_frame`` (which raises before the handshake is done). Once a close
         began (ours or the client's) nothing more may be sent (RFC 6455 5.5.1): the frame
         is dropped, and the close goes on (a failed write would cut the connection)."""
-        ws, transport = self.ws, self.transport
-        if ws.closed:
+        if self.ws.closed:
             return None
-        if (
-            ws.compress
-            or not ws.prepared
-            or transport.is_closing()
-            or transport.get_write_buffer_size()
-        ):
-            return ws.send_frame(frame, WSMsgType.TEXT)
-        write_frame(transport, WSMsgType.TEXT, frame)
+        if not self._plain():
+            return self.ws.send_frame(frame, WSMsgType.TEXT)
+        write_frame(self.transport, WSMsgType.TEXT, frame)
         return None
 
     def send_many(self, frames: list[bytes]) -> bool:
         """``frames`` in one write when ``send`` would write straight to the socket
-        (dropped, as ``send`` drops them, once a close began)."""
-        ws, transport = self.ws, self.transport
-        if ws.closed:
+        (dropped, as ``send`` drops them, once a close began); False: nothing written."""
+        if self.ws.closed:
             return True
-        if (
+        if not self._plain():
+            return False
+        write_frames(self.transport, WSMsgType.TEXT, frames)
+        return True
+
+    def _plain(self) -> bool:
+        """Nothing unusual: the socket's buffer empty, no compression negotiated, the
+        WebSocket open and the transport not closing."""
+        ws, transport = self.ws, self.transport
+        return not (
             ws.compress
             or not ws.prepared
             or transport.is_closing()
             or transport.get_write_buffer_size()
-        ):
-            return False
-        write_frames(transport, WSMsgType.TEXT, frames)
-        return True
+        )
 
     def overflow(self, conn: Connection) -> None:
         self.endpoint._drop_slow(self.ws, self.transport)
