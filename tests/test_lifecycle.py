@@ -293,6 +293,7 @@ async def test_shutdown_logs_its_own_close_code_whatever_the_client_answers(
         for sid in (1, 2):
             (line,) = closed_lines(caplog, sid)
             assert ", code 1001 (going away) after " in line, line
+        polite.close()
         silent.close()
     finally:
         srv.stop()
@@ -309,12 +310,7 @@ async def test_shutdown_cuts_a_connection_still_open_after_the_grace(
     caplog.set_level(logging.INFO, "appchat.connections")
     srv = InProcessServer(tmp_path / "cut.db").start()
     try:
-        raw = RawSocket(srv, 1, token(admin_id=1))
-        assert raw.status == 101
-        raw.sock.sendall(raw.request("Event.GetUnreadInfo", {}, "r1"))
-        seen = b""
-        while b'"r1"' not in seen:  # the reply: the session is live
-            seen += raw.sock.recv(65536)
+        raw = live_raw(srv, 1)
         assert srv.node is not None
         ws = srv.node.ws
         (session,) = list(ws._handlers)

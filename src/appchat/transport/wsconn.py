@@ -53,17 +53,20 @@ HEADER_LONG = Struct("!BBQ").pack  # ... 127, a 64-bit length
 ONE_WRITE = 16 * 1024  # a longer payload is written after its header, not copied to it
 
 
-def write_frame(transport: asyncio.Transport, opcode: int, payload: bytes) -> None:
-    """One unfragmented frame, unmasked (RFC 6455 5.1: a server never masks)."""
-    size = len(payload)
+def frame_header(opcode: int, size: int) -> bytes:
+    """The header of one unfragmented frame of ``size`` bytes, unmasked (RFC 6455 5.1: a
+    server never masks): a 7-bit, 16-bit or 64-bit length."""
     if size < 126:
-        transport.write(HEADER_SHORT(0x80 | opcode, size) + payload)
-        return
+        return HEADER_SHORT(0x80 | opcode, size)
     if size < 65536:
-        header = HEADER_MEDIUM(0x80 | opcode, 126, size)
-    else:
-        header = HEADER_LONG(0x80 | opcode, 127, size)
-    if size > ONE_WRITE:
+        return HEADER_MEDIUM(0x80 | opcode, 126, size)
+    return HEADER_LONG(0x80 | opcode, 127, size)
+
+
+def write_frame(transport: asyncio.Transport, opcode: int, payload: bytes) -> None:
+    """One frame; a long payload is written after its header, not copied to it."""
+    header = frame_header(opcode, len(payload))
+    if len(payload) > ONE_WRITE:
         transport.write(header)
         transport.write(payload)
     else:
@@ -71,18 +74,8 @@ def write_frame(transport: asyncio.Transport, opcode: int, payload: bytes) -> No
 
 
 def write_frames(transport: asyncio.Transport, opcode: int, payloads: list[bytes]) -> None:
-    """Several unfragmented frames in one write."""
-    parts: list[bytes] = []
-    for payload in payloads:
-        size = len(payload)
-        if size < 126:
-            parts.append(HEADER_SHORT(0x80 | opcode, size))
-        elif size < 65536:
-            parts.append(HEADER_MEDIUM(0x80 | opcode, 126, size))
-        else:
-            parts.append(HEADER_LONG(0x80 | opcode, 127, size))
-        parts.append(payload)
-    transport.write(b"".join(parts))
+    """Several frames in one write."""
+    transport.write(b"".join(part for p in payloads for part in (frame_header(opcode, len(p)), p)))
 
 
 class Handshake:
